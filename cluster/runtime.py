@@ -1,0 +1,63 @@
+"""Give a job its Ray: an embedded local Ray sized to this machine, or an existing cluster.
+
+The same job code runs both ways. Under ``ray job submit`` the driver already has ``RAY_ADDRESS`` set, so
+``python -m jobs.<name> --config ...`` joins the cluster it was submitted to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from cluster.placement import NodeResources
+
+if TYPE_CHECKING:
+    from configs.schema import ClusterConfig
+
+log = logging.getLogger("ragtune")
+
+
+def init_ray(cfg: ClusterConfig) -> str:
+    """Connect to (or start) Ray once per process and say which. Returns "existing", "cluster" or "local".
+
+    Order: a Ray already initialised in this process (tests, notebooks) is reused; then ``cluster.address``;
+    then ``RAY_ADDRESS``; else a new local Ray with ``cluster.num_cpus`` / ``num_gpus`` or the whole machine.
+    A local Ray is always a new one (``address="local"``), never a ``ray start`` cluster found by accident.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return "cluster"
+    object_store = int(cfg.object_store_memory_gb * 2**30) if cfg.object_store_memory_gb else None
+    ray.init(
+        address="local",
+        num_cpus=cfg.num_cpus or os.cpu_count(),
+        num_gpus=cfg.num_gpus,
+        object_store_memory=object_store,
+        include_dashboard=False,  # a local run needs no dashboard: it costs a core-share on a laptop
+        log_to_driver=True,
+    )
+    res = ray.cluster_resources()
+    log.info("started a local Ray: %d CPUs, %d GPUs", res.get("CPU", 0), res.get("GPU", 0))
+    return "local"
+
+
+def alive_nodes() -> list[NodeResources]:
+    """CPU and GPU totals of each alive node that can run work (a head with 0 CPUs is left out)."""
+    import ray
+
+    nodes = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        if cpus >= 1 or gpus >= 1:
+            nodes.append(NodeResources(cpus=cpus, gpus=gpus))
+    return nodes

@@ -1,0 +1,26 @@
+"""Typed schemas of every job config, one module per concern, and the one loader they share."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from configs.schema.base import ConfigError, Problem, RagtuneError, Section, load_config, validate
+from configs.schema.cluster import ClusterConfig
+from configs.schema.embed import EmbedJobConfig
+
+# Which schema a config file follows, by job name (also the name of its folder under configs/).
+JOB_SCHEMAS: dict[str, type[BaseModel]] = {
+    "embed": EmbedJobConfig,
+}
+
+__all__ = [
+    "JOB_SCHEMAS",
+    "ClusterConfig",
+    "ConfigError",
+    "EmbedJobConfig",
+    "Problem",
+    "RagtuneError",
+    "Section",
+    "load_config",
+    "validate",
+]

@@ -1,0 +1,144 @@
+"""`ragtune`: one console script, one table of subcommands.
+
+    ragtune embed -c configs/embed/sample.yaml [section.field=value ...] [--address ADDR]
+    ragtune validate configs/embed/sample.yaml [more files] [--job embed] [--schema-only]
+
+Every config job also runs as ``python -m jobs.<name> --config FILE [overrides]`` (what ``ray job submit``
+calls). ``ragtune --help`` and ``ragtune validate`` import neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from configs.schema import JOB_SCHEMAS, ConfigError, RagtuneError, load_config
+
+log = logging.getLogger("ragtune")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A config-driven job: its module has ``main(cfg) -> int`` and may have ``check(cfg)`` (no Ray, no torch)."""
+
+    help: str
+    module: str
+    # boolean command-line flags that are shorthands for a config override
+    flags: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+JOBS: dict[str, Job] = {
+    "embed": Job("embed a corpus into embedding parts on Ray Data", "jobs.embed",
+                 {"--overwrite": ("output.overwrite=true", "replace embeddings in output.path made differently")}),
+}
+
+
+def _add_job_parser(sub: argparse._SubParsersAction, name: str, job: Job) -> None:
+    p = sub.add_parser(name, help=job.help, description=job.help)
+    p.add_argument("-c", "--config", required=True, help=f"YAML config, e.g. configs/{name}/sample.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="dotted overrides of config values, e.g. embed.batch_size=128")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    for flag, (_, text) in job.flags.items():
+        p.add_argument(flag, action="store_true", help=text)
+    p.set_defaults(job=name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragtune", description="Fine-tuning and RAG, side by side, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, job in JOBS.items():
+        _add_job_parser(sub, name, job)
+    v = sub.add_parser("validate", help="check config files and report every problem at once")
+    v.add_argument("files", nargs="+", help="YAML config files")
+    v.add_argument("--job", choices=sorted(JOB_SCHEMAS), help="the job a file configures (default: its folder)")
+    v.add_argument("--schema-only", action="store_true",
+                   help="check the values only, not the inputs they point at (corpus files, models)")
+    return parser
+
+
+def job_of(path: str, explicit: str | None) -> str:
+    """Which job a config file is for: --job, else the name of its folder (configs/<job>/x.yaml)."""
+    if explicit:
+        return explicit
+    folder = Path(path).resolve().parent.name
+    if folder in JOB_SCHEMAS:
+        return folder
+    raise RagtuneError(f"{path}: cannot tell which job this config is for (folder {folder!r}). "
+                       f"Fix: pass --job, one of {', '.join(sorted(JOB_SCHEMAS))}")
+
+
+def validate_files(files: Sequence[str], job: str | None = None, schema_only: bool = False) -> int:
+    failures = 0
+    for path in files:
+        try:
+            name = job_of(path, job)
+            cfg = load_config(JOB_SCHEMAS[name], path)
+            module = importlib.import_module(JOBS[name].module) if name in JOBS else None
+            if not schema_only and module is not None and hasattr(module, "check"):
+                module.check(cfg)
+            print(f"ok: {path} ({name})")
+        except RagtuneError as e:
+            failures += 1
+            print(f"{e}" if isinstance(e, ConfigError) else f"{path}: {e}")
+    return 1 if failures else 0
+
+
+def run_job(name: str, args: argparse.Namespace) -> int:
+    job = JOBS[name]
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"cluster.address={args.address}")
+    for flag, (override, _) in job.flags.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")):
+            overrides.append(override)
+    cfg = load_config(JOB_SCHEMAS[name], args.config, overrides)
+    module = importlib.import_module(job.module)
+    return int(module.main(cfg))
+
+
+def user_error(e: BaseException) -> RagtuneError | None:
+    """The RagtuneError behind an exception, looking through Ray's wrappers (task errors, user code errors)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cause = getattr(cur, "cause", None)  # ray.exceptions.RayTaskError keeps the original exception here
+        if isinstance(cause, RagtuneError):
+            return cause
+        if isinstance(cur, RagtuneError) and cause is None:
+            return cur
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "validate":
+            return validate_files(args.files, args.job, args.schema_only)
+        return run_job(args.job, args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def module_main(job: str) -> None:
+    """``python -m jobs.<job> --config FILE [overrides]``: the same as ``ragtune <job>``."""
+    sys.exit(main([job, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The embedding shard format: chunk tables, parts on disk, and the manifest that says how they were made.
+
+On disk (DESIGN.md, "Data flow and formats" 3)::
+
+    embeddings/part-00000.parquet   chunk_id:int64, doc_id, chunk_index:int32, title, text, metadata (JSON),
+                                    n_tokens:int32, vector: fixed_size_list<float32>[d]
+    embeddings/_manifest.json       model, dimension, normalisation, chunker, corpus, parts with rows and
+                                    sha256, state (running | done)
+
+A chunk goes to the part chosen by a hash of the text the model sees, so identical chunks meet in one part
+and are embedded once there; parts are fixed by the first run, which is what lets a rerun skip finished ones.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from configs.schema.base import RagtuneError
+from sharding.chunking import Chunker, embed_input
+from sharding.ids import chunk_id, hash64
+from sharding.storage import Location, atomic_write_bytes, exists, read_bytes, sha256_hex
+
+MANIFEST = "_manifest.json"
+FORMAT = "ragtune.embeddings/1"
+
+CHUNK_SCHEMA = pa.schema([
+    ("chunk_id", pa.int64()), ("doc_id", pa.string()), ("chunk_index", pa.int32()), ("title", pa.string()),
+    ("text", pa.string()), ("metadata", pa.string()), ("n_tokens", pa.int32()),
+    ("key", pa.int64()),  # hash of the text the model sees: equal keys are embedded once
+    ("part", pa.int32()),  # key % num_parts
+])
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def chunk_documents(docs: pa.Table, chunker: Chunker, fingerprint: str, num_parts: int) -> pa.Table:
+    """Documents (corpus.DOC_SCHEMA) -> chunks (CHUNK_SCHEMA).
+
+    A document without chunks (empty text) leaves one row with ``chunk_index = -1`` and ``part = -1``, so
+    that it is counted and reported; those rows are dropped before embedding.
+    """
+    cols: dict[str, list[Any]] = {name: [] for name in CHUNK_SCHEMA.names}
+    for doc_id, title, text, meta in zip(*(docs.column(c).to_pylist() for c in ("doc_id", "title", "text",
+                                                                             "metadata")), strict=True):
+        chunks = chunker.chunk(text, title)
+        if not chunks:
+            for name, v in zip(CHUNK_SCHEMA.names, (0, doc_id, -1, title, "", meta, 0, 0, -1), strict=True):
+                cols[name].append(v)
+            continue
+        for ch in chunks:
+            key = hash64(embed_input(title, ch.text, chunker.prepend_title))
+            row = (chunk_id(doc_id, ch.index, fingerprint), doc_id, ch.index, title, ch.text, meta, ch.n_tokens,
+                   key, key % num_parts)
+            for name, v in zip(CHUNK_SCHEMA.names, row, strict=True):
+                cols[name].append(v)
+    return pa.table(cols, schema=CHUNK_SCHEMA)
+
+
+def prepare_part(chunks: pa.Table, prepend_title: bool) -> tuple[pa.Table, list[str], np.ndarray]:
+    """One part's chunks -> (rows sorted by chunk_id, unique model inputs, row -> unique input index).
+
+    Rows with the same chunk_id (the same document listed twice) are kept once; rows with the same model
+    input (identical chunks of different documents) share one embedding.
+    """
+    t = chunks.filter(pc.greater_equal(chunks["chunk_index"], 0)).sort_by("chunk_id")
+    ids = t["chunk_id"].to_numpy()
+    keep = np.ones(len(ids), dtype=bool)
+    keep[1:] = ids[1:] != ids[:-1]
+    if not keep.all():
+        t = t.filter(pa.array(keep))
+    inputs = [embed_input(ti, te, prepend_title) for ti, te in zip(t["title"].to_pylist(), t["text"].to_pylist(),
+                                                                    strict=True)]
+    unique: dict[str, int] = {}
+    inverse = np.fromiter((unique.setdefault(s, len(unique)) for s in inputs), dtype=np.int64, count=len(inputs))
+    return t, list(unique), inverse
+
+
+def vectors_to_arrow(xb: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) float32 -> fixed_size_list<float32>[d], without copying the floats."""
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(xb.reshape(-1)), xb.shape[1])
+
+
+def vectors_from_arrow(col: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    """fixed_size_list<float32>[d] -> (n, d) float32."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    d = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+def part_table(rows: pa.Table, xb: np.ndarray, provenance: dict[str, str]) -> pa.Table:
+    """The table written as a part: the chunk rows (without the routing column) and their vectors."""
+    t = rows.drop_columns(["key", "part"]).append_column("vector", vectors_to_arrow(xb))
+    meta = {f"ragtune.{k}".encode(): v.encode() for k, v in provenance.items()}
+    return t.replace_schema_metadata(meta)
+
+
+class PartRecord(BaseModel):
+    file: str
+    rows: int
+    embedded: int  # rows whose vector was computed; the rest share an identical chunk's vector
+    sha256: str
+    bytes: int
+    seconds: float = 0.0  # the actor's time on this part: prepare, embed, write
+
+
+def write_part(table: pa.Table, out: Location, index: int, embedded: int) -> PartRecord:
+    """Write one part atomically and return what the manifest records of it.
+
+    The part also describes itself in its Parquet footer (``ragtune.*`` keys: model, chunker, embedded), so a
+    part that was written but never recorded (the driver died in between) can be recognised and kept.
+    """
+    meta = dict(table.schema.metadata or {})
+    meta[b"ragtune.embedded"] = str(embedded).encode()
+    table = table.replace_schema_metadata(meta)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", use_dictionary=["doc_id", "title", "metadata"])
+    data = buf.getvalue()
+    name = part_name(index)
+    atomic_write_bytes(out.join(name), data)
+    return PartRecord(file=name, rows=table.num_rows, embedded=embedded, sha256=sha256_hex(data), bytes=len(data))
+
+
+def recover_part(out: Location, index: int, rows: int, provenance: dict[str, str]) -> PartRecord | None:
+    """A part file that is on disk but not in the manifest, if it is complete and made the same way.
+
+    Complete means: a readable footer, the expected number of rows, and the same model and chunker in its
+    ``ragtune.*`` metadata. Anything else returns None and the part is embedded again.
+    """
+    loc = out.join(part_name(index))
+    if not exists(loc):
+        return None
+    try:
+        data = read_bytes(loc)
+        md = pq.read_metadata(io.BytesIO(data))
+    except (OSError, pa.ArrowException):
+        return None
+    kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items() if k.startswith(b"ragtune.")}
+    if md.num_rows != rows or any(kv.get(f"ragtune.{k}") != v for k, v in provenance.items()):
+        return None
+    embedded = int(kv.get("ragtune.embedded", rows))
+    return PartRecord(file=loc.path.rsplit("/", 1)[-1], rows=rows, embedded=embedded, sha256=sha256_hex(data),
+                      bytes=len(data))
+
+
+def verify_part(out: Location, record: PartRecord) -> None:
+    """Raise a RagtuneError naming the file when a part is missing, truncated or altered."""
+    loc = out.join(record.file)
+    if not exists(loc):
+        raise RagtuneError(f"{loc.uri}: listed in {MANIFEST} but missing. Fix: rerun `ragtune embed` with the "
+                           "same config to rebuild it")
+    digest = sha256_hex(read_bytes(loc))
+    if digest != record.sha256:
+        raise RagtuneError(f"{loc.uri}: checksum mismatch (file changed or truncated). Fix: rerun "
+                           "`ragtune embed` with --overwrite")
+
+
+class EmbeddingManifest(BaseModel):
+    """``_manifest.json``: how the embeddings in a folder were made and which parts are complete."""
+
+    format: str = FORMAT
+    state: Literal["running", "done"] = "running"
+    model: dict[str, Any]  # name, path, revision, max_seq_length
+    dim: int | None = None
+    normalize: bool
+    metric: str
+    chunker: dict[str, Any]  # ChunkerSettings.to_dict()
+    corpus: dict[str, Any]  # paths, fingerprint, files, bytes
+    num_parts: int
+    parts: dict[str, PartRecord] = Field(default_factory=dict)  # "00003" -> record
+    stats: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)  # the resolved job config
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+    def differences(self, other: EmbeddingManifest) -> list[str]:
+        """What makes ``other`` (a new run's plan) produce different embeddings than this folder holds."""
+        diffs = []
+        if self.model.get("revision") != other.model.get("revision") or self.model.get("name") != \
+                other.model.get("name"):
+            diffs.append(f"model {self.model.get('name')} ({self.model.get('revision')}) vs "
+                         f"{other.model.get('name')} ({other.model.get('revision')})")
+        if self.chunker.get("fingerprint") != other.chunker.get("fingerprint"):
+            keys = ("size", "overlap", "prepend_title", "version")
+            diffs.append("chunker " + ", ".join(f"{k} {self.chunker.get(k)} vs {other.chunker.get(k)}"
+                                                for k in keys if self.chunker.get(k) != other.chunker.get(k)))
+        if self.normalize != other.normalize:
+            diffs.append(f"normalize {self.normalize} vs {other.normalize}")
+        if self.corpus.get("fingerprint") != other.corpus.get("fingerprint"):
+            diffs.append(f"corpus files changed ({self.corpus.get('files')} files, {self.corpus.get('bytes')} "
+                         f"bytes vs {other.corpus.get('files')} files, {other.corpus.get('bytes')} bytes)")
+        return diffs
+
+
+def read_manifest(out: Location) -> EmbeddingManifest | None:
+    loc = out.join(MANIFEST)
+    if not exists(loc):
+        return None
+    try:
+        data = json.loads(read_bytes(loc))
+        if data.get("format") != FORMAT:
+            raise RagtuneError(f"{loc.uri}: not a ragtune embeddings manifest (format {data.get('format')!r})")
+        return EmbeddingManifest.model_validate(data)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise RagtuneError(f"{loc.uri}: unreadable manifest ({e}). Fix: rerun with --overwrite") from None
+
+
+def write_manifest(out: Location, manifest: EmbeddingManifest) -> None:
+    manifest.updated_at = time.time()
+    atomic_write_bytes(out.join(MANIFEST), manifest.model_dump_json(indent=2).encode())

@@ -1,0 +1,53 @@
+import pytest
+
+from cluster.placement import NodeResources, default_num_parts, plan_embed_actors
+from configs.schema.base import RagtuneError
+
+
+def test_laptop_gets_one_actor_using_both_cores_and_leaves_a_cpu_for_reads():
+    plan = plan_embed_actors([NodeResources(cpus=2)])
+    assert (plan.actors, plan.threads, plan.num_cpus, plan.num_gpus, plan.device) == (1, 2, 1, 0, "cpu")
+    assert plan.fp16 is False and plan.batch_size == 64
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
+@pytest.mark.parametrize("n_nodes", [1, 3])
+def test_cpu_plans_always_leave_a_cpu_free_on_every_node(cpus, n_nodes):
+    nodes = [NodeResources(cpus=cpus)] * n_nodes
+    plan = plan_embed_actors(nodes)
+    per_node = plan.actors // n_nodes
+    assert per_node >= 1 and plan.actors % n_nodes == 0
+    assert per_node * plan.num_cpus <= cpus - 0.5  # reads and chunking can always be scheduled
+    assert per_node * plan.threads <= max(cpus, plan.threads)
+
+
+def test_gpu_cluster_gets_one_fp16_actor_per_gpu():
+    nodes = [NodeResources(cpus=8), NodeResources(cpus=32, gpus=4), NodeResources(cpus=32, gpus=4)]
+    plan = plan_embed_actors(nodes)
+    assert (plan.actors, plan.num_gpus, plan.device, plan.fp16, plan.batch_size) == (8, 1, "cuda", True, 256)
+    assert plan_embed_actors(nodes, device="cpu").device == "cpu"
+    assert plan_embed_actors(nodes, fp16=False).fp16 is False
+
+
+def test_hardware_mismatches_fail_early_with_the_setting_named():
+    with pytest.raises(RagtuneError, match="embed.device = 'gpu' but the Ray cluster has no GPUs"):
+        plan_embed_actors([NodeResources(cpus=4)], device="gpu")
+    with pytest.raises(RagtuneError, match="embed.actors = 3 GPU actors but the cluster has 2 GPUs"):
+        plan_embed_actors([NodeResources(cpus=8, gpus=2)], actors=3)
+    with pytest.raises(RagtuneError, match=r"embed.actors = 5 .* Fix: set embed.actors <= 2"):
+        plan_embed_actors([NodeResources(cpus=4)], actors=5, threads=2)
+    with pytest.raises(RagtuneError, match="embed.fp16 = true needs GPU actors"):
+        plan_embed_actors([NodeResources(cpus=4)], fp16=True)
+    with pytest.raises(RagtuneError, match="no alive node"):
+        plan_embed_actors([])
+
+
+def test_explicit_choices_are_kept():
+    plan = plan_embed_actors([NodeResources(cpus=16)], threads=4, actors=2, batch_size=16)
+    assert (plan.actors, plan.threads, plan.num_cpus, plan.batch_size) == (2, 4, 4, 16)
+
+
+def test_default_parts_keep_every_actor_busy_and_bound_part_size():
+    assert default_num_parts(10, 64, actors=1) == 1
+    assert default_num_parts(10, 64, actors=8) == 8
+    assert default_num_parts(1000 * 2**20, 64, actors=2) == 16

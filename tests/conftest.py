@@ -1,0 +1,59 @@
+"""Shared fixtures: one local Ray per session, the bundled embedder, and the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RAGTUNE_SHARED", REPO.parent / "shared"))
+SQUAD_RETRIEVAL = SHARED / "data" / "squad" / "retrieval-v1.1"
+
+# DeepSpeed compiles its ops once; keep them where every test run (and CI) finds them again.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ragtune" / "torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def squad_retrieval() -> Path:
+    """The BEIR-style SQuAD v1.1 view (corpus, queries, qrels) from ../shared/data."""
+    if not (SQUAD_RETRIEVAL / "corpus.jsonl").is_file():
+        pytest.skip(f"real data not found at {SQUAD_RETRIEVAL} (set RAGTUNE_SHARED to the shared/ folder)")
+    return SQUAD_RETRIEVAL
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The bundled all-MiniLM-L6-v2: (spec, fast tokenizer)."""
+    from models.embedders import load_tokenizer, resolve_embedder
+
+    spec = resolve_embedder("all-MiniLM-L6-v2")
+    return spec, load_tokenizer(spec.path)
+
+
+@pytest.fixture(scope="session")
+def ray_2_cpus():
+    """One local Ray for the whole session (starting one costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,213 @@
+"""The embed job on a real local Ray, on real data (SQuAD v1.1 paragraphs from ../shared)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+import pytest
+
+from configs.schema import EmbedJobConfig, RagtuneError
+from jobs.embed import check, run
+from sharding.chunking import Chunker, ChunkerSettings, embed_input
+from sharding.corpus import to_documents
+from sharding.embeddings import chunk_documents, read_manifest, vectors_from_arrow, verify_part
+from sharding.storage import resolve
+from tests.conftest import REPO
+
+
+def config(corpus, out, **sections) -> EmbedJobConfig:
+    data = {"corpus": {"path": str(corpus), "id_field": "_id"}, "output": {"path": str(out)}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return EmbedJobConfig.model_validate(data)
+
+
+def read_parts(out):
+    tables = [pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]
+    return pa.concat_tables(tables)
+
+
+def expected_chunk_ids(corpus_file, cfg: EmbedJobConfig, spec, tok) -> set[int]:
+    """What the job must write, computed here without Ray: every (doc, chunk) exactly once."""
+    size = cfg.chunk.size or spec.max_seq_length - 2
+    settings = ChunkerSettings(size, cfg.chunk.overlap, cfg.chunk.prepend_title, spec.revision)
+    docs = to_documents(pajson.read_json(corpus_file), "text", cfg.corpus.id_field, "title")
+    t = chunk_documents(docs, Chunker(tok, size, cfg.chunk.overlap), settings.fingerprint(), 1)
+    return {c for c, i in zip(t["chunk_id"].to_pylist(), t["chunk_index"].to_pylist(), strict=True) if i >= 0}
+
+
+def head(src, dst, n):
+    with open(src) as f, open(dst, "w") as g:
+        for _, line in zip(range(n), f, strict=False):
+            g.write(line)
+    return dst
+
+
+# --- checks before any work (no Ray) ----------------------------------------------------------------------
+
+def test_bad_inputs_fail_before_any_work(tmp_path, minilm):
+    good = tmp_path / "c.jsonl"
+    good.write_text('{"_id": "a", "text": "hello world"}\n')
+    cases = {
+        "does not exist": config(tmp_path / "missing.jsonl", tmp_path / "o1"),
+        "the corpus is empty": config(_touch(tmp_path / "empty.jsonl"), tmp_path / "o2"),
+        "no `text` field": config(_write(tmp_path / "nt.jsonl", '{"body": "x"}\n'), tmp_path / "o3"),
+        "not UTF-8": config(_write(tmp_path / "bin.txt", b"\xff\xfe\x00bad"), tmp_path / "o4"),
+        "chunk.size = 300 is larger than all-MiniLM-L6-v2 takes: 256 tokens including 2 special ones. "
+        "Fix: set chunk.size <= 254": config(good, tmp_path / "o5", chunk={"size": 300}),
+    }
+    for expected, cfg in cases.items():
+        with pytest.raises(RagtuneError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            check(cfg)
+
+
+def test_output_holding_other_embeddings_is_refused(tmp_path, minilm):
+    corpus = _write(tmp_path / "c.jsonl", '{"_id": "a", "text": "hello world"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00000.parquet").write_bytes(b"x")
+    with pytest.raises(RagtuneError, match=r"holds 1 part files but no _manifest.json"):
+        check(config(corpus, out))
+    check(config(corpus, out, output={"overwrite": True}))  # --overwrite accepts it
+
+
+def _touch(p):
+    p.write_text("")
+    return p
+
+
+def _write(p, data):
+    p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+    return p
+
+
+# --- real runs --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def squad_embeddings(ray_2_cpus, squad_retrieval, tmp_path_factory):
+    """The whole SQuAD v1.1 paragraph corpus embedded once per session (chunks as long as the model allows)."""
+    out = tmp_path_factory.mktemp("squad") / "embeddings"
+    cfg = config(squad_retrieval / "corpus.jsonl", out, chunk={"size": None, "overlap": 32},
+                 output={"num_parts": 4})
+    summary = run(cfg)
+    return cfg, summary, out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_squad_corpus_end_to_end(squad_embeddings, squad_retrieval, minilm):
+    cfg, summary, out = squad_embeddings
+    spec, tok = minilm
+    assert summary.docs == 2067 and summary.empty_docs == 0
+    t = read_parts(out)
+    ids = t["chunk_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == summary.chunks >= 2067
+    assert set(ids) == expected_chunk_ids(squad_retrieval / "corpus.jsonl", cfg, spec, tok)
+    assert set(t["doc_id"].to_pylist()) == {json.loads(line)["_id"] for line in open(squad_retrieval /
+                                                                                     "corpus.jsonl")}
+    assert t.schema.field("vector").type == pa.list_(pa.float32(), 384)
+    m = read_manifest(resolve(str(out)))
+    assert m.state == "done" and m.dim == 384 and m.normalize and m.num_parts == 4
+    assert sum(r.rows for r in m.parts.values()) == len(ids)
+    for rec in m.parts.values():
+        verify_part(resolve(str(out)), rec)
+    assert m.model["revision"] == spec.revision and m.chunker["size"] == 254
+    xb = vectors_from_arrow(t["vector"])
+    np.testing.assert_allclose(np.linalg.norm(xb, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_vectors_equal_sentence_transformers(squad_embeddings, minilm):
+    from sentence_transformers import SentenceTransformer
+
+    _, _, out = squad_embeddings
+    t = read_parts(out)
+    rows = np.random.default_rng(0).choice(t.num_rows, size=96, replace=False)
+    sample = t.take(pa.array(rows))
+    texts = [embed_input(ti, te) for ti, te in zip(sample["title"].to_pylist(), sample["text"].to_pylist(),
+                                                   strict=True)]
+    ref = SentenceTransformer(minilm[0].path, device="cpu").encode(texts, normalize_embeddings=True)
+    ours = vectors_from_arrow(sample["vector"])
+    cos = np.sum(ref * ours, axis=1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1)
+    assert cos.min() > 0.999, cos.min()
+
+
+@pytest.mark.integration
+def test_duplicates_are_embedded_once_and_empty_docs_counted(ray_2_cpus, tmp_path):
+    records = [
+        {"_id": "a", "title": "Shared", "text": "The same boilerplate paragraph."},
+        {"_id": "b", "title": "Shared", "text": "The same boilerplate paragraph."},
+        {"_id": "c", "title": "Other", "text": "A different paragraph about the Ophir river."},
+        {"_id": "c", "title": "Other", "text": "A different paragraph about the Ophir river."},  # listed twice
+        {"_id": "e", "title": "Empty", "text": ""},
+        {"title": "No id", "text": "This document has no id; it gets one from its content."},
+    ]
+    corpus = _write(tmp_path / "c.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    summary = run(config(corpus, tmp_path / "out", output={"num_parts": 2}))
+    assert (summary.docs, summary.empty_docs, summary.chunks) == (6, 1, 4)
+    assert summary.duplicates_skipped == 1 and summary.repeated_rows == 1
+    t = read_parts(tmp_path / "out")
+    by_doc = {d: v for d, v in zip(t["doc_id"].to_pylist(), vectors_from_arrow(t["vector"]), strict=True)}
+    assert sorted(by_doc)[:3] == ["a", "b", "c"] and any(d.startswith("h") for d in by_doc)
+    np.testing.assert_array_equal(by_doc["a"], by_doc["b"])
+    embedded = sum(r.embedded for r in read_manifest(resolve(str(tmp_path / "out"))).parts.values())
+    assert embedded == 3
+
+
+@pytest.mark.integration
+def test_rerun_refuses_another_chunker_and_overwrite_replaces(ray_2_cpus, squad_retrieval, tmp_path):
+    corpus = head(squad_retrieval / "corpus.jsonl", tmp_path / "c.jsonl", 40)
+    out = tmp_path / "out"
+    first = run(config(corpus, out, chunk={"size": 128}))
+    again = run(config(corpus, out, chunk={"size": 128}))
+    assert again.parts_written == 0 and again.chunks == first.chunks  # nothing to do
+    with pytest.raises(RagtuneError, match=r"made differently: chunker size 128 vs 64.*--overwrite"):
+        run(config(corpus, out, chunk={"size": 64}))
+    replaced = run(config(corpus, out, chunk={"size": 64}, output={"overwrite": True}))
+    assert replaced.chunks > first.chunks
+    assert read_parts(out).num_rows == replaced.chunks
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_killed_run_resumes_and_writes_every_chunk_exactly_once(ray_2_cpus, squad_retrieval, tmp_path, minilm):
+    corpus = head(squad_retrieval / "corpus.jsonl", tmp_path / "c.jsonl", 400)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "jobs.embed", "--config", str(REPO / "configs/embed/squad-beir.yaml"),
+            f"corpus.path={corpus}", f"output.path={out}", "output.num_parts=6", "chunk.size=128"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # kill it as soon as a part is recorded, well before the last
+            m = read_manifest(resolve(str(out))) if (out / "_manifest.json").exists() else None
+            if m is not None and m.parts:
+                break
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killed = read_manifest(resolve(str(out)))
+    assert killed.state == "running" and 1 <= len(killed.parts) < 6
+
+    cfg = config(corpus, out, chunk={"size": 128}, output={"num_parts": 6})
+    cfg.corpus.id_field = "_id"
+    summary = run(cfg)
+    assert summary.parts_skipped >= len(killed.parts) and summary.parts_written >= 1
+    assert summary.parts_skipped + summary.parts_written == summary.parts
+    t = read_parts(out)
+    ids = t["chunk_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == summary.chunks
+    assert set(ids) == expected_chunk_ids(corpus, cfg, *minilm)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
