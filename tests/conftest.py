@@ -57,3 +57,22 @@ def ray_2_cpus():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def squad_embeddings(ray_2_cpus, squad_retrieval, tmp_path_factory):
+    """The whole SQuAD v1.1 paragraph corpus embedded once per session by the embed job.
+
+    Chunks are as long as the model allows (254 tokens + 2 special), so nearly every paragraph is one chunk,
+    as in the retrieval reference numbers of FACTS.md. Returns (config, summary, output folder).
+    """
+    from configs.schema import EmbedJobConfig
+    from jobs.embed import run
+
+    out = tmp_path_factory.mktemp("squad") / "embeddings"
+    cfg = EmbedJobConfig.model_validate({
+        "corpus": {"path": str(squad_retrieval / "corpus.jsonl"), "id_field": "_id"},
+        "chunk": {"size": None, "overlap": 32},
+        "output": {"path": str(out), "num_parts": 4},
+    })
+    return cfg, run(cfg), out

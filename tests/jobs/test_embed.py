@@ -90,16 +90,6 @@ def _write(p, data):
 
 # --- real runs --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def squad_embeddings(ray_2_cpus, squad_retrieval, tmp_path_factory):
-    """The whole SQuAD v1.1 paragraph corpus embedded once per session (chunks as long as the model allows)."""
-    out = tmp_path_factory.mktemp("squad") / "embeddings"
-    cfg = config(squad_retrieval / "corpus.jsonl", out, chunk={"size": None, "overlap": 32},
-                 output={"num_parts": 4})
-    summary = run(cfg)
-    return cfg, summary, out
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_squad_corpus_end_to_end(squad_embeddings, squad_retrieval, minilm):
