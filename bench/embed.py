@@ -127,8 +127,8 @@ def main() -> None:
     print()
     print(f"corpus: {args.corpus} -> {chunks} chunks of <= {args.size} tokens; {threads} cores; "
           f"batch {args.batch_size}; medians of {args.repeats}")
-    print(f"| measure | chunks/s | ratio to baseline | peak RSS (GiB) |")
-    print(f"|---|---|---|---|")
+    print("| measure | chunks/s | ratio to baseline | peak RSS (GiB) |")
+    print("|---|---|---|---|")
     print(f"| SentenceTransformer.encode, 1 process | {mb:.1f} | 1.00x | {statistics.median(base_mem) / gib:.2f} |")
     print(f"| ragtune embed, embedding stage | {ms:.1f} | {ms / mb:.2f}x | |")
     print(f"| ragtune embed, whole job (wall) | {mj:.1f} | {mj / mb:.2f}x | {statistics.median(job_mem) / gib:.2f} |")
