@@ -37,7 +37,7 @@ from cluster.placement import default_num_parts, plan_embed_actors
 from configs.schema import EmbedJobConfig, RagtuneError
 from models.embedders import EmbedderSpec, load_tokenizer, resolve_embedder
 from sharding.chunking import Chunker, ChunkerSettings, count_special_tokens
-from sharding.corpus import Corpus, list_corpus, preflight, text_file_document, to_documents
+from sharding.corpus import DOC_SCHEMA, Corpus, list_corpus, preflight, text_file_document, to_documents
 from sharding.embeddings import (
     MANIFEST,
     EmbeddingManifest,
@@ -132,8 +132,7 @@ def _docs_from_records(batch: pa.Table, text_field: str, id_field: str, title_fi
 def _docs_from_text_files(batch: pa.Table, rel_of: dict[str, str]) -> pa.Table:
     rows = [text_file_document(rel_of[p], b) for p, b in zip(batch["path"].to_pylist(),
                                                               batch["bytes"].to_pylist(), strict=True)]
-    return pa.Table.from_pylist(rows) if rows else pa.table({"doc_id": [], "title": [], "text": [],
-                                                             "metadata": []})
+    return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
 
 
 def _chunk_batch(docs: pa.Table, tokenizer_path: str, settings: dict[str, Any], num_parts: int) -> pa.Table:

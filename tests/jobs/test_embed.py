@@ -201,3 +201,22 @@ def test_killed_run_resumes_and_writes_every_chunk_exactly_once(ray_2_cpus, squa
     assert len(ids) == len(set(ids)) == summary.chunks
     assert set(ids) == expected_chunk_ids(corpus, cfg, *minilm)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.integration
+def test_jsonl_parquet_and_markdown_in_one_corpus(ray_2_cpus, tmp_path):
+    src = tmp_path / "corpus"
+    (src / "notes").mkdir(parents=True)
+    record = {"_id": "j1", "title": "Jay", "text": "Jay lives in Ophir.", "year": 1990}
+    _write(src / "a.jsonl", json.dumps(record) + "\n")
+    pq.write_table(pa.table({"_id": [7], "text": ["Parquet row seven."], "lang": ["en"]}), src / "b.parquet")
+    _write(src / "notes" / "c.md", "# Notes\n\nMarkdown body without a title field.\n")
+    _write(src / "notes" / "d.txt", "plain text file")
+    summary = run(config(src, tmp_path / "out"))
+    assert (summary.docs, summary.chunks) == (4, 4)
+    rows = {r["doc_id"]: r for r in read_parts(tmp_path / "out").to_pylist()}
+    assert set(rows) == {"j1", "7", "notes/c.md", "notes/d.txt"}
+    assert rows["j1"]["title"] == "Jay" and json.loads(rows["j1"]["metadata"]) == {"year": 1990}
+    assert json.loads(rows["7"]["metadata"]) == {"lang": "en"} and rows["7"]["title"] is None
+    assert rows["notes/c.md"]["title"] == "Notes" and json.loads(rows["notes/c.md"]["metadata"]) == {
+        "path": "notes/c.md"}
