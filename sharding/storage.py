@@ -1,7 +1,8 @@
 """Files on local disks and object stores through one interface (pyarrow.fs), with atomic writes.
 
-A local path stays a path; a URI (``s3://``, ``gs://``, ``hdfs://``, ``file://``) goes through
-``pyarrow.fs.FileSystem.from_uri``. Writers never leave a half-written file under its final name: they write
+A local path stays a path; a URI that pyarrow knows (``s3://``, ``gs://``, ``hdfs://``, ``file://``) goes through
+``pyarrow.fs.FileSystem.from_uri``, and any other scheme fsspec knows (``az://``, ``memory://``, ...) through
+fsspec wrapped as a pyarrow filesystem. Writers never leave a half-written file under its final name: they write
 a temporary sibling and rename it (on local disks after an fsync, so a crash leaves the old file or the new).
 """
 
@@ -12,6 +13,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 TMP_MARK = ".tmp-"
@@ -38,10 +40,26 @@ class Location:
 def resolve(uri_or_path: str) -> Location:
     """Turn a user's path or URI into a Location; local paths become absolute."""
     if "://" in uri_or_path:
-        fs, path = pafs.FileSystem.from_uri(uri_or_path)
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri_or_path)
+        except pa.ArrowInvalid:  # not a scheme pyarrow implements: ask fsspec
+            fs, path = _fsspec(uri_or_path)
         return Location(fs, path, uri_or_path)
     path = os.path.abspath(os.path.expanduser(uri_or_path))
     return Location(pafs.LocalFileSystem(), path, uri_or_path)
+
+
+def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
+    from configs.schema.base import RagtuneError
+
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as e:
+        raise RagtuneError(f"{uri}: no filesystem for this URI ({e}). Fix: use a local path or an s3://, gs://, "
+                           "hdfs:// or file:// URI, or install the fsspec package for the scheme") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def info(loc: Location) -> pafs.FileInfo:

@@ -78,6 +78,22 @@ def test_output_holding_other_embeddings_is_refused(tmp_path, minilm):
     check(config(corpus, out, output={"overwrite": True}))  # --overwrite accepts it
 
 
+def test_output_holding_another_models_embeddings_is_refused(tmp_path, minilm):
+    from sharding.embeddings import EmbeddingManifest, write_manifest
+
+    corpus = _write(tmp_path / "c.jsonl", '{"_id": "a", "text": "hello world"}\n')
+    cfg = config(corpus, tmp_path / "out")
+    plan = check(cfg)
+    other = EmbeddingManifest(model={"name": "intfloat/e5-small-v2", "revision": "abc123"}, normalize=True,
+                              metric="inner_product", chunker=plan.settings.to_dict(), num_parts=1,
+                              corpus={"fingerprint": plan.corpus.fingerprint(), "files": 1, "bytes": 1})
+    (tmp_path / "out").mkdir()
+    write_manifest(plan.out, other)
+    with pytest.raises(RagtuneError, match=r"holds embeddings made differently: model intfloat/e5-small-v2 "
+                                           r"\(abc123\) vs all-MiniLM-L6-v2 .*--overwrite"):
+        check(cfg)
+
+
 def _touch(p):
     p.write_text("")
     return p

@@ -100,3 +100,15 @@ def test_text_files_are_documents_titled_by_their_first_heading():
     doc = text_file_document("guide/intro.md", b"Intro line\n\n## Not this\n# The Title #\nbody")
     assert doc["doc_id"] == "guide/intro.md" and doc["title"] == "The Title"
     assert text_file_document("a.txt", b"# not markdown")["title"] is None
+
+
+def test_corpus_on_an_fsspec_uri():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/corpus-test/a.jsonl", b'{"text": "hello"}\n')
+    fs.pipe("/corpus-test/b.jsonl", b'{"body": "no text"}\n')
+    corpus = list_corpus("memory://corpus-test")
+    assert [f.uri for f in corpus.files] == ["memory://corpus-test/a.jsonl", "memory://corpus-test/b.jsonl"]
+    with pytest.raises(CorpusError, match=r"memory://corpus-test/b.jsonl: the first record has no `text`"):
+        preflight(corpus, "text")
