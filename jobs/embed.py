@@ -190,7 +190,8 @@ def chunk_stats(chunks, num_parts: int) -> ChunkStats:
     clash[1:] &= key[1:] != key[:-1]
     if clash.any():
         bad = np.unique(cid[clash])[:5].tolist()
-        rows = chunks.filter(lambda r: r["chunk_id"] in set(bad)).select_columns(["doc_id"]).take_all()
+        rows = chunks.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"column": "chunk_id", "values": bad})\
+            .select_columns(["doc_id"]).take_all()
         ids = sorted({r["doc_id"] for r in rows})
         raise RagtuneError(
             f"{int(clash.sum())} chunk ids name two different texts: documents {ids} appear more than once "
@@ -212,9 +213,11 @@ class PartEmbedder:
                  normalize: bool, prepend_title: bool, out_uri: str, provenance: dict[str, str]):
         import torch
 
+        from jobs.progress import ensure_logging
         from models.embedders import load_sentence_transformer
         from models.hardware import resolve_device
 
+        ensure_logging()
         torch.set_num_threads(threads)
         self.device = resolve_device("gpu" if device == "cuda" else "cpu")
         self.model = load_sentence_transformer(EmbedderSpec(**spec), str(self.device), fp16)
@@ -254,10 +257,11 @@ class PartEmbedder:
         return np.concatenate(out).astype(np.float32, copy=False)
 
 
-def _keep_parts(batch: pa.Table, parts: list[int]) -> pa.Table:
+def _keep(batch: pa.Table, column: str, values: list[int]) -> pa.Table:
+    """The rows whose ``column`` is one of ``values``."""
     import pyarrow.compute as pc
 
-    return batch.filter(pc.is_in(batch["part"], value_set=pa.array(parts, pa.int32())))
+    return batch.filter(pc.is_in(batch[column], value_set=pa.array(values, batch.schema.field(column).type)))
 
 
 # --- the job ------------------------------------------------------------------------------------------------------
@@ -361,7 +365,7 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
     if pending:
         rate = Rate(int(stats.rows_per_part[pending].sum()), "chunks")
         results = (chunks
-                   .map_batches(_keep_parts, batch_format="pyarrow", fn_kwargs={"parts": pending})
+                   .map_batches(_keep, batch_format="pyarrow", fn_kwargs={"column": "part", "values": pending})
                    # twice as many shuffle partitions as parts: fewer parts share a block, so each part
                    # is recorded in the manifest as soon as its block is done
                    .groupby("part", num_partitions=2 * len(pending))

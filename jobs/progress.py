@@ -44,3 +44,12 @@ class Rate:
 
     def log(self, logger: logging.Logger, prefix: str = "") -> None:
         logger.info("%s%s", prefix, self.line())
+
+
+def ensure_logging() -> None:
+    """Show ragtune's INFO lines in a process that set up no logging (a Ray worker or actor)."""
+    logger = logging.getLogger("ragtune")
+    if not logger.handlers and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)

@@ -169,6 +169,15 @@ def test_duplicates_are_embedded_once_and_empty_docs_counted(ray_2_cpus, tmp_pat
 
 
 @pytest.mark.integration
+def test_one_id_for_two_different_texts_is_refused_before_embedding(ray_2_cpus, tmp_path):
+    corpus = _write(tmp_path / "c.jsonl", '{"_id": "x", "text": "first text"}\n{"_id": "x", "text": "second"}\n'
+                                          '{"_id": "y", "text": "fine"}\n')
+    with pytest.raises(RagtuneError, match=r"documents \['x'\] appear more than once with different text"):
+        run(config(corpus, tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("part-*"))
+
+
+@pytest.mark.integration
 def test_rerun_refuses_another_chunker_and_overwrite_replaces(ray_2_cpus, squad_retrieval, tmp_path):
     corpus = head(squad_retrieval / "corpus.jsonl", tmp_path / "c.jsonl", 40)
     out = tmp_path / "out"
