@@ -5,6 +5,7 @@ its own), alternating, ``--repeats`` times, and the medians are compared:
 
     python bench/embed.py                                  # SQuAD v1.1 paragraphs from ../shared/data
     python bench/embed.py --corpus my.jsonl --id-field id --repeats 5
+    python bench/embed.py --layouts auto,2x1            # also 2 actors x 1 thread (2 parts)
 
 Printed: chunks/s of the baseline encode loop (model loaded beforehand, not timed); chunks/s of ragtune's
 embedding stage (the actors' own time per part: prepare, encode, write); chunks/s of the whole ragtune job
@@ -92,13 +93,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=254, help="chunk size in tokens")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--layouts", default="auto",
+                    help="comma-separated ragtune actor layouts: auto (the job's own plan) or AxT = A actors x T "
+                         "threads (with 2A parts)")
     args = ap.parse_args()
+    layouts = args.layouts.split(",")
     if not Path(args.corpus).is_file():
         sys.exit(f"corpus not found: {args.corpus} (pass --corpus, or put the shared data beside the repo)")
     threads = os.cpu_count() or 1
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
-    base, job, job_stage, base_mem, job_mem = [], [], [], [], []
+    base, base_mem = [], []
+    stage: dict[str, list[float]] = {lay: [] for lay in layouts}
+    whole: dict[str, list[float]] = {lay: [] for lay in layouts}
+    mem: dict[str, list[int]] = {lay: [] for lay in layouts}
     chunks = 0
     for r in range(args.repeats):
         out, _, rss = run_measured([sys.executable, "-c", BASELINE, args.corpus, args.id_field, str(threads),
@@ -107,31 +115,44 @@ def main() -> None:
         chunks = res["chunks"]
         base.append(res["chunks"] / res["seconds"])
         base_mem.append(rss)
-        with tempfile.TemporaryDirectory() as tmp:
-            out, wall, rss = run_measured(
-                [sys.executable, "-m", "jobs.embed", "--config", "configs/embed/squad-beir.yaml",
-                 f"corpus.path={args.corpus}", f"corpus.id_field={args.id_field}", f"output.path={tmp}/emb",
-                 f"chunk.size={args.size}", f"embed.batch_size={args.batch_size}"], env)
-            summary = json.loads(out.strip().splitlines()[-1])
-            manifest = json.loads((Path(tmp) / "emb" / "_manifest.json").read_text())
-        assert summary["chunks"] == chunks, (summary["chunks"], chunks)
-        part_seconds = sum(float(p.get("seconds", 0)) for p in manifest["parts"].values())
-        job.append(summary["chunks"] / wall)
-        job_stage.append(summary["rows_per_s"] if not part_seconds else summary["chunks"] / part_seconds)
-        job_mem.append(rss)
-        print(f"run {r + 1}/{args.repeats}: baseline {base[-1]:.1f} chunks/s; ragtune stage {job_stage[-1]:.1f}, "
-              f"whole job {job[-1]:.1f} chunks/s ({wall:.1f}s)", flush=True)
+        line = f"run {r + 1}/{args.repeats}: baseline {base[-1]:.1f} chunks/s"
+        for lay in layouts:
+            extra = []
+            if lay != "auto":
+                a, t = (int(x) for x in lay.split("x"))
+                extra = [f"embed.actors={a}", f"embed.threads_per_actor={t}", f"output.num_parts={2 * a}"]
+            with tempfile.TemporaryDirectory() as tmp:
+                out, wall, rss = run_measured(
+                    [sys.executable, "-m", "jobs.embed", "--config", "configs/embed/squad-beir.yaml",
+                     f"corpus.path={args.corpus}", f"corpus.id_field={args.id_field}", f"output.path={tmp}/emb",
+                     f"chunk.size={args.size}", f"embed.batch_size={args.batch_size}", *extra], env)
+                summary = json.loads(out.strip().splitlines()[-1])
+                manifest = json.loads((Path(tmp) / "emb" / "_manifest.json").read_text())
+            assert summary["chunks"] == chunks, (summary["chunks"], chunks)
+            # actors work in parallel: the stage lasts as long as the busiest actor, at least the longest part
+            n_actors = summary["actors"]
+            part_seconds = [float(p["seconds"]) for p in manifest["parts"].values()]
+            busy = max(sum(part_seconds) / n_actors, max(part_seconds))
+            stage[lay].append(chunks / busy)
+            whole[lay].append(chunks / wall)
+            mem[lay].append(rss)
+            line += f"; ragtune {lay}: stage {stage[lay][-1]:.1f}, whole job {whole[lay][-1]:.1f} ({wall:.0f}s)"
+        print(line, flush=True)
 
-    mb, ms, mj = statistics.median(base), statistics.median(job_stage), statistics.median(job)
+    mb = statistics.median(base)
     gib = 2**30
     print()
     print(f"corpus: {args.corpus} -> {chunks} chunks of <= {args.size} tokens; {threads} cores; "
           f"batch {args.batch_size}; medians of {args.repeats}")
-    print("| measure | chunks/s | ratio to baseline | peak RSS (GiB) |")
+    print("| measure | chunks/s | ratio to baseline | peak RSS of the process tree (GiB) |")
     print("|---|---|---|---|")
-    print(f"| SentenceTransformer.encode, 1 process | {mb:.1f} | 1.00x | {statistics.median(base_mem) / gib:.2f} |")
-    print(f"| ragtune embed, embedding stage | {ms:.1f} | {ms / mb:.2f}x | |")
-    print(f"| ragtune embed, whole job (wall) | {mj:.1f} | {mj / mb:.2f}x | {statistics.median(job_mem) / gib:.2f} |")
+    print(f"| SentenceTransformer.encode, 1 process, {threads} threads | {mb:.1f} | 1.00x | "
+          f"{statistics.median(base_mem) / gib:.2f} |")
+    for lay in layouts:
+        ms, mj = statistics.median(stage[lay]), statistics.median(whole[lay])
+        print(f"| ragtune embed ({lay}), embedding stage | {ms:.1f} | {ms / mb:.2f}x | |")
+        print(f"| ragtune embed ({lay}), whole job incl. Ray start | {mj:.1f} | {mj / mb:.2f}x | "
+              f"{statistics.median(mem[lay]) / gib:.2f} |")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,7 @@ class EmbedSummary:
     parts: int
     parts_written: int
     parts_skipped: int
+    actors: int
     seconds: float
     rows_per_s: float  # chunks written per second of the embedding stage
 
@@ -398,7 +399,8 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
         output=out.uri, model=plan.spec.name, dim=manifest.dim, docs=stats.docs, empty_docs=stats.empty_docs,
         chunks=stats.chunks, duplicates_skipped=stats.chunks - stats.unique_inputs,
         repeated_rows=stats.repeated_rows, parts=int(np.count_nonzero(stats.rows_per_part)),
-        parts_written=written, parts_skipped=len(done), seconds=time.perf_counter() - t_start,
+        parts_written=written, parts_skipped=len(done), actors=min(actors.actors, max(len(pending), 1)),
+        seconds=time.perf_counter() - t_start,
         rows_per_s=sum(manifest.parts[f"{p:05d}"].rows for p in pending) / embed_seconds if pending else 0.0,
     )
     manifest.state = "done"
