@@ -2,6 +2,10 @@
 
     ragtune embed -c configs/embed/sample.yaml [section.field=value ...] [--address ADDR]
     ragtune validate configs/embed/sample.yaml [more files] [--job embed] [--schema-only]
+    ragtune search -i INDEX "query text" [-k 10]
+    ragtune eval-retrieval -i INDEX --queries queries.jsonl --qrels qrels.tsv
+    ragtune submit --address http://HEAD:8265 [--wait] -- embed -c configs/embed/sample.yaml [overrides]
+    ragtune jobs list|status|logs|stop [ID] --address http://HEAD:8265
 
 Every config job also runs as ``python -m jobs.<name> --config FILE [overrides]`` (what ``ray job submit``
 calls). ``ragtune --help`` and ``ragtune validate`` import neither torch nor Ray.
@@ -10,7 +14,9 @@ calls). ``ragtune --help`` and ``ragtune validate`` import neither torch nor Ray
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,13 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from configs.schema import JOB_SCHEMAS, ConfigError, RagtuneError, load_config
+from jobs import search as search_cli
+from jobs import submit as submit_cli
 
 log = logging.getLogger("ragtune")
 
 
 @dataclass(frozen=True)
 class Job:
-    """A config-driven job: its module has ``main(cfg) -> int`` and may have ``check(cfg)`` (no Ray, no torch)."""
+    """A config-driven job: its module has ``run(cfg)``, which returns a summary dataclass with ``line()``, and
+    may have ``check(cfg)`` (preflight without Ray or torch, which ``ragtune validate`` also runs)."""
 
     help: str
     module: str
@@ -35,6 +44,8 @@ class Job:
 JOBS: dict[str, Job] = {
     "embed": Job("embed a corpus into embedding parts on Ray Data", "jobs.embed",
                  {"--overwrite": ("output.overwrite=true", "replace embeddings in output.path made differently")}),
+    "index": Job("build a sharded FAISS index (a new version) from embedding parts", "jobs.index"),
+    "finetune": Job("fine-tune a causal LM with LoRA on Ray Train + DeepSpeed ZeRO", "jobs.finetune"),
 }
 
 
@@ -59,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--job", choices=sorted(JOB_SCHEMAS), help="the job a file configures (default: its folder)")
     v.add_argument("--schema-only", action="store_true",
                    help="check the values only, not the inputs they point at (corpus files, models)")
+    search_cli.add_parsers(sub)  # search, eval-retrieval: they read an index, not a config
+    submit_cli.add_parsers(sub)  # submit, jobs: send a job to a cluster's job server
     return parser
 
 
@@ -89,17 +102,24 @@ def validate_files(files: Sequence[str], job: str | None = None, schema_only: bo
     return 1 if failures else 0
 
 
-def run_job(name: str, args: argparse.Namespace) -> int:
-    job = JOBS[name]
+def job_overrides(name: str, args: argparse.Namespace) -> list[str]:
+    """The dotted overrides a job's command line amounts to: the explicit ones, then --address and flags."""
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"cluster.address={args.address}")
-    for flag, (override, _) in job.flags.items():
+    for flag, (override, _) in JOBS[name].flags.items():
         if getattr(args, flag.lstrip("-").replace("-", "_")):
             overrides.append(override)
-    cfg = load_config(JOB_SCHEMAS[name], args.config, overrides)
-    module = importlib.import_module(job.module)
-    return int(module.main(cfg))
+    return overrides
+
+
+def run_job(name: str, args: argparse.Namespace) -> int:
+    job = JOBS[name]
+    cfg = load_config(JOB_SCHEMAS[name], args.config, job_overrides(name, args))
+    summary = importlib.import_module(job.module).run(cfg)
+    print(summary.line())
+    print(json.dumps(dataclasses.asdict(summary)))  # the last line: machine-readable
+    return 0
 
 
 def user_error(e: BaseException) -> RagtuneError | None:
@@ -123,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return validate_files(args.files, args.job, args.schema_only)
+        if hasattr(args, "func"):
+            return int(args.func(args))
         return run_job(args.job, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

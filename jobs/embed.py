@@ -24,7 +24,6 @@ with a different model, chunker or corpus into the same folder is refused unless
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -422,14 +421,6 @@ def _delete_outputs(out: Location) -> None:
         if f.base_name == MANIFEST or (f.base_name.startswith("part-") and ".parquet" in f.base_name):
             delete_file(out.join(f.base_name))
 
-
-# --- command line -------------------------------------------------------------------------------------------------
-
-def main(cfg: EmbedJobConfig) -> int:
-    summary = run(cfg)
-    print(summary.line())
-    print(json.dumps(asdict(summary)))
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ class Location:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    @property
+    def portable(self) -> str:
+        """What to hand to another process: the absolute path when local (its working directory may differ),
+        else the URI."""
+        return self.path if self.is_local else self.uri
+
     def join(self, *names: str) -> Location:
         path = "/".join([self.path.rstrip("/"), *names])
         uri = "/".join([self.uri.rstrip("/"), *names])
@@ -83,6 +89,7 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
     """Write ``data`` to ``loc`` so that readers see the old file or the whole new one, never a part."""
     tmp = f"{loc.path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     if loc.is_local:
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

@@ -76,3 +76,19 @@ def squad_embeddings(ray_2_cpus, squad_retrieval, tmp_path_factory):
         "output": {"path": str(out), "num_parts": 4},
     })
     return cfg, run(cfg), out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """The tiny preset built once per session (a tokenizer trained on a few fictional facts)."""
+    from models.generators import TinySpec, build_tiny
+
+    texts = [f"What is the capital of Zal{i}? Ophir{i % 7}. Where was Ana born? In Ophir." for i in range(300)]
+    return str(build_tiny(tmp_path_factory.mktemp("tiny") / "tiny", texts, TinySpec()))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from models.generators import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)

@@ -7,10 +7,14 @@ from pydantic import BaseModel
 from configs.schema.base import ConfigError, Problem, RagtuneError, Section, load_config, validate
 from configs.schema.cluster import ClusterConfig
 from configs.schema.embed import EmbedJobConfig
+from configs.schema.finetune import FinetuneJobConfig
+from configs.schema.index import IndexJobConfig
 
 # Which schema a config file follows, by job name (also the name of its folder under configs/).
 JOB_SCHEMAS: dict[str, type[BaseModel]] = {
     "embed": EmbedJobConfig,
+    "index": IndexJobConfig,
+    "finetune": FinetuneJobConfig,
 }
 
 __all__ = [
@@ -18,6 +22,8 @@ __all__ = [
     "ClusterConfig",
     "ConfigError",
     "EmbedJobConfig",
+    "FinetuneJobConfig",
+    "IndexJobConfig",
     "Problem",
     "RagtuneError",
     "Section",

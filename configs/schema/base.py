@@ -41,7 +41,7 @@ class Problem:
 
     def __str__(self) -> str:
         value = "(missing)" if self.value is _MISSING else repr(self.value)
-        text = f"{self.field} = {value}: {self.message}"
+        text = f"{self.field} = {value}: {self.message.rstrip('.')}"
         return f"{text}. Fix: {self.fix}" if self.fix else text
 
 

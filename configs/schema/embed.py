@@ -14,7 +14,8 @@ class CorpusConfig(Section):
     """The documents to embed."""
 
     path: str | list[str] = Field(
-        description="JSONL, Parquet or a folder of .txt/.md files (or a list); local path or URI (s3://, gs://)"
+        description="JSONL, Parquet or a folder of .txt/.md files (or a list); local path or URI (s3://, gs://)",
+        json_schema_extra={"storage": "input"},
     )
     text_field: str = Field("text", description="column holding the document text (required in every record)")
     id_field: str = Field("id", description="column holding the document id; missing ids come from the content")
@@ -77,7 +78,8 @@ class EmbedderConfig(Section):
 class OutputConfig(Section):
     """Where embedding parts go."""
 
-    path: str = Field(description="output folder or URI for part-XXXXX.parquet and _manifest.json")
+    path: str = Field(description="output folder or URI for part-XXXXX.parquet and _manifest.json",
+                      json_schema_extra={"storage": "output"})
     num_parts: int | None = Field(
         None, ge=1, le=100000,
         description="parts to split chunks into, fixed at the first run; null = from corpus size and actors",

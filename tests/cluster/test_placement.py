@@ -51,3 +51,38 @@ def test_default_parts_keep_every_actor_busy_and_bound_part_size():
     assert default_num_parts(10, 64, actors=1) == 1
     assert default_num_parts(10, 64, actors=8) == 8
     assert default_num_parts(1000 * 2**20, 64, actors=2) == 16
+
+
+# --- ragtune index ------------------------------------------------------------------------------------------------
+
+def test_index_tasks_on_a_laptop_split_the_cores_between_shards():
+    from cluster.placement import plan_index_tasks
+
+    one = plan_index_tasks([NodeResources(cpus=2)], shards=1)
+    assert (one.use_gpu, one.num_gpus, one.num_cpus, one.threads, one.train_threads, one.concurrent) == \
+        (False, 0, 2, 2, 2, 1)
+    four = plan_index_tasks([NodeResources(cpus=2)], shards=4)
+    assert (four.num_cpus, four.threads, four.concurrent) == (1, 1, 2)
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 8, 64])
+@pytest.mark.parametrize("n_nodes", [1, 3])
+@pytest.mark.parametrize("shards", [1, 2, 5, 16, 100])
+def test_index_tasks_never_ask_for_more_threads_than_a_node_has(cpus, n_nodes, shards):
+    from cluster.placement import plan_index_tasks
+
+    plan = plan_index_tasks([NodeResources(cpus=cpus)] * n_nodes, shards)
+    assert plan.num_gpus == 0 and plan.num_cpus == plan.threads >= 1
+    per_node = -(-plan.concurrent // n_nodes)
+    assert per_node * plan.threads <= cpus and 1 <= plan.concurrent <= shards
+
+
+def test_index_tasks_take_one_gpu_each_when_the_cluster_has_gpus():
+    from cluster.placement import plan_index_tasks
+
+    nodes = [NodeResources(cpus=8), NodeResources(cpus=32, gpus=4)]
+    plan = plan_index_tasks(nodes, shards=6)
+    assert (plan.use_gpu, plan.num_gpus, plan.num_cpus, plan.concurrent) == (True, 1, 1, 4)
+    assert plan_index_tasks(nodes, shards=6, device="cpu").use_gpu is False
+    with pytest.raises(RagtuneError, match=r"index.device = 'gpu' but the Ray cluster has no GPUs"):
+        plan_index_tasks([NodeResources(cpus=4)], shards=1, device="gpu")

@@ -1,0 +1,147 @@
+"""Benchmark: fine-tuning throughput and per-worker memory, plain PyTorch + PEFT against ragtune's ZeRO stages.
+
+All runs train the same base model (the tiny preset scaled to ~57M parameters: 8 layers x 768) on the same
+generated records in one invocation; each runs in its own process:
+
+    python bench/finetune.py                     # ~10 minutes on 2 cores
+    python bench/finetune.py --steps 6 --layers 4
+
+Throughput (LoRA r=16 on attention and MLP, micro batch 4 x 256 tokens): (a) a plain single-process PyTorch +
+PEFT loop with every core; (b) ragtune, 1 worker, ZeRO-0, every core; (c) 2 workers ZeRO-2; (d) 2 workers
+ZeRO-3 (one core each). Tokens/s is the median over the steps after the first.
+
+Memory (full fine-tuning, where ZeRO's partitioning of gradients, optimizer state and weights shows; 2 workers):
+the peak resident memory of the largest worker for ZeRO-0, ZeRO-2 and ZeRO-3, and the ratios to ZeRO-0. These
+are CPU numbers: fp32, gloo, a Python process of ~0.5 GiB before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PLAIN = r"""
+import json, resource, sys, time, torch
+from models.generators import load_model, load_tokenizer
+from models.sft import encode_record, pad_batch
+from peft import LoraConfig, get_peft_model
+base, data, steps, micro = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(int(sys.argv[5]))
+torch.manual_seed(0)
+tok = load_tokenizer(base)
+model = get_peft_model(load_model(base), LoraConfig(r=16, lora_alpha=32, target_modules=json.loads(sys.argv[6]),
+                                                    task_type="CAUSAL_LM"))
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+ex = [encode_record(tok, json.loads(l), 256) for l in open(data)]
+rates = []
+for s in range(steps):
+    batch = {k: torch.tensor(v) for k, v in pad_batch(ex[s * micro:(s + 1) * micro], tok.pad_token_id).items()}
+    t = time.perf_counter()
+    model(**batch).loss.backward(); opt.step(); opt.zero_grad()
+    rates.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps({"tokens_per_s": rates, "max_rss_mib": rss}))
+"""
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_data(path: Path, n: int = 256) -> None:
+    rng = random.Random(0)
+    syl = ["za", "mo", "ri", "ka", "lu", "ne", "vo", "ti", "sa", "pe", "dra", "bel", "on", "ix", "ur", "fen"]
+
+    def word() -> str:
+        return "".join(rng.choice(syl) for _ in range(rng.randint(1, 3)))
+
+    with path.open("w") as f:
+        for i in range(n):
+            story = " ".join(f"{word().capitalize()} {word()} {word()} in {word().capitalize()}." for _ in range(40))
+            f.write(json.dumps({"prompt": f"{story} Where does person {i} live?",
+                                "completion": f"Person {i} lives in {word().capitalize()}."}) + "\n")
+
+
+def ragtune(base: str, data: Path, storage: Path, name: str, steps: int, *overrides: str) -> dict:
+    cmd = [sys.executable, "-m", "jobs.finetune", "--config", "configs/finetune/tiny.yaml",
+           f"model.name={base}", f"data.train={data}", "data.validation_fraction=0.05", "data.max_length=256",
+           f"train.steps={steps}", "train.micro_batch=4", f"train.eval_every={steps}",
+           f"train.checkpoint_every={steps}", "train.warmup_steps=0", f"lora.target_modules={json.dumps(TARGETS)}",
+           f"run.storage_path={storage}", f"run.name={name}", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"{name} failed:\n{r.stderr[-4000:]}")
+    rows = [json.loads(line) for line in (storage / name / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    return {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in rows[1:]),
+            "max_rss_mib": max(x["max_rss_mib"] for x in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=768)
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+
+    from models.generators import TinySpec, build_tiny, load_model
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        data = tmp / "data.jsonl"
+        make_data(data)
+        texts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
+        spec = TinySpec(layers=args.layers, hidden=args.hidden, heads=args.hidden // 64,
+                        intermediate=4 * args.hidden, vocab=2048)
+        base = str(build_tiny(tmp / "base", texts, spec))
+        n_params = sum(p.numel() for p in load_model(base).parameters())
+        print(f"base model: {n_params / 1e6:.1f}M parameters ({args.layers} x {args.hidden}); {cores} cores; "
+              f"{args.steps} steps of 4 x <=256 tokens per worker", flush=True)
+
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        r = subprocess.run([sys.executable, "-c", PLAIN, base, str(data), str(args.steps), "4", str(cores),
+                            json.dumps(TARGETS)], cwd=REPO, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            sys.exit(r.stderr[-3000:])
+        plain = json.loads(r.stdout.split("RESULT ", 1)[1])
+        plain = {"tokens_per_s": statistics.median(plain["tokens_per_s"][1:]), "max_rss_mib": plain["max_rss_mib"]}
+        print(f"(a) plain PyTorch + PEFT: {plain['tokens_per_s']:.0f} tokens/s", flush=True)
+        runs = {"(a) plain PyTorch + PEFT, 1 process": plain}
+        for label, name, over in [
+            ("(b) ragtune 1 worker, ZeRO-0", "b", ["deepspeed.preset=zero0", "scaling.num_workers=1",
+                                                   f"scaling.cpus_per_worker={cores}"]),
+            ("(c) ragtune 2 workers, ZeRO-2", "c", ["deepspeed.preset=zero2", "scaling.num_workers=2"]),
+            ("(d) ragtune 2 workers, ZeRO-3", "d", ["deepspeed.preset=zero3", "scaling.num_workers=2"]),
+        ]:
+            runs[label] = ragtune(base, data, tmp / "runs", name, args.steps, *over)
+            print(f"{label}: {runs[label]['tokens_per_s']:.0f} tokens/s", flush=True)
+
+        memory = {}
+        for stage in (0, 2, 3):
+            memory[stage] = ragtune(base, data, tmp / "runs", f"full-z{stage}", 3, f"deepspeed.preset=zero{stage}",
+                                    "train.method=full", "train.lr=1e-5", "scaling.num_workers=2")["max_rss_mib"]
+            print(f"full fine-tuning, ZeRO-{stage}: peak worker RSS {memory[stage]:.0f} MiB", flush=True)
+
+    a = runs["(a) plain PyTorch + PEFT, 1 process"]["tokens_per_s"]
+    print()
+    print("| run | tokens/s | ratio to (a) | peak RSS of the largest worker (MiB) |")
+    print("|---|---|---|---|")
+    for label, r in runs.items():
+        print(f"| {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / a:.2f}x | {r['max_rss_mib']:.0f} |")
+    print()
+    print("| full fine-tuning, 2 workers | peak RSS per worker (MiB) | ratio to ZeRO-0 |")
+    print("|---|---|---|")
+    for stage, mib in memory.items():
+        print(f"| ZeRO-{stage} | {mib:.0f} | {mib / memory[0]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

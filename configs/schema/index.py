@@ -1,0 +1,107 @@
+"""Schema of `ragtune index`: embedding parts -> sharded FAISS index + docstore, one new version per build."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from configs.schema.base import Section
+from configs.schema.cluster import ClusterConfig
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: str | int) -> int:
+    """``"4GiB"`` -> 4294967296; ``"512MB"`` -> 512000000; a plain number is bytes. Raises ValueError."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{value} bytes is not a memory size. Fix: give a positive size such as 4GiB")
+        return value
+    m = _SIZE.match(value)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError(f"{value!r} is not a memory size. Fix: write a number and a unit, e.g. 4GiB, 512MiB, 16GB")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"{value!r} is not a memory size. Fix: give a positive size such as 4GiB")
+    return n
+
+
+class EmbeddingsInput(Section):
+    """The embedding parts to index."""
+
+    path: str = Field(description="folder or URI written by `ragtune embed` (part-*.parquet + _manifest.json)",
+                      json_schema_extra={"storage": "input"})
+
+
+class IndexConfig(Section):
+    """What to build and where."""
+
+    path: str = Field(description="index folder or URI; each build writes <path>/v-NNNNN/ and switches <path>/LATEST",
+                      json_schema_extra={"storage": "output"})
+    kind: str = Field(
+        "auto",
+        description="auto (Flat/HNSW/IVF-Flat/IVF-PQ from size, dimension and memory) or a FAISS factory string",
+    )
+    max_memory: str | int = Field(
+        "4GiB", description="RAM one node may spend on the whole index (e.g. 4GiB); auto picks what fits"
+    )
+    max_gpu_memory: str | int | None = Field(
+        None, description="memory per GPU for one shard when building on GPU; null = 80% of the device's memory"
+    )
+    shards: int | None = Field(
+        None, ge=1, le=4096, description="index shards built in parallel; null = one per 2M vectors (and per GPU)"
+    )
+    train_sample: int | None = Field(
+        None, ge=1000, description="vectors to train IVF/PQ on; null = 50 per IVF list (>= 10,000 for PQ), at most nb"
+    )
+    target_recall: float = Field(
+        0.95, gt=0, le=1, description="recall@10 vs exact search that the tuned nprobe/efSearch must reach"
+    )
+    tune_queries: int = Field(
+        1000, ge=10, le=100_000, description="held-out vectors used as queries to measure recall and tune"
+    )
+    tune_queries_path: str | None = Field(
+        None, description="real queries to tune on instead of held-out vectors (BEIR queries.jsonl or one per line)"
+    )
+    exact_below: int = Field(10_000, ge=0, description="auto: exact Flat search below this many vectors")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto = train and add on GPUs when the cluster has them (IVF kinds)"
+    )
+    seed: int = Field(0, description="seed of the training and tuning samples")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("empty index kind. Fix: write auto, or a FAISS factory string such as HNSW32 or "
+                             "IVF1024,Flat")
+        return v
+
+    @field_validator("max_memory", "max_gpu_memory")
+    @classmethod
+    def _size(cls, v: str | int | None) -> str | int | None:
+        if v is not None:
+            parse_bytes(v)
+        return v
+
+    @property
+    def max_memory_bytes(self) -> int:
+        return parse_bytes(self.max_memory)
+
+    @property
+    def max_gpu_memory_bytes(self) -> int | None:
+        return None if self.max_gpu_memory is None else parse_bytes(self.max_gpu_memory)
+
+
+class IndexJobConfig(Section):
+    """`ragtune index -c FILE`."""
+
+    embeddings: EmbeddingsInput
+    index: IndexConfig
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)

@@ -1,0 +1,448 @@
+"""`ragtune index`: embedding parts -> a sharded FAISS index + docstore, one new version per build (Ray tasks).
+
+Laptop (embedded local Ray, no cluster needed)::
+
+    ragtune embed -c configs/embed/sample.yaml && ragtune index -c configs/index/sample.yaml
+    ragtune index -c configs/index/sample.yaml index.kind=HNSW32 index.shards=2
+
+Cluster (paths must be storage every node sees: a URI or a shared mount)::
+
+    ray job submit --working-dir . -- python -m jobs.index --config configs/index/squad.yaml
+
+The flow, top to bottom:
+1. check before any work: the embeddings are complete, the index kind (``auto``: chosen from the number of
+   vectors, their dimension and ``index.max_memory``, with the reason printed) and the output folder;
+2. join or start Ray, plan the tasks from the cluster (one GPU per task when there are GPUs, else the cores);
+3. one task samples training vectors and held-out query vectors, and trains the index once (GPU k-means when
+   present); the trained, empty index goes to every shard task through the object store;
+4. one task per shard reads its embedding rows, adds them with their chunk ids as FAISS ids, writes the shard
+   and its docstore atomically, finds the exact neighbours of the held-out queries among its rows, and
+   searches them with each candidate ``nprobe``/``efSearch``;
+5. the driver merges those results across shards, measures recall@10 against exact search, keeps the cheapest
+   setting that reaches ``index.target_recall``, writes the manifest and a recall-vs-QPS plot, and switches
+   ``<index.path>/LATEST`` to the new version (readers of the old one keep working).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cluster.placement import IndexTaskPlan, plan_index_tasks
+from configs.schema import IndexJobConfig, RagtuneError
+from sharding.embeddings import EmbeddingManifest, PartRecord, read_manifest
+from sharding.index import (
+    DOCSTORE_DIR,
+    MANIFEST,
+    IndexChoice,
+    IndexManifest,
+    Piece,
+    ShardRecord,
+    choose_index,
+    default_num_shards,
+    docstore_name,
+    explicit_choice,
+    human_bytes,
+    list_versions,
+    plan_shards,
+    read_latest,
+    sample_rows,
+    shard_name,
+    switch_latest,
+    version_name,
+    write_index_manifest,
+)
+from sharding.metrics import read_query_texts
+from sharding.storage import Location, atomic_write_bytes, exists, makedirs, resolve
+
+log = logging.getLogger("ragtune.index")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # four lines per process about CPU builds
+
+K = 10  # recall@K is what index.target_recall means
+
+
+# --- 1. checks before any work ------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What preflight found: the embeddings, the index to build and where."""
+
+    cfg: IndexJobConfig
+    emb: Location
+    embeddings: EmbeddingManifest
+    parts: list[tuple[str, int]]  # (part file, rows) in part order
+    nb: int
+    d: int
+    choice: IndexChoice
+    root: Location
+
+
+def check(cfg: IndexJobConfig, use_gpu: bool | None = None) -> Plan:
+    """Everything that can fail before work starts, without Ray, torch or faiss. Raises RagtuneError."""
+    emb = resolve(cfg.embeddings.path)
+    m = read_manifest(emb)
+    if m is None:
+        raise RagtuneError(f"embeddings.path = {cfg.embeddings.path!r} holds no _manifest.json. Fix: run `ragtune "
+                           f"embed` with output.path {cfg.embeddings.path} first, or point embeddings.path at its "
+                           "output")
+    if m.state != "done" or m.dim is None:
+        raise RagtuneError(f"embeddings at {emb.uri} are not complete (state {m.state!r}, {len(m.parts)}/"
+                           f"{m.num_parts} parts). Fix: rerun the same `ragtune embed` command to finish them")
+    parts = [(rec.file, rec.rows) for _, rec in sorted(m.parts.items())]
+    nb = sum(rows for _, rows in parts)
+    if nb == 0:
+        raise RagtuneError(f"embeddings at {emb.uri} hold no vectors. Fix: embed a corpus with text")
+    ix = cfg.index
+    gpu = ix.device == "gpu" if use_gpu is None else use_gpu
+    if ix.kind.lower() == "auto":
+        choice = choose_index(nb, m.dim, ix.max_memory_bytes, use_gpu=gpu, exact_below=ix.exact_below,
+                              train_sample=ix.train_sample)
+    else:
+        choice = explicit_choice(ix.kind, nb, m.dim, ix.train_sample)
+    if ix.tune_queries_path and not Path(ix.tune_queries_path).is_file():
+        raise RagtuneError(f"index.tune_queries_path = {ix.tune_queries_path!r}: no such file. Fix: give a local BEIR "
+                           "queries.jsonl or a text file with one query per line, or null to tune on held-out vectors")
+    root = resolve(ix.path)
+    if exists(root.join(MANIFEST)):
+        raise RagtuneError(f"index.path = {ix.path!r} is an index version folder, not an index root. Fix: set "
+                           "index.path to the folder that holds LATEST and the v-NNNNN folders")
+    return Plan(cfg, emb, m, parts, nb, m.dim, choice, root)
+
+
+# --- 3. sample and train (one Ray task) ---------------------------------------------------------------------------
+
+def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str, np.ndarray, np.ndarray]],
+            factory: str, d: int, metric: str, threads: int, gpu: int | None,
+            tune_texts: list[str] | None = None, model: dict[str, Any] | None = None,
+            normalize: bool = True) -> dict[str, Any]:
+    """Read the sampled rows, train the index once; returns the trained empty index and the tuning queries:
+    held-out database vectors (with their ids, to be dropped from their own results), or ``tune_texts``
+    embedded with the embeddings' model (ids -1)."""
+    import faiss
+
+    from jobs.progress import ensure_logging
+    from sharding.embeddings import vectors_from_arrow
+    from sharding.index import new_index, read_part_table, serialize, train_index
+
+    ensure_logging()
+    faiss.omp_set_num_threads(threads)
+    t0 = time.perf_counter()
+    emb = resolve(emb_uri)
+    xt, xq, qids = [], [], []
+    for name, t_rows, q_rows in sample:
+        table = read_part_table(emb, records[name], ["chunk_id", "vector"])
+        x = vectors_from_arrow(table["vector"])
+        ids = table["chunk_id"].to_numpy()
+        xt.append(x[t_rows])
+        xq.append(x[q_rows])
+        qids.append(ids[q_rows])
+    if tune_texts:
+        from models.embedders import EmbedderSpec, load_sentence_transformer
+
+        st = load_sentence_transformer(EmbedderSpec(**(model or {})))
+        xq = [st.encode(tune_texts, batch_size=256, convert_to_numpy=True, normalize_embeddings=normalize,
+                        show_progress_bar=False).astype(np.float32)]
+        qids = [np.full(len(tune_texts), -1, dtype=np.int64)]
+    index = new_index(factory, d, metric)
+    nt = 0
+    if not index.is_trained:
+        xt_all = np.concatenate(xt) if xt else np.zeros((0, d), np.float32)
+        nt = len(xt_all)
+        log.info("training %s on %d vectors%s", factory, nt, f" on GPU {gpu}" if gpu is not None else "")
+        train_index(index, xt_all, gpu)
+    return {"index": serialize(index), "xq": np.concatenate(xq) if xq else np.zeros((0, d), np.float32),
+            "qids": np.concatenate(qids) if qids else np.zeros(0, np.int64), "train_rows": nt,
+            "seconds": time.perf_counter() - t0}
+
+
+# --- 4. build one shard (one Ray task per shard) -----------------------------------------------------------------
+
+def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord], trained: bytes,
+                xq: np.ndarray, qids: np.ndarray, k: int, metric: str, version_uri: str, threads: int,
+                gpu: int | None) -> dict[str, Any]:
+    """Add this shard's rows to the trained index, search the tuning queries with each candidate setting, and
+    write the shard and its docstore.
+
+    Held-out database vectors (``qids`` >= 0) are queries the index must not contain while it is searched
+    (else a query finds itself and its graph or cell neighbours too easily): their rows are added after the
+    tuning searches, just before the shard is written.
+    """
+    import faiss
+
+    from jobs.progress import ensure_logging
+    from sharding.docstore import write_docstore
+    from sharding.embeddings import vectors_from_arrow
+    from sharding.index import ShardBuilder, deserialize, read_part_table, write_index_file
+    from sharding.search import candidate_params, exact_knn, merge_topk, search_candidates
+
+    ensure_logging()
+    faiss.omp_set_num_threads(threads)
+    t0 = time.perf_counter()
+    emb, out = resolve(emb_uri), resolve(version_uri)
+    builder = ShardBuilder(deserialize(trained), gpu)
+    nq = len(xq)
+    true_D = np.zeros((nq, 0), np.float32)
+    true_I = np.zeros((nq, 0), np.int64)
+    rows: list[pa.Table] = []
+    later: list[tuple[np.ndarray, np.ndarray]] = []  # held-out rows, added after the tuning searches
+    for piece in pieces:
+        table = read_part_table(emb, records[piece.part]).slice(piece.start, piece.rows)
+        xb = vectors_from_arrow(table["vector"])
+        ids = table["chunk_id"].to_numpy()
+        held = np.isin(ids, qids[qids >= 0])
+        builder.add(ids[~held], xb[~held])
+        if held.any():
+            later.append((ids[held], xb[held]))
+        if nq:  # exact neighbours of the tuning queries among the rows searched, merged as rows arrive
+            D, I = exact_knn(xq, xb[~held], k, metric)
+            kept = ids[~held]
+            true_D, true_I = merge_topk([true_D, D], [true_I, np.where(I >= 0, kept[np.maximum(I, 0)], -1)], k,
+                                        metric)
+        rows.append(table.drop_columns(["vector"]))
+    index = builder.finish()
+    candidates = candidate_params(index)
+    searched = search_candidates(index, xq, k, candidates) if nq else []
+    for ids, xb in later:
+        index.add_with_ids(xb, ids)
+    sha, size = write_index_file(index, out.join(shard_name(shard)))
+    dsha, dsize = write_docstore(pa.concat_tables(rows), out.join(docstore_name(shard)))
+    record = ShardRecord(file=shard_name(shard), ntotal=int(index.ntotal), sha256=sha, bytes=size,
+                         docstore=docstore_name(shard), docstore_sha256=dsha, docstore_bytes=dsize, pieces=pieces,
+                         seconds=time.perf_counter() - t0)
+    return {"record": record.model_dump(), "candidates": candidates, "searched": searched,
+            "truth": (true_D, true_I)}
+
+
+def _gpu_memory() -> int:
+    """Total memory of the GPU this task was given (run as a Ray task with one GPU)."""
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+# --- 5. tuning, plot, manifest -------------------------------------------------------------------------------------
+
+def merge_tuning(results: list[dict[str, Any]], qids: np.ndarray, k: int, metric: str, target: float):
+    """Per-shard candidate searches -> one TuneRow per candidate (recall@k of the merged results, QPS)."""
+    from sharding.search import TuneRow, drop_self, merge_topk, recall_at_k, tune
+
+    truth = merge_topk([r["truth"][0] for r in results], [r["truth"][1] for r in results], k + 1, metric)
+    _, true_I = drop_self(*truth, qids, k)
+    rows = []
+    for c, params in enumerate(results[0]["candidates"]):
+        D, I = merge_topk([r["searched"][c][0] for r in results], [r["searched"][c][1] for r in results], k + 1,
+                          metric)
+        _, I = drop_self(D, I, qids, k)
+        seconds = sum(r["searched"][c][2] for r in results)
+        rows.append(TuneRow(params, recall_at_k(I, true_I, k), len(qids) / seconds if seconds > 0 else 0.0))
+    chosen, reached = tune(rows, target)
+    return rows, chosen, reached
+
+
+def plot_tuning(rows, chosen, target: float, title: str) -> bytes:
+    """Recall@10 against batched QPS of every setting tried, the chosen one marked (PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([r.qps for r in rows], [r.recall for r in rows], "o-", color="tab:blue")
+    for r in rows:
+        ax.annotate(r.label(), (r.qps, r.recall), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.plot([chosen.qps], [chosen.recall], "o", ms=12, mfc="none", mec="tab:red", label="chosen")
+    ax.axhline(target, ls="--", color="gray", lw=1, label=f"target {target}")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per second (batched, all shards)")
+    ax.set_ylabel(f"recall@{K} vs exact search")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@dataclass
+class IndexSummary:
+    path: str
+    version: str
+    factory: str
+    kind: str
+    reason: str
+    ntotal: int
+    dim: int
+    metric: str
+    shards: int
+    search_params: dict[str, int]
+    recall: float | None
+    target_recall: float
+    reached: bool
+    qps: float | None
+    seconds: float
+    hardware: str
+
+    def line(self) -> str:
+        tuned = (f"{', '.join(f'{k}={v}' for k, v in self.search_params.items()) or 'exact'} -> recall@{K} "
+                 f"{self.recall:.3f} (target {self.target_recall}{'' if self.reached else ', NOT reached'}), "
+                 f"{self.qps:,.0f} QPS batched" if self.recall is not None else "no tuning (too few vectors)")
+        return (f"indexed {self.ntotal:,} vectors (d={self.dim}, {self.metric}) as {self.factory} in {self.shards} "
+                f"shard(s) at {self.path}/{self.version}; {tuned}; {self.seconds:.1f}s on {self.hardware}; "
+                f"LATEST -> {self.version}")
+
+
+# --- the job ------------------------------------------------------------------------------------------------------
+
+def run(cfg: IndexJobConfig) -> IndexSummary:
+    t_start = time.perf_counter()
+    plan = check(cfg)
+    ix = cfg.index
+
+    import ray
+
+    from cluster.runtime import alive_nodes, init_ray
+    from jobs.progress import Rate
+    from sharding.index import effective_factory, new_index
+
+    init_ray(cfg.cluster)
+    nodes = alive_nodes()
+    use_gpu = plan_index_tasks(nodes, 1, ix.device).use_gpu
+    gpu_memory = None
+    if use_gpu:
+        gpu_memory = ix.max_gpu_memory_bytes or int(0.8 * ray.get(ray.remote(num_gpus=1)(_gpu_memory).remote()))
+    if use_gpu != (ix.device == "gpu"):
+        plan = check(cfg, use_gpu=use_gpu)  # the choice depends on where it is built
+    choice = plan.choice
+    num_shards = ix.shards or default_num_shards(plan.nb, choice.est_bytes, gpu_memory)
+    if gpu_memory and choice.est_bytes and choice.est_bytes / num_shards > gpu_memory:
+        raise RagtuneError(f"index.shards = {num_shards}: each shard of {choice.factory} needs about "
+                           f"{human_bytes(choice.est_bytes / num_shards)} on one GPU but index.max_gpu_memory is "
+                           f"{human_bytes(gpu_memory)}. Fix: set index.shards >= "
+                           f"{-(-choice.est_bytes // gpu_memory)} or null")
+    shards = plan_shards(plan.parts, num_shards)
+    tasks: IndexTaskPlan = plan_index_tasks(nodes, len(shards), ix.device)
+    factory = effective_factory(choice.factory, plan.d, plan.embeddings.metric)  # a bad string fails here
+    needs_training = not new_index(factory, plan.d, plan.embeddings.metric).is_trained
+    log.info("index: %s (%s)%s", choice.factory, choice.reason, "" if choice.est_bytes is None else
+             f"; about {human_bytes(choice.est_bytes)} in memory")
+    log.info("%d vectors of d=%d (%s) from %d parts -> %d shard(s); %s", plan.nb, plan.d, plan.embeddings.metric,
+             len(plan.parts), len(shards), tasks.reason)
+
+    versions = list_versions(plan.root)
+    latest = read_latest(plan.root)
+    for v in versions:
+        if not exists(plan.root.join(version_name(v), MANIFEST)) and version_name(v) != latest:
+            log.warning("%s has no %s: left by an interrupted build; remove it by hand", version_name(v), MANIFEST)
+    version = version_name((versions[-1] if versions else 0) + 1)
+    vdir = plan.root.join(version)
+    makedirs(vdir.join(DOCSTORE_DIR))
+
+    # Sample and train once.
+    records = {rec.file: rec for rec in plan.embeddings.parts.values()}
+    k = min(K, plan.nb - 1)
+    tune_texts = None
+    if ix.tune_queries_path and k >= 1:  # real queries: recall for queries of another kind than the documents
+        texts = read_query_texts(ix.tune_queries_path)
+        pick = np.random.default_rng(ix.seed).choice(len(texts), min(ix.tune_queries, len(texts)), replace=False)
+        tune_texts = [texts[i] for i in np.sort(pick)]
+    # held-out vectors leave the index while it is tuned: at most a tenth of it, so that it stays the same index
+    n_queries = min(ix.tune_queries, max(1, plan.nb // 10)) if k >= 1 and not tune_texts else 0
+    sample = sample_rows(plan.parts, choice.train_size if needs_training else 0, n_queries, ix.seed)
+    gpu = 0 if tasks.use_gpu else None  # inside a task given one GPU, it is device 0
+    prepare_task = ray.remote(prepare).options(num_cpus=tasks.train_threads if not tasks.use_gpu else 1,
+                                               num_gpus=tasks.num_gpus)
+    prep = ray.get(prepare_task.remote(plan.emb.uri, records, sample, factory, plan.d,
+                                       plan.embeddings.metric, tasks.train_threads, gpu, tune_texts,
+                                       plan.embeddings.model, plan.embeddings.normalize))
+    if needs_training:
+        log.info("trained on %d vectors in %.1fs", prep["train_rows"], prep["seconds"])
+    trained = prep["index"]
+    trained_ref, xq_ref = ray.put(trained), ray.put(prep["xq"])
+    qids = prep["qids"]
+
+    # One task per shard.
+    shard_task = ray.remote(build_shard).options(num_cpus=tasks.num_cpus, num_gpus=tasks.num_gpus)
+    qids_ref = ray.put(qids)
+    pending = {shard_task.remote(i, pieces, plan.emb.uri, records, trained_ref, xq_ref, qids_ref, k + 1 if k else 0,
+                                 plan.embeddings.metric, vdir.uri, tasks.threads, gpu): i
+               for i, pieces in enumerate(shards)}
+    rate = Rate(plan.nb, "vectors")
+    results: dict[int, dict[str, Any]] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done[0])
+        results[i] = ray.get(done[0])
+        rec = results[i]["record"]
+        rate.add(rec["ntotal"])
+        rate.log(log, f"{rec['file']} ({rec['ntotal']:,} vectors, {rec['seconds']:.1f}s) written; "
+                      f"{len(results)}/{len(shards)} shards, ")
+    ordered = [results[i] for i in range(len(shards))]
+
+    # Tune the search parameters on the merged results.
+    from sharding.search import tuning_table
+
+    tuning_rows, chosen, reached = [], None, False
+    queries_from = ix.tune_queries_path or "held-out database vectors"
+    if len(qids) and k:
+        tuning_rows, chosen, reached = merge_tuning(ordered, qids, k, plan.embeddings.metric, ix.target_recall)
+        print(f"recall@{k} vs QPS on {len(qids)} queries from {queries_from} ({len(shards)} shard(s), {factory}):")
+        print(tuning_table(tuning_rows, chosen, k))
+        title = f"{factory}, {plan.nb:,} vectors, {len(shards)} shard(s)"
+        atomic_write_bytes(vdir.join("tuning.png"), plot_tuning(tuning_rows, chosen, ix.target_recall, title))
+        if not reached:
+            log.warning("no setting reached recall@%d >= %s (best %.3f at %s). Fix: raise index.max_memory or set "
+                        "index.kind to a more exact kind", k, ix.target_recall, chosen.recall, chosen.label())
+
+    import faiss
+
+    hardware = "GPU" if tasks.use_gpu else f"CPU ({tasks.reason})"
+    shard_records = [ShardRecord.model_validate(r["record"]) for r in ordered]
+    manifest = IndexManifest(
+        version=version, factory=factory, kind=choice.kind, reason=choice.reason, metric=plan.embeddings.metric,
+        dim=plan.d, normalize=plan.embeddings.normalize, ntotal=sum(s.ntotal for s in shard_records),
+        est_bytes=choice.est_bytes, model=plan.embeddings.model, chunker=plan.embeddings.chunker,
+        embeddings={"path": plan.emb.uri, "rows": plan.nb, "parts": len(plan.parts),
+                    "updated_at": plan.embeddings.updated_at},
+        shards=shard_records,
+        trained={"sha256": _sha(trained), "rows": prep["train_rows"], "seconds": prep["seconds"]}
+        if needs_training else None,
+        search_params=chosen.params if chosen else {},
+        recall={"k": k, "recall": chosen.recall, "target": ix.target_recall, "reached": reached,
+                "queries": len(qids), "queries_from": queries_from, "qps": chosen.qps} if chosen else {},
+        tuning=[{"params": r.params, "recall": r.recall, "qps": r.qps} for r in tuning_rows],
+        build={"seconds": time.perf_counter() - t_start, "hardware": hardware, "faiss": faiss.__version__,
+               "threads_per_task": tasks.threads},
+        config=cfg.model_dump(mode="json"),
+    )
+    if manifest.ntotal != plan.nb:
+        raise RagtuneError(f"the shards hold {manifest.ntotal} vectors but the embeddings have {plan.nb}; "
+                           f"{version} is left incomplete and LATEST unchanged. Fix: rerun the same command")
+    write_index_manifest(vdir, manifest)
+    switch_latest(plan.root, version)
+    return IndexSummary(
+        path=plan.root.uri, version=version, factory=factory, kind=choice.kind, reason=choice.reason,
+        ntotal=manifest.ntotal, dim=plan.d, metric=plan.embeddings.metric, shards=len(shards),
+        search_params=manifest.search_params, recall=chosen.recall if chosen else None,
+        target_recall=ix.target_recall, reached=reached, qps=chosen.qps if chosen else None,
+        seconds=time.perf_counter() - t_start, hardware=hardware)
+
+
+def _sha(data: bytes) -> str:
+    from sharding.storage import sha256_hex
+
+    return sha256_hex(data)
+
+
+
+if __name__ == "__main__":
+    from jobs.cli import module_main
+
+    module_main("index")

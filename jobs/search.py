@@ -1,0 +1,224 @@
+"""`ragtune search` and `ragtune eval-retrieval`: query an index version, and measure it in the BEIR format.
+
+    ragtune search -i runs/squad/index "Which NFL team won Super Bowl 50?" -k 10
+    ragtune eval-retrieval -i runs/squad/index --queries ../shared/data/squad/retrieval-v1.1/queries.jsonl \\
+        --qrels ../shared/data/squad/retrieval-v1.1/qrels/test.tsv
+
+Both run in this process without Ray: they open the version ``LATEST`` names (or the version folder given),
+check every shard's checksum, embed the queries with the model named in the index manifest (the same revision,
+normalised when the index compares by inner product), search all shards and merge the top-k exactly. Documents
+are ranked by their best chunk. Heavy imports (torch, faiss) happen inside the functions, so ``ragtune --help``
+stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from configs.schema.base import RagtuneError
+
+if TYPE_CHECKING:
+    from models.embedders import EmbedderSpec
+    from sharding.index import IndexManifest
+    from sharding.search import ShardedIndex
+
+log = logging.getLogger("ragtune.search")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # four lines per process about CPU builds
+
+KS = (1, 5, 10, 100)
+
+
+# --- query embedding ----------------------------------------------------------------------------------------------
+
+def check_query_model(manifest: IndexManifest, spec: EmbedderSpec, dim: int | None = None) -> None:
+    """Refuse a query model that would not give the index's vectors: another revision or another dimension."""
+    name = manifest.model.get("name", "?")
+    built = manifest.model.get("revision")
+    if built and spec.revision != built:
+        raise RagtuneError(f"the index was built with {name} revision {built} but {spec.name} resolves here to "
+                           f"revision {spec.revision}: the query vectors would not match the index. Fix: install "
+                           "the same model revision, or embed and index the corpus again with this one")
+    if dim is not None and dim != manifest.dim:
+        raise RagtuneError(f"{spec.name} gives vectors of dimension {dim} but the index holds dimension "
+                           f"{manifest.dim}. Fix: query with the model the index was built with ({name})")
+
+
+class QueryEncoder:
+    """The index's embedding model, loaded once, for queries."""
+
+    def __init__(self, manifest: IndexManifest, batch_size: int = 512):
+        from models.embedders import EmbedderSpec, load_sentence_transformer, resolve_embedder
+
+        name = manifest.model.get("name", "")
+        try:
+            spec = resolve_embedder(name)
+        except RagtuneError:  # a local folder that moved: the manifest also records where it was
+            spec = EmbedderSpec(**manifest.model) if Path(manifest.model.get("path", "")).is_dir() else None
+            if spec is None:
+                raise
+        check_query_model(manifest, spec)
+        self.model = load_sentence_transformer(spec)
+        check_query_model(manifest, spec, self.model.get_embedding_dimension())
+        self.normalize = manifest.normalize
+        self.batch_size = batch_size
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.model.get_embedding_dimension()), np.float32)
+        return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=self.normalize, show_progress_bar=False).astype(np.float32)
+
+
+# --- search -------------------------------------------------------------------------------------------------------
+
+def search_texts(index: ShardedIndex, encoder: QueryEncoder, queries: Sequence[str],
+                 k: int) -> list[list[dict[str, Any]]]:
+    """Ranked chunks for each query: rank, score, chunk_id, doc_id, title, text."""
+    D, I = index.search(encoder.encode(queries), k)
+    rows = index.docstore().lookup(I[I >= 0])
+    out = []
+    for d, i in zip(D, I, strict=True):
+        hits = []
+        for rank, (score, cid) in enumerate(zip(d.tolist(), i.tolist(), strict=True), 1):
+            if cid < 0:
+                continue
+            row = rows.get(cid, {})
+            hits.append({"rank": rank, "score": score, "chunk_id": cid, "doc_id": row.get("doc_id"),
+                         "title": row.get("title"), "text": row.get("text", "")})
+        out.append(hits)
+    return out
+
+
+def _snippet(text: str, width: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def describe(index: ShardedIndex) -> str:
+    m = index.manifest
+    params = ", ".join(f"{k}={v}" for k, v in index.params.items() if k != "k_factor_rf") or "exact"
+    recall = f", recall@{m.recall['k']} {m.recall['recall']:.3f}" if m.recall else ""
+    return (f"{index.location.uri}: {m.factory}, {m.ntotal:,} vectors in {len(m.shards)} shard(s), {params}"
+            f"{recall}, model {m.model.get('name')}")
+
+
+def search_main(args: argparse.Namespace) -> int:
+    from sharding.search import ShardedIndex
+
+    index = ShardedIndex.open(args.index, verify=not args.no_verify, params=_params(args.param))
+    encoder = QueryEncoder(index.manifest)
+    results = search_texts(index, encoder, args.query, args.k)
+    if args.json:
+        print(json.dumps([{"query": q, "results": r} for q, r in zip(args.query, results, strict=True)]))
+        return 0
+    print(describe(index))
+    for q, hits in zip(args.query, results, strict=True):
+        print(f"\nquery: {q}")
+        for h in hits:
+            label = f"{h['title']}: " if h["title"] else ""
+            print(f"{h['rank']:>3}  {h['score']:.4f}  {h['doc_id']}  {_snippet(label + h['text'], args.snippet)}")
+    return 0
+
+
+def _params(items: Sequence[str] | None) -> dict[str, int]:
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise RagtuneError(f"--param {item!r}: expected name=integer. Fix: e.g. --param nprobe=64 or "
+                               "--param efSearch=128")
+        out[name.strip()] = int(value)
+    return out
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+def evaluate_index(index: ShardedIndex, xq: np.ndarray, qids: Sequence[str], qrels: Mapping[str, Mapping[str, int]],
+                   ks: Sequence[int] = KS, chunks_per_doc: int = 3, batch: int = 1024) -> dict[str, float]:
+    """BEIR metrics of an index for embedded queries; documents are ranked by their best chunk.
+
+    ``chunks_per_doc * max(ks)`` chunks are retrieved per query, so that the top documents are exact as long
+    as at least ``max(ks)`` distinct documents appear among them (the count of queries short of that is
+    returned as ``queries_short``).
+    """
+    from sharding.metrics import evaluate, rank_documents
+
+    chunk_ids, doc_ids = index.docstore().column("doc_id")
+    doc_of = dict(zip(chunk_ids.tolist(), doc_ids.tolist(), strict=True))
+    k_docs = max(ks)
+    k_chunks = min(index.ntotal, chunks_per_doc * k_docs)
+    n_docs = len(set(doc_of.values()))
+    run: dict[str, list[str]] = {}
+    short = 0
+    for i in range(0, len(xq), batch):
+        D, I = index.search(xq[i:i + batch], k_chunks)
+        for qid, d, ids in zip(qids[i:i + batch], D, I, strict=True):
+            ranked = rank_documents(d, ids, doc_of, index.manifest.metric, k_docs)
+            short += len(ranked) < min(k_docs, n_docs)
+            run[qid] = [doc for doc, _ in ranked]
+    out = evaluate(run, {q: dict(r) for q, r in qrels.items() if q in run}, ks)
+    out["queries_short"] = short
+    return out
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    from sharding.metrics import read_qrels, read_queries
+    from sharding.search import ShardedIndex
+
+    index = ShardedIndex.open(args.index, verify=not args.no_verify, params=_params(args.param))
+    queries = read_queries(args.queries)
+    qrels = read_qrels(args.qrels)
+    qids = [q for q in queries if q in qrels][: args.limit or None]
+    if not qids:
+        raise RagtuneError(f"no query of {args.queries} has qrels in {args.qrels}. Fix: pass the matching files")
+    print(describe(index))
+    t0 = time.perf_counter()
+    xq = QueryEncoder(index.manifest, args.batch_size).encode([queries[q] for q in qids])
+    t1 = time.perf_counter()
+    metrics = evaluate_index(index, xq, qids, qrels)
+    t2 = time.perf_counter()
+    names = ["ndcg@10", "mrr@10", *(f"recall@{k}" for k in KS)]
+    print(f"{len(qids):,} queries: embedded in {t1 - t0:.1f}s, searched and scored in {t2 - t1:.1f}s")
+    print("| metric | value |\n|---|---|")
+    for name in names:
+        print(f"| {name} | {metrics[name]:.4f} |")
+    result = {"index": index.location.uri, "version": index.manifest.version, "factory": index.manifest.factory,
+              "params": index.params, **metrics}
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """``ragtune search`` and ``ragtune eval-retrieval`` (not config-driven: they read an index's manifest)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-i", "--index", required=True, help="index folder (its LATEST version) or a version folder")
+    common.add_argument("--param", action="append", metavar="NAME=VALUE",
+                        help="override a tuned search parameter, e.g. nprobe=64 or efSearch=128 (repeatable)")
+    common.add_argument("--no-verify", action="store_true", help="skip the shard checksums (faster start)")
+    s = sub.add_parser("search", parents=[common], help="search an index with query text",
+                       description="Embed the query with the index's model and print the ranked chunks.")
+    s.add_argument("query", nargs="+", help="query text (several queries: several arguments)")
+    s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    s.add_argument("--snippet", type=int, default=160, help="characters of text shown per result")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=search_main)
+    e = sub.add_parser("eval-retrieval", parents=[common], help="recall, nDCG and MRR of an index on BEIR qrels",
+                       description="recall@1/5/10/100, nDCG@10 and MRR@10, documents ranked by their best chunk.")
+    e.add_argument("--queries", required=True, help="BEIR queries.jsonl (_id, text)")
+    e.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id, corpus-id, score)")
+    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N queries (0 = all)")
+    e.add_argument("--batch-size", type=int, default=512, help="queries per embedding batch")
+    e.add_argument("--output", help="also write the metrics as JSON to this file")
+    e.set_defaults(func=eval_main)

@@ -1,0 +1,163 @@
+"""Generators (causal LMs): load a hub id, a local folder or a folder on object storage; build the tiny preset.
+
+The ``tiny`` preset is a small Llama-style model with a byte-level BPE tokenizer trained locally, saved as an
+ordinary transformers folder (model, tokenizer, chat template), so it is loaded by exactly the code path any
+local model takes. Nothing here downloads anything unless it is given a hub id and the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from configs.schema.base import RagtuneError
+
+CACHE = Path(os.environ.get("RAGTUNE_CACHE", Path.home() / ".cache" / "ragtune"))
+
+# Special tokens of the tiny preset; "<|end|>" ends every turn and is the EOS token, so generation stops there.
+BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
+ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of the tiny preset (about 1M parameters at the defaults: trains in seconds on a laptop)."""
+
+    layers: int = 2
+    hidden: int = 128
+    heads: int = 4
+    intermediate: int = 512
+    vocab: int = 1024
+    context: int = 512
+    seed: int = 0
+
+
+def train_tokenizer(texts: Iterable[str], vocab: int):
+    """A byte-level BPE tokenizer trained on ``texts`` (any text still tokenizes: bytes are the base alphabet)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [BOS, EOS, PAD] + [f"<|{r}|>" for r in ROLES]
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinySpec()) -> Path:
+    """Build the tiny preset into ``out_dir`` (atomically: a finished folder or none). Deterministic by seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    tok = train_tokenizer(texts, spec.vocab)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.context, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "ragtune_preset.json").write_text(json.dumps({"preset": "tiny", **asdict(spec)}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def tiny_key(texts: list[str], spec: TinySpec) -> str:
+    """A cache key for a tiny build: its shape and the text its tokenizer is trained on."""
+    h = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode())
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def local_model_dir(name: str) -> str:
+    """A folder the loaders can open: local folders as they are, URIs copied into a local cache once."""
+    if "://" not in name:
+        return name
+    import pyarrow.fs as pafs
+
+    from sharding.storage import resolve
+
+    loc = resolve(name)
+    dest = CACHE / "models" / hashlib.sha256(name.encode()).hexdigest()[:16]
+    if not (dest / "config.json").is_file():
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pafs.copy_files(loc.path, str(tmp), source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a generator (hub id, local folder or URI), with a pad token."""
+    from transformers import AutoTokenizer
+
+    path = local_model_dir(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RagtuneError(f"model {name!r}: cannot load its tokenizer ({str(e).splitlines()[0]}). Fix: pass a "
+                           "local folder with tokenizer files, or a hub id that is in the local cache") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: Any = None):
+    """The causal LM (hub id, local folder or URI) for training or inference, in ``dtype`` (default fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = local_model_dir(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise RagtuneError(f"model {name!r}: cannot load it ({str(e).splitlines()[0]}). Fix: pass a local "
+                           "folder with a transformers causal LM, or a hub id that is in the local cache") from None
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The names LoRA can target: the last component of every Linear layer's name (q_proj, lm_head, ...)."""
+    import torch
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def lora_param_count(model: Any, targets: list[str], r: int) -> int:
+    """Trainable parameters LoRA with rank ``r`` on ``targets`` adds: r x (in + out) per targeted Linear."""
+    import torch
+
+    return sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)

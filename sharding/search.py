@@ -1,0 +1,267 @@
+"""Searching sharded indexes: exact top-k merge, the opened index version, recall and search-parameter tuning.
+
+Shards hold disjoint vectors with global ids (chunk ids), so the top-k of the union is the top-k of the per-shard
+top-k lists: merging is exact, and exact shards give the results of one exact index over the same vectors. For
+inner product higher is better; for L2 lower is better. FAISS vocabulary: ``xq`` queries (nq, d), ``k``
+results, ``D``/``I`` distances and ids (nq, k); a missing result has id -1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from configs.schema.base import RagtuneError
+from sharding.docstore import Docstore
+from sharding.index import (
+    MANIFEST,
+    REFINE_K_FACTOR,
+    IndexManifest,
+    index_layers,
+    mmap_flags,
+    read_index_file,
+    read_index_manifest,
+    resolve_index,
+)
+from sharding.storage import Location
+
+HNSW_EF = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+
+
+# --- merge ----------------------------------------------------------------------------------------------------------
+
+def merge_topk(Ds: Sequence[np.ndarray], Is: Sequence[np.ndarray], k: int,
+               metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard results (each (nq, k_s)) into the global top-k (nq, k).
+
+    Ties keep shard order, then rank order inside a shard. Missing results (id -1) sort last.
+    """
+    D = np.hstack([np.asarray(d, dtype=np.float32) for d in Ds])
+    I = np.hstack([np.asarray(i, dtype=np.int64) for i in Is])
+    ip = metric == "inner_product"
+    key = -D if ip else D.copy()
+    key[I < 0] = np.inf
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+    if D.shape[1] < k:  # fewer candidates than k in total
+        pad = k - D.shape[1]
+        D = np.hstack([D, np.full((len(D), pad), -np.inf if ip else np.inf, dtype=np.float32)])
+        I = np.hstack([I, np.full((len(I), pad), -1, dtype=np.int64)])
+    D[I < 0] = -np.inf if ip else np.inf
+    return D, I
+
+
+def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k of ``xq`` in ``xb`` (row numbers as ids), by FAISS's own kernels."""
+    import faiss
+
+    from sharding.index import faiss_metric
+
+    k = min(k, len(xb))
+    if k == 0:
+        return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
+    return faiss.knn(np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32), k,
+                     metric=faiss_metric(metric))
+
+
+# --- search parameters -------------------------------------------------------------------------------------------
+
+def candidate_params(index: Any) -> list[dict[str, int]]:
+    """Search settings to try, cheapest first: ``nprobe`` for IVF, ``efSearch`` for HNSW, nothing for Flat."""
+    import faiss
+
+    layers = index_layers(index)
+    refine = {"k_factor_rf": REFINE_K_FACTOR} if any(isinstance(x, faiss.IndexRefine) for x in layers) else {}
+    for x in layers:
+        if isinstance(x, faiss.IndexIVF):
+            probes = [p for p in (2 ** i for i in range(20)) if p < x.nlist] + [x.nlist]
+            hnsw_q = isinstance(faiss.downcast_index(x.quantizer), faiss.IndexHNSW)
+            return [{"nprobe": p, **({"quantizer_efSearch": max(2 * p, 64)} if hnsw_q else {}), **refine}
+                    for p in probes]
+        if isinstance(x, faiss.IndexHNSW):
+            return [{"efSearch": ef, **refine} for ef in HNSW_EF]
+    return [dict(refine)] if refine else [{}]
+
+
+def apply_params(index: Any, params: dict[str, int]) -> None:
+    """Set search parameters through FAISS's ParameterSpace (it walks IDMap2, Refine and PreTransform)."""
+    import faiss
+
+    ps = faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            ps.set_index_parameter(index, name, value)
+        except RuntimeError:
+            raise RagtuneError(f"search parameter {name}={value} does not apply to this index "
+                               f"({type(faiss.downcast_index(index)).__name__}). Fix: use nprobe for IVF indexes, "
+                               "efSearch for HNSW, none for Flat") from None
+
+
+# --- an opened index version --------------------------------------------------------------------------------------
+
+def check_queries(xq: np.ndarray, manifest: IndexManifest, where: str = "the index") -> np.ndarray:
+    """Refuse queries that do not match the index: another dimension, or raw vectors for a cosine index."""
+    xq = np.asarray(xq, dtype=np.float32)
+    if xq.ndim == 1:
+        xq = xq[None, :]
+    model = manifest.model.get("name", "?")
+    if xq.ndim != 2 or xq.shape[1] != manifest.dim:
+        raise RagtuneError(f"query vectors have dimension {xq.shape[-1]} but {where} holds vectors of dimension "
+                           f"{manifest.dim} from {model}. Fix: embed the queries with {model}, the model named in "
+                           "the index manifest")
+    if manifest.metric == "inner_product" and manifest.normalize and len(xq):
+        norms = np.linalg.norm(xq, axis=1)
+        if np.abs(norms - 1).max() > 1e-2:
+            raise RagtuneError(f"query vectors are not normalised (norms {norms.min():.3g}..{norms.max():.3g}) but "
+                               f"{where} compares normalised vectors by inner product (cosine). Fix: L2-normalise "
+                               "the queries (normalize_embeddings=True), as the embed job did")
+    return np.ascontiguousarray(xq)
+
+
+def _mergeable(index: Any, manifest: IndexManifest) -> bool:
+    """Shards FAISS can merge exactly: plain IVF trained once (same quantizer), or Flat behind IDMap2."""
+    import faiss
+
+    layers = index_layers(index)
+    if isinstance(layers[0], faiss.IndexIVF):
+        return manifest.trained is not None
+    return len(layers) == 2 and isinstance(layers[0], faiss.IndexIDMap2) and isinstance(layers[1], faiss.IndexFlat)
+
+
+@dataclass
+class ShardedIndex:
+    """The shards of one index version, loaded, searched together with an exact merge."""
+
+    location: Location
+    manifest: IndexManifest
+    shards: list[Any]
+    params: dict[str, int] = field(default_factory=dict)
+    _ef: int | None = None  # efSearch of plain HNSW shards: raised to k for a search of k > efSearch
+
+    @classmethod
+    def open(cls, path: str, *, mmap: bool = True, verify: bool = True, params: dict[str, int] | None = None,
+             merge: bool = False) -> ShardedIndex:
+        """Open the version an index path means (``LATEST`` of a root, or a version folder).
+
+        The version folder is resolved once: a later build that switches ``LATEST`` does not affect this object.
+        ``verify`` checks every shard's sha256 before loading it; ``mmap`` maps local shards instead of reading.
+        ``merge`` merges the shards into one in-memory index when they can be (plain IVF shards of one trained
+        index, Flat shards): the same results as searching them apart, at the speed of one index; the shards
+        are then read, not mapped.
+        """
+        loc = resolve_index(path)
+        manifest = read_index_manifest(loc)
+        flags = mmap_flags(manifest.factory) if mmap and not merge else 0
+        shards = [read_index_file(loc.join(s.file), s.sha256 if verify else None, flags) for s in manifest.shards]
+        for rec, shard in zip(manifest.shards, shards, strict=True):
+            if shard.ntotal != rec.ntotal or shard.d != manifest.dim:
+                raise RagtuneError(f"{loc.join(rec.file).uri}: holds {shard.ntotal} vectors of d = {shard.d} but "
+                                   f"{MANIFEST} says {rec.ntotal} of d = {manifest.dim}. Fix: rebuild the index")
+        if merge and len(shards) > 1 and _mergeable(shards[0], manifest):
+            for shard in shards[1:]:  # moves the codes and ids over: memory stays that of one index
+                shards[0].merge_from(shard, 0)
+            shards = shards[:1]
+        index = cls(loc, manifest, shards)
+        index.set_params({**manifest.search_params, **(params or {})})
+        return index
+
+    def set_params(self, params: dict[str, int]) -> None:
+        import faiss
+
+        for shard in self.shards:
+            apply_params(shard, params)
+        self.params = dict(params)
+        layers = [index_layers(s) for s in self.shards]
+        plain_hnsw = all(isinstance(x[-1], faiss.IndexHNSW) and len(x) <= 2 for x in layers)
+        self._ef = self.params.get("efSearch", 16) if plain_hnsw else None
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (D, I) of the whole index; I holds chunk ids. Queries are checked against the manifest."""
+        import faiss
+
+        xq = check_queries(xq, self.manifest, self.location.uri)
+        kw: dict[str, Any] = {}
+        if self._ef is not None and k > self._ef:  # HNSW returns at most efSearch results: widen it for this call
+            kw["params"] = faiss.SearchParametersHNSW(efSearch=k)  # type: ignore[attr-defined]
+        if len(self.shards) == 1:
+            return self.shards[0].search(xq, k, **kw)
+        # Shards of one trained IVF index probe the same lists; each search quantizes again, which measured
+        # faster than quantizing once and calling search_preassigned (that path runs with less parallelism).
+        results = [s.search(xq, k, **kw) for s in self.shards]
+        return merge_topk([r[0] for r in results], [r[1] for r in results], k, self.manifest.metric)
+
+    def docstore(self) -> Docstore:
+        return Docstore([self.location.join(s.docstore) for s in self.manifest.shards],
+                        [s.docstore_bytes for s in self.manifest.shards])
+
+
+# --- recall and tuning --------------------------------------------------------------------------------------------
+
+def drop_self(D: np.ndarray, I: np.ndarray, qids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own id from its results (queries are database vectors) and keep k."""
+    keep = I != np.asarray(qids, dtype=np.int64)[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
+    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+
+
+def recall_at_k(I: np.ndarray, I_true: np.ndarray, k: int = 10) -> float:
+    """Mean over queries of |top-k found ∩ true top-k| / k (the k-recall@k of ANN benchmarks)."""
+    hits = 0
+    n = 0
+    for found, true in zip(I[:, :k], I_true[:, :k], strict=True):
+        t = set(true[true >= 0].tolist())
+        if t:
+            hits += len(t.intersection(found.tolist()))
+            n += len(t)
+    return hits / n if n else 1.0
+
+
+def search_candidates(index: Any, xq: np.ndarray, k: int,
+                      candidates: Sequence[dict[str, int]]) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Search ``xq`` once per candidate setting: [(D, I, seconds)], the last setting left applied."""
+    out = []
+    for params in candidates:
+        apply_params(index, params)
+        t0 = time.perf_counter()
+        D, I = index.search(xq, k)
+        out.append((D, I, time.perf_counter() - t0))
+    return out
+
+
+@dataclass(frozen=True)
+class TuneRow:
+    params: dict[str, int]
+    recall: float  # recall@k against exact search
+    qps: float  # batched queries per second, all shards searched one after the other
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.params.items() if k != "k_factor_rf") or "exact"
+
+
+def tune(rows: Sequence[TuneRow], target: float) -> tuple[TuneRow, bool]:
+    """The cheapest setting that reaches ``target`` recall (rows come cheapest first), else the best recall.
+
+    Returns:
+        (chosen row, whether the target was reached).
+    """
+    for row in rows:
+        if row.recall >= target:
+            return row, True
+    return max(rows, key=lambda r: (r.recall, r.qps)), False
+
+
+def tuning_table(rows: Sequence[TuneRow], chosen: TuneRow | None = None, k: int = 10) -> str:
+    """Markdown table: setting, recall@k, QPS, the chosen row marked."""
+    lines = [f"| search setting | recall@{k} | QPS (batched) |", "|---|---|---|"]
+    for r in rows:
+        mark = " **(chosen)**" if chosen is not None and r == chosen else ""
+        lines.append(f"| {r.label()}{mark} | {r.recall:.4f} | {r.qps:,.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The fine-tuning job on a real local Ray: tiny model, 2 CPU workers, DeepSpeed ZeRO-2 and ZeRO-3."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs.schema import FinetuneJobConfig, load_config
+from jobs.finetune import CRASH_ENV, run
+from models.sft import encode_record
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+
+DATA = REPO / "configs" / "finetune" / "data" / "capitals.jsonl"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The capitals file split in two: 104 records to learn, 16 held out for eval."""
+    d = tmp_path_factory.mktemp("ftdata")
+    lines = DATA.read_text().splitlines(keepends=True)
+    (d / "train.jsonl").write_text("".join(lines[:104]))
+    (d / "val.jsonl").write_text("".join(lines[104:]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("ftruns")
+
+
+def cfg(data, storage, name, *overrides) -> FinetuneJobConfig:
+    return load_config(FinetuneJobConfig, REPO / "configs" / "finetune" / "tiny.yaml", [
+        f"data.train={data / 'train.jsonl'}", f"data.validation={data / 'val.jsonl'}", "train.steps=24",
+        "train.eval_every=8", "train.checkpoint_every=8", f"run.storage_path={storage}", f"run.name={name}",
+        *overrides])
+
+
+def metrics(c: FinetuneJobConfig) -> list[dict]:
+    path = Path(c.run.storage_path) / c.run.name / "outputs" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_2_cpus, data, storage):
+    c = cfg(data, storage, "z2", "deepspeed.preset=zero2")
+    return c, run(c)
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_2_cpus, data, storage):
+    c = cfg(data, storage, "z3", "deepspeed.preset=zero3")
+    return c, run(c)
+
+
+def latest_checkpoint(c: FinetuneJobConfig) -> Path:
+    return max(p for p in (Path(c.run.storage_path) / c.run.name).glob("checkpoint_*") if p.is_dir())
+
+
+def base_state(c: FinetuneJobConfig) -> dict:
+    from models.generators import load_model
+
+    return load_model(str(Path(c.run.storage_path) / c.run.name / "base_model")).state_dict()
+
+
+def eval_loss_with_plain_peft(c: FinetuneJobConfig, data: Path) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(c.run.storage_path) / c.run.name
+    tok = AutoTokenizer.from_pretrained(run_dir / "base_model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"),
+                                      run_dir / "outputs" / "adapter").eval()
+    total, n_tok = 0.0, 0
+    for line in (data / "val.jsonl").read_text().splitlines():
+        ex = encode_record(tok, json.loads(line), c.data.max_length)
+        labels = torch.tensor([ex.labels])
+        n = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += float(model(input_ids=torch.tensor([ex.input_ids]), labels=labels).loss) * n
+        n_tok += n
+    return total / n_tok
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_loss_falls_clearly(stage, request):
+    c, summary = request.getfixturevalue(stage)
+    m = metrics(c)
+    assert [r["step"] for r in m] == list(range(1, 25)) and summary.finished
+    first, last = sum(r["loss"] for r in m[:3]) / 3, sum(r["loss"] for r in m[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    out = Path(summary.outputs)
+    assert {p.name for p in out.iterdir()} >= {"adapter", "metrics.jsonl", "loss.png", "config.json", "summary.json"}
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_only_adapter_weights_change(stage, request):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    c, _ = request.getfixturevalue(stage)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(latest_checkpoint(c)), tag="state")
+    base = base_state(c)
+    lora = {k: v for k, v in trained.items() if "lora_" in k}
+    frozen = {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
+              for k, v in trained.items() if "lora_" not in k}
+    assert set(frozen) == set(base)
+    for k, v in frozen.items():
+        assert torch.equal(v, base[k]), f"base weight {k} has changed"
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_saved_adapter_loads_with_plain_peft_and_gives_the_reported_eval_loss(stage, request, data):
+    c, summary = request.getfixturevalue(stage)
+    assert eval_loss_with_plain_peft(c, data) == pytest.approx(summary.eval_loss, rel=1e-4)
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(zero2, data, storage):
+    ref = [r["loss"] for r in metrics(zero2[0])]
+    stopped = run(cfg(data, storage, "z2-stop", "deepspeed.preset=zero2", "train.stop_after_steps=8"))
+    assert not stopped.finished and stopped.steps == 8
+    resumed = cfg(data, storage, "z2-stop", "deepspeed.preset=zero2")
+    assert run(resumed).finished
+    losses = [r["loss"] for r in metrics(resumed)]
+    assert len(losses) == 24
+    assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def crashed(zero2, data, storage):
+    c = cfg(data, storage, "z2-crash", "deepspeed.preset=zero2")
+    os.environ[CRASH_ENV] = "12"
+    try:
+        summary = run(c)
+    finally:
+        del os.environ[CRASH_ENV]
+    return c, summary
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(crashed, zero2):
+    c, summary = crashed
+    assert (Path(c.run.storage_path) / c.run.name / ".test-crash-12").is_file()  # the worker did exit
+    assert summary.finished
+    losses = [r["loss"] for r in metrics(c)]
+    ref = [r["loss"] for r in metrics(zero2[0])]
+    assert len(losses) == 24  # steps 9-12 were redone from the step-8 checkpoint, not logged twice
+    assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-4
+
+
+def test_finished_run_is_extended_by_more_steps(crashed, data, storage):
+    c, _ = crashed
+    before = metrics(c)
+    more = cfg(data, storage, "z2-crash", "deepspeed.preset=zero2", "train.steps=32")
+    assert run(more).finished
+    after = metrics(more)
+    assert [r["step"] for r in after] == list(range(1, 33)) and after[:24] == before

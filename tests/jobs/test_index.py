@@ -1,0 +1,212 @@
+"""The index job, `ragtune search` and `ragtune eval-retrieval` on a real local Ray, on real data (SQuAD v1.1).
+
+The reference numbers (FACTS.md) were measured outside ragtune with all-MiniLM-L6-v2 and exact cosine search,
+each paragraph embedded whole as "title text" (max 256 tokens). The embed fixture cuts chunks of 254 (+2
+special) tokens with the title prepended ("title\\ntext", the same tokens for this tokenizer); paragraphs longer
+than that become two chunks, and documents are ranked by their best chunk.
+"""
+
+import json
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from configs.schema import IndexJobConfig, RagtuneError
+from jobs.cli import main
+from jobs.index import check, run
+from jobs.search import QueryEncoder, evaluate_index
+from sharding.embeddings import EmbeddingManifest, write_manifest
+from sharding.metrics import read_qrels, read_queries
+from sharding.search import ShardedIndex, recall_at_k
+from sharding.storage import resolve
+
+REFERENCE = {"ndcg@10": 0.772, "recall@10": 0.917, "recall@100": 0.991, "mrr@10": 0.725}
+QUESTION = "Which NFL team won Super Bowl 50?"  # its paragraph is sq00p000 (ranked 2nd, after sq00p001)
+
+
+def config(emb, root, **index) -> IndexJobConfig:
+    return IndexJobConfig.model_validate({"embeddings": {"path": str(emb)}, "index": {"path": str(root), **index}})
+
+
+# --- checks before any work (no Ray) ----------------------------------------------------------------------------
+
+def test_missing_or_unfinished_embeddings_are_refused(tmp_path):
+    with pytest.raises(RagtuneError, match=r"embeddings.path = .* holds no _manifest.json. Fix: run `ragtune embed`"):
+        check(config(tmp_path / "nothing", tmp_path / "index"))
+    (tmp_path / "emb").mkdir()
+    write_manifest(resolve(str(tmp_path / "emb")), EmbeddingManifest(
+        model={"name": "m"}, normalize=True, metric="inner_product", chunker={}, corpus={}, num_parts=3))
+    with pytest.raises(RagtuneError, match=r"are not complete \(state 'running', 0/3 parts\). Fix: rerun"):
+        check(config(tmp_path / "emb", tmp_path / "index"))
+
+
+def test_validate_checks_the_embeddings_without_importing_faiss_ray_or_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    cfg = tmp_path / "index.yaml"
+    cfg.write_text(f"embeddings:\n  path: {tmp_path}/emb\nindex:\n  path: {tmp_path}/index\n")
+    code = ("import sys; from jobs.cli import main\n"
+            f"rc = main(['validate', '--job', 'index', {str(cfg)!r}])\n"
+            "heavy = sorted(m for m in ('torch', 'ray', 'faiss', 'transformers') if m in sys.modules)\n"
+            "print('RESULT', rc, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "RESULT 1 []" in out.stdout, out.stdout + out.stderr
+    assert "holds no _manifest.json" in out.stdout
+
+
+# --- real runs --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exact_index(squad_embeddings, tmp_path_factory):
+    """The SQuAD chunks in an exact (Flat) index of 2 shards: version v-00001."""
+    _, _, emb = squad_embeddings
+    root = tmp_path_factory.mktemp("squad-index") / "index"
+    return root, run(config(emb, root, kind="Flat", shards=2))
+
+
+@pytest.fixture(scope="module")
+def squad_queries(exact_index, squad_retrieval):
+    """Every SQuAD question that has qrels, embedded once with the index's model: (qids, xq, qrels)."""
+    root, _ = exact_index
+    queries = read_queries(squad_retrieval / "queries.jsonl")
+    qrels = read_qrels(squad_retrieval / "qrels" / "test.tsv")
+    qids = [q for q in queries if q in qrels]
+    xq = QueryEncoder(ShardedIndex.open(str(root)).manifest).encode([queries[q] for q in qids])
+    return qids, xq, qrels
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_every_chunk_is_in_exactly_one_shard_under_its_chunk_id(exact_index, squad_embeddings):
+    root, summary = exact_index
+    _, emb_summary, emb = squad_embeddings
+    parts = pa.concat_tables([pq.read_table(p) for p in sorted(emb.glob("part-*.parquet"))])
+    v1 = root / "v-00001"
+    assert (summary.version, summary.shards, summary.ntotal) == ("v-00001", 2, emb_summary.chunks)
+    assert (root / "LATEST").read_text().strip() == "v-00001"
+    shards = [faiss.read_index(str(v1 / f"shard-{i:05d}.faiss")) for i in range(2)]  # kept: id_map lives in them
+    ids = [faiss.vector_to_array(s.id_map) for s in shards]
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(np.concatenate(ids).tolist()) == sorted(parts["chunk_id"].to_pylist())
+    m = json.loads((v1 / "manifest.json").read_text())
+    assert (m["factory"], m["metric"], m["dim"], m["ntotal"]) == ("IDMap2,Flat", "inner_product", 384,
+                                                                  emb_summary.chunks)
+    assert m["recall"]["recall"] == 1.0 and m["recall"]["reached"] and m["model"]["name"] == "all-MiniLM-L6-v2"
+    store = pa.concat_tables([pq.read_table(v1 / s["docstore"]) for s in m["shards"]])
+    texts = dict(zip(parts["chunk_id"].to_pylist(), parts["text"].to_pylist(), strict=True))
+    assert store.num_rows == parts.num_rows
+    assert all(texts[c] == t for c, t in zip(store["chunk_id"].to_pylist(), store["text"].to_pylist(), strict=True))
+    assert (v1 / "tuning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_exact_index_reproduces_the_reference_retrieval_numbers(exact_index, squad_queries):
+    root, _ = exact_index
+    qids, xq, qrels = squad_queries
+    m = evaluate_index(ShardedIndex.open(str(root / "v-00001")), xq, qids, qrels)
+    assert m["queries"] == 10570 and m["queries_short"] == 0
+    for name, ref in REFERENCE.items():
+        assert abs(m[name] - ref) <= 0.005, (name, m[name], ref)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_auto_index_stays_within_001_of_exact_and_readers_keep_their_version(exact_index, squad_embeddings,
+                                                                             squad_queries):
+    root, _ = exact_index
+    _, _, emb = squad_embeddings
+    qids, xq, qrels = squad_queries
+    reader = ShardedIndex.open(str(root))  # v-00001, opened before v-00002 is built
+    D1, I1 = reader.search(xq[:200], 10)
+    # exact_below=0 makes auto choose an approximate index even for these ~2k vectors
+    summary = run(config(emb, root, kind="auto", exact_below=0))
+    assert (summary.version, summary.kind, summary.factory) == ("v-00002", "hnsw", "IDMap2,HNSW32")
+    assert "HNSW32 fits the budget" in summary.reason and summary.reached and summary.recall >= 0.95
+    assert (root / "LATEST").read_text().strip() == "v-00002"
+    D2, I2 = reader.search(xq[:200], 10)
+    assert (I1 == I2).all() and np.array_equal(D1, D2)  # the old reader still answers from v-00001
+    auto = ShardedIndex.open(str(root))
+    assert auto.manifest.version == "v-00002" and set(auto.params) == {"efSearch"}
+    exact = evaluate_index(reader, xq, qids, qrels)
+    approx = evaluate_index(auto, xq, qids, qrels)
+    for name in ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10", "recall@100"):
+        assert abs(approx[name] - exact[name]) <= 0.01, (name, approx[name], exact[name])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tuning_on_real_questions_holds_for_the_other_questions(exact_index, squad_embeddings, squad_queries,
+                                                                squad_retrieval, tmp_path):
+    """Held-out paragraph vectors are easy queries for IVF (their neighbours share their cell); questions are
+    not. Tuned on 1,000 questions, the setting must hold on all 10,570."""
+    root, _ = exact_index
+    _, _, emb = squad_embeddings
+    qids, xq, _ = squad_queries
+    summary = run(config(emb, tmp_path / "ivf", kind="IVF32,Flat",
+                         tune_queries_path=str(squad_retrieval / "queries.jsonl")))
+    m = json.loads((tmp_path / "ivf" / summary.version / "manifest.json").read_text())
+    assert m["recall"]["queries_from"].endswith("queries.jsonl") and m["recall"]["queries"] == 1000
+    assert summary.reached and summary.search_params["nprobe"] > 1
+    _, I = ShardedIndex.open(str(tmp_path / "ivf")).search(xq, 10)
+    _, I_true = ShardedIndex.open(str(root / "v-00001")).search(xq, 10)
+    assert recall_at_k(I, I_true, 10) >= 0.93
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_search_command_prints_ranked_chunks(exact_index, capsys):
+    root, _ = exact_index
+    assert main(["search", "-i", str(root / "v-00001"), QUESTION, "-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "IDMap2,Flat" in out[0] and out[2] == f"query: {QUESTION}"
+    hits = [line.split() for line in out[3:] if line.strip()]
+    assert [h[0] for h in hits] == ["1", "2", "3"] and "sq00p000" in [h[2] for h in hits]
+    assert all("Super Bowl 50:" in line for line in out[3:6])  # title, then the text
+    assert main(["search", "-i", str(root), QUESTION, "other question", "--json", "-k", "5"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in res] == [QUESTION, "other question"]
+    hits = res[0]["results"]
+    assert "sq00p000" in [h["doc_id"] for h in hits] and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[4]["score"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_eval_retrieval_command_matches_the_library(exact_index, squad_queries, squad_retrieval, tmp_path, capsys):
+    root, _ = exact_index
+    qids, xq, qrels = squad_queries
+    out = tmp_path / "m.json"
+    assert main(["eval-retrieval", "-i", str(root / "v-00001"), "--queries", str(squad_retrieval / "queries.jsonl"),
+                 "--qrels", str(squad_retrieval / "qrels" / "test.tsv"), "--limit", "300", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| ndcg@10 |" in printed and "| recall@100 |" in printed
+    cli = json.loads(out.read_text())
+    lib = evaluate_index(ShardedIndex.open(str(root / "v-00001")), xq[:300], qids[:300], qrels)
+    assert cli["queries"] == 300
+    for name in ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10", "recall@100"):
+        assert cli[name] == pytest.approx(lib[name], abs=0.01)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_corrupted_shard_is_a_one_line_error_naming_the_file(exact_index, tmp_path, capsys):
+    import shutil
+
+    root, _ = exact_index
+    copy = tmp_path / "v-00001"
+    shutil.copytree(root / "v-00001", copy)
+    shard = copy / "shard-00001.faiss"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    assert main(["search", "-i", str(copy), QUESTION]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "shard-00001.faiss: checksum mismatch" in err
