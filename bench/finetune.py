@@ -5,13 +5,15 @@ generated records in one invocation; each runs in its own process:
 
     python bench/finetune.py                     # ~10 minutes on 2 cores
     python bench/finetune.py --steps 6 --layers 4
+    python bench/finetune.py --parts memory      # only the memory part (~5 minutes)
 
 Throughput (LoRA r=16 on attention and MLP, micro batch 4 x 256 tokens): (a) a plain single-process PyTorch +
 PEFT loop with every core; (b) ragtune, 1 worker, ZeRO-0, every core; (c) 2 workers ZeRO-2; (d) 2 workers
 ZeRO-3 (one core each). Tokens/s is the median over the steps after the first.
 
 Memory (full fine-tuning, where ZeRO's partitioning of gradients, optimizer state and weights shows; 2 workers):
-the peak resident memory of the largest worker for ZeRO-0, ZeRO-2 and ZeRO-3, and the ratios to ZeRO-0. These
+the resident memory of the largest worker after a step (median over the steps after the first: the training
+state is all there) and its peak, for ZeRO-0, ZeRO-2 and ZeRO-3, and the ratios to ZeRO-0. These
 are CPU numbers: fp32, gloo, a Python process of ~0.5 GiB before any model is loaded.
 """
 
@@ -81,7 +83,8 @@ def ragtune(base: str, data: Path, storage: Path, name: str, steps: int, *overri
         sys.exit(f"{name} failed:\n{r.stderr[-4000:]}")
     rows = [json.loads(line) for line in (storage / name / "outputs" / "metrics.jsonl").read_text().splitlines()]
     return {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in rows[1:]),
-            "max_rss_mib": max(x["max_rss_mib"] for x in rows)}
+            "max_rss_mib": max(x["max_rss_mib"] for x in rows),
+            "rss_mib": statistics.median(x["rss_mib"] for x in rows[1:])}  # after a step, once the state exists
 
 
 def main() -> None:
@@ -89,7 +92,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--parts", default="throughput,memory", help="what to measure: throughput, memory or both")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     cores = os.cpu_count() or 1
 
     from models.generators import TinySpec, build_tiny, load_model
@@ -106,41 +111,47 @@ def main() -> None:
         print(f"base model: {n_params / 1e6:.1f}M parameters ({args.layers} x {args.hidden}); {cores} cores; "
               f"{args.steps} steps of 4 x <=256 tokens per worker", flush=True)
 
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        r = subprocess.run([sys.executable, "-c", PLAIN, base, str(data), str(args.steps), "4", str(cores),
-                            json.dumps(TARGETS)], cwd=REPO, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            sys.exit(r.stderr[-3000:])
-        plain = json.loads(r.stdout.split("RESULT ", 1)[1])
-        plain = {"tokens_per_s": statistics.median(plain["tokens_per_s"][1:]), "max_rss_mib": plain["max_rss_mib"]}
-        print(f"(a) plain PyTorch + PEFT: {plain['tokens_per_s']:.0f} tokens/s", flush=True)
-        runs = {"(a) plain PyTorch + PEFT, 1 process": plain}
-        for label, name, over in [
-            ("(b) ragtune 1 worker, ZeRO-0", "b", ["deepspeed.preset=zero0", "scaling.num_workers=1",
-                                                   f"scaling.cpus_per_worker={cores}"]),
-            ("(c) ragtune 2 workers, ZeRO-2", "c", ["deepspeed.preset=zero2", "scaling.num_workers=2"]),
-            ("(d) ragtune 2 workers, ZeRO-3", "d", ["deepspeed.preset=zero3", "scaling.num_workers=2"]),
-        ]:
-            runs[label] = ragtune(base, data, tmp / "runs", name, args.steps, *over)
-            print(f"{label}: {runs[label]['tokens_per_s']:.0f} tokens/s", flush=True)
+        runs: dict[str, dict] = {}
+        if "throughput" in parts:
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            r = subprocess.run([sys.executable, "-c", PLAIN, base, str(data), str(args.steps), "4", str(cores),
+                                json.dumps(TARGETS)], cwd=REPO, capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                sys.exit(r.stderr[-3000:])
+            plain = json.loads(r.stdout.split("RESULT ", 1)[1])
+            plain = {"tokens_per_s": statistics.median(plain["tokens_per_s"][1:]), "max_rss_mib": plain["max_rss_mib"]}
+            print(f"(a) plain PyTorch + PEFT: {plain['tokens_per_s']:.0f} tokens/s", flush=True)
+            runs["(a) plain PyTorch + PEFT, 1 process"] = plain
+            for label, name, over in [
+                ("(b) ragtune 1 worker, ZeRO-0", "b", ["deepspeed.preset=zero0", "scaling.num_workers=1",
+                                                       f"scaling.cpus_per_worker={cores}"]),
+                ("(c) ragtune 2 workers, ZeRO-2", "c", ["deepspeed.preset=zero2", "scaling.num_workers=2"]),
+                ("(d) ragtune 2 workers, ZeRO-3", "d", ["deepspeed.preset=zero3", "scaling.num_workers=2"]),
+            ]:
+                runs[label] = ragtune(base, data, tmp / "runs", name, args.steps, *over)
+                print(f"{label}: {runs[label]['tokens_per_s']:.0f} tokens/s", flush=True)
 
         memory = {}
-        for stage in (0, 2, 3):
-            memory[stage] = ragtune(base, data, tmp / "runs", f"full-z{stage}", 3, f"deepspeed.preset=zero{stage}",
-                                    "train.method=full", "train.lr=1e-5", "scaling.num_workers=2")["max_rss_mib"]
-            print(f"full fine-tuning, ZeRO-{stage}: peak worker RSS {memory[stage]:.0f} MiB", flush=True)
+        for stage in (0, 2, 3) if "memory" in parts else ():
+            memory[stage] = ragtune(base, data, tmp / "runs", f"full-z{stage}", 4, f"deepspeed.preset=zero{stage}",
+                                    "train.method=full", "train.lr=1e-5", "scaling.num_workers=2")
+            print(f"full fine-tuning, ZeRO-{stage}: largest worker's RSS {memory[stage]['rss_mib']:.0f} MiB after a "
+                  f"step, peak {memory[stage]['max_rss_mib']:.0f} MiB", flush=True)
 
-    a = runs["(a) plain PyTorch + PEFT, 1 process"]["tokens_per_s"]
-    print()
-    print("| run | tokens/s | ratio to (a) | peak RSS of the largest worker (MiB) |")
-    print("|---|---|---|---|")
-    for label, r in runs.items():
-        print(f"| {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / a:.2f}x | {r['max_rss_mib']:.0f} |")
-    print()
-    print("| full fine-tuning, 2 workers | peak RSS per worker (MiB) | ratio to ZeRO-0 |")
-    print("|---|---|---|")
-    for stage, mib in memory.items():
-        print(f"| ZeRO-{stage} | {mib:.0f} | {mib / memory[0]:.2f} |")
+    if runs:
+        a = runs["(a) plain PyTorch + PEFT, 1 process"]["tokens_per_s"]
+        print()
+        print("| run | tokens/s | ratio to (a) | peak RSS of the largest worker (MiB) |")
+        print("|---|---|---|---|")
+        for label, r in runs.items():
+            print(f"| {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / a:.2f}x | {r['max_rss_mib']:.0f} |")
+    if memory:
+        print()
+        print("| full fine-tuning, 2 workers | RSS after a step (MiB) | ratio to ZeRO-0 | peak RSS (MiB) | ratio |")
+        print("|---|---|---|---|---|")
+        for stage, m in memory.items():
+            print(f"| ZeRO-{stage} | {m['rss_mib']:.0f} | {m['rss_mib'] / memory[0]['rss_mib']:.2f} | "
+                  f"{m['max_rss_mib']:.0f} | {m['max_rss_mib'] / memory[0]['max_rss_mib']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def plan_embed_actors(
     """Decide the embedding actor pool from the nodes' resources.
 
     GPU clusters get one actor per GPU (fp16, large batches). CPU clusters get actors of ``threads`` cores
-    (default: a whole node, at most 8, since more torch threads per forward pass stop paying), and every node
+    (default: a quarter of a node's cores, 1 to 4: more processes beat more threads per forward pass), and every node
     keeps at least one Ray CPU unreserved so that Ray Data's read and chunk tasks can be scheduled: if the
     actors claimed every CPU, those tasks would wait forever and the job would hang without an error.
     """
@@ -72,7 +72,10 @@ def plan_embed_actors(
         )
 
     cpu_nodes = [nd for nd in nodes if nd.cpus >= 1]
-    t = threads or max(1, min(8, int(min(nd.cpus for nd in cpu_nodes))))
+    # Small BERT-style embedders scale better over processes than over intra-op threads: on 2 cores, 2 actors x
+    # 1 thread embedded 0.99x the chunks/s of a plain 2-thread encode loop, 1 actor x 2 threads 0.88x
+    # (bench/embed.py, docs/benchmarks.md). Bigger nodes get a few threads per actor to bound model copies.
+    t = threads or max(1, min(4, int(min(nd.cpus for nd in cpu_nodes)) // 4))
     per_node = [max(1, int(nd.cpus) // t) for nd in cpu_nodes]
     capacity = sum(per_node)
     n = actors or capacity
@@ -183,3 +186,128 @@ def plan_training(nodes: list[NodeResources], num_workers: int, use_gpu: bool | 
                            "Fix: set train.precision to auto or fp32")
     return TrainPlan(num_workers, gpu, "nccl" if gpu else "gloo", precision,  # type: ignore[arg-type]
                      f"{num_workers} {'GPU' if gpu else 'CPU'} worker(s), {'nccl' if gpu else 'gloo'}, {precision}")
+
+
+# --- serving ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReplicaResources:
+    """What one replica of a Serve deployment reserves and runs with."""
+
+    num_cpus: float  # Ray CPUs reserved
+    num_gpus: float  # Ray GPUs reserved (fractions share a device)
+    threads: int  # torch or FAISS threads
+    device: Literal["cpu", "gpu"]
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """Resources of every deployment of the serving app, and which index shards each ShardSearcher holds."""
+
+    embedder: ReplicaResources
+    searcher: ReplicaResources
+    generator: ReplicaResources
+    light: ReplicaResources  # Retriever and Ingress: routing, merging, HTTP
+    groups: list[list[int]]  # shard numbers of each ShardSearcher deployment
+    reason: str
+
+
+MAX_DEFAULT_GROUPS = 8  # more deployments than this cost more in fan-out than they give in parallel search
+
+
+def shard_groups(num_shards: int, groups: int | None = None) -> list[list[int]]:
+    """Split shards 0..num_shards-1 into contiguous groups of nearly equal size (one ShardSearcher each).
+
+    ``groups`` null means one group per shard, at most 8; more groups than shards is an error.
+    """
+    if num_shards < 1:
+        raise RagtuneError("the index has no shards. Fix: build it with `ragtune index`")
+    if groups is not None and groups > num_shards:
+        raise RagtuneError(f"shards.groups = {groups} but the index has {num_shards} shard(s). "
+                           f"Fix: set shards.groups <= {num_shards}, or null")
+    g = groups or min(num_shards, MAX_DEFAULT_GROUPS)
+    bounds = [i * num_shards // g for i in range(g + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(g)]
+
+
+def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | None = None,
+                 searcher_replicas: int = 1, embedder_replicas: int = 1, generator_replicas: int = 1,
+                 light_replicas: int = 2, generator_device: Literal["auto", "cpu", "gpu"] = "auto",
+                 searcher_device: Literal["auto", "cpu", "gpu"] = "auto",
+                 num_cpus: dict[str, float | None] | None = None,
+                 threads: dict[str, int | None] | None = None) -> ServePlan:
+    """Decide the resources of the serving app's deployments from the cluster's shape.
+
+    GPUs: each Generator replica takes a whole GPU (device auto or gpu); ShardSearchers share the GPUs left over
+    (fractions, so several replicas fit one device) when the index kind can go onto a GPU; with none left over
+    they stay on the CPU (auto) or it is an error (gpu). The Embedder stays on the CPU: queries are a few
+    tokens, and batching keeps it cheap. CPUs: the default reservations (Embedder and Generator 1 each,
+    ShardSearcher 0.5, Retriever and Ingress 0.1) are scaled down together when the app would not otherwise fit
+    the cluster (a laptop runs it all on 2 cores: reservations only place replicas, threads do the work);
+    reservations given explicitly are kept and must fit.
+
+    Args:
+        nodes: the cluster's alive nodes.
+        num_shards: shards of the index version served.
+        groups: ShardSearcher deployments (null: one per shard, at most 8).
+        searcher_replicas, embedder_replicas, generator_replicas: replicas of each (searchers: per group).
+        light_replicas: Retriever + Ingress replicas together.
+        generator_device, searcher_device: auto, cpu or gpu.
+        num_cpus: explicit reservations by role (embedder, searcher, generator), None = default.
+        threads: explicit threads by role, None = default.
+    """
+    if not nodes:
+        raise RagtuneError("the Ray cluster has no alive node with CPUs or GPUs; check `ray status`")
+    num_cpus, threads = num_cpus or {}, threads or {}
+    grouped = shard_groups(num_shards, groups)
+    total_gpus = int(sum(n.gpus for n in nodes))
+    cpu_nodes = [n for n in nodes if n.cpus >= 1]
+    node_cpus = int(min(n.cpus for n in cpu_nodes)) if cpu_nodes else 1
+    gen_gpu = total_gpus > 0 if generator_device == "auto" else generator_device == "gpu"
+    if gen_gpu and generator_replicas > total_gpus:
+        raise RagtuneError(f"generator.replicas = {generator_replicas} GPU replicas but the cluster has {total_gpus} "
+                           "GPU(s). " + ("Fix: set generator.device to auto or cpu" if total_gpus == 0 else
+                                         f"Fix: set generator.replicas <= {total_gpus}"))
+    n_search = len(grouped) * searcher_replicas
+    left = total_gpus - (generator_replicas if gen_gpu else 0)
+    search_gpu = left > 0 if searcher_device == "auto" else searcher_device == "gpu"
+    if search_gpu and left <= 0:
+        raise RagtuneError(f"shards.device = 'gpu' but no GPU is left for the ShardSearchers ({total_gpus} GPU(s), "
+                           f"{generator_replicas if gen_gpu else 0} taken by the Generator). Fix: set shards.device "
+                           "to auto or cpu, or add GPUs")
+    search_share = round(min(1.0, left / n_search), 3) if search_gpu else 0.0
+    defaults = {"embedder": 1.0, "generator": 1.0, "searcher": 0.5, "light": 0.1}
+    counts = {"embedder": embedder_replicas, "generator": generator_replicas, "searcher": n_search,
+              "light": light_replicas}
+    total_cpus = sum(n.cpus for n in nodes)
+    fixed = sum((num_cpus.get(r) or 0) * counts[r] for r in counts)
+    if fixed > total_cpus:
+        raise RagtuneError(f"the CPU reservations given (embedder/searcher/generator num_cpus x replicas = {fixed:g}) "
+                           f"exceed the cluster's {total_cpus:g} CPUs. Fix: lower num_cpus or replicas, or leave "
+                           "num_cpus null")
+    flexible = sum(defaults[r] * counts[r] for r in counts if num_cpus.get(r) is None)
+    scale = min(1.0, (total_cpus - fixed) / flexible) if flexible else 1.0
+    if scale <= 0:
+        raise RagtuneError("no CPUs are left for the deployments whose num_cpus is null. Fix: lower the explicit "
+                           "num_cpus, or set them for every deployment")
+
+    def cpus(role: str) -> float:
+        given = num_cpus.get(role)
+        return given if given is not None else max(0.01, round(defaults[role] * scale, 3))
+
+    def thr(role: str, default: int) -> int:
+        return threads.get(role) or default
+
+    on_node = max(1, min(4, node_cpus))
+    return ServePlan(
+        embedder=ReplicaResources(cpus("embedder"), 0.0, thr("embedder", on_node), "cpu"),
+        searcher=ReplicaResources(cpus("searcher"), search_share, thr("searcher", 1), "gpu" if search_gpu else "cpu"),
+        generator=ReplicaResources(cpus("generator"), 1.0 if gen_gpu else 0.0, thr("generator", on_node),
+                                   "gpu" if gen_gpu else "cpu"),
+        light=ReplicaResources(cpus("light"), 0.0, 1, "cpu"),
+        groups=grouped,
+        reason=(f"{len(grouped)} shard group(s) of {num_shards} shard(s); generator on "
+                f"{'GPU' if gen_gpu else 'CPU'}, searchers on "
+                f"{f'GPU ({search_share:g} of one each)' if search_gpu else 'CPU'}"
+                + (f"; CPU reservations scaled x{scale:.2f} to fit {total_cpus:g} CPUs" if scale < 1 else "")),
+    )

@@ -66,8 +66,14 @@ def load_preset(preset: str) -> dict[str, Any]:
         raise RagtuneError(f"deepspeed.preset {path}: not valid JSON ({e})") from None
 
 
-def deepspeed_config(cfg: FinetuneJobConfig, world: int, precision: str, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed dict: the preset, with every value the job config owns written in from the job config."""
+def deepspeed_config(cfg: FinetuneJobConfig, world: int, precision: str, on_gpu: bool,
+                     hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed dict: the preset, with every value the job config owns written in from the job config.
+
+    Bucket sizes a preset leaves ``auto`` follow the model's hidden size h as transformers' integration sets them
+    (reduce and all-gather buckets h^2, ZeRO-3 prefetch 0.9 h^2, persistence threshold 10 h): fixed buckets of
+    tens of millions of elements would hold most of a small model twice and hide ZeRO's savings.
+    """
     ds = load_preset(cfg.deepspeed.preset)
     overridden = [k for k in JOB_OWNED if k in ds]
     if overridden:
@@ -79,6 +85,15 @@ def deepspeed_config(cfg: FinetuneJobConfig, world: int, precision: str, on_gpu:
         zero["stage"] = cfg.deepspeed.stage
     if cfg.deepspeed.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    auto = {"reduce_bucket_size": 1.0, "allgather_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}
+    for key, value in list(zero.items()):
+        if value != "auto":
+            continue
+        if hidden_size is None:
+            raise RagtuneError(f"deepspeed preset: zero_optimization.{key} is auto but the model's hidden size is "
+                               "unknown. Fix: give the value in the preset")
+        zero[key] = 10 * hidden_size if key == "stage3_param_persistence_threshold" else int(auto.get(key, 1.0)
+                                                                                              * hidden_size**2)
     if zero.get("offload_optimizer") and zero.get("stage", 0) < 2:
         raise RagtuneError(f"deepspeed: optimizer offload needs ZeRO stage 2 or 3, the config gives stage "
                            f"{zero.get('stage', 0)}. Fix: set deepspeed.stage to 2 or 3")
@@ -185,6 +200,17 @@ def resolve_base_model(cfg: FinetuneJobConfig, records) -> str:
     return dest.portable
 
 
+def hidden_size(base: str) -> int | None:
+    """The model's hidden size, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from models.generators import local_model_dir
+
+    config = AutoConfig.from_pretrained(local_model_dir(base))
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "hidden_size", None)
+
+
 def _tokenize(batch: pa.Table, base: str, max_len: int, template: str, packing: bool) -> dict[str, Any]:
     from models.generators import load_tokenizer
     from models.sft import encode_record, pack
@@ -279,6 +305,7 @@ def _collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
 def train_loop(config: dict[str, Any]) -> None:
     import tempfile
 
+    import psutil
     import ray.data
     import ray.train
     import ray.train.torch
@@ -297,11 +324,20 @@ def train_loop(config: dict[str, Any]) -> None:
     on_gpu = device.type != "cpu"
     t = cfg.train
 
-    # model: seed before get_peft_model, so every rank starts from the same adapter weights
-    torch.manual_seed(t.seed)
+    # model: under ZeRO-3 transformers loads the weights straight into each rank's partition (zero.Init), so no
+    # worker ever holds the whole model; seed right before get_peft_model, so every rank starts alike
+    ds_config = config["deepspeed"]
+    zero3 = bool(ds_config) and ds_config["zero_optimization"].get("stage", 0) == 3
+    if zero3:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend=config["backend"])  # reuses Ray Train's process group
+        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (a weak reference to it is what transformers checks)
     tok = load_tokenizer(config["base"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"], torch.float32)
     model = load_model(config["base"], dtype=dtype)
+    torch.manual_seed(t.seed)
     model = apply_lora(model, cfg) if t.method == "lora" else model
     params = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(t.schedule, t.warmup_steps, t.steps)
@@ -309,18 +345,16 @@ def train_loop(config: dict[str, Any]) -> None:
     if cfg.deepspeed.enabled:
         import deepspeed
 
-        ds_config = config["deepspeed"]
         client_opt = None if on_gpu else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=client_opt, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             dist_init_required=False)
-        zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
     else:
         model = ray.train.torch.prepare_model(model)
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        engine, zero3 = None, False
+        engine = None
 
     # resume: weights, optimizer, scheduler, RNG, step and metrics from the latest checkpoint
     state: dict[str, Any] = {"step": 0, "metrics": []}
@@ -389,17 +423,18 @@ def train_loop(config: dict[str, Any]) -> None:
                 optimizer.zero_grad()
             step += 1
             # (mean loss, tokens) summed over every worker: the numbers of the global batch; and the largest
-            # resident memory of any worker (its peak so far, in MiB)
+            # resident memory of any worker, its peak so far and now, after the step (MiB)
             agg = torch.tensor([sum(micro_losses) / len(micro_losses), float(tokens)], dtype=torch.float64,
                                device=device)
-            rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64,
-                               device=device)
+            rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                psutil.Process().memory_info().rss / 2**20], dtype=torch.float64, device=device)
             if dist.is_initialized():
                 dist.all_reduce(agg)
                 dist.all_reduce(rss, op=dist.ReduceOp.MAX)
             micro_losses, dt = [], time.perf_counter() - t_step
             row = {"step": step, "loss": float(agg[0]) / world, "lr": lr,
-                   "tokens_per_s": float(agg[1]) / dt, "max_rss_mib": float(rss[0]), "time": time.time()}
+                   "tokens_per_s": float(agg[1]) / dt, "max_rss_mib": float(rss[0]), "rss_mib": float(rss[1]),
+                   "time": time.time()}
             tokens, t_step = 0, time.perf_counter()
             if config.get("crash_at_step") == step and rank == world - 1:
                 marker = Path(config["crash_marker"])
@@ -539,8 +574,8 @@ def run(cfg: FinetuneJobConfig) -> FinetuneSummary:
     log.info("base model %s; %d train / %d validation examples", base, n_train, n_val)
 
     train_config: dict[str, Any] = {
-        "cfg": cfg.model_dump(mode="json"), "base": base, "precision": plan.precision,
-        "deepspeed": deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu)
+        "cfg": cfg.model_dump(mode="json"), "base": base, "precision": plan.precision, "backend": plan.backend,
+        "deepspeed": deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu, hidden_size(base))
         if cfg.deepspeed.enabled else None,
         "outputs": outputs.portable,
     }

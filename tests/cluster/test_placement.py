@@ -4,9 +4,10 @@ from cluster.placement import NodeResources, default_num_parts, plan_embed_actor
 from configs.schema.base import RagtuneError
 
 
-def test_laptop_gets_one_actor_using_both_cores_and_leaves_a_cpu_for_reads():
+def test_laptop_gets_one_single_thread_actor_per_core_and_leaves_a_cpu_for_reads():
     plan = plan_embed_actors([NodeResources(cpus=2)])
-    assert (plan.actors, plan.threads, plan.num_cpus, plan.num_gpus, plan.device) == (1, 2, 1, 0, "cpu")
+    assert (plan.actors, plan.threads, plan.num_cpus, plan.num_gpus, plan.device) == (2, 1, 0.5, 0, "cpu")
+    assert plan_embed_actors([NodeResources(cpus=16)]).threads == 4
     assert plan.fp16 is False and plan.batch_size == 64
 
 

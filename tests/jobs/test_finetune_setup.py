@@ -33,12 +33,20 @@ def test_config_problems_are_reported_with_the_fix():
 
 def test_deepspeed_dict_takes_batch_and_precision_from_the_job_config(tmp_path):
     ds = deepspeed_config(cfg("train.micro_batch=3", "train.accumulation=5", "deepspeed.preset=zero3"), world=2,
-                          precision="fp32", on_gpu=False)
+                          precision="fp32", on_gpu=False, hidden_size=128)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (3, 5, 30)
-    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": False}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and ds["bf16"] == {"enabled": False}
+    # buckets left `auto` by the preset follow the hidden size, as transformers' integration sets them
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (128 * 128, int(0.9 * 128 * 128), 1280)
+    with pytest.raises(RagtuneError,
+                       match="zero_optimization.stage3_prefetch_bucket_size is auto but the model's hidden"):
+        deepspeed_config(cfg("deepspeed.preset=zero3"), 2, "fp32", on_gpu=False)
     assert "optimizer" not in ds  # CPU: the job passes torch.optim.AdamW
-    gpu = deepspeed_config(cfg("deepspeed.stage=2", "deepspeed.offload=true"), 4, "bf16", on_gpu=True)
+    gpu = deepspeed_config(cfg("deepspeed.stage=2", "deepspeed.offload=true"), 4, "bf16", on_gpu=True,
+                           hidden_size=64)
     assert gpu["bf16"] == {"enabled": True} and gpu["optimizer"]["type"] == "AdamW"
     assert gpu["zero_optimization"]["stage"] == 2 and gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     preset = tmp_path / "mine.json"

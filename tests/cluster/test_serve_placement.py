@@ -1,0 +1,56 @@
+"""Placement of the serving app's deployments (cluster.placement.plan_serving), without Ray."""
+
+import pytest
+
+from cluster.placement import NodeResources, plan_serving, shard_groups
+from configs.schema import RagtuneError
+
+
+@pytest.mark.parametrize("shards, groups", [(1, None), (3, None), (8, None), (20, None), (7, 3), (5, 5), (64, 6)])
+def test_shard_groups_hold_every_shard_once_in_near_equal_contiguous_runs(shards, groups):
+    g = shard_groups(shards, groups)
+    assert [s for grp in g for s in grp] == list(range(shards))
+    assert len(g) == (groups or min(shards, 8))
+    sizes = [len(x) for x in g]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    with pytest.raises(RagtuneError, match=rf"shards.groups = {shards + 1} but the index has {shards}"):
+        shard_groups(shards, shards + 1)
+
+
+def test_a_laptop_runs_everything_on_cpu_with_reservations_scaled_to_fit():
+    plan = plan_serving([NodeResources(cpus=2)], num_shards=2)
+    assert plan.groups == [[0], [1]]
+    assert plan.generator.device == plan.searcher.device == "cpu" and plan.generator.num_gpus == 0
+    total = plan.embedder.num_cpus + plan.generator.num_cpus + 2 * plan.searcher.num_cpus + 2 * plan.light.num_cpus
+    assert total <= 2 + 1e-9 and plan.embedder.num_cpus > plan.searcher.num_cpus > plan.light.num_cpus > 0
+    assert plan.embedder.threads == 2 and plan.searcher.threads == 1 and "scaled" in plan.reason
+    big = plan_serving([NodeResources(cpus=32)] * 2, num_shards=4)
+    assert big.embedder.num_cpus == 1 and big.searcher.num_cpus == 0.5 and big.embedder.threads == 4
+    assert "scaled" not in big.reason
+
+
+def test_gpus_go_to_the_generator_first_and_searchers_share_the_rest():
+    nodes = [NodeResources(cpus=16, gpus=4)]
+    plan = plan_serving(nodes, num_shards=8, groups=4, generator_replicas=2)
+    assert plan.generator.device == "gpu" and plan.generator.num_gpus == 1
+    assert plan.searcher.device == "gpu" and plan.searcher.num_gpus == 0.5  # 2 GPUs left for 4 searchers
+    assert plan.embedder.device == "cpu" and plan.embedder.num_gpus == 0
+    full = plan_serving([NodeResources(cpus=16, gpus=1)], num_shards=2)
+    assert full.generator.num_gpus == 1 and full.searcher.device == "cpu"  # auto: nothing left, CPU search
+    with pytest.raises(RagtuneError, match="shards.device = 'gpu' but no GPU is left"):
+        plan_serving([NodeResources(cpus=16, gpus=1)], num_shards=2, searcher_device="gpu")
+    with pytest.raises(RagtuneError, match=r"generator.replicas = 3 GPU replicas but the cluster has 2 GPU"):
+        plan_serving([NodeResources(cpus=16, gpus=2)], num_shards=2, generator_replicas=3)
+    with pytest.raises(RagtuneError, match="Fix: set generator.device to auto or cpu"):
+        plan_serving([NodeResources(cpus=16)], num_shards=2, generator_device="gpu")
+    cpu = plan_serving(nodes, num_shards=2, generator_device="cpu", searcher_device="cpu")
+    assert cpu.generator.num_gpus == 0 and cpu.searcher.num_gpus == 0
+
+
+def test_explicit_reservations_are_kept_and_must_fit():
+    plan = plan_serving([NodeResources(cpus=4)], num_shards=2, num_cpus={"generator": 2.0}, threads={"searcher": 3})
+    assert plan.generator.num_cpus == 2.0 and plan.searcher.threads == 3
+    with pytest.raises(RagtuneError, match="exceed the cluster's 4 CPUs"):
+        plan_serving([NodeResources(cpus=4)], num_shards=2, embedder_replicas=3, num_cpus={"embedder": 2.0})
+    with pytest.raises(RagtuneError, match="no alive node"):
+        plan_serving([], num_shards=2)
