@@ -6,6 +6,8 @@
     ragtune eval-retrieval -i INDEX --queries queries.jsonl --qrels qrels.tsv
     ragtune submit --address http://HEAD:8265 [--wait] -- embed -c configs/embed/sample.yaml [overrides]
     ragtune jobs list|status|logs|stop [ID] --address http://HEAD:8265
+    ragtune serve -c configs/serve/sample.yaml [--print-serve-config]
+    ragtune ask "question" [--url http://127.0.0.1:8000] [--config configs/serve/sample.yaml]
 
 Every config job also runs as ``python -m jobs.<name> --config FILE [overrides]`` (what ``ray job submit``
 calls). ``ragtune --help`` and ``ragtune validate`` import neither torch nor Ray.
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from configs.schema import JOB_SCHEMAS, ConfigError, RagtuneError, load_config
+from jobs import ask as ask_cli
 from jobs import search as search_cli
 from jobs import submit as submit_cli
 
@@ -46,6 +49,9 @@ JOBS: dict[str, Job] = {
                  {"--overwrite": ("output.overwrite=true", "replace embeddings in output.path made differently")}),
     "index": Job("build a sharded FAISS index (a new version) from embedding parts", "jobs.index"),
     "finetune": Job("fine-tune a causal LM with LoRA on Ray Train + DeepSpeed ZeRO", "jobs.finetune"),
+    "serve": Job("serve RAG on Ray Serve behind an OpenAI-compatible API (until Ctrl-C)", "jobs.serve",
+                 {"--print-serve-config": ("serve.print_config=true",
+                                           "print the Serve config YAML (KubeRay RayService) and exit")}),
 }
 
 
@@ -72,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the values only, not the inputs they point at (corpus files, models)")
     search_cli.add_parsers(sub)  # search, eval-retrieval: they read an index, not a config
     submit_cli.add_parsers(sub)  # submit, jobs: send a job to a cluster's job server
+    ask_cli.add_parsers(sub)  # ask: a question to a running `ragtune serve` (or in-process)
     return parser
 
 
@@ -117,6 +124,8 @@ def run_job(name: str, args: argparse.Namespace) -> int:
     job = JOBS[name]
     cfg = load_config(JOB_SCHEMAS[name], args.config, job_overrides(name, args))
     summary = importlib.import_module(job.module).run(cfg)
+    if summary is None:  # the job printed its own output (e.g. serve --print-serve-config)
+        return 0
     print(summary.line())
     print(json.dumps(dataclasses.asdict(summary)))  # the last line: machine-readable
     return 0

@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from configs.schema.base import RagtuneError
+from models.embedders import QueryEncoder
 
 if TYPE_CHECKING:
-    from models.embedders import EmbedderSpec
-    from sharding.index import IndexManifest
     from sharding.search import ShardedIndex
 
 log = logging.getLogger("ragtune.search")
@@ -36,65 +35,16 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # four lines per pr
 KS = (1, 5, 10, 100)
 
 
-# --- query embedding ----------------------------------------------------------------------------------------------
-
-def check_query_model(manifest: IndexManifest, spec: EmbedderSpec, dim: int | None = None) -> None:
-    """Refuse a query model that would not give the index's vectors: another revision or another dimension."""
-    name = manifest.model.get("name", "?")
-    built = manifest.model.get("revision")
-    if built and spec.revision != built:
-        raise RagtuneError(f"the index was built with {name} revision {built} but {spec.name} resolves here to "
-                           f"revision {spec.revision}: the query vectors would not match the index. Fix: install "
-                           "the same model revision, or embed and index the corpus again with this one")
-    if dim is not None and dim != manifest.dim:
-        raise RagtuneError(f"{spec.name} gives vectors of dimension {dim} but the index holds dimension "
-                           f"{manifest.dim}. Fix: query with the model the index was built with ({name})")
-
-
-class QueryEncoder:
-    """The index's embedding model, loaded once, for queries."""
-
-    def __init__(self, manifest: IndexManifest, batch_size: int = 512):
-        from models.embedders import EmbedderSpec, load_sentence_transformer, resolve_embedder
-
-        name = manifest.model.get("name", "")
-        try:
-            spec = resolve_embedder(name)
-        except RagtuneError:  # a local folder that moved: the manifest also records where it was
-            spec = EmbedderSpec(**manifest.model) if Path(manifest.model.get("path", "")).is_dir() else None
-            if spec is None:
-                raise
-        check_query_model(manifest, spec)
-        self.model = load_sentence_transformer(spec)
-        check_query_model(manifest, spec, self.model.get_embedding_dimension())
-        self.normalize = manifest.normalize
-        self.batch_size = batch_size
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.model.get_embedding_dimension()), np.float32)
-        return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                 normalize_embeddings=self.normalize, show_progress_bar=False).astype(np.float32)
-
-
 # --- search -------------------------------------------------------------------------------------------------------
 
 def search_texts(index: ShardedIndex, encoder: QueryEncoder, queries: Sequence[str],
                  k: int) -> list[list[dict[str, Any]]]:
     """Ranked chunks for each query: rank, score, chunk_id, doc_id, title, text."""
+    from sharding.search import ranked_hits
+
     D, I = index.search(encoder.encode(queries), k)
     rows = index.docstore().lookup(I[I >= 0])
-    out = []
-    for d, i in zip(D, I, strict=True):
-        hits = []
-        for rank, (score, cid) in enumerate(zip(d.tolist(), i.tolist(), strict=True), 1):
-            if cid < 0:
-                continue
-            row = rows.get(cid, {})
-            hits.append({"rank": rank, "score": score, "chunk_id": cid, "doc_id": row.get("doc_id"),
-                         "title": row.get("title"), "text": row.get("text", "")})
-        out.append(hits)
-    return out
+    return [ranked_hits(d, i, rows) for d, i in zip(D, I, strict=True)]
 
 
 def _snippet(text: str, width: int) -> str:

@@ -11,11 +11,17 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from configs.schema.base import RagtuneError
+
+if TYPE_CHECKING:
+    from sharding.index import IndexManifest
 
 _BUNDLED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 _SMALL_FILE = 16 * 2**20  # files up to this size are hashed whole; bigger ones by size, head and tail
@@ -132,3 +138,50 @@ def load_sentence_transformer(spec: EmbedderSpec, device: str = "cpu", fp16: boo
         model.half()
     model.eval()
     return model
+
+
+# --- queries against an index ---------------------------------------------------------------------------------------
+
+def check_query_model(manifest: IndexManifest, spec: EmbedderSpec, dim: int | None = None) -> None:
+    """Refuse a query model that would not give the index's vectors: another revision or another dimension."""
+    name = manifest.model.get("name", "?")
+    built = manifest.model.get("revision")
+    if built and spec.revision != built:
+        raise RagtuneError(f"the index was built with {name} revision {built} but {spec.name} resolves here to "
+                           f"revision {spec.revision}: the query vectors would not match the index. Fix: install "
+                           "the same model revision, or embed and index the corpus again with this one")
+    if dim is not None and dim != manifest.dim:
+        raise RagtuneError(f"{spec.name} gives vectors of dimension {dim} but the index holds dimension "
+                           f"{manifest.dim}. Fix: query with the model the index was built with ({name})")
+
+
+class QueryEncoder:
+    """The index's embedding model, loaded once, for queries (``ragtune search`` and the serving Embedder)."""
+
+    def __init__(self, manifest: IndexManifest, batch_size: int = 512, device: str = "cpu"):
+        name = manifest.model.get("name", "")
+        try:
+            spec = resolve_embedder(name)
+        except RagtuneError:  # a local folder that moved: the manifest also records where it was
+            spec = EmbedderSpec(**manifest.model) if Path(manifest.model.get("path", "")).is_dir() else None
+            if spec is None:
+                raise
+        check_query_model(manifest, spec)
+        self.spec = spec
+        self.model = load_sentence_transformer(spec, device=device)
+        self.dim = self.model.get_embedding_dimension()
+        check_query_model(manifest, spec, self.dim)
+        self.normalize = manifest.normalize
+        self.batch_size = batch_size
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), d) float32, normalised when the index compares normalised vectors."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=self.normalize, show_progress_bar=False).astype(np.float32)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text as the model sees them (special tokens included, before truncation)."""
+        enc = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)
+        return [len(ids) for ids in enc["input_ids"]]

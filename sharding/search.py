@@ -55,6 +55,25 @@ def merge_topk(Ds: Sequence[np.ndarray], Is: Sequence[np.ndarray], k: int,
     return D, I
 
 
+HIT_FIELDS = ("doc_id", "title", "text")
+
+
+def ranked_hits(d: np.ndarray, i: np.ndarray, rows: dict[int, dict[str, Any]],
+                fields: Sequence[str] = HIT_FIELDS) -> list[dict[str, Any]]:
+    """One query's results (a row of D and I) as ranked hits: rank, score, chunk_id and the docstore ``fields``.
+
+    Missing results (id -1) are left out; ranks keep their position in the merged top-k.
+    """
+    hits = []
+    for rank, (score, cid) in enumerate(zip(np.asarray(d).tolist(), np.asarray(i).tolist(), strict=True), 1):
+        if cid < 0:
+            continue
+        row = rows.get(cid, {})
+        hits.append({"rank": rank, "score": score, "chunk_id": cid,
+                     **{f: row.get(f, "" if f == "text" else None) for f in fields}})
+    return hits
+
+
 def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k of ``xq`` in ``xb`` (row numbers as ids), by FAISS's own kernels."""
     import faiss
@@ -144,20 +163,27 @@ class ShardedIndex:
 
     @classmethod
     def open(cls, path: str, *, mmap: bool = True, verify: bool = True, params: dict[str, int] | None = None,
-             merge: bool = False) -> ShardedIndex:
+             merge: bool = False, only: Sequence[int] | None = None) -> ShardedIndex:
         """Open the version an index path means (``LATEST`` of a root, or a version folder).
 
         The version folder is resolved once: a later build that switches ``LATEST`` does not affect this object.
         ``verify`` checks every shard's sha256 before loading it; ``mmap`` maps local shards instead of reading.
         ``merge`` merges the shards into one in-memory index when they can be (plain IVF shards of one trained
         index, Flat shards): the same results as searching them apart, at the speed of one index; the shards
-        are then read, not mapped.
+        are then read, not mapped. ``only`` loads just those shard numbers (a serving shard group): ``shards``,
+        ``ntotal`` and searches then cover those alone.
         """
         loc = resolve_index(path)
         manifest = read_index_manifest(loc)
         flags = mmap_flags(manifest.factory) if mmap and not merge else 0
-        shards = [read_index_file(loc.join(s.file), s.sha256 if verify else None, flags) for s in manifest.shards]
-        for rec, shard in zip(manifest.shards, shards, strict=True):
+        numbers = list(range(len(manifest.shards))) if only is None else list(only)
+        bad = [n for n in numbers if not 0 <= n < len(manifest.shards)]
+        if bad or not numbers:
+            raise RagtuneError(f"{loc.uri}: shards {bad or numbers} requested but the index has "
+                               f"{len(manifest.shards)} (0..{len(manifest.shards) - 1}). Fix: ask for shards it has")
+        records = [manifest.shards[n] for n in numbers]
+        shards = [read_index_file(loc.join(s.file), s.sha256 if verify else None, flags) for s in records]
+        for rec, shard in zip(records, shards, strict=True):
             if shard.ntotal != rec.ntotal or shard.d != manifest.dim:
                 raise RagtuneError(f"{loc.join(rec.file).uri}: holds {shard.ntotal} vectors of d = {shard.d} but "
                                    f"{MANIFEST} says {rec.ntotal} of d = {manifest.dim}. Fix: rebuild the index")

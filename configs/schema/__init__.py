@@ -9,12 +9,14 @@ from configs.schema.cluster import ClusterConfig
 from configs.schema.embed import EmbedJobConfig
 from configs.schema.finetune import FinetuneJobConfig
 from configs.schema.index import IndexJobConfig
+from configs.schema.serve import ServeJobConfig
 
 # Which schema a config file follows, by job name (also the name of its folder under configs/).
 JOB_SCHEMAS: dict[str, type[BaseModel]] = {
     "embed": EmbedJobConfig,
     "index": IndexJobConfig,
     "finetune": FinetuneJobConfig,
+    "serve": ServeJobConfig,
 }
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "Problem",
     "RagtuneError",
     "Section",
+    "ServeJobConfig",
     "load_config",
     "validate",
 ]

@@ -17,7 +17,8 @@ import pytest
 from configs.schema import IndexJobConfig, RagtuneError
 from jobs.cli import main
 from jobs.index import check, run
-from jobs.search import QueryEncoder, evaluate_index
+from jobs.search import evaluate_index
+from models.embedders import QueryEncoder
 from sharding.embeddings import EmbeddingManifest, write_manifest
 from sharding.metrics import read_qrels, read_queries
 from sharding.search import ShardedIndex, recall_at_k

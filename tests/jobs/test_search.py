@@ -3,7 +3,8 @@
 import pytest
 
 from configs.schema import RagtuneError
-from jobs.search import QueryEncoder, _params, check_query_model
+from jobs.search import _params
+from models.embedders import QueryEncoder, check_query_model
 from sharding.index import IndexManifest
 
 

@@ -1,0 +1,232 @@
+"""Benchmark: the serving app under a bounded load, with dynamic batching on and off, in one run.
+
+Builds a small index (SQuAD v1.1 paragraphs from ../shared/data, or ragtune's own docs/ without it) with the real
+embed and index jobs and a tiny generator, deploys the Serve app on a local Ray bound to 127.0.0.1, and sends a
+fixed number of requests at a fixed concurrency to each route, first with batching on (Embedder and Generator
+``@serve.batch``), then with it off, then on again, and so on (``--repeats``); the load generator stops by itself.
+
+    python bench/serve.py                                     # ~6 minutes on 2 cores
+    python bench/serve.py --requests 800 --concurrency 32 --repeats 2
+
+Routes: ``/v1/embeddings`` with one input per request (the embedder path alone), ``/v1/search`` (embed, fan out
+to the shard groups, merge, docstore) and RAG chat (``/v1/chat/completions``: search, prompt, ``--max-tokens``
+greedy tokens of the tiny model). Printed per route and mode: requests/s, p50/p95/p99 latency and the mean batch
+size the Embedder / Generator ran (from ``/metrics``); then batching-on / batching-off ratios. Client and server
+share the machine's cores, as a sidecar load generator would. A PNG of requests/s and p99 goes beside the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SQUAD = REPO.parent / "shared" / "data" / "squad" / "retrieval-v1.1"
+
+
+def corpus_and_queries(n: int, work: Path) -> tuple[Path, list[str]]:
+    """A JSONL corpus of ``n`` SQuAD paragraphs and their questions; ragtune's docs/ when the data is absent."""
+    out = work / "corpus.jsonl"
+    if (SQUAD / "corpus.jsonl").is_file():
+        with open(SQUAD / "corpus.jsonl") as f:
+            rows = [json.loads(next(f)) for _ in range(n)]
+        ids = {r["_id"] for r in rows}
+        qrels = {}
+        for line in open(SQUAD / "qrels" / "test.tsv").read().splitlines()[1:]:
+            qid, did, _ = line.split("\t")
+            qrels.setdefault(qid, did)
+        queries = [q["text"] for q in map(json.loads, open(SQUAD / "queries.jsonl")) if qrels.get(q["_id"]) in ids]
+    else:
+        rows, queries = [], []
+        for p in sorted((REPO / "docs").glob("*.md")):
+            for n_, para in enumerate(p.read_text().split("\n\n")):
+                if len(para) > 80:
+                    rows.append({"_id": f"{p.stem}-{n_}", "title": p.stem, "text": para})
+                    queries.append(" ".join(para.split()[:12]))
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out, queries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], int, float]:
+    """Send every body once from ``concurrency`` workers: (latencies of the 200s, failures, wall seconds)."""
+    import aiohttp
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    lat: list[float] = []
+    failed = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal failed
+        while not queue.empty():
+            body = queue.get_nowait()
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, json=body) as r:
+                    await r.read()
+                    ok = r.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            if ok:
+                lat.append(time.perf_counter() - t0)
+            else:
+                failed += 1
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return lat, failed, time.perf_counter() - t0
+
+
+def batch_totals(url: str, dep: str) -> tuple[float, float]:
+    """(sum, count) of the batch sizes the Ingress saw for a deployment so far, from its /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    s = re.search(rf'ragtune_batch_size_sum{{deployment="{dep}"}} ([0-9.e+]+)', text)
+    c = re.search(rf'ragtune_batch_size_count{{deployment="{dep}"}} ([0-9.e+]+)', text)
+    return (float(s.group(1)) if s else 0.0), (float(c.group(1)) if c else 0.0)
+
+
+def pct(xs: list[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paragraphs", type=int, default=400, help="SQuAD paragraphs in the index")
+    ap.add_argument("--requests", type=int, default=400, help="requests per route for embeddings and search")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--chat-requests", type=int, default=64)
+    ap.add_argument("--chat-concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per chat answer (greedy)")
+    ap.add_argument("--repeats", type=int, default=1, help="on/off rounds (medians over them)")
+    ap.add_argument("--plot", default="bench-serve.png")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+
+    from ray import serve
+
+    from configs.schema import EmbedJobConfig, IndexJobConfig, ServeJobConfig
+    from jobs.embed import run as embed
+    from jobs.index import run as index
+    from jobs.serve import wait_ready
+    from models.generators import TinySpec, build_tiny
+    from serving.app import ServeAppArgs, build_app
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    corpus, queries = corpus_and_queries(args.paragraphs, work)
+    t0 = time.perf_counter()
+    embed(EmbedJobConfig.model_validate({"corpus": {"path": str(corpus), "id_field": "_id"},
+                                         "output": {"path": str(work / "emb"), "num_parts": 2}}))
+    built = index(IndexJobConfig.model_validate({"embeddings": {"path": str(work / "emb")},
+                                                 "index": {"path": str(work / "index"), "kind": "Flat", "shards": 2}}))
+    texts = [json.loads(line)["text"] for line in open(corpus)]
+    model = build_tiny(work / "tiny", texts[:300], TinySpec())
+    print(f"setup: {built.line()} + tiny generator in {time.perf_counter() - t0:.0f}s; {len(queries)} queries, "
+          f"{os.cpu_count()} cores; client and server share them", flush=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    routes = {
+        "embeddings": ("/v1/embeddings", [{"model": "all-MiniLM-L6-v2", "input": queries[i % len(queries)],
+                                           "encoding_format": "float"} for i in range(args.requests)],
+                       args.concurrency),
+        "search": ("/v1/search", [{"query": queries[i % len(queries)], "k": 5} for i in range(args.requests)],
+                   args.concurrency),
+        "chat": ("/v1/chat/completions",
+                 [{"model": "tiny", "max_tokens": args.max_tokens, "temperature": 0,
+                   "messages": [{"role": "user", "content": queries[i % len(queries)]}]}
+                  for i in range(args.chat_requests)], args.chat_concurrency),
+    }
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.repeats):
+        for mode in ("on", "off"):
+            on = mode == "on"
+            cfg = ServeJobConfig.model_validate({
+                "index": {"path": str(work / "index"), "poll_interval_s": None},
+                "embedder": {"batching": on, "max_batch_size": 32},
+                "generator": {"model": str(model), "name": "tiny", "batching": on, "max_batch_size": 8,
+                              "defaults": {"max_tokens": args.max_tokens}},
+                "http": {"port": port}, "auth": {"api_keys_env": None},
+                "limits": {"request_timeout_s": 300}})
+            serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name="bench", route_prefix="/")
+            wait_ready(url)
+            for path, bodies, conc in routes.values():
+                asyncio.run(load(url + path, bodies[: max(conc * 2, 16)], conc))  # warm up (adapters, caches)
+            for name, (path, bodies, conc) in routes.items():
+                dep = "generator" if name == "chat" else "embedder"
+                s0, c0 = batch_totals(url, dep)
+                lat, failed, wall = asyncio.run(load(url + path, bodies, conc))
+                s1, c1 = batch_totals(url, dep)
+                res = {"rps": len(lat) / wall, "p50": pct(lat, .5), "p95": pct(lat, .95), "p99": pct(lat, .99),
+                       "failed": failed, "batch": (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")}
+                results.setdefault((name, mode), []).append(res)
+                print(f"round {r + 1} batching {mode:3s} {name:10s} {res['rps']:7.1f} req/s  "
+                      f"p50 {res['p50'] * 1e3:6.0f} ms  p95 {res['p95'] * 1e3:6.0f} ms  p99 {res['p99'] * 1e3:6.0f} ms"
+                      f"  batch {res['batch']:.1f}  failed {failed}", flush=True)
+            serve.delete("bench")
+    serve.shutdown()
+
+    def med(name: str, mode: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[(name, mode)])
+
+    print(f"\nmedians over {args.repeats} round(s); concurrency {args.concurrency} (chat {args.chat_concurrency})")
+    print(f"{'route':10s} {'batching':8s} {'req/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'batch':>6s}")
+    for name in routes:
+        for mode in ("on", "off"):
+            print(f"{name:10s} {mode:8s} {med(name, mode, 'rps'):8.1f} {med(name, mode, 'p50') * 1e3:8.0f} "
+                  f"{med(name, mode, 'p95') * 1e3:8.0f} {med(name, mode, 'p99') * 1e3:8.0f} "
+                  f"{med(name, mode, 'batch'):6.1f}")
+    print("\nbatching on / off:")
+    for name in routes:
+        print(f"  {name:10s} requests/s x{med(name, 'on', 'rps') / med(name, 'off', 'rps'):.2f}   "
+              f"p99 x{med(name, 'on', 'p99') / med(name, 'off', 'p99'):.2f}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    xs = range(len(routes))
+    for j, mode in enumerate(("on", "off")):
+        axes[0].bar([x + 0.4 * j for x in xs], [med(n, mode, "rps") for n in routes], 0.4, label=f"batching {mode}")
+        axes[1].bar([x + 0.4 * j for x in xs], [med(n, mode, "p99") * 1e3 for n in routes], 0.4,
+                    label=f"batching {mode}")
+    for ax, title in zip(axes, ("requests/s", "p99 latency (ms)"), strict=True):
+        ax.set_xticks([x + 0.2 for x in xs], list(routes))
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"ragtune serve, {os.cpu_count()} cores, concurrency {args.concurrency} (chat "
+                 f"{args.chat_concurrency})")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

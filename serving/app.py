@@ -1,0 +1,175 @@
+"""The app builder: one typed args model -> the composed Serve application.
+
+    ragtune serve -c configs/serve/sample.yaml                                # what most people run
+    serve run serving.app:build_app config_path=configs/serve/sample.yaml     # Serve's own CLI
+    ragtune serve -c configs/serve/gpu-cluster.yaml --print-serve-config      # -> a KubeRay RayService's serveConfigV2
+
+Deployments (``serving.deployments``, ``serving.ingress``), composed by handles::
+
+    Ingress --> Retriever --> Embedder
+       |            \\------> ShardSearcher0 .. ShardSearcherN-1   (one per shard group)
+       |----------> Embedder                                        (/v1/embeddings)
+       \\----------> Generator                                       (LoRA adapters multiplexed)
+
+Resources come from ``cluster.placement.plan_serving`` on the cluster the builder runs in (the driver for
+``ragtune serve`` and ``serve run``; the Serve controller's node for ``serve deploy`` and RayService).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+from configs.schema.serve import ServeJobConfig
+
+log = logging.getLogger("ragtune.serve")
+
+
+class ServeAppArgs(BaseModel):
+    """Arguments of :func:`build_app`: the whole config inline (RayService, tests), or a config file path plus
+    dotted overrides (``serve run serving.app:build_app config_path=...``)."""
+
+    config: dict[str, Any] | None = Field(None, description="a ServeJobConfig as a mapping")
+    config_path: str | None = Field(None, description="a configs/serve/*.yaml file")
+    overrides: list[str] = Field(default_factory=list, description="dotted overrides applied to config_path")
+
+    @model_validator(mode="after")
+    def _one(self) -> ServeAppArgs:
+        if (self.config is None) == (self.config_path is None):
+            raise ValueError("give exactly one of config and config_path")
+        return self
+
+    def resolve(self) -> ServeJobConfig:
+        from configs.schema import load_config
+
+        if self.config is not None:
+            return ServeJobConfig.model_validate(self.config)
+        return load_config(ServeJobConfig, self.config_path or "", self.overrides)
+
+
+def cluster_nodes() -> list[Any]:
+    """The alive nodes when Ray is up (the builder runs inside it), else this machine alone."""
+    import ray
+
+    from cluster.placement import NodeResources
+    from cluster.runtime import alive_nodes
+
+    if ray.is_initialized():
+        return alive_nodes()
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except ImportError:
+        gpus = 0
+    return [NodeResources(cpus=float(os.cpu_count() or 1), gpus=float(gpus))]
+
+
+def plan_for(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> Any:
+    """The placement of this config's deployments (``cluster.placement.ServePlan``)."""
+    from cluster.placement import plan_serving
+    from sharding.index import read_index_manifest, resolve_index
+
+    manifest = read_index_manifest(resolve_index(cfg.index.path))
+    s = cfg.shards
+    replicas = s.autoscaling.min_replicas if s.autoscaling else s.replicas
+    return plan_serving(nodes if nodes is not None else cluster_nodes(), num_shards=len(manifest.shards),
+                        groups=s.groups, searcher_replicas=max(1, replicas), embedder_replicas=cfg.embedder.replicas,
+                        generator_replicas=cfg.generator.replicas, generator_device=cfg.generator.device,
+                        searcher_device=s.device,
+                        num_cpus={"embedder": cfg.embedder.num_cpus, "searcher": s.num_cpus,
+                                  "generator": cfg.generator.num_cpus},
+                        threads={"embedder": cfg.embedder.threads, "searcher": s.threads,
+                                 "generator": cfg.generator.threads})
+
+
+def _actor_options(r: Any) -> dict[str, Any]:
+    return {"num_cpus": r.num_cpus, **({"num_gpus": r.num_gpus} if r.num_gpus else {})}
+
+
+def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
+    """The Serve application for a ServeJobConfig (``serve.run(build_app(...))``)."""
+
+    from serving.auth import api_key_hashes
+    from serving.deployments import Embedder, Generator, Retriever, ShardSearcher
+    from serving.ingress import Ingress
+
+    if not isinstance(args, ServeAppArgs):
+        args = ServeAppArgs.model_validate(args)
+    cfg = args.resolve()
+    plan = plan_for(cfg)
+    log.info("serving plan: %s", plan.reason)
+    poll = cfg.index.poll_interval_s
+    e, s, g = cfg.embedder, cfg.shards, cfg.generator
+
+    embedder = Embedder.options(
+        num_replicas=e.replicas, ray_actor_options=_actor_options(plan.embedder),
+        max_ongoing_requests=max(64, 2 * e.max_batch_size),  # Serve's default (5) would keep batches from filling
+    ).bind(cfg.index.path, e.batching, e.max_batch_size, e.batch_wait_timeout_s, plan.embedder.threads)
+
+    searchers = []
+    for n, shards in enumerate(plan.groups):
+        scaling: dict[str, Any] = (
+            {"autoscaling_config": {"min_replicas": s.autoscaling.min_replicas,
+                                    "max_replicas": s.autoscaling.max_replicas,
+                                    "target_ongoing_requests": s.autoscaling.target_ongoing_requests}}
+            if s.autoscaling else {"num_replicas": s.replicas})
+        searchers.append(ShardSearcher.options(
+            name=f"ShardSearcher{n}", ray_actor_options=_actor_options(plan.searcher), max_ongoing_requests=64,
+            health_check_period_s=s.health_check_period_s, health_check_timeout_s=max(10.0, s.health_check_period_s),
+            **scaling,
+        ).bind(cfg.index.path, shards, cfg.index.params, cfg.index.verify, cfg.index.mmap, plan.searcher.device,
+               plan.searcher.threads, poll))
+
+    retriever = Retriever.options(
+        num_replicas=1, ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
+    ).bind(embedder, searchers, cfg.index.path, cfg.retrieval.filter_overfetch, cfg.retrieval.retries_s, poll,
+           cfg.retrieval.filter_max_candidates)
+
+    generator = Generator.options(
+        num_replicas=g.replicas, ray_actor_options=_actor_options(plan.generator),
+        max_ongoing_requests=max(32, 2 * g.max_batch_size),
+    ).bind(g.model, g.name, g.adapters, cfg.prompt.model_dump(), g.defaults.model_dump(), plan.generator.device,
+           g.dtype, g.context, plan.generator.threads, g.batching, g.max_batch_size, g.batch_wait_timeout_s,
+           g.max_adapters_per_replica)
+
+    keys = sorted(api_key_hashes(cfg.auth.api_keys, cfg.auth.api_keys_env))  # only hashes travel to the replicas
+    public = cfg.model_dump(mode="json")
+    public["auth"]["api_keys"] = []
+    return Ingress.options(
+        num_replicas=1, ray_actor_options=_actor_options(plan.light), max_ongoing_requests=512,
+    ).bind(embedder, retriever, generator, public, keys)
+
+
+def serve_config(cfg: ServeJobConfig) -> dict[str, Any]:
+    """A Serve config (``serve deploy``; a KubeRay RayService's ``serveConfigV2``) for this ServeJobConfig.
+
+    The whole config travels inline as the builder's args; the deployments' resources are decided by the
+    builder on the cluster itself. API keys are never written: the replicas read ``auth.api_keys_env``.
+    """
+    from configs.schema.serve import LOOPBACK
+
+    inline = cfg.model_dump(mode="json")
+    inline["auth"]["api_keys"] = []
+    inline["serve"]["print_config"] = False
+    inline.pop("cluster", None)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http.host or LOOPBACK, "port": cfg.http.port,
+                         "request_timeout_s": cfg.limits.request_timeout_s + 5},
+        "applications": [{
+            "name": cfg.http.app_name, "route_prefix": cfg.http.route_prefix,
+            "import_path": "serving.app:build_app",
+            "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}},
+            "args": {"config": inline},
+        }],
+    }
+
+
+def plan_summary(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> dict[str, Any]:
+    """The plan as plain data (for logs and tests)."""
+    return asdict(plan_for(cfg, nodes))

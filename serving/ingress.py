@@ -1,0 +1,409 @@
+"""The HTTP API (FastAPI behind Serve's proxy): OpenAI's routes with retrieval, search, health, metrics, reload.
+
+    POST /v1/chat/completions   retrieval-augmented chat (``"retrieval": false`` turns it off), SSE with stream
+    POST /v1/completions        raw completion of a prompt (no retrieval)
+    POST /v1/embeddings         the index's embedding model
+    GET  /v1/models             the base model, each adapter, the embedding model
+    POST /v1/search             retrieval only: {query, k, filter} -> ranked passages with scores
+    POST /admin/reload          switch to the index version LATEST names now
+    GET  /healthz               200 once every shard of the current version is loaded, else 503 (no key needed)
+    GET  /metrics               Prometheus text: requests, latencies (embed / search / generate), batch sizes
+
+Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; bad input is a 4xx, never a
+500. Requests are parsed here (not by FastAPI's signature binding), so that malformed JSON, wrong types and
+limits all get the same 400 shape.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
+# ingress wrapper resolves string annotations where `Request` is not defined (it became a required query param).
+
+import asyncio
+import base64
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from configs.schema.serve import ServeJobConfig
+from serving.auth import api_key_hashes, key_matches
+from serving.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    SearchRequest,
+    check_chat,
+    check_completion,
+    check_embeddings,
+    check_search,
+    error_body,
+    find_api_error,
+)
+
+log = logging.getLogger("ragtune.serve")
+
+app = FastAPI(title="ragtune", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error",
+                                   None, code), status_code=e.status_code)
+
+
+def _loopback(host: str | None) -> bool:
+    if host in (None, "", "localhost", "testclient"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+class Metrics:
+    """Prometheus metrics of this Ingress replica (one registry per replica)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ragtune_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("ragtune_request_seconds", "request latency by route (whole stream)", ["route"],
+                                 registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.stage = Histogram("ragtune_stage_seconds", "latency of each stage: embed, search, generate",
+                               ["stage"], registry=r,
+                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.batch = Histogram("ragtune_batch_size", "size of the batch a request was served in", ["deployment"],
+                               registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.tokens = Counter("ragtune_tokens", "tokens by kind: prompt, completion", ["kind"], registry=r)
+        self.version = Gauge("ragtune_index_version_info", "the index version answered from", ["version"],
+                             registry=r)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, embedder: Any, retriever: Any, generator: Any, config: dict[str, Any],
+                 key_hashes: list[str] | None = None):
+        self.embedder, self.retriever, self.generator = embedder, retriever, generator
+        self.cfg = ServeJobConfig.model_validate(config)
+        self.limits = self.cfg.limits
+        self.keys = set(key_hashes or ()) | api_key_hashes([], self.cfg.auth.api_keys_env)
+        if not self.keys:
+            log.warning("NO API KEYS: this server answers without authentication, and only to 127.0.0.1 (set "
+                        "%s to require keys)", self.cfg.auth.api_keys_env or "auth.api_keys")
+        self.models = [self.cfg.generator.name, *self.cfg.generator.adapters]
+        self.embedding_model: str | None = None
+        self.metrics = Metrics()
+        self.created = int(time.time())
+
+    # --- plumbing -----------------------------------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if not self.keys:
+            if not _loopback(request.client.host if request.client else None):
+                raise ApiError(401, "this server has no API keys configured and answers only on 127.0.0.1",
+                               code="invalid_api_key")
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing API key: send the header `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+        if not key_matches(token, self.keys):
+            raise ApiError(401, "invalid API key", code="invalid_api_key")
+
+    async def _read(self, request: Request, model: type[BaseModel]) -> Any:
+        """Auth, body size, JSON and schema -> the request object, or a 4xx."""
+        self._auth(request)
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds this server's limit of {limit} bytes "
+                                "(limits.max_body_bytes)", code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():  # chunked bodies carry no length: count while reading
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes "
+                                    "(limits.max_body_bytes)", code="request_too_large")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or None
+            raise ApiError(400, f"{where + ': ' if where else ''}{err['msg']}"
+                                + (f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""),
+                           param=where, code="invalid_request") from None
+
+    async def _timed(self, route: str, work):
+        """Run a route's work with the request timeout; count and time it; any failure in OpenAI's format."""
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            return await asyncio.wait_for(work, self.limits.request_timeout_s)
+        except TimeoutError:
+            status = 504
+            raise ApiError(504, f"the request took longer than {self.limits.request_timeout_s:g}s "
+                                "(limits.request_timeout_s)", code="timeout") from None
+        except Exception as e:
+            api = find_api_error(e)
+            status = api.status if api else 500
+            if api is None:
+                log.exception("%s failed", route)
+                raise ApiError(500, f"internal error ({type(e).__name__})", code="internal_error") from None
+            raise api from None
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+    def _generator_for(self, model: str) -> Any:
+        if model not in self.models:
+            raise ApiError(404, f"model {model!r} does not exist; models served: {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        if model == self.cfg.generator.name:
+            return self.generator
+        return self.generator.options(multiplexed_model_id=model)
+
+    def _params(self, req: Any, max_tokens: int | None) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        from serving.rag import sampling_params
+
+        return asdict(sampling_params(self.cfg.generator.defaults, max_tokens=max_tokens,
+                                      temperature=req.temperature, top_p=req.top_p, stop=req.stops(), seed=req.seed))
+
+    async def _retrieve(self, query: str, k: int, filter: dict[str, Any] | None) -> dict[str, Any]:
+        out = await self.retriever.search.remote(query, k, filter)
+        self.metrics.stage.labels("embed").observe(out["timings"]["embed_s"])
+        self.metrics.stage.labels("search").observe(out["timings"]["search_s"])
+        self.metrics.batch.labels("embedder").observe(out["embed_batch"])
+        self.metrics.version.clear()
+        self.metrics.version.labels(out["version"]).set(1)
+        return out
+
+    # --- routes -------------------------------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            state = await asyncio.wait_for(self.retriever.ready.remote(), 10)
+        except Exception as e:
+            state = {"ready": False, "reason": f"retriever not answering ({type(e).__name__})"}
+        return JSONResponse({"status": "ok" if state.get("ready") else "loading", **state},
+                            status_code=200 if state.get("ready") else 503)
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self._auth(request)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> JSONResponse:
+        self._auth(request)
+        if self.embedding_model is None:
+            self.embedding_model = (await self.embedder.info.remote())["model"]
+        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "ragtune",
+                 "kind": "base" if m == self.cfg.generator.name else "adapter"} for m in self.models]
+        data.append({"id": self.embedding_model, "object": "model", "created": self.created, "owned_by": "ragtune",
+                     "kind": "embedding"})
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/admin/reload")
+    async def reload(self, request: Request) -> JSONResponse:
+        self._auth(request)
+        return JSONResponse(await self._timed("reload", self.retriever.reload.remote()))
+
+    @app.post("/v1/search")
+    async def search(self, request: Request) -> JSONResponse:
+        async def work():
+            req: SearchRequest = await self._read(request, SearchRequest)
+            check_search(req, self.limits)
+            out = await self._retrieve(req.query, req.k, req.filter)
+            return {"object": "search.result", "query": req.query, "k": req.k, "version": out["version"],
+                    "data": out["passages"]}
+
+        return JSONResponse(await self._timed("search", work()))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> JSONResponse:
+        async def work():
+            req: EmbeddingRequest = await self._read(request, EmbeddingRequest)
+            check_embeddings(req, self.limits)
+            info = await self.embedder.info.remote()
+            if req.model != info["model"]:
+                raise ApiError(404, f"embedding model {req.model!r} does not exist; this server embeds with "
+                                    f"{info['model']!r}", param="model", code="model_not_found")
+            if req.dimensions is not None and req.dimensions != info["dim"]:
+                raise ApiError(400, f"dimensions = {req.dimensions}: {info['model']} gives {info['dim']} only",
+                               param="dimensions")
+            t0 = time.perf_counter()
+            out = await self.embedder.embed_many.remote(req.texts())
+            self.metrics.stage.labels("embed").observe(time.perf_counter() - t0)
+            data = []
+            for i, (vec, _, batch) in enumerate(out):
+                self.metrics.batch.labels("embedder").observe(batch)
+                emb: Any = (base64.b64encode(np.asarray(vec, "<f4").tobytes()).decode()
+                            if req.encoding_format == "base64" else np.asarray(vec, np.float32).tolist())
+                data.append({"object": "embedding", "index": i, "embedding": emb})
+            tokens = sum(t for _, t, _ in out)
+            return {"object": "list", "model": info["model"], "data": data,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return JSONResponse(await self._timed("embeddings", work()))
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        async def start():
+            req: ChatCompletionRequest = await self._read(request, ChatCompletionRequest)
+            check_chat(req, self.limits)
+            handle = self._generator_for(req.model)
+            opts = req.retrieval_options()
+            passages: list[dict[str, Any]] = []
+            if opts.enabled:
+                k = opts.k or self.cfg.retrieval.k
+                passages = (await self._retrieve(req.messages[-1].text(), k, opts.filter))["passages"]
+            payload = {"messages": [m.plain() for m in req.messages], "passages": passages,
+                       "params": self._params(req, req.max_new_tokens())}
+            return req, handle, payload
+
+        req, handle, payload = await self._timed("chat.prepare", start())
+        if req.stream:
+            return await self._stream("chat", req, handle, payload)
+        return JSONResponse(await self._timed("chat", self._complete("chat", req, handle, payload)))
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        async def start():
+            req: CompletionRequest = await self._read(request, CompletionRequest)
+            check_completion(req, self.limits)
+            handle = self._generator_for(req.model)
+            return req, handle, {"prompt": req.text(), "params": self._params(req, req.max_tokens)}
+
+        req, handle, payload = await self._timed("completions.prepare", start())
+        if req.stream:
+            return await self._stream("completion", req, handle, payload)
+        return JSONResponse(await self._timed("completions", self._complete("completion", req, handle, payload)))
+
+    # --- generation ---------------------------------------------------------------------------------------------------
+
+    def _record(self, out: dict[str, Any], seconds: float) -> None:
+        self.metrics.stage.labels("generate").observe(seconds)
+        self.metrics.batch.labels("generator").observe(out.get("batch") or 1)
+        self.metrics.tokens.labels("prompt").inc(out.get("prompt_tokens", 0))
+        self.metrics.tokens.labels("completion").inc(out.get("completion_tokens", 0))
+
+    async def _complete(self, kind: str, req: Any, handle: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        from serving.rag import citation
+
+        t0 = time.perf_counter()
+        out = await handle.complete.remote(kind, payload)
+        self._record(out, time.perf_counter() - t0)
+        usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                 "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+        if kind == "chat":
+            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                    "model": req.model, "usage": usage,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                                 "finish_reason": out["finish_reason"]}],
+                    "citations": [citation(p) for p in out["passages"]]}
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "usage": usage,
+                "choices": [{"index": 0, "text": out["text"], "finish_reason": out["finish_reason"],
+                             "logprobs": None}]}
+
+    async def _stream(self, kind: str, req: Any, handle: Any, payload: dict[str, Any]) -> Response:
+        """Server-sent events. The first event (the prompt) is awaited before answering 200, so that a prompt
+        that does not fit is still a 400; later failures end the stream with an error event."""
+        from serving.rag import citation
+
+        t0 = time.perf_counter()
+        deadline = t0 + self.limits.request_timeout_s
+        gen = handle.options(stream=True).stream.remote(kind, payload)
+        first = await self._timed(f"{kind}.stream", gen.__anext__())
+        created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(text: str | None, finish: str | None, role: bool = False, **extra: Any) -> dict[str, Any]:
+            if kind == "chat":
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
+                    ({"content": text} if text else {})
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
+                    **extra}
+
+        async def events() -> AsyncIterator[bytes]:
+            status, out = 200, {"prompt_tokens": first["prompt_tokens"], "completion_tokens": 0, "batch": 1}
+            try:
+                if kind == "chat":
+                    yield _sse(chunk(None, None, role=True,
+                                     citations=[citation(p) for p in first["passages"]]))
+                while True:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    try:
+                        ev = await asyncio.wait_for(gen.__anext__(), remaining)
+                    except StopAsyncIteration:
+                        break
+                    out["completion_tokens"] = ev["completion_tokens"]
+                    out["batch"] = max(out["batch"], ev["batch"])
+                    if ev["text"] or ev["finish_reason"]:
+                        yield _sse(chunk(ev["text"], ev["finish_reason"]))
+                if include_usage:
+                    usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                             "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+                    yield _sse({"id": rid, "object": "chat.completion.chunk" if kind == "chat" else
+                                "text_completion", "created": created, "model": req.model, "choices": [],
+                                "usage": usage})
+            except Exception as e:  # the status line is sent: report in the stream, as OpenAI does
+                api = find_api_error(e)
+                if isinstance(e, TimeoutError):
+                    api = ApiError(504, f"the stream took longer than {self.limits.request_timeout_s:g}s "
+                                        "(limits.request_timeout_s)", code="timeout")
+                    gen.cancel()
+                elif api is None:
+                    log.exception("stream failed")
+                    api = ApiError(500, f"internal error ({type(e).__name__})", code="internal_error")
+                status = api.status
+                yield _sse(api.body())
+            finally:
+                self._record(out, time.perf_counter() - t0)
+                self.metrics.requests.labels(f"{kind}.stream", str(status)).inc()
+                self.metrics.latency.labels(f"{kind}.stream").observe(time.perf_counter() - t0)
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,254 @@
+"""Request and response bodies of the HTTP API (OpenAI's shapes, so the ``openai`` client works unchanged),
+the request limits, and the error every 4xx carries (OpenAI's format).
+
+Unknown request fields are ignored, as OpenAI-compatible servers do; fields that would change the answer and
+are not supported (``n > 1``, ``logprobs``, ``tools``, token-id inputs) are refused with a 400 instead.
+Extensions: ``retrieval`` in chat requests (false, or ``{k, filter}``), ``citations`` in chat responses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from configs.schema.serve import LimitsConfig
+
+Scalar = str | int | float | bool
+
+
+class ApiError(Exception):
+    """An error answered with ``status`` and OpenAI's error body; raised anywhere on the answering path."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                             429: "rate_limit_error", 503: "server_error", 504: "timeout"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+
+    def __reduce__(self):  # keeps status and code through Ray's pickling of exceptions
+        return (_rebuild_api_error, (self.status, self.message, self.param, self.code, self.type))
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def _rebuild_api_error(status: int, message: str, param: str | None, code: str | None, type: str) -> ApiError:
+    return ApiError(status, message, param=param, code=code, type=type)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def find_api_error(e: BaseException) -> ApiError | None:
+    """The ApiError behind an exception, looking through Ray's wrappers (RayTaskError keeps it in ``cause``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ApiError):
+            return cur
+        cause = getattr(cur, "cause", None)
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    return None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+# --- chat -----------------------------------------------------------------------------------------------------------
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        if isinstance(v, list) and any(p.type != "text" or p.text is None for p in v):
+            raise ValueError("only text content parts are supported")
+        return v
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content)
+        return self.content or ""
+
+    def plain(self) -> dict[str, str]:
+        """{"role", "content"} as chat templates take it (``developer`` is the newer name of ``system``)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class RetrievalOptions(_Request):
+    """Extension: how a chat request retrieves (``"retrieval": false`` turns it off)."""
+
+    enabled: bool = True
+    k: int | None = Field(None, ge=1)
+    filter: dict[str, Scalar | list[Scalar]] | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    logprobs: bool | int | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.n != 1:
+            raise ValueError("n > 1 is not supported: send one request per completion")
+        if self.logprobs:
+            raise ValueError("logprobs are not supported")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number")
+        return self
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    retrieval: bool | RetrievalOptions | None = None
+    tools: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _chat(self):
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must be from the user")
+        return self
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def retrieval_options(self) -> RetrievalOptions:
+        if self.retrieval is None or self.retrieval is True:
+            return RetrievalOptions()
+        if self.retrieval is False:
+            return RetrievalOptions(enabled=False)
+        return self.retrieval
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _completion(self):
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ValueError("one prompt per request: send one request per prompt")
+        if self.echo:
+            raise ValueError("echo is not supported")
+        return self
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+# --- embeddings and search ------------------------------------------------------------------------------------------
+
+class EmbeddingRequest(_Request):
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(description="a text or a list of texts (token ids are not supported)")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class SearchRequest(_Request):
+    """``POST /v1/search``: retrieval only."""
+
+    query: str = Field(min_length=1)
+    k: int = Field(10, ge=1)
+    filter: dict[str, Scalar | list[Scalar]] | None = None
+
+
+# --- limits -----------------------------------------------------------------------------------------------------------
+
+def _too_big(what: str, value: int, limit: int, param: str, field: str) -> ApiError:
+    return ApiError(400, f"{what} ({value}) exceeds this server's limit of {limit} (limits.{field}).",
+                    param=param, code="limit_exceeded")
+
+
+def check_chat(req: ChatCompletionRequest, limits: LimitsConfig) -> None:
+    """Refuse a chat request over the configured limits (400 with the limit named)."""
+    if len(req.messages) > limits.max_messages:
+        raise _too_big("messages", len(req.messages), limits.max_messages, "messages", "max_messages")
+    chars = sum(len(m.text()) for m in req.messages)
+    if chars > limits.max_input_chars:
+        raise _too_big("characters in messages", chars, limits.max_input_chars, "messages", "max_input_chars")
+    if not req.messages[-1].text().strip():
+        raise ApiError(400, "the last user message is empty.", param="messages")
+    _check_sampling(req, req.max_new_tokens(), limits)
+    opts = req.retrieval_options()
+    if opts.k is not None and opts.k > limits.max_k:
+        raise _too_big("retrieval.k", opts.k, limits.max_k, "retrieval.k", "max_k")
+
+
+def check_completion(req: CompletionRequest, limits: LimitsConfig) -> None:
+    if len(req.text()) > limits.max_input_chars:
+        raise _too_big("characters in prompt", len(req.text()), limits.max_input_chars, "prompt", "max_input_chars")
+    if not req.text():
+        raise ApiError(400, "the prompt is empty.", param="prompt")
+    _check_sampling(req, req.max_tokens, limits)
+
+
+def _check_sampling(req: _Sampling, max_tokens: int | None, limits: LimitsConfig) -> None:
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise _too_big("max_tokens", max_tokens, limits.max_tokens, "max_tokens", "max_tokens")
+    stops = req.stops()
+    if len(stops) > limits.max_stop:
+        raise _too_big("stop sequences", len(stops), limits.max_stop, "stop", "max_stop")
+    if any(not s for s in stops):
+        raise ApiError(400, "stop sequences must not be empty.", param="stop")
+
+
+def check_embeddings(req: EmbeddingRequest, limits: LimitsConfig) -> None:
+    texts = req.texts()
+    if not texts:
+        raise ApiError(400, "input is empty.", param="input")
+    if len(texts) > limits.max_embedding_inputs:
+        raise _too_big("inputs", len(texts), limits.max_embedding_inputs, "input", "max_embedding_inputs")
+    longest = max(len(t) for t in texts)
+    if longest > limits.max_input_chars:
+        raise _too_big("characters in an input", longest, limits.max_input_chars, "input", "max_input_chars")
+    if any(not t for t in texts):
+        raise ApiError(400, "inputs must not be empty strings.", param="input")
+
+
+def check_search(req: SearchRequest, limits: LimitsConfig) -> None:
+    if req.k > limits.max_k:
+        raise _too_big("k", req.k, limits.max_k, "k", "max_k")
+    if len(req.query) > limits.max_input_chars:
+        raise _too_big("characters in query", len(req.query), limits.max_input_chars, "query", "max_input_chars")

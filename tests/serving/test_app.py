@@ -1,0 +1,456 @@
+"""The serving app on a real local Ray Serve: an index of SQuAD paragraphs built by the real embed and index jobs,
+the tiny generator with a LoRA adapter, the `openai` client against the HTTP API.
+
+One app for the whole module (Serve starts in ~15 s and stops in ~8 s). The tests that disturb it (a replica
+killed, an index version swapped) come last. Answers of the tiny model are gibberish: the tests check the API
+contract (shapes, streaming, citations, errors, auth) and that retrieval returns exactly what `ragtune search`
+returns, under load and through failures.
+"""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from configs.schema import EmbedJobConfig, IndexJobConfig, ServeJobConfig
+
+pytestmark = pytest.mark.integration
+
+KEY = "test-key-0123456789abcdef"
+N_V1, N_V2 = 120, 150  # paragraphs in index version 1; version 2 adds 30 more
+QUERIES = ["Which NFL team won Super Bowl 50?", "Where did Super Bowl 50 take place?",
+           "What is the Amazon rainforest?", "Who was the Normans' leader?", "What color was used to emphasize "
+                                                                             "the 50th anniversary?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_version(rows, work, root):
+    from jobs.embed import run as embed
+    from jobs.index import run as index
+
+    path = work / f"corpus-{len(rows)}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    emb = work / f"emb-{len(rows)}"
+    embed(EmbedJobConfig.model_validate({"corpus": {"path": str(path), "id_field": "_id"},
+                                         "chunk": {"size": None}, "output": {"path": str(emb), "num_parts": 2}}))
+    return index(IndexJobConfig.model_validate({"embeddings": {"path": str(emb)},
+                                                "index": {"path": str(root), "kind": "Flat", "shards": 2}}))
+
+
+@pytest.fixture(scope="module")
+def served(ray_2_cpus, squad_retrieval, tmp_path_factory):
+    """(base URL, config, index root, v2 probe). LATEST is v-00001; v-00002 is built and waits to be switched to."""
+    from peft import LoraConfig, get_peft_model
+    from ray import serve
+
+    from models.generators import TinySpec, build_tiny, load_model
+    from serving.app import ServeAppArgs, build_app
+    from sharding.index import switch_latest
+    from sharding.storage import resolve
+
+    work = tmp_path_factory.mktemp("serve")
+    with open(squad_retrieval / "corpus.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(N_V2)]
+    root = work / "index"
+    assert build_version(rows[:N_V1], work, root).version == "v-00001"
+    assert build_version(rows, work, root).version == "v-00002"
+    switch_latest(resolve(str(root)), "v-00001")  # serve v1; the swap test switches to v2
+
+    import torch
+
+    # the tiny preset with a tokenizer trained on these paragraphs and a 2048-token context, so that k = 3
+    # passages fit a prompt (the session's tiny model reads SQuAD text at ~2 characters per token)
+    tiny_model_dir = str(build_tiny(work / "tiny", [r["text"] for r in rows], TinySpec(context=2048)))
+    torch.manual_seed(1)
+    adapter = work / "adapter"
+    get_peft_model(load_model(tiny_model_dir), LoraConfig(r=8, lora_alpha=64, init_lora_weights=False,
+                                                          target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    port = free_port()
+    cfg = ServeJobConfig.model_validate({
+        "index": {"path": str(root), "poll_interval_s": None},
+        "embedder": {"max_batch_size": 16},
+        "shards": {"groups": 2, "health_check_period_s": 1},
+        "generator": {"model": tiny_model_dir, "name": "tiny", "adapters": {"lora": str(adapter)},
+                      "defaults": {"max_tokens": 8}, "max_batch_size": 4},
+        "retrieval": {"k": 3, "retries_s": 60},
+        "http": {"port": port},
+        "auth": {"api_keys": [KEY], "api_keys_env": None},
+        "limits": {"max_tokens": 64, "max_k": 20, "max_body_bytes": 20_000, "max_messages": 8,
+                   "max_input_chars": 8000, "request_timeout_s": 90},
+    })
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name="ragtune", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    probe = rows[-1]["text"].split(". ")[0]  # a sentence of a paragraph only version 2 holds
+    yield url, cfg, root, probe, rows
+    serve.shutdown()
+
+
+def post(url, path, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(f"{url}{path}", json=body, headers=headers, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    import openai
+
+    return openai.OpenAI(base_url=f"{served[0]}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    """What `ragtune search` answers for each version, in this process: {version: {query: [chunk ids]}}."""
+    from serving.rag import LocalRetriever
+
+    _, _, root, probe, _ = served
+    out = {}
+    for v in ("v-00001", "v-00002"):
+        r = LocalRetriever(str(root / v))
+        out[v] = {q: [h["chunk_id"] for h in r.search(q, 5)] for q in [*QUERIES, probe]}
+    return out
+
+
+def search_ids(url, query, k=5):
+    r = post(url, "/v1/search", {"query": query, "k": k})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return [h["chunk_id"] for h in body["data"]], body["version"]
+
+
+# --- the OpenAI API ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_openai_client_chat_plain_and_streamed_with_citations(served, client):
+    url, cfg, *_ = served
+    assert requests.get(f"{url}/healthz", timeout=30).json()["ready"]
+    msgs = [{"role": "user", "content": "Which NFL team won Super Bowl 50?"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6)
+    assert r.object == "chat.completion" and r.model == "tiny" and r.choices[0].message.role == "assistant"
+    text = r.choices[0].message.content
+    assert isinstance(text, str) and r.choices[0].finish_reason in ("stop", "length")
+    assert 0 < r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 50
+    cites = r.model_extra["citations"]
+    assert [c["n"] for c in cites] == [1, 2, 3] and cites[0]["title"] == "Super Bowl 50"
+    assert all({"chunk_id", "doc_id", "score", "text"} <= set(c) for c in cites)
+
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].model_extra["citations"] == cites
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text  # greedy: the same decode loop, streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens and not chunks[-1].choices
+
+    off = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, extra_body={"retrieval": False})
+    assert off.model_extra["citations"] == [] and off.usage.prompt_tokens < 30
+    lora = client.chat.completions.create(model="lora", messages=msgs, max_tokens=6, extra_body={"retrieval": False})
+    assert lora.model == "lora" and lora.choices[0].message.content != off.choices[0].message.content
+    filtered = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, extra_body={
+        "retrieval": {"k": 2, "filter": {"title": "Normans"}}})
+    assert [c["title"] for c in filtered.model_extra["citations"]] == ["Normans", "Normans"]
+
+    comp = client.completions.create(model="tiny", prompt="Super Bowl 50 was", max_tokens=5)
+    assert comp.object == "text_completion" and comp.usage.completion_tokens <= 5
+    assert isinstance(comp.choices[0].text, str)
+
+
+@pytest.mark.timeout(300)
+def test_embeddings_and_models(served, client):
+    from models.embedders import QueryEncoder
+    from sharding.index import read_index_manifest, resolve_index
+
+    _, _, root, *_ = served
+    models = {m.id for m in client.models.list().data}
+    assert models == {"tiny", "lora", "all-MiniLM-L6-v2"}
+    texts = ["Which NFL team won Super Bowl 50?", "a second, different input"]
+    out = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)  # the client asks for base64
+    got = np.array([d.embedding for d in out.data], dtype=np.float32)
+    want = QueryEncoder(read_index_manifest(resolve_index(str(root)))).encode(texts)
+    assert got.shape == (2, 384) and np.allclose(got, want, atol=1e-5)
+    assert out.usage.prompt_tokens > 10
+    plain = post(served[0], "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": texts[0],
+                                               "encoding_format": "float"}).json()
+    assert np.allclose(plain["data"][0]["embedding"], want[0], atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_search_equals_ragtune_search(served, capsys):
+    from jobs.cli import main
+
+    url, _, root, *_ = served
+    assert main(["search", "-i", str(root), *QUERIES, "-k", "5", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for item in cli:
+        r = post(url, "/v1/search", {"query": item["query"], "k": 5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["version"].endswith("v-00001")
+        assert [(h["rank"], h["chunk_id"], h["doc_id"], h["title"], h["text"]) for h in body["data"]] == \
+            [(h["rank"], h["chunk_id"], h["doc_id"], h["title"], h["text"]) for h in item["results"]]
+        assert np.allclose([h["score"] for h in body["data"]], [h["score"] for h in item["results"]], atol=1e-4)
+    only = post(url, "/v1/search", {"query": QUERIES[0], "k": 3, "filter": {"doc_id": cli[2]["results"][0]["doc_id"]}})
+    assert {h["doc_id"] for h in only.json()["data"]} == {cli[2]["results"][0]["doc_id"]}
+
+
+# --- auth and bad input -----------------------------------------------------------------------------------------------
+
+def assert_openai_error(r, status, code=None, param=None):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if code:
+        assert err["code"] == code, err
+    if param:
+        assert err["param"] == param, err
+
+
+@pytest.mark.timeout(300)
+def test_requests_without_a_valid_key_are_401(served):
+    import openai
+
+    url = served[0]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "q"}]}
+    assert_openai_error(post(url, "/v1/chat/completions", chat, key=None), 401, "invalid_api_key")
+    assert_openai_error(post(url, "/v1/chat/completions", chat, key="wrong-key-0123456789"), 401, "invalid_api_key")
+    assert_openai_error(post(url, "/v1/search", {"query": "q"}, key=None), 401)
+    assert requests.get(f"{url}/v1/models", timeout=30).status_code == 401
+    assert requests.get(f"{url}/metrics", timeout=30).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope-nope-nope-nope", max_retries=0).models.list()
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # probes need no key
+
+
+@pytest.mark.timeout(300)
+def test_bad_input_is_a_4xx_in_openai_format_never_a_500(served):
+    url = served[0]
+    ok = {"model": "tiny", "messages": [{"role": "user", "content": "q"}], "max_tokens": 2}
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    assert_openai_error(requests.post(f"{url}/v1/chat/completions", data=b"{not json", headers=h, timeout=60), 400,
+                        "invalid_json")
+    assert_openai_error(requests.post(f"{url}/v1/chat/completions", data=b"[1, 2]", headers=h, timeout=60), 400,
+                        "invalid_json")
+    assert_openai_error(requests.post(f"{url}/v1/chat/completions", data=b"\xff\xfe", headers=h, timeout=60), 400)
+    cases = [
+        ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+        ("/v1/chat/completions", {**ok, "max_tokens": 65}, 400, "max_tokens"),
+        ("/v1/chat/completions", {**ok, "temperature": "hot"}, 400, "temperature"),
+        ("/v1/chat/completions", {**ok, "n": 3}, 400, None),
+        ("/v1/chat/completions", {**ok, "messages": [{"role": "user", "content": "q"}] * 9}, 400, "messages"),
+        ("/v1/chat/completions", {**ok, "retrieval": {"k": 21}}, 400, "retrieval.k"),
+        ("/v1/chat/completions", {**ok, "model": "gpt-4"}, 404, "model"),
+        ("/v1/chat/completions", {**ok, "messages": [{"role": "user", "content": "Zal " * 1900}], "max_tokens": 64},
+         400, "messages"),  # within max_input_chars, beyond the tiny model's 2048-token context
+        ("/v1/chat/completions", {**ok, "stream": True, "model": "nope"}, 404, "model"),
+        ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, None),
+        ("/v1/completions", {"model": "tiny", "prompt": "Zal " * 1900, "max_tokens": 8}, 400, "prompt"),
+        ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": []}, 400, "input"),
+        ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": [[1, 2, 3]]}, 400, None),
+        ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"}, 404, "model"),
+        ("/v1/search", {"query": "q", "k": 0}, 400, "k"),
+        ("/v1/search", {"query": "q", "k": 21}, 400, "k"),
+        ("/v1/search", {"query": ""}, 400, "query"),
+        ("/v1/search", {"query": "q", "filter": {"a": {"nested": 1}}}, 400, None),
+    ]
+    for path, body, status, param in cases:
+        assert_openai_error(post(url, path, body), status, param=param)
+    big = post(url, "/v1/chat/completions", {**ok, "messages": [{"role": "user", "content": "x" * 30_000}]})
+    assert_openai_error(big, 413, "request_too_large")
+    chunked = requests.post(f"{url}/v1/search", data=iter([b'{"query": "', b"x" * 25_000, b'"}']), headers=h,
+                            timeout=60)  # no Content-Length: counted while read
+    assert_openai_error(chunked, 413, "request_too_large")
+    assert_openai_error(requests.get(f"{url}/v1/nothing", headers=h, timeout=60), 404)
+    metrics = requests.get(f"{url}/metrics", headers=h, timeout=60).text
+    assert 'ragtune_requests_total{route="search",status="400"}' in metrics
+    assert 'ragtune_stage_seconds_count{stage="embed"}' in metrics and 'stage="generate"' in metrics
+    assert 'ragtune_batch_size_count{deployment="embedder"}' in metrics
+    assert 'status="500"' not in metrics
+
+
+# --- the commands: ragtune ask, ragtune serve's preflight and Serve config --------------------------------------------
+
+def write_config(cfg, path, **changes):
+    import yaml
+
+    data = cfg.model_dump(mode="json")
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.timeout(300)
+def test_ragtune_ask_over_http_streamed_and_in_process(served, capsys, tmp_path):
+    from jobs.cli import main
+
+    url, cfg, root, *_ = served
+    q = "Which NFL team won Super Bowl 50?"
+    assert main(["ask", q, "--url", url, "--api-key", KEY, "--json", "--max-tokens", "4"]) == 0
+    http = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert isinstance(http["text"], str) and http["finish_reason"] in ("stop", "length")
+    want = [h["chunk_id"] for h in post(url, "/v1/search", {"query": q, "k": 3}).json()["data"]]
+    assert [c["chunk_id"] for c in http["citations"]] == want
+
+    assert main(["ask", q, "--url", url, "--api-key", KEY, "--stream", "--max-tokens", "4", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "passages:" in out and "[1]" in out and "[2]" in out and "[3]" not in out
+
+    path = write_config(cfg, tmp_path / "serve.yaml")  # in this process: no server, the same functions
+    assert main(["ask", q, "--config", path, "--json", "--max-tokens", "4"]) == 0
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [c["chunk_id"] for c in local["citations"]] == want
+    assert local["usage"]["completion_tokens"] <= 4 and local["usage"]["prompt_tokens"] > 100
+
+    assert main(["ask", q, "--url", url, "--api-key", "not-the-key-0123456789"]) == 2  # a clear error, exit 2
+    assert "HTTP 401" in capsys.readouterr().err
+    assert main(["ask", q, "--url", "http://127.0.0.1:9"]) == 2  # nothing listens there: a clear error, exit 2
+    assert "cannot connect" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_serve_preflight_and_the_serve_config_for_a_rayservice(served, capsys, tmp_path, monkeypatch):
+    import yaml
+
+    from jobs.cli import main
+
+    _, cfg, root, *_ = served
+    good = write_config(cfg, tmp_path / "good.yaml")
+    assert main(["validate", good, "--job", "serve"]) == 0
+    capsys.readouterr()
+    cases = {
+        "missing adapter": ({"generator__adapters": {"lora": str(tmp_path / "nowhere")}},
+                            "generator.adapters.lora"),
+        "no model folder": ({"generator__model": str(tmp_path / "no-model")}, "generator.model"),
+        "too many groups": ({"shards__groups": 3}, "shards.groups = 3 but"),
+        "open without keys": ({"http__host": "0.0.0.0", "auth__api_keys": [], "auth__api_keys_env": "RT_TEST_KEYS"},
+                              "http.host = '0.0.0.0' exposes the API"),
+    }
+    monkeypatch.delenv("RT_TEST_KEYS", raising=False)
+    for name, (changes, message) in cases.items():
+        path = write_config(cfg, tmp_path / f"{name.replace(' ', '-')}.yaml", **changes)
+        assert main(["serve", "-c", path]) == 2, name  # refused before any Ray work
+        assert message in capsys.readouterr().err, name
+
+    assert main(["serve", "-c", good, "--print-serve-config"]) == 0
+    text = capsys.readouterr().out
+    assert KEY not in text  # keys never go into a Serve config
+    doc = yaml.safe_load(text)
+    [application] = doc["applications"]
+    assert application["import_path"] == "serving.app:build_app"
+    from serving.app import ServeAppArgs
+
+    inline = ServeAppArgs.model_validate(application["args"]).resolve()
+    assert inline.index.path == str(root) and inline.auth.api_keys == [] and not inline.serve.print_config
+    assert doc["http_options"]["host"] == "127.0.0.1" and doc["http_options"]["port"] == cfg.http.port
+
+
+# --- failures and updates under load ----------------------------------------------------------------------------------
+
+def load(url, queries, stop, results, errors, concurrency=6):
+    """Send /v1/search requests from `concurrency` threads until `stop` is set: (query, ids, version) or errors."""
+    def worker(i):
+        n = 0
+        while not stop.is_set():
+            q = queries[(i + n) % len(queries)]
+            n += 1
+            t0 = time.monotonic()
+            try:
+                r = post(url, "/v1/search", {"query": q, "k": 5})
+                if r.status_code != 200:
+                    errors.append((q, r.status_code, r.text[:200]))
+                    continue
+                body = r.json()
+                results.append((q, [h["chunk_id"] for h in body["data"]], body["version"].rsplit("/", 1)[-1],
+                                t0))  # when the request was sent
+            except Exception as e:  # a connection error is a failed request too
+                errors.append((q, type(e).__name__, str(e)[:200]))
+
+    pool = ThreadPoolExecutor(concurrency)
+    futures = [pool.submit(worker, i) for i in range(concurrency)]
+    return pool, futures
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_shard_searcher_replica_killed_under_traffic(served, reference):
+    import ray
+    from ray import serve
+
+    url, *_ = served
+    handle = serve.get_deployment_handle("ShardSearcher0", app_name="ragtune")
+    victim = handle.whoami.remote().result(timeout_s=60)
+    stop, results, errors = threading.Event(), [], []
+    pool, futures = load(url, QUERIES, stop, results, errors)
+    time.sleep(2)
+    before = len(results)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    t_kill = time.monotonic()
+    deadline = t_kill + 120
+    replacement = None
+    while time.monotonic() < deadline:  # wait for Serve to start a new replica
+        try:
+            replacement = handle.whoami.remote().result(timeout_s=10)
+            if replacement != victim:
+                break
+        except Exception:
+            pass
+        time.sleep(0.5)
+    time.sleep(3)  # traffic through the new replica
+    stop.set()
+    for f in futures:
+        f.result()
+    pool.shutdown()
+    assert replacement and replacement != victim, "Serve did not replace the killed replica"
+    assert not errors, errors[:5]
+    after = [r for r in results if r[3] > t_kill]
+    assert before > 0 and len(after) > 10, (before, len(after))
+    wrong = [(q, ids) for q, ids, v, _ in results if ids != reference[v][q]]
+    assert not wrong, wrong[:3]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_index_version_swap_under_traffic_fails_no_request(served, reference):
+    from sharding.index import switch_latest
+    from sharding.storage import resolve
+
+    url, _, root, probe, rows = served
+    assert reference["v-00002"][probe][0] != reference["v-00001"][probe][0]  # the swap is visible
+    stop, results, errors = threading.Event(), [], []
+    pool, futures = load(url, [probe, *QUERIES], stop, results, errors)
+    time.sleep(2)
+    switch_latest(resolve(str(root)), "v-00002")
+    r = post(url, "/admin/reload", {})
+    t_switched = time.monotonic()
+    assert r.status_code == 200 and r.json()["changed"] and r.json()["version"].endswith("v-00002"), r.text
+    time.sleep(3)
+    stop.set()
+    for f in futures:
+        f.result()
+    pool.shutdown()
+    assert not errors, errors[:5]
+    versions = {v for _, _, v, _ in results}
+    assert versions == {"v-00001", "v-00002"}, versions
+    wrong = [(q, v, ids) for q, ids, v, _ in results if ids != reference[v][q]]
+    assert not wrong, wrong[:3]  # each answer is exactly its version's, never a mix
+    late = [v for _, _, v, t in results if t > t_switched]  # sent after the reload answered
+    assert late and set(late) == {"v-00002"}
+    assert search_ids(url, probe)[0] == reference["v-00002"][probe]
+    assert rows[-1]["_id"] in {h["doc_id"] for h in post(url, "/v1/search", {"query": probe, "k": 1}).json()["data"]}
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health["ready"] and health["version"].endswith("v-00002")
