@@ -6,13 +6,16 @@ fixed number of requests at a fixed concurrency to each route, first with batchi
 ``@serve.batch``), then with it off, then on again, and so on (``--repeats``); the load generator stops by itself.
 
     python bench/serve.py                                     # ~6 minutes on 2 cores
-    python bench/serve.py --requests 800 --concurrency 32 --repeats 2
+    python bench/serve.py --requests 1000 --concurrency 64 --repeats 2
 
-Routes: ``/v1/embeddings`` with one input per request (the embedder path alone), ``/v1/search`` (embed, fan out
-to the shard groups, merge, docstore) and RAG chat (``/v1/chat/completions``: search, prompt, ``--max-tokens``
-greedy tokens of the tiny model). Printed per route and mode: requests/s, p50/p95/p99 latency and the mean batch
-size the Embedder / Generator ran (from ``/metrics``); then batching-on / batching-off ratios. Client and server
-share the machine's cores, as a sidecar load generator would. A PNG of requests/s and p99 goes beside the output.
+Routes: ``embedder``, the Embedder deployment called through a Serve handle from this process (the embedder path
+without the HTTP hops: what dynamic batching acts on); ``embeddings``, ``/v1/embeddings`` with one input per
+request (the embedder path over HTTP: proxy, Ingress, Embedder); ``search``, ``/v1/search`` (embed, fan out to
+the shard groups, merge, docstore); ``chat``, RAG chat (``/v1/chat/completions``: search, prompt,
+``--max-tokens`` greedy tokens of the tiny model). Printed per route and mode: requests/s, p50/p95/p99 latency
+and the mean batch size the Embedder / Generator ran; then batching-on / batching-off ratios. Client and server
+share the machine's cores, as a sidecar load generator would. Serve's per-request access log is off unless
+``--access-log`` (on 2 cores it costs a third of the HTTP requests/s). A PNG of requests/s and p99 is written.
 """
 
 from __future__ import annotations
@@ -57,6 +60,33 @@ def corpus_and_queries(n: int, work: Path) -> tuple[Path, list[str]]:
     return out, queries
 
 
+def encode_ceiling(index_path: str, queries: list[str], seconds: float = 3.0) -> dict:
+    """Queries/s of the index's embedding model in this process at batch 1 and 32, with the threads the
+    Embedder replica gets (``cluster.placement.plan_serving``)."""
+    import torch
+
+    from cluster.placement import NodeResources, plan_serving
+    from models.embedders import QueryEncoder
+    from sharding.index import read_index_manifest, resolve_index
+
+    manifest = read_index_manifest(resolve_index(index_path))
+    threads = plan_serving([NodeResources(cpus=float(os.cpu_count() or 1), gpus=0.0)],
+                           num_shards=len(manifest.shards)).embedder.threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    enc = QueryEncoder(manifest)
+    out: dict = {"threads": threads}
+    for b in (1, 32):
+        enc.encode(queries[:b])
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            enc.encode([queries[(n + j) % len(queries)] for j in range(b)])
+            n += b
+        out[b] = n / (time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,6 +126,31 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[flo
         return lat, failed, time.perf_counter() - t0
 
 
+async def load_handle(handle, texts: list[str], concurrency: int) -> tuple[list[float], int, float]:
+    """The same bounded load straight into the Embedder deployment through a Serve handle (no HTTP hops)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for t in texts:
+        queue.put_nowait(t)
+    lat: list[float] = []
+
+    async def worker() -> None:
+        while not queue.empty():
+            text = queue.get_nowait()
+            t0 = time.perf_counter()
+            await handle.embed.remote(text)
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat, 0, time.perf_counter() - t0
+
+
+async def _batches(handle, texts: list[str], concurrency: int) -> float:
+    """Mean batch size the Embedder reports for ``concurrency`` requests sent at once."""
+    out = await asyncio.gather(*(handle.embed.remote(t) for t in texts[:concurrency]))
+    return statistics.mean(b for _, _, b in out)
+
+
 def batch_totals(url: str, dep: str) -> tuple[float, float]:
     """(sum, count) of the batch sizes the Ingress saw for a deployment so far, from its /metrics."""
     import urllib.request
@@ -113,12 +168,14 @@ def pct(xs: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--paragraphs", type=int, default=400, help="SQuAD paragraphs in the index")
-    ap.add_argument("--requests", type=int, default=400, help="requests per route for embeddings and search")
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=600, help="requests per route for embedder, embeddings, search")
+    ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--chat-requests", type=int, default=64)
     ap.add_argument("--chat-concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens generated per chat answer (greedy)")
     ap.add_argument("--repeats", type=int, default=1, help="on/off rounds (medians over them)")
+    ap.add_argument("--access-log", action="store_true", help="keep Serve's per-request access log (costs CPU)")
+    ap.add_argument("--routes", default="embedder,embeddings,search,chat", help="which routes to load")
     ap.add_argument("--plot", default="bench-serve.png")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,10 +205,16 @@ def main() -> None:
     print(f"setup: {built.line()} + tiny generator in {time.perf_counter() - t0:.0f}s; {len(queries)} queries, "
           f"{os.cpu_count()} cores; client and server share them", flush=True)
 
+    ceiling = encode_ceiling(str(work / "index"), queries)
+    print(f"in one process, no Serve ({ceiling['threads']} torch threads): the embedding model encodes "
+          f"{ceiling[1]:.0f} queries/s one at a time, {ceiling[32]:.0f} in batches of 32 "
+          f"(x{ceiling[32] / ceiling[1]:.2f}: the most batching can give on this CPU)", flush=True)
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     routes = {
+        "embedder": ("handle", [queries[i % len(queries)] for i in range(args.requests)], args.concurrency),
         "embeddings": ("/v1/embeddings", [{"model": "all-MiniLM-L6-v2", "input": queries[i % len(queries)],
                                            "encoding_format": "float"} for i in range(args.requests)],
                        args.concurrency),
@@ -162,6 +225,7 @@ def main() -> None:
                    "messages": [{"role": "user", "content": queries[i % len(queries)]}]}
                   for i in range(args.chat_requests)], args.chat_concurrency),
     }
+    routes = {name: routes[name] for name in args.routes.split(",")}
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.repeats):
         for mode in ("on", "off"):
@@ -172,18 +236,25 @@ def main() -> None:
                 "generator": {"model": str(model), "name": "tiny", "batching": on, "max_batch_size": 8,
                               "defaults": {"max_tokens": args.max_tokens}},
                 "http": {"port": port}, "auth": {"api_keys_env": None},
-                "limits": {"request_timeout_s": 300}})
+                "limits": {"request_timeout_s": 300}, "serve": {"access_log": args.access_log}})
             serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name="bench", route_prefix="/")
             wait_ready(url)
-            for path, bodies, conc in routes.values():
-                asyncio.run(load(url + path, bodies[: max(conc * 2, 16)], conc))  # warm up (adapters, caches)
+            handle = serve.get_deployment_handle("Embedder", app_name="bench")
+            for path, bodies, conc in routes.values():  # warm up (adapters, caches)
+                asyncio.run(load_handle(handle, bodies[:conc * 2], conc) if path == "handle" else
+                            load(url + path, bodies[: max(conc * 2, 16)], conc))
             for name, (path, bodies, conc) in routes.items():
                 dep = "generator" if name == "chat" else "embedder"
                 s0, c0 = batch_totals(url, dep)
-                lat, failed, wall = asyncio.run(load(url + path, bodies, conc))
-                s1, c1 = batch_totals(url, dep)
+                if path == "handle":
+                    lat, failed, wall = asyncio.run(load_handle(handle, bodies, conc))
+                    ws = asyncio.run(_batches(handle, bodies[:conc], conc))
+                else:
+                    lat, failed, wall = asyncio.run(load(url + path, bodies, conc))
+                    s1, c1 = batch_totals(url, dep)
+                    ws = (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")
                 res = {"rps": len(lat) / wall, "p50": pct(lat, .5), "p95": pct(lat, .95), "p99": pct(lat, .99),
-                       "failed": failed, "batch": (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")}
+                       "failed": failed, "batch": ws}
                 results.setdefault((name, mode), []).append(res)
                 print(f"round {r + 1} batching {mode:3s} {name:10s} {res['rps']:7.1f} req/s  "
                       f"p50 {res['p50'] * 1e3:6.0f} ms  p95 {res['p95'] * 1e3:6.0f} ms  p99 {res['p99'] * 1e3:6.0f} ms"

@@ -91,6 +91,11 @@ def _actor_options(r: Any) -> dict[str, Any]:
     return {"num_cpus": r.num_cpus, **({"num_gpus": r.num_gpus} if r.num_gpus else {})}
 
 
+def _common(cfg: ServeJobConfig) -> dict[str, Any]:
+    """Options every deployment takes."""
+    return {"logging_config": {"enable_access_log": cfg.serve.access_log}}
+
+
 def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
     """The Serve application for a ServeJobConfig (``serve.run(build_app(...))``)."""
 
@@ -107,7 +112,7 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
     e, s, g = cfg.embedder, cfg.shards, cfg.generator
 
     embedder = Embedder.options(
-        num_replicas=e.replicas, ray_actor_options=_actor_options(plan.embedder),
+        num_replicas=e.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.embedder),
         max_ongoing_requests=max(64, 2 * e.max_batch_size),  # Serve's default (5) would keep batches from filling
     ).bind(cfg.index.path, e.batching, e.max_batch_size, e.batch_wait_timeout_s, plan.embedder.threads)
 
@@ -119,19 +124,20 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
                                     "target_ongoing_requests": s.autoscaling.target_ongoing_requests}}
             if s.autoscaling else {"num_replicas": s.replicas})
         searchers.append(ShardSearcher.options(
-            name=f"ShardSearcher{n}", ray_actor_options=_actor_options(plan.searcher), max_ongoing_requests=64,
+            name=f"ShardSearcher{n}", **_common(cfg), ray_actor_options=_actor_options(plan.searcher),
+            max_ongoing_requests=64,
             health_check_period_s=s.health_check_period_s, health_check_timeout_s=max(10.0, s.health_check_period_s),
             **scaling,
         ).bind(cfg.index.path, shards, cfg.index.params, cfg.index.verify, cfg.index.mmap, plan.searcher.device,
                plan.searcher.threads, poll))
 
     retriever = Retriever.options(
-        num_replicas=1, ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
+        num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
     ).bind(embedder, searchers, cfg.index.path, cfg.retrieval.filter_overfetch, cfg.retrieval.retries_s, poll,
            cfg.retrieval.filter_max_candidates)
 
     generator = Generator.options(
-        num_replicas=g.replicas, ray_actor_options=_actor_options(plan.generator),
+        num_replicas=g.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.generator),
         max_ongoing_requests=max(32, 2 * g.max_batch_size),
     ).bind(g.model, g.name, g.adapters, cfg.prompt.model_dump(), g.defaults.model_dump(), plan.generator.device,
            g.dtype, g.context, plan.generator.threads, g.batching, g.max_batch_size, g.batch_wait_timeout_s,
@@ -141,7 +147,7 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
     public = cfg.model_dump(mode="json")
     public["auth"]["api_keys"] = []
     return Ingress.options(
-        num_replicas=1, ray_actor_options=_actor_options(plan.light), max_ongoing_requests=512,
+        num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=512,
     ).bind(embedder, retriever, generator, public, keys)
 
 

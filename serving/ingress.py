@@ -115,7 +115,7 @@ class Ingress:
             log.warning("NO API KEYS: this server answers without authentication, and only to 127.0.0.1 (set "
                         "%s to require keys)", self.cfg.auth.api_keys_env or "auth.api_keys")
         self.models = [self.cfg.generator.name, *self.cfg.generator.adapters]
-        self.embedding_model: str | None = None
+        self.embedder_info: dict[str, Any] | None = None  # model name and dimension: fixed for the deployment
         self.metrics = Metrics()
         self.created = int(time.time())
 
@@ -201,6 +201,11 @@ class Ingress:
         return asdict(sampling_params(self.cfg.generator.defaults, max_tokens=max_tokens,
                                       temperature=req.temperature, top_p=req.top_p, stop=req.stops(), seed=req.seed))
 
+    async def _embedder_info(self) -> dict[str, Any]:
+        if self.embedder_info is None:
+            self.embedder_info = await self.embedder.info.remote()
+        return self.embedder_info
+
     async def _retrieve(self, query: str, k: int, filter: dict[str, Any] | None) -> dict[str, Any]:
         out = await self.retriever.search.remote(query, k, filter)
         self.metrics.stage.labels("embed").observe(out["timings"]["embed_s"])
@@ -231,11 +236,10 @@ class Ingress:
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
         self._auth(request)
-        if self.embedding_model is None:
-            self.embedding_model = (await self.embedder.info.remote())["model"]
+        embedding_model = (await self._embedder_info())["model"]
         data = [{"id": m, "object": "model", "created": self.created, "owned_by": "ragtune",
                  "kind": "base" if m == self.cfg.generator.name else "adapter"} for m in self.models]
-        data.append({"id": self.embedding_model, "object": "model", "created": self.created, "owned_by": "ragtune",
+        data.append({"id": embedding_model, "object": "model", "created": self.created, "owned_by": "ragtune",
                      "kind": "embedding"})
         return JSONResponse({"object": "list", "data": data})
 
@@ -260,7 +264,7 @@ class Ingress:
         async def work():
             req: EmbeddingRequest = await self._read(request, EmbeddingRequest)
             check_embeddings(req, self.limits)
-            info = await self.embedder.info.remote()
+            info = await self._embedder_info()
             if req.model != info["model"]:
                 raise ApiError(404, f"embedding model {req.model!r} does not exist; this server embeds with "
                                     f"{info['model']!r}", param="model", code="model_not_found")

@@ -214,6 +214,8 @@ class ServeConfig(Section):
     """What the command does besides serving."""
 
     print_config: bool = Field(False, description="print the Serve config YAML (for a KubeRay RayService) and exit")
+    access_log: bool = Field(True, description="Serve's access log line per request in every replica's log (off "
+                                               "saves CPU at high request rates)")
 
 
 class ServeJobConfig(Section):
