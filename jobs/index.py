@@ -109,11 +109,22 @@ def check(cfg: IndexJobConfig, use_gpu: bool | None = None) -> Plan:
     if ix.tune_queries_path and not Path(ix.tune_queries_path).is_file():
         raise RagtuneError(f"index.tune_queries_path = {ix.tune_queries_path!r}: no such file. Fix: give a local BEIR "
                            "queries.jsonl or a text file with one query per line, or null to tune on held-out vectors")
+    if ix.lexical.enabled:  # an unknown stemmer or a missing PyStemmer fails here, not after the FAISS build
+        from sharding.lexical import tokenizer
+
+        tokenizer(lexical_params(cfg))
     root = resolve(ix.path)
     if exists(root.join(MANIFEST)):
         raise RagtuneError(f"index.path = {ix.path!r} is an index version folder, not an index root. Fix: set "
                            "index.path to the folder that holds LATEST and the v-NNNNN folders")
     return Plan(cfg, emb, m, parts, nb, m.dim, choice, root)
+
+
+def lexical_params(cfg: IndexJobConfig):
+    """index.lexical as the parameters stored in the manifest (sharding.lexical.LexicalParams)."""
+    from sharding.lexical import LexicalParams
+
+    return LexicalParams(**cfg.index.lexical.model_dump(exclude={"enabled"}))
 
 
 # --- 3. sample and train (one Ray task) ---------------------------------------------------------------------------
@@ -218,6 +229,42 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
                          seconds=time.perf_counter() - t0)
     return {"record": record.model_dump(), "candidates": candidates, "searched": searched,
             "truth": (true_D, true_I)}
+
+
+# --- 4b. lexical shards: corpus statistics, then one BM25 shard per FAISS shard (Ray tasks) ----------------------
+
+def _lexical_rows(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord]) -> tuple[np.ndarray, list[str]]:
+    from sharding.index import read_part_table
+    from sharding.lexical import chunk_texts
+
+    emb = resolve(emb_uri)
+    ids, texts = [], []
+    for piece in pieces:
+        t = read_part_table(emb, records[piece.part], ["chunk_id", "title", "text"]).slice(piece.start, piece.rows)
+        ids.append(t["chunk_id"].to_numpy())
+        texts += chunk_texts(t["title"].to_pylist(), t["text"].to_pylist())
+    return np.concatenate(ids).astype(np.int64), texts
+
+
+def lexical_stats(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord], params: Any) -> Any:
+    """First pass: the BM25 statistics of one shard's chunks (documents, length, document frequencies)."""
+    from sharding.lexical import CorpusStats, tokenizer
+
+    _, texts = _lexical_rows(pieces, emb_uri, records)
+    return CorpusStats.of(tokenizer(params)(texts))
+
+
+def build_lexical(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord], stats: Any,
+                  params: Any, version_uri: str) -> dict[str, Any]:
+    """Second pass: this shard's BM25 scores with the whole corpus' statistics, written atomically."""
+    from sharding.lexical import LexicalRecord, build_shard, lexical_name, tokenizer, write_lexical_file
+
+    t0 = time.perf_counter()
+    ids, texts = _lexical_rows(pieces, emb_uri, records)
+    lex = build_shard(tokenizer(params)(texts), ids, stats, params)
+    sha, size = write_lexical_file(lex, params, resolve(version_uri).join(lexical_name(shard)))
+    return LexicalRecord(file=lexical_name(shard), ntotal=lex.ntotal, terms=len(lex.model.vocab_dict) - 1,
+                         sha256=sha, bytes=size, seconds=time.perf_counter() - t0).model_dump()
 
 
 def _gpu_memory() -> int:
@@ -344,6 +391,10 @@ def run(cfg: IndexJobConfig) -> IndexSummary:
     version = version_name((versions[-1] if versions else 0) + 1)
     vdir = plan.root.join(version)
     makedirs(vdir.join(DOCSTORE_DIR))
+    if ix.lexical.enabled:
+        from sharding.lexical import LEXICAL_DIR
+
+        makedirs(vdir.join(LEXICAL_DIR))
 
     # Sample and train once.
     records = {rec.file: rec for rec in plan.embeddings.parts.values()}
@@ -374,6 +425,11 @@ def run(cfg: IndexJobConfig) -> IndexSummary:
     pending = {shard_task.remote(i, pieces, plan.emb.uri, records, trained_ref, xq_ref, qids_ref, k + 1 if k else 0,
                                  plan.embeddings.metric, vdir.uri, tasks.threads, gpu): i
                for i, pieces in enumerate(shards)}
+    stats_refs: list[Any] = []
+    if ix.lexical.enabled:  # queued beside the FAISS shard tasks: statistics first, then the BM25 shards
+        lparams = lexical_params(cfg)
+        stats_task = ray.remote(lexical_stats).options(num_cpus=1)
+        stats_refs = [stats_task.remote(pieces, plan.emb.uri, records, lparams) for pieces in shards]
     rate = Rate(plan.nb, "vectors")
     results: dict[int, dict[str, Any]] = {}
     while pending:
@@ -385,6 +441,25 @@ def run(cfg: IndexJobConfig) -> IndexSummary:
         rate.log(log, f"{rec['file']} ({rec['ntotal']:,} vectors, {rec['seconds']:.1f}s) written; "
                       f"{len(results)}/{len(shards)} shards, ")
     ordered = [results[i] for i in range(len(shards))]
+    lexical = None
+    if ix.lexical.enabled:
+        import bm25s
+
+        from sharding.lexical import CorpusStats, LexicalManifest, LexicalRecord
+
+        t_lex = time.perf_counter()
+        stats = CorpusStats()
+        for part in ray.get(stats_refs):
+            stats = stats.merge(part)
+        stats_ref = ray.put(stats)
+        lex_task = ray.remote(build_lexical).options(num_cpus=1)
+        lexical_refs = [lex_task.remote(i, pieces, plan.emb.uri, records, stats_ref, lparams, vdir.uri)
+                        for i, pieces in enumerate(shards)]
+        lex_records = [LexicalRecord.model_validate(r) for r in ray.get(lexical_refs)]
+        lexical = LexicalManifest(library_version=bm25s.__version__, params=lparams, n_docs=stats.n_docs,
+                                  avg_len=stats.avg_len, terms=len(stats.df), shards=lex_records)
+        log.info("lexical (BM25) shards: %d chunks, %d terms, %d shard(s) in %.1fs after the vector shards",
+                 stats.n_docs, len(stats.df), len(lex_records), time.perf_counter() - t_lex)
 
     # Tune the search parameters on the merged results.
     from sharding.search import tuning_table
@@ -421,7 +496,12 @@ def run(cfg: IndexJobConfig) -> IndexSummary:
         build={"seconds": time.perf_counter() - t_start, "hardware": hardware, "faiss": faiss.__version__,
                "threads_per_task": tasks.threads},
         config=cfg.model_dump(mode="json"),
+        lexical=lexical,
     )
+    if lexical is not None and [r.ntotal for r in lexical.shards] != [r.ntotal for r in shard_records]:
+        raise RagtuneError(f"the lexical shards hold {[r.ntotal for r in lexical.shards]} chunks but the vector "
+                           f"shards {[r.ntotal for r in shard_records]}; {version} is left incomplete and LATEST "
+                           "unchanged. Fix: rerun the same command")
     if manifest.ntotal != plan.nb:
         raise RagtuneError(f"the shards hold {manifest.ntotal} vectors but the embeddings have {plan.nb}; "
                            f"{version} is left incomplete and LATEST unchanged. Fix: rerun the same command")

@@ -6,6 +6,7 @@ On disk (DESIGN.md, "Data flow and formats" 4)::
     <path>/v-00002/manifest.json          factory, metric, d, shards (ntotal, sha256), search params, recall
     <path>/v-00002/shard-00000.faiss      ids = chunk_id (int64), so shards never need remapping
     <path>/v-00002/docstore/shard-00000.parquet   chunk_id -> doc_id, text, ... sorted by chunk_id
+    <path>/v-00002/lexical/shard-00000.npz       BM25 shard over the same chunks (sharding/lexical.py)
     <path>/v-00002/tuning.png             recall@10 vs QPS of the search parameters tried
 
 A version folder is written completely before ``LATEST`` names it and is never changed afterwards, so a reader
@@ -37,6 +38,7 @@ from pydantic import BaseModel, Field
 from configs.schema.base import RagtuneError
 from sharding.embeddings import MANIFEST as EMBEDDINGS_MANIFEST
 from sharding.embeddings import PartRecord
+from sharding.lexical import LexicalManifest
 from sharding.storage import (
     TMP_MARK,
     Location,
@@ -587,6 +589,7 @@ class IndexManifest(BaseModel):
     build: dict[str, Any] = Field(default_factory=dict)  # seconds, hardware, faiss version
     config: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
+    lexical: LexicalManifest | None = None  # BM25 shards beside the FAISS shards; None: dense search only
 
 
 def write_index_manifest(version_dir: Location, manifest: IndexManifest) -> None:

@@ -27,9 +27,12 @@ from sharding.index import (
     read_index_manifest,
     resolve_index,
 )
+from sharding.lexical import LexicalShard, read_lexical_file, tokenizer
 from sharding.storage import Location
 
 HNSW_EF = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+MODES = ("dense", "lexical", "hybrid")
+FUSIONS = ("weighted", "rrf")
 
 
 # --- merge ----------------------------------------------------------------------------------------------------------
@@ -53,6 +56,76 @@ def merge_topk(Ds: Sequence[np.ndarray], Is: Sequence[np.ndarray], k: int,
         I = np.hstack([I, np.full((len(I), pad), -1, dtype=np.int64)])
     D[I < 0] = -np.inf if ip else np.inf
     return D, I
+
+
+# --- fusion of rankings (hybrid search) -------------------------------------------------------------------------
+
+def _fused_topk(scores: Sequence[dict[int, float]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query {chunk id: fused score} -> top-k (D, I), higher first; ties keep first-seen order; -1 pads."""
+    D = np.full((len(scores), k), -np.inf, dtype=np.float32)
+    I = np.full((len(scores), k), -1, dtype=np.int64)
+    for q, s in enumerate(scores):
+        top = sorted(s.items(), key=lambda kv: -kv[1])[:k]  # sorted() is stable: dict order breaks ties
+        if top:
+            I[q, :len(top)] = [cid for cid, _ in top]
+            D[q, :len(top)] = [v for _, v in top]
+    return D, I
+
+
+def rrf_fusion(Is: Sequence[np.ndarray], k: int, c: float = 60.0,
+               weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reciprocal rank fusion (Cormack et al. 2009): score(id) = sum over rankings of w / (c + rank), rank from 1.
+
+    Args:
+        Is: rankings, each (nq, k_l) of ids best first (-1 = none).
+        k: results to keep.
+        c: the constant that damps the top ranks (60 in the paper and in most engines).
+        weights: one per ranking (default 1 each).
+
+    Returns:
+        (D, I) (nq, k): fused scores (higher is better) and ids.
+    """
+    w = list(weights) if weights is not None else [1.0] * len(Is)
+    nq = len(Is[0]) if Is else 0
+    out: list[dict[int, float]] = []
+    for q in range(nq):
+        s: dict[int, float] = {}
+        for wl, I in zip(w, Is, strict=True):
+            for rank, cid in enumerate(np.asarray(I[q]).tolist(), 1):
+                if cid >= 0:
+                    s[cid] = s.get(cid, 0.0) + wl / (c + rank)
+        out.append(s)
+    return _fused_topk(out, k)
+
+
+def weighted_fusion(Ds: Sequence[np.ndarray], Is: Sequence[np.ndarray], metrics: Sequence[str], k: int,
+                    weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted score fusion: each ranking's scores min-max normalised per query to [0, 1] (1 = its best
+    result), then summed with ``weights``; an id a ranking did not return gets 0 from it.
+
+    Args:
+        Ds, Is: rankings (nq, k_l): scores and ids (-1 = none).
+        metrics: per ranking, ``inner_product`` (higher is better: BM25, cosine) or ``l2`` (lower is better).
+        k: results to keep.
+        weights: one per ranking, e.g. (0.5, 0.5).
+    """
+    nq = len(Is[0]) if Is else 0
+    out: list[dict[int, float]] = []
+    for q in range(nq):
+        s: dict[int, float] = {}
+        for D, I, metric, wl in zip(Ds, Is, metrics, weights, strict=True):
+            ids = np.asarray(I[q])
+            ok = ids >= 0
+            x = np.asarray(D[q], dtype=np.float64)[ok]
+            if not len(x):
+                continue
+            x = x if metric == "inner_product" else -x
+            lo, hi = x.min(), x.max()
+            norm = (x - lo) / (hi - lo) if hi > lo else np.ones_like(x)
+            for cid, v in zip(ids[ok].tolist(), norm.tolist(), strict=True):
+                s[cid] = s.get(cid, 0.0) + wl * v
+        out.append(s)
+    return _fused_topk(out, k)
 
 
 HIT_FIELDS = ("doc_id", "title", "text")
@@ -160,6 +233,10 @@ class ShardedIndex:
     shards: list[Any]
     params: dict[str, int] = field(default_factory=dict)
     _ef: int | None = None  # efSearch of plain HNSW shards: raised to k for a search of k > efSearch
+    numbers: list[int] | None = None  # the shard numbers loaded (None: all)
+    verify: bool = True
+    _lexical: list[LexicalShard] | None = None  # loaded on the first lexical search
+    _tokenize: Any = None  # the tokenizer the lexical shards were built with
 
     @classmethod
     def open(cls, path: str, *, mmap: bool = True, verify: bool = True, params: dict[str, int] | None = None,
@@ -191,7 +268,7 @@ class ShardedIndex:
             for shard in shards[1:]:  # moves the codes and ids over: memory stays that of one index
                 shards[0].merge_from(shard, 0)
             shards = shards[:1]
-        index = cls(loc, manifest, shards)
+        index = cls(loc, manifest, shards, numbers=numbers, verify=verify)
         index.set_params({**manifest.search_params, **(params or {})})
         return index
 
@@ -224,9 +301,112 @@ class ShardedIndex:
         results = [s.search(xq, k, **kw) for s in self.shards]
         return merge_topk([r[0] for r in results], [r[1] for r in results], k, self.manifest.metric)
 
+    def lexical_shards(self) -> list[LexicalShard]:
+        """The BM25 shards of the same shard numbers, loaded (and checked) on first use."""
+        lex = self.manifest.lexical
+        if lex is None:
+            raise RagtuneError(f"{self.location.uri}: this index version has no lexical (BM25) part: it was built "
+                               "before hybrid search existed, or with index.lexical.enabled false. Fix: rebuild it "
+                               "with `ragtune index` (index.lexical.enabled: true, the default), or search with "
+                               "--mode dense")
+        if self._lexical is None:
+            numbers = self.numbers if self.numbers is not None else range(len(lex.shards))
+            self._lexical = [read_lexical_file(self.location.join(lex.shards[n].file),
+                                               lex.shards[n].sha256 if self.verify else None) for n in numbers]
+            self._tokenize = tokenizer(lex.params)
+        return self._lexical
+
+    def search_lexical(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (D, I) by BM25 over every loaded lexical shard (higher is better), merged exactly."""
+        shards = self.lexical_shards()
+        tokens = self._tokenize(list(texts))
+        results = [s.search(tokens, k) for s in shards]
+        return merge_topk([r[0] for r in results], [r[1] for r in results], k, "inner_product")
+
     def docstore(self) -> Docstore:
         return Docstore([self.location.join(s.docstore) for s in self.manifest.shards],
                         [s.docstore_bytes for s in self.manifest.shards])
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How hybrid search fuses the dense and the lexical ranking.
+
+    ``weighted`` (the default): min-max normalised scores, ``weight`` on dense and ``1 - weight`` on BM25;
+    ``rrf``: reciprocal rank fusion with constant ``rrf_k``. Each ranking is ``depth`` deep (at least k).
+    docs/index.md ("Search modes") has the SQuAD numbers behind the default.
+    """
+
+    method: str = "weighted"
+    weight: float = 0.5
+    rrf_k: float = 60.0
+    depth: int = 100
+
+    def __post_init__(self) -> None:
+        if self.method not in FUSIONS:
+            raise RagtuneError(f"fusion {self.method!r} is not known. Fix: use one of {', '.join(FUSIONS)}")
+        if not 0 <= self.weight <= 1:
+            raise RagtuneError(f"fusion weight {self.weight} is not in [0, 1]. Fix: give the dense ranking's weight, "
+                               "e.g. 0.5 (the lexical ranking gets 1 - weight)")
+        if self.rrf_k <= 0 or self.depth < 1:
+            raise RagtuneError(f"rrf_k = {self.rrf_k}, depth = {self.depth}: both must be positive. Fix: e.g. "
+                               "rrf_k 60, depth 100")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise RagtuneError(f"search mode {mode!r} is not known. Fix: use one of {', '.join(MODES)}")
+    return mode
+
+
+def result_metric(index: ShardedIndex, mode: str) -> str:
+    """How the scores of a search in ``mode`` compare: the index's metric for dense, else higher is better."""
+    return index.manifest.metric if check_mode(mode) == "dense" else "inner_product"
+
+
+def search(index: ShardedIndex, xq: np.ndarray | None, texts: Sequence[str] | None, k: int, mode: str = "dense",
+           fusion: Fusion | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (D, I) of ``index`` in a search mode; I holds chunk ids, -1 where there are fewer results.
+
+    Args:
+        index: an opened index version.
+        xq: query vectors (nq, d), needed by dense and hybrid (None for lexical).
+        texts: the query texts (nq), needed by lexical and hybrid (None for dense).
+        k: results per query.
+        mode: ``dense`` (FAISS), ``lexical`` (BM25) or ``hybrid`` (both, fused by ``fusion``).
+        fusion: how hybrid fuses; default :class:`Fusion` ().
+
+    Returns:
+        D: scores (nq, k): distances for dense (see :func:`result_metric`), BM25 or fused scores (higher is
+        better) otherwise. I: chunk ids (nq, k).
+    """
+    check_mode(mode)
+    if mode != "lexical" and xq is None:
+        raise RagtuneError(f"search mode {mode!r} needs query vectors. Fix: embed the queries with the index's model")
+    if mode != "dense" and texts is None:
+        raise RagtuneError(f"search mode {mode!r} needs the query texts. Fix: pass them beside the vectors")
+    if mode == "dense":
+        assert xq is not None
+        return index.search(xq, k)
+    assert texts is not None
+    if mode == "lexical":
+        return index.search_lexical(texts, k)
+    assert xq is not None
+    fusion = fusion or Fusion()
+    depth = max(k, fusion.depth)
+    return fuse(index.search(xq, depth), index.search_lexical(texts, depth), k, index.manifest.metric, fusion)
+
+
+def fuse(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.ndarray], k: int, metric: str,
+         fusion: Fusion | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hybrid's last step: fuse a dense (D, I) and a lexical (D, I), each ``max(k, fusion.depth)`` deep and
+    already merged across shards (``merge_topk`` with ``metric`` for dense, ``"inner_product"`` for lexical),
+    into the top-k (D = fused scores, higher is better). For callers that search shard groups apart (serving)."""
+    fusion = fusion or Fusion()
+    (Dd, Id), (Dl, Il) = dense, lexical
+    if fusion.method == "rrf":
+        return rrf_fusion([Id, Il], k, fusion.rrf_k)
+    return weighted_fusion([Dd, Dl], [Id, Il], [metric, "inner_product"], k, [fusion.weight, 1 - fusion.weight])
 
 
 # --- recall and tuning --------------------------------------------------------------------------------------------

@@ -38,6 +38,17 @@ class EmbeddingsInput(Section):
                       json_schema_extra={"storage": "input"})
 
 
+class LexicalConfig(Section):
+    """The BM25 index built beside the vector index (same shards, same chunk ids) for lexical and hybrid search."""
+
+    enabled: bool = Field(True, description="build the BM25 shards (cheap next to the vectors); false = dense only")
+    method: Literal["lucene", "robertson", "atire"] = Field("lucene", description="BM25 variant (bm25s' names)")
+    k1: float = Field(1.5, gt=0, le=10, description="BM25 term-frequency saturation")
+    b: float = Field(0.75, ge=0, le=1, description="BM25 length normalisation (0 = none, 1 = full)")
+    stopwords: str | None = Field("english", description="stopword list removed from chunks and queries; null = none")
+    stemmer: str | None = Field("english", description="Snowball stemmer (PyStemmer) applied to tokens; null = none")
+
+
 class IndexConfig(Section):
     """What to build and where."""
 
@@ -73,6 +84,7 @@ class IndexConfig(Section):
         "auto", description="auto = train and add on GPUs when the cluster has them (IVF kinds)"
     )
     seed: int = Field(0, description="seed of the training and tuning samples")
+    lexical: LexicalConfig = Field(default_factory=LexicalConfig, description="the BM25 index beside the vectors")
 
     @field_validator("kind")
     @classmethod
