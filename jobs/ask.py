@@ -2,6 +2,7 @@
 
     ragtune ask "How is an index version switched?"                      # http://127.0.0.1:8000
     ragtune ask "..." --url https://rag.example.com --model capitals -k 8 --stream   # key from RAGTUNE_API_KEY
+    ragtune ask "..." --mode lexical                                     # BM25 only (dense, hybrid, auto)
     ragtune ask "..." --config configs/serve/sample.yaml                 # in this process, no Ray, no server
 
 Prints the answer, then the passages it was given, numbered as the answer cites them. In-process answering
@@ -80,7 +81,8 @@ def ask_http(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or base_model(url, args.api_key, args.timeout)
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": args.question}],
                             "stream": args.stream,
-                            "retrieval": {"enabled": not args.no_retrieval, **({"k": args.k} if args.k else {})}}
+                            "retrieval": {"enabled": not args.no_retrieval, **({"k": args.k} if args.k else {}),
+                                          **({"mode": args.mode} if args.mode else {})}}
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
     if args.temperature is not None:
@@ -109,7 +111,7 @@ def ask_local(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(ServeJobConfig, args.config, args.overrides or [])
     pipeline = RagPipeline(cfg)
     return pipeline.answer([{"role": "user", "content": args.question}], model=args.model,
-                           retrieval=not args.no_retrieval, k=args.k, max_tokens=args.max_tokens,
+                           retrieval=not args.no_retrieval, k=args.k, mode=args.mode, max_tokens=args.max_tokens,
                            temperature=args.temperature)
 
 
@@ -141,6 +143,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("overrides", nargs="*", metavar="section.field=value", help="overrides of --config")
     a.add_argument("--model", help="base model or adapter name (default: the base)")
     a.add_argument("-k", type=int, help="passages to retrieve (default: the server's retrieval.k)")
+    a.add_argument("--mode", choices=("auto", "dense", "lexical", "hybrid"),
+                   help="search mode: dense (vectors), lexical (BM25), hybrid (both, fused), auto (hybrid when the "
+                        "index has a lexical part); default: the server's retrieval.mode")
     a.add_argument("--no-retrieval", action="store_true", help="ask the model alone")
     a.add_argument("--max-tokens", type=int, help="new tokens at most")
     a.add_argument("--temperature", type=float, help="0 = greedy")

@@ -87,6 +87,21 @@ def plan_for(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> Any:
                                  "generator": cfg.generator.threads})
 
 
+def check_retrieval(cfg: ServeJobConfig) -> str:
+    """``retrieval.mode`` against the index version served first: the mode it resolves to (auto: hybrid when the
+    version has a lexical part, else dense); lexical or hybrid on a version without one is a RagtuneError."""
+    from configs.schema.base import RagtuneError
+    from serving.rag import resolve_mode
+    from serving.schemas import ApiError
+    from sharding.index import read_index_manifest, resolve_index
+
+    version = resolve_index(cfg.index.path)
+    try:
+        return resolve_mode(cfg.retrieval.mode, read_index_manifest(version), version.uri, "retrieval.mode")
+    except ApiError as e:
+        raise RagtuneError(e.message) from None
+
+
 def _actor_options(r: Any) -> dict[str, Any]:
     return {"num_cpus": r.num_cpus, **({"num_gpus": r.num_gpus} if r.num_gpus else {})}
 
@@ -106,8 +121,10 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
     if not isinstance(args, ServeAppArgs):
         args = ServeAppArgs.model_validate(args)
     cfg = args.resolve()
+    mode = check_retrieval(cfg)
     plan = plan_for(cfg)
-    log.info("serving plan: %s", plan.reason)
+    log.info("serving plan: %s; retrieval.mode %s (%s for %s)", plan.reason, cfg.retrieval.mode, mode,
+             cfg.index.path)
     poll = cfg.index.poll_interval_s
     e, s, g = cfg.embedder, cfg.shards, cfg.generator
 
@@ -129,12 +146,12 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
             health_check_period_s=s.health_check_period_s, health_check_timeout_s=max(10.0, s.health_check_period_s),
             **scaling,
         ).bind(cfg.index.path, shards, cfg.index.params, cfg.index.verify, cfg.index.mmap, plan.searcher.device,
-               plan.searcher.threads, poll))
+               plan.searcher.threads, poll, cfg.retrieval.mode != "dense"))
 
     retriever = Retriever.options(
         num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
     ).bind(embedder, searchers, cfg.index.path, cfg.retrieval.filter_overfetch, cfg.retrieval.retries_s, poll,
-           cfg.retrieval.filter_max_candidates)
+           cfg.retrieval.filter_max_candidates, cfg.retrieval.mode, cfg.retrieval.fusion.model_dump())
 
     generator = Generator.options(
         num_replicas=g.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.generator),

@@ -100,12 +100,13 @@ class ShardSearcher:
 
     def __init__(self, index_path: str, shards: list[int], params: dict[str, int] | None = None,
                  verify: bool = True, mmap: bool = True, device: str = "cpu", threads: int = 1,
-                 poll_interval_s: float | None = None):
+                 poll_interval_s: float | None = None, lexical: bool = False):
         import faiss
 
         faiss.omp_set_num_threads(threads)
         self.path, self.shards, self.params = index_path, list(shards), dict(params or {})
         self.verify, self.mmap, self.device = verify, mmap, device
+        self.lexical = lexical  # load each version's BM25 shards with it (retrieval.mode may use them)
         self.versions: OrderedDict[str, Any] = OrderedDict()
         self.loading: dict[str, asyncio.Future] = {}
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="search")
@@ -122,8 +123,11 @@ class ShardSearcher:
                                   params=self.params, only=self.shards)
         if self.device == "gpu":
             _to_gpu(index)
-        log.info("shards %s of %s loaded in %.2fs (%d vectors)", self.shards, version, time.perf_counter() - t0,
-                 index.ntotal)
+        lexical = self.lexical and index.manifest.lexical is not None
+        if lexical:  # otherwise a lexical request loads them on demand (ShardedIndex.lexical_shards)
+            index.lexical_shards()
+        log.info("shards %s of %s loaded in %.2fs (%d vectors%s)", self.shards, version, time.perf_counter() - t0,
+                 index.ntotal, ", BM25 too" if lexical else "")
         return index
 
     async def _get(self, version: str) -> Any:
@@ -158,6 +162,16 @@ class ShardSearcher:
         """Top-k (D, I) of this group's shards of ``version`` for queries ``xq`` (nq, d)."""
         index = await self._get(version)
         return await asyncio.get_running_loop().run_in_executor(self.pool, index.search, xq, k)
+
+    async def rank(self, version: str, xq: np.ndarray | None, texts: list[str] | None, depth: int,
+                   rankings: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """This group's rankings of ``version``: {"dense" | "lexical": (D, I)}, each (nq, depth); dense needs the
+        query vectors ``xq`` (nq, d), lexical the query ``texts`` (``serving.rag.group_rankings``)."""
+        from serving.rag import group_rankings
+
+        index = await self._get(version)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, group_rankings, index, xq, texts, depth,
+                                                                rankings)
 
     async def prepare(self, version: str) -> list[int]:
         """Load ``version`` now (before the Retriever switches to it)."""
@@ -206,10 +220,14 @@ def _to_gpu(index: Any) -> None:
 
 @serve.deployment(name="Retriever")
 class Retriever:
-    """Query -> Embedder -> every shard group (in parallel) -> exact top-k merge -> docstore rows -> filter."""
+    """Query -> Embedder (not for lexical) -> every shard group (in parallel) -> exact top-k merge of each
+    ranking -> fusion (hybrid) -> docstore rows -> filter."""
 
     def __init__(self, embedder: Any, searchers: list[Any], index_path: str, overfetch: int = 10,
-                 retries_s: float = 20.0, poll_interval_s: float | None = None, max_candidates: int = 10_000):
+                 retries_s: float = 20.0, poll_interval_s: float | None = None, max_candidates: int = 10_000,
+                 mode: str = "auto", fusion: dict[str, Any] | None = None):
+        from configs.schema.base import RagtuneError
+        from serving.rag import make_fusion, resolve_mode
         from sharding.index import read_index_manifest, resolve_index
 
         self.embedder, self.searchers = embedder, searchers
@@ -217,6 +235,11 @@ class Retriever:
         self.max_candidates = max_candidates
         self.version = current_version(index_path)
         self.manifests = {self.version: read_index_manifest(resolve_index(self.version))}
+        self.mode, self.fusion = mode, make_fusion(fusion)  # retrieval.mode and .fusion; requests override them
+        try:
+            resolve_mode(mode, self.manifests[self.version], self.version, "retrieval.mode")
+        except ApiError as e:
+            raise RagtuneError(e.message) from None
         self.docstores: OrderedDict[str, Any] = OrderedDict()
         self.poll_interval_s = poll_interval_s
         self.poller: asyncio.Task | None = None
@@ -247,6 +270,7 @@ class Retriever:
 
     async def reload(self) -> dict[str, Any]:
         """Switch to the version LATEST names now, after every shard group has loaded it."""
+        from serving.rag import resolve_mode
         from sharding.index import read_index_manifest
         from sharding.storage import resolve
 
@@ -256,6 +280,10 @@ class Retriever:
             if new == old:
                 return {"version": new, "previous": old, "changed": False}
             manifest = read_index_manifest(resolve(new))
+            try:  # retrieval.mode lexical or hybrid and a version without BM25 shards: keep serving the old one
+                resolve_mode(self.mode, manifest, new, "retrieval.mode")
+            except ApiError as e:
+                raise ApiError(409, f"not switching to it: {e.message}", param=None, code=e.code) from None
             deadline = time.monotonic() + max(self.retries_s, 60)
             groups = await asyncio.gather(*(self._call(h, "prepare", deadline, new) for h in self.searchers))
             covered = sorted(s for g in groups for s in g)
@@ -285,29 +313,40 @@ class Retriever:
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
 
-    async def search(self, query: str, k: int, filter: dict[str, Any] | None = None) -> dict[str, Any]:
-        """{"passages", "version", "timings": {"embed_s", "search_s"}, "embed_batch"}."""
-        from serving.rag import passages_from, search_k, widen_k
-        from sharding.search import merge_topk
+    async def search(self, query: str, k: int, filter: dict[str, Any] | None = None, mode: str | None = None,
+                     fusion: dict[str, Any] | None = None, param: str = "mode") -> dict[str, Any]:
+        """{"passages", "version", "mode", "timings": {"embed_s", "search_s"}, "embed_batch"}.
+
+        ``mode`` (None: ``retrieval.mode``; auto resolved per version) and ``fusion`` (overrides of
+        ``retrieval.fusion``) as the request gives them; ``param`` names the request field in errors. Lexical
+        searches embed nothing (embed_batch 0).
+        """
+        from serving import rag
 
         if self.poller is None and self.poll_interval_s:
             self.poller = asyncio.get_running_loop().create_task(self._poll())
-        t0 = time.perf_counter()
-        vector, _, batch = await self.embedder.embed.remote(query)
-        t1 = time.perf_counter()
         version = self.version
         manifest = self.manifests[version]
-        kk: int | None = search_k(k, filter, manifest.ntotal, self.overfetch)
+        mode = rag.resolve_mode(mode or self.mode, manifest, version, param)  # a 400 before any work
+        fused = rag.make_fusion(self.fusion, fusion)
+        t0 = time.perf_counter()
+        xq, batch = None, 0
+        if mode != "lexical":
+            vector, _, batch = await self.embedder.embed.remote(query)
+            xq = vector[None, :]
+        t1 = time.perf_counter()
+        kk: int | None = rag.search_k(k, filter, manifest.ntotal, self.overfetch)
         deadline = time.monotonic() + self.retries_s
         passages: list[dict[str, Any]] = []
         while kk is not None:  # with a filter: more candidates until k pass (widen_k)
-            results = await asyncio.gather(*(self._call(h, "search", deadline, version, vector[None, :], kk)
-                                             for h in self.searchers))
-            D, I = merge_topk([r[0] for r in results], [r[1] for r in results], kk, manifest.metric)
-            passages = passages_from(D[0], I[0], self._docstore(version), k, filter)
-            kk = widen_k(kk, k, len(passages), filter, manifest.ntotal, self.max_candidates)
+            depth = rag.ranking_depth(mode, kk, fused)
+            results = await asyncio.gather(*(self._call(h, "rank", deadline, version, xq, [query], depth,
+                                                        rag.RANKINGS[mode]) for h in self.searchers))
+            D, I = rag.combine(results, mode, kk, manifest.metric, fused)
+            passages = rag.passages_from(D[0], I[0], self._docstore(version), k, filter)
+            kk = rag.widen_k(kk, k, len(passages), filter, manifest.ntotal, self.max_candidates)
         t2 = time.perf_counter()
-        return {"passages": passages, "version": version, "embed_batch": batch,
+        return {"passages": passages, "version": version, "mode": mode, "embed_batch": batch,
                 "timings": {"embed_s": t1 - t0, "search_s": t2 - t1}}
 
     async def ready(self) -> dict[str, Any]:
@@ -322,9 +361,12 @@ class Retriever:
         return {"ready": covered == list(range(n)), "version": version, "shards": n, "loaded": covered}
 
     def info(self) -> dict[str, Any]:
+        from serving.rag import resolve_mode
+
         m = self.manifests[self.version]
         return {"version": self.version, "shards": len(m.shards), "ntotal": m.ntotal, "factory": m.factory,
-                "model": m.model.get("name")}
+                "model": m.model.get("name"), "lexical": m.lexical is not None,
+                "mode": resolve_mode(self.mode, m, self.version)}
 
 
 class _Adapter:

@@ -4,10 +4,11 @@
     POST /v1/completions        raw completion of a prompt (no retrieval)
     POST /v1/embeddings         the index's embedding model
     GET  /v1/models             the base model, each adapter, the embedding model
-    POST /v1/search             retrieval only: {query, k, filter} -> ranked passages with scores
+    POST /v1/search             retrieval only: {query, k, filter, mode, fusion} -> ranked passages with scores
     POST /admin/reload          switch to the index version LATEST names now
     GET  /healthz               200 once every shard of the current version is loaded, else 503 (no key needed)
-    GET  /metrics               Prometheus text: requests, latencies (embed / search / generate), batch sizes
+    GET  /metrics               Prometheus text: requests, latencies (embed / search / generate; search by mode),
+                                batch sizes
 
 Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; bad input is a 4xx, never a
 500. Requests are parsed here (not by FastAPI's signature binding), so that malformed JSON, wrong types and
@@ -41,6 +42,7 @@ from serving.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    FusionOptions,
     SearchRequest,
     check_chat,
     check_completion,
@@ -92,9 +94,12 @@ class Metrics:
                                 registry=r)
         self.latency = Histogram("ragtune_request_seconds", "request latency by route (whole stream)", ["route"],
                                  registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        stage_buckets = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
         self.stage = Histogram("ragtune_stage_seconds", "latency of each stage: embed, search, generate",
-                               ["stage"], registry=r,
-                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+                               ["stage"], registry=r, buckets=stage_buckets)
+        self.search = Histogram("ragtune_search_seconds", "latency of the search stage by mode: dense, lexical, "
+                                "hybrid (fan-out, merge, fusion, docstore)", ["mode"], registry=r,
+                                buckets=stage_buckets)
         self.batch = Histogram("ragtune_batch_size", "size of the batch a request was served in", ["deployment"],
                                registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.tokens = Counter("ragtune_tokens", "tokens by kind: prompt, completion", ["kind"], registry=r)
@@ -206,11 +211,15 @@ class Ingress:
             self.embedder_info = await self.embedder.info.remote()
         return self.embedder_info
 
-    async def _retrieve(self, query: str, k: int, filter: dict[str, Any] | None) -> dict[str, Any]:
-        out = await self.retriever.search.remote(query, k, filter)
-        self.metrics.stage.labels("embed").observe(out["timings"]["embed_s"])
+    async def _retrieve(self, query: str, k: int, filter: dict[str, Any] | None, mode: str | None,
+                        fusion: FusionOptions | None, param: str = "mode") -> dict[str, Any]:
+        out = await self.retriever.search.remote(query, k, filter, mode, fusion.overrides() if fusion else None,
+                                                 param)
+        if out["mode"] != "lexical":  # lexical searches embed nothing
+            self.metrics.stage.labels("embed").observe(out["timings"]["embed_s"])
+            self.metrics.batch.labels("embedder").observe(out["embed_batch"])
         self.metrics.stage.labels("search").observe(out["timings"]["search_s"])
-        self.metrics.batch.labels("embedder").observe(out["embed_batch"])
+        self.metrics.search.labels(out["mode"]).observe(out["timings"]["search_s"])
         self.metrics.version.clear()
         self.metrics.version.labels(out["version"]).set(1)
         return out
@@ -253,9 +262,9 @@ class Ingress:
         async def work():
             req: SearchRequest = await self._read(request, SearchRequest)
             check_search(req, self.limits)
-            out = await self._retrieve(req.query, req.k, req.filter)
-            return {"object": "search.result", "query": req.query, "k": req.k, "version": out["version"],
-                    "data": out["passages"]}
+            out = await self._retrieve(req.query, req.k, req.filter, req.mode, req.fusion)
+            return {"object": "search.result", "query": req.query, "k": req.k, "mode": out["mode"],
+                    "version": out["version"], "data": out["passages"]}
 
         return JSONResponse(await self._timed("search", work()))
 
@@ -296,7 +305,8 @@ class Ingress:
             passages: list[dict[str, Any]] = []
             if opts.enabled:
                 k = opts.k or self.cfg.retrieval.k
-                passages = (await self._retrieve(req.messages[-1].text(), k, opts.filter))["passages"]
+                passages = (await self._retrieve(req.messages[-1].text(), k, opts.filter, opts.mode,
+                                                 opts.fusion, "retrieval.mode"))["passages"]
             payload = {"messages": [m.plain() for m in req.messages], "passages": passages,
                        "params": self._params(req, req.max_new_tokens())}
             return req, handle, payload

@@ -1,6 +1,7 @@
 """The answering path, one set of functions: retrieve -> build the prompt -> generate.
 
-The Serve deployments call these functions (the Retriever: ``search_k``, ``passages_from``; the Generator:
+The Serve deployments call these functions (the ShardSearchers: ``group_rankings``; the Retriever:
+``resolve_mode``, ``search_k``, ``combine``, ``passages_from``; the Generator:
 ``build_prompt``, ``sampling_params`` and ``serving.generation``), and :class:`RagPipeline` chains the same
 functions in one process without Serve (``ragtune ask --in-process``, the compare job), so what is measured is
 what is served (DESIGN.md).
@@ -90,25 +91,131 @@ def passages_from(d: np.ndarray, i: np.ndarray, docstore: Any, k: int,
     return out
 
 
+# --- search modes: dense, lexical, hybrid -----------------------------------------------------------------------------
+#
+# A shard group (a ShardSearcher, or the whole index in one process) answers with its *rankings*: dense (FAISS,
+# ``ShardedIndex.search``) and/or lexical (BM25, ``ShardedIndex.search_lexical``), each ``ranking_depth`` deep.
+# ``combine`` merges each ranking across groups (``merge_topk``) and, for hybrid, fuses them
+# (``sharding.search.fuse``): exactly ``sharding.search.search(index, xq, texts, kk, mode, fusion)`` over all shards.
+
+RANKINGS = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}
+
+
+def resolve_mode(mode: str, manifest: Any, where: str, field: str = "mode") -> str:
+    """The search mode for one index version: ``auto`` = hybrid when the version has a lexical part, else dense.
+
+    Raises:
+        ApiError: 400 ``lexical_unavailable`` when lexical or hybrid is asked of a version without a lexical part
+        (callers that check a config turn it into a RagtuneError or a 409).
+    """
+    has_lexical = manifest.lexical is not None
+    if mode == "auto":
+        return "hybrid" if has_lexical else "dense"
+    if mode not in RANKINGS:
+        raise ApiError(400, f"{field} = {mode!r} is not a search mode. Fix: use one of auto, dense, lexical, hybrid",
+                       param=field, code="invalid_mode")
+    if mode != "dense" and not has_lexical:
+        raise ApiError(400, f"{field} = {mode!r} needs a lexical (BM25) part, but index version {where} has none "
+                            "(built with index.lexical.enabled false, or before hybrid search existed). Fix: use mode "
+                            "dense or auto, or rebuild the index with `ragtune index`",
+                       param=field, code="lexical_unavailable")
+    return mode
+
+
+def make_fusion(base: Any, overrides: Mapping[str, Any] | None = None) -> Any:
+    """``sharding.search.Fusion`` from ``retrieval.fusion`` (a FusionConfig or a mapping) and a request's overrides."""
+    from dataclasses import asdict, is_dataclass
+
+    from sharding.search import Fusion
+
+    if base is None:
+        values: dict[str, Any] = {}
+    elif isinstance(base, Mapping):
+        values = dict(base)
+    elif is_dataclass(base) and not isinstance(base, type):
+        values = asdict(base)
+    else:
+        values = base.model_dump()
+    return Fusion(**{**values, **(overrides or {})})
+
+
+def ranking_depth(mode: str, kk: int, fusion: Any) -> int:
+    """How deep each ranking is searched for ``kk`` results: ``kk``, or ``max(kk, fusion.depth)`` for hybrid."""
+    return max(kk, fusion.depth) if mode == "hybrid" else kk
+
+
+def group_rankings(index: Any, xq: np.ndarray | None, texts: Sequence[str] | None, depth: int,
+                   rankings: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One shard group's rankings ({"dense" | "lexical": (D, I)}, each (nq, depth)) of an opened index version."""
+    out = {}
+    for r in rankings:
+        if r == "dense":
+            assert xq is not None, "dense ranking without query vectors"
+            out[r] = index.search(xq, depth)
+        else:
+            assert texts is not None, "lexical ranking without query texts"
+            out[r] = index.search_lexical(list(texts), depth)
+    return out
+
+
+def combine(groups: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]], mode: str, kk: int, metric: str,
+            fusion: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``kk`` (D, I) of a search in ``mode`` from every group's rankings: each ranking merged across groups
+    (dense by the index's ``metric``, BM25 as inner product), then fused for hybrid."""
+    from sharding.search import fuse, merge_topk
+
+    depth = ranking_depth(mode, kk, fusion)
+    merged = {}
+    for r in RANKINGS[mode]:
+        merged[r] = merge_topk([g[r][0] for g in groups], [g[r][1] for g in groups], depth,
+                               metric if r == "dense" else "inner_product")
+    if mode != "hybrid":
+        return merged[mode]
+    return fuse(merged["dense"], merged["lexical"], kk, metric, fusion)
+
+
 class LocalRetriever:
-    """Retrieval in one process: the index version LATEST names, its embedding model and docstore."""
+    """Retrieval in one process: the index version LATEST names, its embedding model and docstore.
+
+    The whole index is one shard group: the same ``group_rankings`` and ``combine`` as the Serve app's
+    ShardSearchers and Retriever, the same filter widening.
+    """
 
     def __init__(self, path: str, *, params: dict[str, int] | None = None, verify: bool = True, mmap: bool = True,
-                 overfetch: int = 10, max_candidates: int = 10_000):
-        from models.embedders import QueryEncoder
+                 overfetch: int = 10, max_candidates: int = 10_000, mode: str = "auto", fusion: Any = None):
+        from configs.schema.base import RagtuneError
         from sharding.search import ShardedIndex
 
         self.index = ShardedIndex.open(path, verify=verify, mmap=mmap, params=params)
-        self.encoder = QueryEncoder(self.index.manifest)
         self.docstore = self.index.docstore()
         self.overfetch, self.max_candidates = overfetch, max_candidates
+        try:
+            resolved = resolve_mode(mode, self.index.manifest, self.index.location.uri, "retrieval.mode")
+        except ApiError as e:
+            raise RagtuneError(e.message) from None
+        self.mode, self.fusion = mode, make_fusion(fusion)
+        if resolved != "dense":
+            self.index.lexical_shards()  # load (and check) the BM25 shards now, not in the first request
+        self.encoder: Any = None if resolved == "lexical" else self._load_encoder()  # lexical needs no model
 
-    def search(self, query: str, k: int, filter: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        xq = self.encoder.encode([query])
+    def _load_encoder(self) -> Any:
+        from models.embedders import QueryEncoder
+
+        return QueryEncoder(self.index.manifest)
+
+    def search(self, query: str, k: int, filter: Mapping[str, Any] | None = None, mode: str | None = None,
+               fusion: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The top ``k`` passages; ``mode`` and ``fusion`` (overrides) as a request gives them (None: as built)."""
+        mode = resolve_mode(mode or self.mode, self.index.manifest, self.index.location.uri)
+        fused = make_fusion(self.fusion, fusion)
+        if mode != "lexical" and self.encoder is None:  # a dense request to a retriever built lexical-only
+            self.encoder = self._load_encoder()
+        xq = None if mode == "lexical" else self.encoder.encode([query])
         kk: int | None = search_k(k, filter, self.index.ntotal, self.overfetch)
         passages: list[dict[str, Any]] = []
         while kk is not None:
-            D, I = self.index.search(xq, kk)
+            rankings = group_rankings(self.index, xq, [query], ranking_depth(mode, kk, fused), RANKINGS[mode])
+            D, I = combine([rankings], mode, kk, self.index.manifest.metric, fused)
             passages = passages_from(D[0], I[0], self.docstore, k, filter)
             kk = widen_k(kk, k, len(passages), filter, self.index.ntotal, self.max_candidates)
         return passages
@@ -231,19 +338,22 @@ class RagPipeline:
         from serving.generation import Decoder
 
         self.cfg = cfg
+        r = cfg.retrieval
         self.retriever = LocalRetriever(cfg.index.path, params=cfg.index.params, verify=cfg.index.verify,
-                                        mmap=cfg.index.mmap, overfetch=cfg.retrieval.filter_overfetch,
-                                        max_candidates=cfg.retrieval.filter_max_candidates)
+                                        mmap=cfg.index.mmap, overfetch=r.filter_overfetch,
+                                        max_candidates=r.filter_max_candidates, mode=r.mode, fusion=r.fusion)
         g = cfg.generator
         self.decoder = Decoder.load(g.model, g.device, g.dtype, g.context, g.threads)
         for name, path in g.adapters.items():
             self.decoder.add_adapter(name, path)
 
     def answer(self, messages: Sequence[Mapping[str, str]], *, model: str | None = None, retrieval: bool = True,
-               k: int | None = None, filter: Mapping[str, Any] | None = None, max_tokens: int | None = None,
+               k: int | None = None, filter: Mapping[str, Any] | None = None, mode: str | None = None,
+               fusion: Mapping[str, Any] | None = None, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, stop: Sequence[str] = (),
                seed: int | None = None) -> dict[str, Any]:
-        """Answer the last user message: {"text", "finish_reason", "citations", "usage"}."""
+        """Answer the last user message: {"text", "finish_reason", "citations", "usage"}. ``retrieval``, ``k``,
+        ``filter``, ``mode`` and ``fusion`` as a chat request's ``retrieval`` extension gives them."""
         from serving.generation import GenRequest
 
         g = self.cfg.generator
@@ -251,7 +361,7 @@ class RagPipeline:
         if model != g.name and model not in g.adapters:
             raise ApiError(404, f"model {model!r} is not served (models: {[g.name, *g.adapters]})", param="model",
                            code="model_not_found")
-        passages = self.retriever.search(messages[-1]["content"], k or self.cfg.retrieval.k, filter) \
+        passages = self.retriever.search(messages[-1]["content"], k or self.cfg.retrieval.k, filter, mode, fusion) \
             if retrieval else []
         params = sampling_params(g.defaults, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  stop=stop, seed=seed)

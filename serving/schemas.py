@@ -3,7 +3,8 @@ the request limits, and the error every 4xx carries (OpenAI's format).
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields that would change the answer and
 are not supported (``n > 1``, ``logprobs``, ``tools``, token-id inputs) are refused with a 400 instead.
-Extensions: ``retrieval`` in chat requests (false, or ``{k, filter}``), ``citations`` in chat responses.
+Extensions: ``retrieval`` in chat requests (false, or ``{k, filter, mode, fusion}``), ``citations`` in chat
+responses; ``/v1/search`` takes the same ``mode`` and ``fusion``.
 """
 
 from __future__ import annotations
@@ -91,12 +92,31 @@ class ChatMessage(_Request):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
+Mode = Literal["auto", "dense", "lexical", "hybrid"]
+
+
+class FusionOptions(_Request):
+    """Extension: a request's overrides of ``retrieval.fusion`` (hybrid mode); what it leaves out is the server's."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt knob would be ignored silently otherwise
+
+    method: Literal["weighted", "rrf"] | None = None
+    weight: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    rrf_k: float | None = Field(None, gt=0, allow_inf_nan=False)
+    depth: int | None = Field(None, ge=1)
+
+    def overrides(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class RetrievalOptions(_Request):
     """Extension: how a chat request retrieves (``"retrieval": false`` turns it off)."""
 
     enabled: bool = True
     k: int | None = Field(None, ge=1)
     filter: dict[str, Scalar | list[Scalar]] | None = None
+    mode: Mode | None = None  # None: the server's retrieval.mode
+    fusion: FusionOptions | None = None
 
 
 class StreamOptions(_Request):
@@ -136,8 +156,15 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    retrieval: bool | RetrievalOptions | None = None
+    retrieval: RetrievalOptions | None = None  # also true / false (see _retrieval_flag)
     tools: list[Any] | None = None
+
+    @field_validator("retrieval", mode="before")
+    @classmethod
+    def _retrieval_flag(cls, v: Any) -> Any:
+        """``"retrieval": false`` (or true) is shorthand for ``{"enabled": false}``. Not a ``bool | ...`` union,
+        so that an error inside the options names its field (``retrieval.mode``), not a union member."""
+        return {"enabled": v} if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _chat(self):
@@ -151,11 +178,7 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
     def retrieval_options(self) -> RetrievalOptions:
-        if self.retrieval is None or self.retrieval is True:
-            return RetrievalOptions()
-        if self.retrieval is False:
-            return RetrievalOptions(enabled=False)
-        return self.retrieval
+        return self.retrieval or RetrievalOptions()
 
 
 class CompletionRequest(_Sampling):
@@ -192,6 +215,8 @@ class SearchRequest(_Request):
     query: str = Field(min_length=1)
     k: int = Field(10, ge=1)
     filter: dict[str, Scalar | list[Scalar]] | None = None
+    mode: Mode | None = None  # None: the server's retrieval.mode
+    fusion: FusionOptions | None = None
 
 
 # --- limits -----------------------------------------------------------------------------------------------------------
@@ -214,6 +239,7 @@ def check_chat(req: ChatCompletionRequest, limits: LimitsConfig) -> None:
     opts = req.retrieval_options()
     if opts.k is not None and opts.k > limits.max_k:
         raise _too_big("retrieval.k", opts.k, limits.max_k, "retrieval.k", "max_k")
+    _check_fusion(opts.fusion, limits, "retrieval.fusion.depth")
 
 
 def check_completion(req: CompletionRequest, limits: LimitsConfig) -> None:
@@ -247,8 +273,14 @@ def check_embeddings(req: EmbeddingRequest, limits: LimitsConfig) -> None:
         raise ApiError(400, "inputs must not be empty strings.", param="input")
 
 
+def _check_fusion(fusion: FusionOptions | None, limits: LimitsConfig, param: str) -> None:
+    if fusion is not None and fusion.depth is not None and fusion.depth > limits.max_depth:
+        raise _too_big(param, fusion.depth, limits.max_depth, param, "max_depth")
+
+
 def check_search(req: SearchRequest, limits: LimitsConfig) -> None:
     if req.k > limits.max_k:
         raise _too_big("k", req.k, limits.max_k, "k", "max_k")
+    _check_fusion(req.fusion, limits, "fusion.depth")
     if len(req.query) > limits.max_input_chars:
         raise _too_big("characters in query", len(req.query), limits.max_input_chars, "query", "max_input_chars")

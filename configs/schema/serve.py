@@ -69,10 +69,29 @@ class ShardsConfig(Section):
                                                                 "replaced after the next failed check)")
 
 
+SearchMode = Literal["auto", "dense", "lexical", "hybrid"]
+
+
+class FusionConfig(Section):
+    """How hybrid search fuses the dense and the BM25 ranking (``sharding.search.Fusion``; the same defaults)."""
+
+    method: Literal["weighted", "rrf"] = Field("weighted", description="weighted: min-max normalised scores "
+                                                                      "(beat RRF on SQuAD, docs/index.md); rrf: "
+                                                                      "reciprocal rank fusion")
+    weight: float = Field(0.5, ge=0, le=1, description="weighted: the dense ranking's weight (BM25 gets 1 - weight)")
+    rrf_k: float = Field(60.0, gt=0, description="rrf: the rank constant, score = sum 1 / (rrf_k + rank)")
+    depth: int = Field(100, ge=1, description="candidates taken from each ranking before fusing (at least k); "
+                                              "deeper costs more search and fusion time")
+
+
 class RetrievalConfig(Section):
-    """Retriever: fan-out, exact top-k merge, docstore, filters."""
+    """Retriever: search mode, fan-out, exact top-k merge (and fusion), docstore, filters."""
 
     k: int = Field(4, ge=1, description="passages put into a chat prompt by default")
+    mode: SearchMode = Field("auto", description="dense (FAISS), lexical (BM25, no embedding), hybrid (both, "
+                                                 "fused) or auto = hybrid when the index version has a lexical part, "
+                                                 "else dense (decided per version, so a swap may change it)")
+    fusion: FusionConfig = Field(default_factory=FusionConfig, description="hybrid: how the rankings are fused")
     filter_overfetch: int = Field(10, ge=1, le=1000, description="with a metadata filter, search k x this many "
                                                                  "candidates and keep the k that pass")
     filter_max_candidates: int = Field(10_000, ge=1, description="with a filter, when fewer than k candidates "
@@ -205,6 +224,8 @@ class LimitsConfig(Section):
     max_input_chars: int = Field(32_000, ge=1, description="characters of all messages / a prompt / an input")
     max_tokens: int = Field(1024, ge=1, description="max_tokens a request may ask for")
     max_k: int = Field(50, ge=1, description="passages a request may ask for (k)")
+    max_depth: int = Field(1000, ge=1, description="hybrid: candidates per ranking a request may ask for "
+                                                   "(fusion.depth)")
     max_embedding_inputs: int = Field(256, ge=1, description="inputs per /v1/embeddings request")
     max_stop: int = Field(4, ge=0, description="stop sequences per request")
     request_timeout_s: float = Field(60.0, gt=0, description="a request (a whole stream) is cut after this")
@@ -242,6 +263,10 @@ class ServeJobConfig(Section):
         if self.retrieval.k > self.limits.max_k:
             raise ValueError(f"retrieval.k ({self.retrieval.k}) exceeds limits.max_k ({self.limits.max_k}). Fix: "
                              "lower retrieval.k or raise limits.max_k")
+        if self.retrieval.fusion.depth > self.limits.max_depth:
+            raise ValueError(f"retrieval.fusion.depth ({self.retrieval.fusion.depth}) exceeds limits.max_depth "
+                             f"({self.limits.max_depth}). Fix: lower retrieval.fusion.depth or raise "
+                             "limits.max_depth")
         if self.http.host is not None and not self.auth.api_keys and not self.auth.api_keys_env and \
                 not is_loopback(self.http.host):
             raise ValueError(f"http.host = {self.http.host!r} exposes the API beyond this machine but no API keys "

@@ -193,7 +193,7 @@ def test_search_equals_ragtune_search(served, capsys):
     assert main(["search", "-i", str(root), *QUERIES, "-k", "5", "--json"]) == 0
     cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for item in cli:
-        r = post(url, "/v1/search", {"query": item["query"], "k": 5})
+        r = post(url, "/v1/search", {"query": item["query"], "k": 5, "mode": "dense"})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["version"].endswith("v-00001")
@@ -202,6 +202,86 @@ def test_search_equals_ragtune_search(served, capsys):
         assert np.allclose([h["score"] for h in body["data"]], [h["score"] for h in item["results"]], atol=1e-4)
     only = post(url, "/v1/search", {"query": QUERIES[0], "k": 3, "filter": {"doc_id": cli[2]["results"][0]["doc_id"]}})
     assert {h["doc_id"] for h in only.json()["data"]} == {cli[2]["results"][0]["doc_id"]}
+
+
+def search_body(url, query, **fields):
+    r = post(url, "/v1/search", {"query": query, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def hits(body_or_results):
+    data = body_or_results["data"] if isinstance(body_or_results, dict) else body_or_results
+    return [(h["rank"], h["chunk_id"], h["doc_id"], h["title"], h["text"]) for h in data]
+
+
+FUSION_CASES = [  # (mode, `ragtune search` flags, the same as a request's fusion)
+    ("dense", [], None), ("lexical", [], None), ("hybrid", [], None),
+    ("hybrid", ["--weight", "0.3", "--depth", "20"], {"weight": 0.3, "depth": 20}),
+    ("hybrid", ["--fusion", "rrf", "--rrf-k", "10"], {"method": "rrf", "rrf_k": 10}),
+]
+
+
+@pytest.mark.timeout(300)
+def test_search_modes_equal_ragtune_search_across_two_shard_groups(served, capsys):
+    """Lexical and hybrid through 2 shard groups (each ranking merged across groups, then fused) are exactly
+    `ragtune search --mode ...` over the whole index; filters work in every mode, as in one process."""
+    from jobs.cli import main
+    from serving.rag import LocalRetriever
+
+    url, cfg, root, *_ = served
+    assert cfg.shards.groups == 2 and cfg.retrieval.mode == "auto"
+    cli = {}
+    for mode, flags, fusion in FUSION_CASES:
+        assert main(["search", "-i", str(root), *QUERIES, "-k", "5", "--json", "--mode", mode, *flags]) == 0
+        cli[mode, fusion is None] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        for item in cli[mode, fusion is None]:
+            body = search_body(url, item["query"], k=5, mode=mode, **({"fusion": fusion} if fusion else {}))
+            assert body["mode"] == mode and hits(body) == hits(item["results"]), (mode, fusion, item["query"])
+            assert np.allclose([h["score"] for h in body["data"]], [h["score"] for h in item["results"]], atol=1e-4)
+    dense, lexical, hybrid = (cli[m, True] for m in ("dense", "lexical", "hybrid"))
+    assert any(hits(h["results"]) != hits(d["results"]) for h, d in zip(hybrid, dense, strict=True))
+    assert any(hits(h["results"]) != hits(x["results"]) for h, x in zip(hybrid, lexical, strict=True))
+    for item in hybrid:  # retrieval.mode auto on an index with a lexical part: hybrid
+        body = search_body(url, item["query"], k=5)
+        assert body["mode"] == "hybrid" and hits(body) == hits(item["results"])
+
+    local = LocalRetriever(str(root / "v-00001"))  # the in-process path (ragtune ask --config, compare)
+    for mode, _, fusion in FUSION_CASES:
+        for flt in ({"title": "Normans"}, {"title": ["Amazon rainforest", "Super Bowl 50"]}):
+            for q in QUERIES[:3]:
+                body = search_body(url, q, k=4, mode=mode, filter=flt, **({"fusion": fusion} if fusion else {}))
+                want = local.search(q, 4, flt, mode=mode, fusion=fusion)
+                assert hits(body) == hits(want), (mode, flt, q)
+                assert body["data"] or mode == "lexical"  # BM25 finds no Normans chunk sharing a term with some
+                titles = flt["title"] if isinstance(flt["title"], list) else [flt["title"]]
+                assert {h["title"] for h in body["data"]} <= set(titles)
+                assert np.allclose([h["score"] for h in body["data"]], [h["score"] for h in want], atol=1e-4)
+
+    metrics = requests.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
+    for mode in ("dense", "lexical", "hybrid"):
+        assert f'ragtune_search_seconds_count{{mode="{mode}"}}' in metrics
+
+
+@pytest.mark.timeout(300)
+def test_chat_cites_the_passages_of_the_mode_it_asks_for(served, client):
+    from models.embedders import QueryEncoder
+    from sharding.search import ShardedIndex, search
+
+    _, _, root, *_ = served
+    index = ShardedIndex.open(str(root))
+    xq = QueryEncoder(index.manifest).encode(QUERIES)
+    ref = {m: search(index, xq, QUERIES, 3, m)[1] for m in ("dense", "lexical", "hybrid")}
+    differs = [q for q in range(len(QUERIES)) if ref["hybrid"][q].tolist() != ref["dense"][q].tolist()]
+    assert differs  # a query whose hybrid passages are not the dense ones
+    for q in differs[:2]:
+        msgs = [{"role": "user", "content": QUERIES[q]}]
+        for mode in ("hybrid", "lexical", None):
+            extra = {"retrieval": {"k": 3, **({"mode": mode} if mode else {})}}
+            r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, extra_body=extra)
+            cites = r.model_extra["citations"]
+            assert [c["chunk_id"] for c in cites] == ref[mode or "hybrid"][q].tolist(), (mode, QUERIES[q])
+            assert [c["n"] for c in cites] == [1, 2, 3]
 
 
 # --- auth and bad input -----------------------------------------------------------------------------------------------
@@ -242,6 +322,9 @@ def test_bad_input_is_a_4xx_in_openai_format_never_a_500(served):
     assert_openai_error(requests.post(f"{url}/v1/chat/completions", data=b"[1, 2]", headers=h, timeout=60), 400,
                         "invalid_json")
     assert_openai_error(requests.post(f"{url}/v1/chat/completions", data=b"\xff\xfe", headers=h, timeout=60), 400)
+    nan = b'{"query": "q", "mode": "hybrid", "fusion": {"weight": NaN}}'  # Python's json reads NaN: refused
+    assert_openai_error(requests.post(f"{url}/v1/search", data=nan, headers=h, timeout=60), 400,
+                        param="fusion.weight")
     cases = [
         ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
         ("/v1/chat/completions", {**ok, "max_tokens": 65}, 400, "max_tokens"),
@@ -262,6 +345,17 @@ def test_bad_input_is_a_4xx_in_openai_format_never_a_500(served):
         ("/v1/search", {"query": "q", "k": 21}, 400, "k"),
         ("/v1/search", {"query": ""}, 400, "query"),
         ("/v1/search", {"query": "q", "filter": {"a": {"nested": 1}}}, 400, None),
+        ("/v1/search", {"query": "q", "mode": "sparse"}, 400, "mode"),
+        ("/v1/search", {"query": "q", "mode": 3}, 400, "mode"),
+        ("/v1/search", {"query": "q", "mode": "hybrid", "fusion": {"weight": 1.5}}, 400, "fusion.weight"),
+        ("/v1/search", {"query": "q", "fusion": {"method": "max"}}, 400, "fusion.method"),
+        ("/v1/search", {"query": "q", "fusion": {"rrf_k": -1}}, 400, "fusion.rrf_k"),
+        ("/v1/search", {"query": "q", "fusion": {"depth": 0}}, 400, "fusion.depth"),
+        ("/v1/search", {"query": "q", "fusion": {"depth": 1001}}, 400, "fusion.depth"),  # over limits.max_depth
+        ("/v1/search", {"query": "q", "fusion": {"wieght": 0.3}}, 400, "fusion.wieght"),
+        ("/v1/search", {"query": "q", "fusion": "rrf"}, 400, "fusion"),
+        ("/v1/chat/completions", {**ok, "retrieval": {"mode": "bm25"}}, 400, "retrieval.mode"),
+        ("/v1/chat/completions", {**ok, "retrieval": {"fusion": {"depth": 5000}}}, 400, "retrieval.fusion.depth"),
     ]
     for path, body, status, param in cases:
         assert_openai_error(post(url, path, body), status, param=param)
@@ -315,6 +409,13 @@ def test_ragtune_ask_over_http_streamed_and_in_process(served, capsys, tmp_path)
     local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [c["chunk_id"] for c in local["citations"]] == want
     assert local["usage"]["completion_tokens"] <= 4 and local["usage"]["prompt_tokens"] > 100
+
+    lexical = [h["chunk_id"] for h in post(url, "/v1/search", {"query": q, "k": 3, "mode": "lexical"}).json()["data"]]
+    assert lexical != want  # the mode changes the passages (auto is hybrid here)
+    assert main(["ask", q, "--url", url, "--api-key", KEY, "--json", "--max-tokens", "2", "--mode", "lexical"]) == 0
+    assert [c["chunk_id"] for c in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["citations"]] == lexical
+    assert main(["ask", q, "--config", path, "--json", "--max-tokens", "2", "--mode", "lexical"]) == 0
+    assert [c["chunk_id"] for c in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["citations"]] == lexical
 
     assert main(["ask", q, "--url", url, "--api-key", "not-the-key-0123456789"]) == 2  # a clear error, exit 2
     assert "HTTP 401" in capsys.readouterr().err
@@ -454,3 +555,35 @@ def test_index_version_swap_under_traffic_fails_no_request(served, reference):
     assert rows[-1]["_id"] in {h["doc_id"] for h in post(url, "/v1/search", {"query": probe, "k": 1}).json()["data"]}
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert health["ready"] and health["version"].endswith("v-00002")
+
+
+@pytest.mark.timeout(300)
+def test_a_version_without_a_lexical_part_serves_dense_under_auto_and_refuses_lexical(served):
+    """Last (it switches the version): v-00003 is v-00002 without BM25 shards. retrieval.mode auto follows it as
+    dense; a request for lexical or hybrid on it is a 400 that says why and what to do."""
+    import shutil
+
+    from serving.rag import LocalRetriever
+    from sharding.index import read_index_manifest, switch_latest, write_index_manifest
+    from sharding.storage import resolve
+
+    url, _, root, probe, _ = served
+    shutil.copytree(root / "v-00002", root / "v-00003")
+    shutil.rmtree(root / "v-00003" / "lexical")
+    m = read_index_manifest(resolve(str(root / "v-00003")))
+    write_index_manifest(resolve(str(root / "v-00003")), m.model_copy(update={"lexical": None, "version": "v-00003"}))
+    switch_latest(resolve(str(root)), "v-00003")
+    r = post(url, "/admin/reload", {})
+    assert r.status_code == 200 and r.json()["version"].endswith("v-00003"), r.text
+    local = LocalRetriever(str(root / "v-00003"))  # auto: dense here
+    for q in [probe, *QUERIES[:2]]:
+        body = search_body(url, q, k=5)
+        assert body["mode"] == "dense" and body["version"].endswith("v-00003")
+        assert [h["chunk_id"] for h in body["data"]] == [p["chunk_id"] for p in local.search(q, 5)]
+    for mode in ("lexical", "hybrid"):
+        r = post(url, "/v1/search", {"query": probe, "mode": mode})
+        assert_openai_error(r, 400, "lexical_unavailable", "mode")
+        assert f"mode = {mode!r} needs a lexical (BM25) part" in r.json()["error"]["message"]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": probe}], "max_tokens": 2,
+            "retrieval": {"mode": "hybrid"}}
+    assert_openai_error(post(url, "/v1/chat/completions", chat), 400, "lexical_unavailable", "retrieval.mode")

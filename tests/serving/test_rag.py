@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from configs.schema.serve import GenerationDefaults, LimitsConfig, PromptConfig
+from configs.schema.serve import GenerationDefaults, LimitsConfig, PromptConfig, RetrievalConfig, ServeJobConfig
 from serving.rag import build_prompt, matches, passages_from, render, sampling_params, search_k, widen_k
 from serving.schemas import (
     ApiError,
@@ -225,3 +225,227 @@ def test_api_errors_survive_pickling_and_are_found_behind_wrappers():
     except RuntimeError as outer:
         assert find_api_error(outer) is back
     assert find_api_error(RuntimeError("other")) is None
+
+
+# --- search modes: dense, lexical, hybrid -----------------------------------------------------------------------------
+
+def build_texts_version(root, texts, num_shards, lexical=True):
+    """A Flat version of random vectors whose docstore holds ``texts``, titles and metadata, with BM25 shards."""
+    import pyarrow as pa
+
+    from sharding.docstore import write_docstore
+    from sharding.index import read_index_manifest, write_index_manifest
+    from tests.sharding.test_index import build_version, chunk_ids, normalized
+    from tests.sharding.test_lexical import add_lexical
+
+    n = len(texts)
+    xb = normalized(np.random.default_rng(0).normal(size=(n, 16)))
+    ids = chunk_ids(n)
+    vdir = build_version(root, xb, ids, "Flat", num_shards)
+    m = read_index_manifest(vdir)
+    for rec in m.shards:
+        (p,) = rec.pieces
+        rows = pa.table({"chunk_id": ids[p.start:p.stop], "doc_id": [f"d{i}" for i in range(p.start, p.stop)],
+                         "title": [f"t{i % 7}" for i in range(p.start, p.stop)], "text": texts[p.start:p.stop],
+                         "metadata": [json.dumps({"lang": ["en", "fr", "de"][i % 3]}) for i in range(p.start, p.stop)]})
+        rec.docstore_sha256, rec.docstore_bytes = write_docstore(rows, vdir.join(rec.docstore))
+    write_index_manifest(vdir, m)
+    if lexical:
+        add_lexical(vdir)
+    return vdir.uri, xb, ids
+
+
+@pytest.fixture(scope="module")
+def texts_index(tmp_path_factory):
+    """400 chunks in 3 shards (with BM25 shards), the same chunks without a lexical part, and 12 queries."""
+    from tests.sharding.test_lexical import texts_for
+
+    texts = texts_for(400)
+    path, xb, ids = build_texts_version(tmp_path_factory.mktemp("lex"), texts, 3)
+    dense_only, _, _ = build_texts_version(tmp_path_factory.mktemp("dense"), texts, 2, lexical=False)
+    queries = [" ".join(q.split()[:4]) for q in texts_for(12, seed=1)]
+    xq = normalized_queries(xb, len(queries))
+    return {"path": path, "dense_only": dense_only, "queries": queries, "xq": xq}
+
+
+def normalized_queries(xb, n):
+    x = xb[:n] + 0.3 * np.random.default_rng(2).normal(size=(n, xb.shape[1])).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+class _Encoder:
+    """QueryEncoder stand-in: the synthetic index's query vector for each query text."""
+
+    def __init__(self, queries, xq):
+        self.vectors = dict(zip(queries, xq, strict=True))
+
+    def encode(self, texts):
+        return np.stack([self.vectors[t] for t in texts])
+
+
+MODE_CASES = [("dense", {}), ("lexical", {}), ("hybrid", {}), ("hybrid", {"weight": 0.3, "depth": 20}),
+              ("hybrid", {"method": "rrf", "rrf_k": 10.0})]
+
+
+@pytest.mark.parametrize("mode, overrides", MODE_CASES)
+def test_shard_groups_ranked_apart_then_combined_equal_one_search_of_the_whole_index(texts_index, mode, overrides):
+    """What the ShardSearchers (group_rankings) and the Retriever (combine) do equals sharding.search.search."""
+    from serving.rag import RANKINGS, combine, group_rankings, make_fusion, ranking_depth
+    from sharding.search import ShardedIndex, search
+
+    full = ShardedIndex.open(texts_index["path"])
+    groups = [ShardedIndex.open(texts_index["path"], only=[0]), ShardedIndex.open(texts_index["path"], only=[1, 2])]
+    fusion = make_fusion(None, overrides)
+    xq, texts = texts_index["xq"], texts_index["queries"]
+    for kk in (5, 150):  # 150 > the fusion depth: each ranking goes kk deep
+        depth = ranking_depth(mode, kk, fusion)
+        results = [group_rankings(g, xq, texts, depth, RANKINGS[mode]) for g in groups]
+        D, I = combine(results, mode, kk, full.manifest.metric, fusion)
+        D1, I1 = search(full, xq, texts, kk, mode, fusion)
+        assert np.array_equal(I, I1) and np.allclose(D, D1), (mode, kk)
+    if mode == "lexical":  # nothing embedded: the rankings need no vectors
+        assert set(group_rankings(groups[0], None, texts, 5, RANKINGS[mode])) == {"lexical"}
+
+
+@pytest.mark.parametrize("mode, overrides", MODE_CASES)
+def test_local_retriever_answers_every_mode_with_filters_as_one_search(texts_index, mode, overrides):
+    from serving.rag import LocalRetriever, make_fusion
+    from sharding.search import ShardedIndex, search
+
+    r = LocalRetriever(texts_index["path"], mode="lexical", overfetch=3)
+    assert r.encoder is None  # lexical-only: no embedding model loaded
+    r.encoder = _Encoder(texts_index["queries"], texts_index["xq"])
+    full = ShardedIndex.open(texts_index["path"])
+    fusion = make_fusion(None, overrides)
+    for q, query in enumerate(texts_index["queries"][:6]):
+        xq = texts_index["xq"][q:q + 1]
+        got = r.search(query, 4, mode=mode, fusion=overrides)
+        D, I = search(full, xq, [query], 4, mode, fusion)
+        assert [p["chunk_id"] for p in got] == [c for c in I[0].tolist() if c >= 0]
+        assert np.allclose([p["score"] for p in got], D[0][I[0] >= 0])
+        assert {"doc_id", "title", "text", "metadata"} <= set(got[0]) and got[0]["metadata"]["lang"]
+        # a filter: 4 x overfetch 3 = 12 candidates, then 4x more until 4 pass (or every chunk was a candidate)
+        flt = {"lang": "de", "title": ["t1", "t2"]}
+        got = r.search(query, 4, flt, mode=mode, fusion=overrides)
+        for kk in (12, 48, 192, 400):
+            D, I = search(full, xq, [query], kk, mode, fusion)
+            rows = full.docstore().lookup(I[0][I[0] >= 0])
+            want = [c for c in I[0].tolist() if c >= 0 and rows[c]["title"] in ("t1", "t2")
+                    and json.loads(rows[c]["metadata"])["lang"] == "de"]
+            if len(want) >= 4 or kk == 400:
+                break
+        assert [p["chunk_id"] for p in got] == want[:4] and [p["rank"] for p in got] == list(range(1, len(got) + 1))
+
+
+def test_auto_mode_and_an_index_without_a_lexical_part(texts_index, tmp_path, monkeypatch):
+    from configs.schema.base import RagtuneError
+    from serving.app import ServeAppArgs, build_app, check_retrieval
+    from serving.rag import LocalRetriever, resolve_mode
+    from sharding.index import read_index_manifest, resolve_index
+
+    with_lex = read_index_manifest(resolve_index(texts_index["path"]))
+    without = read_index_manifest(resolve_index(texts_index["dense_only"]))
+    assert resolve_mode("auto", with_lex, "v") == "hybrid" and resolve_mode("auto", without, "v") == "dense"
+    assert [resolve_mode(m, with_lex, "v") for m in ("dense", "lexical", "hybrid")] == ["dense", "lexical", "hybrid"]
+    assert resolve_mode("dense", without, "v") == "dense"
+    for mode in ("lexical", "hybrid"):  # a request: 400, naming the field, the value and the fix
+        with pytest.raises(ApiError) as e:
+            resolve_mode(mode, without, "file:///x/v-00001", "retrieval.mode")
+        assert e.value.status == 400 and e.value.param == "retrieval.mode" and e.value.code == "lexical_unavailable"
+        assert f"retrieval.mode = {mode!r} needs a lexical (BM25) part, but index version file:///x/v-00001 has " \
+               "none" in e.value.message and "Fix: use mode dense or auto" in e.value.message
+    # start-up: the in-process retriever, and the app builder before any deployment
+    with pytest.raises(RagtuneError, match=r"retrieval.mode = 'lexical' needs a lexical \(BM25\) part.*Fix"):
+        LocalRetriever(texts_index["dense_only"], mode="lexical")
+    cfg = ServeJobConfig.model_validate({"index": {"path": texts_index["dense_only"]},
+                                         "generator": {"model": str(tmp_path)}, "retrieval": {"mode": "hybrid"}})
+    with pytest.raises(RagtuneError, match=r"retrieval.mode = 'hybrid' needs a lexical \(BM25\) part.*Fix"):
+        build_app(ServeAppArgs(config=cfg.model_dump(mode="json")))
+    assert check_retrieval(cfg.model_copy(update={"retrieval": RetrievalConfig(mode="auto")})) == "dense"
+    monkeypatch.setattr(LocalRetriever, "_load_encoder", lambda self: None)  # the synthetic index has no model
+    r = LocalRetriever(texts_index["dense_only"], mode="auto")
+    with pytest.raises(ApiError, match="needs a lexical"):
+        r.search("w1", 3, mode="lexical")
+
+
+def test_a_reload_to_a_version_without_a_lexical_part_is_refused_when_the_mode_needs_one(tmp_path):
+    """retrieval.mode hybrid: a new version without BM25 shards is a 409, and the old version keeps serving."""
+    import asyncio
+    import shutil
+
+    from serving.deployments import Retriever
+    from sharding.index import read_index_manifest, switch_latest, write_index_manifest
+    from sharding.storage import resolve
+    from tests.sharding.test_lexical import texts_for
+
+    build_texts_version(tmp_path / "index", texts_for(60), 2)
+    root = resolve(str(tmp_path / "index"))
+    shutil.copytree(tmp_path / "index" / "v-00001", tmp_path / "index" / "v-00002")
+    m = read_index_manifest(root.join("v-00002"))
+    write_index_manifest(root.join("v-00002"), m.model_copy(update={"lexical": None, "version": "v-00002"}))
+    for mode, changed in (("hybrid", False), ("auto", True)):
+        switch_latest(root, "v-00001")
+        r = Retriever.func_or_class(None, [], str(tmp_path / "index"), mode=mode)
+        switch_latest(root, "v-00002")
+        if not changed:
+            with pytest.raises(ApiError) as e:
+                asyncio.run(r.reload())
+            assert e.value.status == 409 and "retrieval.mode = 'hybrid' needs a lexical" in e.value.message
+            assert r.version.endswith("v-00001")
+        else:  # auto: dense on the new version; it gets past the mode check to the shard groups (none here)
+            with pytest.raises(ApiError, match="shard groups serve"):
+                asyncio.run(r.reload())
+
+
+# --- schemas: retrieval.mode and fusion in the config and in requests -------------------------------------------------
+
+def test_retrieval_config_modes_fusion_and_their_limits():
+    from configs.schema.base import ConfigError, validate
+    from sharding.search import Fusion
+
+    assert RetrievalConfig().mode == "auto"
+    assert RetrievalConfig().fusion.model_dump() == vars(Fusion())  # one set of defaults, kept equal by this test
+    base = {"index": {"path": "x"}, "generator": {"model": "m"}}
+    ok = validate(ServeJobConfig, {**base, "retrieval": {"mode": "lexical", "fusion": {"method": "rrf"}}}, "t")
+    assert ok.retrieval.mode == "lexical" and ok.retrieval.fusion.method == "rrf"
+    cases = [({"retrieval": {"mode": "sparse"}}, "retrieval.mode = 'sparse'"),
+             ({"retrieval": {"fusion": {"weight": 1.5}}}, "retrieval.fusion.weight = 1.5"),
+             ({"retrieval": {"fusion": {"method": "max"}}}, "retrieval.fusion.method = 'max'"),
+             ({"retrieval": {"fusion": {"rrf_k": 0}}}, "retrieval.fusion.rrf_k = 0"),
+             ({"retrieval": {"fusion": {"depth": 0}}}, "retrieval.fusion.depth = 0"),
+             ({"retrieval": {"fusion": {"wieght": 0.3}}}, "did you mean `weight`"),
+             ({"retrieval": {"fusion": {"depth": 2000}}}, "retrieval.fusion.depth (2000) exceeds limits.max_depth "
+                                                          "(1000). Fix: lower retrieval.fusion.depth or raise")]
+    for extra, message in cases:
+        with pytest.raises(ConfigError) as e:
+            validate(ServeJobConfig, {**base, **extra}, "t")
+        assert message in str(e.value), (extra, str(e.value))
+    assert validate(ServeJobConfig, {**base, "retrieval": {"fusion": {"depth": 2000}},
+                                     "limits": {"max_depth": 2000}}, "t").retrieval.fusion.depth == 2000
+
+
+def test_search_and_chat_requests_take_a_mode_and_fusion_overrides_within_limits():
+    from pydantic import ValidationError
+
+    from serving.schemas import FusionOptions
+
+    r = SearchRequest.model_validate({"query": "q", "mode": "hybrid", "fusion": {"method": "rrf", "rrf_k": 20}})
+    assert r.mode == "hybrid" and r.fusion.overrides() == {"method": "rrf", "rrf_k": 20}
+    assert SearchRequest(query="q").mode is None and FusionOptions().overrides() == {}
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                                 "retrieval": {"mode": "lexical", "fusion": {"weight": 0.2}}})
+    assert chat.retrieval_options().mode == "lexical" and chat.retrieval_options().fusion.weight == 0.2
+    for body in ({"mode": "bm25"}, {"fusion": {"weight": 1.2}}, {"fusion": {"weight": float("nan")}},
+                 {"fusion": {"rrf_k": 0}}, {"fusion": {"rrf_k": float("inf")}}, {"fusion": {"depth": 0}},
+                 {"fusion": {"method": "max"}}, {"fusion": {"wieght": 0.3}}, {"fusion": 3}):
+        with pytest.raises(ValidationError):
+            SearchRequest.model_validate({"query": "q", **body})
+    limits = LimitsConfig(max_depth=200)
+    check_search(SearchRequest.model_validate({"query": "q", "fusion": {"depth": 200}}), limits)
+    with pytest.raises(ApiError) as e:
+        check_search(SearchRequest.model_validate({"query": "q", "fusion": {"depth": 201}}), limits)
+    assert e.value.status == 400 and e.value.param == "fusion.depth" and "limits.max_depth" in e.value.message
+    with pytest.raises(ApiError) as e:
+        check_chat(ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                                         "retrieval": {"fusion": {"depth": 201}}}), limits)
+    assert e.value.param == "retrieval.fusion.depth"
