@@ -1,4 +1,5 @@
-"""Where work runs: starting or joining Ray, and deciding resources and placement."""
+"""Where work runs: starting or joining Ray, deciding resources and placement, submitting jobs, and the cluster
+definitions (``cluster/kuberay``, ``cluster/launcher``, ``cluster/Dockerfile``) with their checks (``manifests``)."""
 
 from cluster.placement import EmbedActorPlan, NodeResources, plan_embed_actors
 from cluster.runtime import alive_nodes, init_ray

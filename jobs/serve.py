@@ -29,11 +29,14 @@ def resolved_host(cfg: ServeJobConfig) -> str:
 
 
 def check(cfg: ServeJobConfig) -> None:
-    """Preflight without Ray or torch: the index version, the generator and adapter folders, auth vs host."""
+    """Preflight without Ray or torch: the index version and its retrieval mode, the generator and adapter
+    folders, auth vs host."""
+    from serving.app import check_retrieval
     from sharding.index import read_index_manifest, resolve_index
     from sharding.storage import exists, resolve
 
     manifest = read_index_manifest(resolve_index(cfg.index.path))
+    check_retrieval(cfg)
     if cfg.shards.groups is not None and cfg.shards.groups > len(manifest.shards):
         raise RagtuneError(f"shards.groups = {cfg.shards.groups} but {cfg.index.path} has {len(manifest.shards)} "
                            f"shard(s). Fix: set shards.groups <= {len(manifest.shards)}, or null")

@@ -163,7 +163,8 @@ class QueryEncoder:
         try:
             spec = resolve_embedder(name)
         except RagtuneError:  # a local folder that moved: the manifest also records where it was
-            spec = EmbedderSpec(**manifest.model) if Path(manifest.model.get("path", "")).is_dir() else None
+            path = manifest.model.get("path")
+            spec = EmbedderSpec(**manifest.model) if path and Path(path).is_dir() else None
             if spec is None:
                 raise
         check_query_model(manifest, spec)
