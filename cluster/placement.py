@@ -161,7 +161,7 @@ class TrainPlan:
 
 
 def plan_training(nodes: list[NodeResources], num_workers: int, use_gpu: bool | Literal["auto"] = "auto",
-                  cpus_per_worker: int = 1, precision: str = "auto") -> TrainPlan:
+                  cpus_per_worker: float = 1, precision: str = "auto") -> TrainPlan:
     """Decide GPUs, backend and precision for ``num_workers`` training workers, or fail before any work.
 
     A worker group that does not fit the cluster would wait for resources forever, so it is an error here.
@@ -210,6 +210,27 @@ class ServePlan:
     light: ReplicaResources  # Retriever and Ingress: routing, merging, HTTP
     groups: list[list[int]]  # shard numbers of each ShardSearcher deployment
     reason: str
+    searcher_max_per_node: int | None = None  # replicas of one group on one node at most (Serve's
+    # max_replicas_per_node), so that losing a node leaves each group a replica elsewhere; None = no limit
+
+
+def replicas_per_node(replicas: int, capacity: list[int]) -> int | None:
+    """The most replicas of one deployment to allow on one node, so that they spread over the nodes.
+
+    ``capacity``: how many replicas each node could hold by its resources. The limit is the smallest that still
+    places every replica (the sum over nodes of min(limit, capacity) reaches ``replicas``: a replica beyond that
+    would wait for a node forever), and it is below ``replicas``, so no node holds them all and losing any one
+    node leaves the deployment a replica elsewhere. None (no limit) where there is nothing to spread (one
+    replica, or one node that can hold one) or no such limit exists (only one node has room for more than one),
+    or it would exceed Serve's largest (100).
+    """
+    hosts = [c for c in capacity if c >= 1]
+    if replicas < 2 or len(hosts) < 2:
+        return None
+    for limit in range(math.ceil(replicas / len(hosts)), min(replicas, 101)):
+        if sum(min(limit, c) for c in hosts) >= replicas:
+            return limit
+    return None
 
 
 MAX_DEFAULT_GROUPS = 8  # more deployments than this cost more in fan-out than they give in parallel search
@@ -231,7 +252,8 @@ def shard_groups(num_shards: int, groups: int | None = None) -> list[list[int]]:
 
 
 def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | None = None,
-                 searcher_replicas: int = 1, embedder_replicas: int = 1, generator_replicas: int = 1,
+                 searcher_replicas: int = 1, searcher_max_replicas: int | None = None,
+                 embedder_replicas: int = 1, generator_replicas: int = 1,
                  light_replicas: int = 2, generator_device: Literal["auto", "cpu", "gpu"] = "auto",
                  searcher_device: Literal["auto", "cpu", "gpu"] = "auto",
                  num_cpus: dict[str, float | None] | None = None,
@@ -244,13 +266,16 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
     tokens, and batching keeps it cheap. CPUs: the default reservations (Embedder and Generator 1 each,
     ShardSearcher 0.5, Retriever and Ingress 0.1) are scaled down together when the app would not otherwise fit
     the cluster (a laptop runs it all on 2 cores: reservations only place replicas, threads do the work);
-    reservations given explicitly are kept and must fit.
+    reservations given explicitly are kept and must fit. The replicas of each shard group are spread over the
+    nodes that can hold one (``replicas_per_node``), so that a lost node never takes a group's every replica.
 
     Args:
         nodes: the cluster's alive nodes.
         num_shards: shards of the index version served.
         groups: ShardSearcher deployments (null: one per shard, at most 8).
         searcher_replicas, embedder_replicas, generator_replicas: replicas of each (searchers: per group).
+        searcher_max_replicas: the most replicas a group scales to (autoscaling), for the per-node limit;
+            None = ``searcher_replicas``.
         light_replicas: Retriever + Ingress replicas together.
         generator_device, searcher_device: auto, cpu or gpu.
         num_cpus: explicit reservations by role (embedder, searcher, generator), None = default.
@@ -299,9 +324,12 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
         return threads.get(role) or default
 
     on_node = max(1, min(4, node_cpus))
+    searcher_cpus = cpus("searcher")
+    fit = [int(n.gpus / search_share + 1e-9) if search_gpu else int(n.cpus / searcher_cpus + 1e-9) for n in nodes]
+    spread = replicas_per_node(searcher_max_replicas or searcher_replicas, fit)
     return ServePlan(
         embedder=ReplicaResources(cpus("embedder"), 0.0, thr("embedder", on_node), "cpu"),
-        searcher=ReplicaResources(cpus("searcher"), search_share, thr("searcher", 1), "gpu" if search_gpu else "cpu"),
+        searcher=ReplicaResources(searcher_cpus, search_share, thr("searcher", 1), "gpu" if search_gpu else "cpu"),
         generator=ReplicaResources(cpus("generator"), 1.0 if gen_gpu else 0.0, thr("generator", on_node),
                                    "gpu" if gen_gpu else "cpu"),
         light=ReplicaResources(cpus("light"), 0.0, 1, "cpu"),
@@ -309,5 +337,7 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
         reason=(f"{len(grouped)} shard group(s) of {num_shards} shard(s); generator on "
                 f"{'GPU' if gen_gpu else 'CPU'}, searchers on "
                 f"{f'GPU ({search_share:g} of one each)' if search_gpu else 'CPU'}"
-                + (f"; CPU reservations scaled x{scale:.2f} to fit {total_cpus:g} CPUs" if scale < 1 else "")),
+                + (f"; CPU reservations scaled x{scale:.2f} to fit {total_cpus:g} CPUs" if scale < 1 else "")
+                + (f"; at most {spread} replica(s) of a shard group per node" if spread else "")),
+        searcher_max_per_node=spread,
     )

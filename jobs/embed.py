@@ -319,9 +319,7 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
     if cfg.output.overwrite:
         _delete_outputs(out)
         plan.previous = None
-    for f in list_dir(out):  # temporary files of a run that was killed while writing
-        if TMP_MARK in f.base_name:
-            delete_file(out.join(f.base_name))
+    _delete_temporaries(out)  # of a run that was killed while writing
     if plan.previous is not None:
         manifest = plan.previous
         manifest.state = "running"
@@ -394,6 +392,7 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
                            "Fix: rerun the same command to finish them")
     if manifest.dim is None:
         manifest.dim = _dim_of(out, next(iter(manifest.parts.values())))
+    _delete_temporaries(out)  # of an actor lost with its node while writing (its part was embedded again)
     summary = EmbedSummary(
         output=out.uri, model=plan.spec.name, dim=manifest.dim, docs=stats.docs, empty_docs=stats.empty_docs,
         chunks=stats.chunks, duplicates_skipped=stats.chunks - stats.unique_inputs,
@@ -413,6 +412,13 @@ def _dim_of(out: Location, record: PartRecord) -> int:
 
     schema = pq.read_schema(out.join(record.file).path, filesystem=out.fs)
     return schema.field("vector").type.list_size
+
+
+def _delete_temporaries(out: Location) -> None:
+    """Remove the temporary files of part writers that died before their rename."""
+    for f in list_dir(out):
+        if TMP_MARK in f.base_name:
+            delete_file(out.join(f.base_name))
 
 
 def _delete_outputs(out: Location) -> None:

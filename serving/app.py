@@ -78,7 +78,9 @@ def plan_for(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> Any:
     s = cfg.shards
     replicas = s.autoscaling.min_replicas if s.autoscaling else s.replicas
     return plan_serving(nodes if nodes is not None else cluster_nodes(), num_shards=len(manifest.shards),
-                        groups=s.groups, searcher_replicas=max(1, replicas), embedder_replicas=cfg.embedder.replicas,
+                        groups=s.groups, searcher_replicas=max(1, replicas),
+                        searcher_max_replicas=s.autoscaling.max_replicas if s.autoscaling else s.replicas,
+                        embedder_replicas=cfg.embedder.replicas,
                         generator_replicas=cfg.generator.replicas, generator_device=cfg.generator.device,
                         searcher_device=s.device,
                         num_cpus={"embedder": cfg.embedder.num_cpus, "searcher": s.num_cpus,
@@ -144,6 +146,8 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
             name=f"ShardSearcher{n}", **_common(cfg), ray_actor_options=_actor_options(plan.searcher),
             max_ongoing_requests=64,
             health_check_period_s=s.health_check_period_s, health_check_timeout_s=max(10.0, s.health_check_period_s),
+            # a group's replicas on different nodes where the cluster has them: a lost node leaves one serving
+            **({"max_replicas_per_node": plan.searcher_max_per_node} if plan.searcher_max_per_node else {}),
             **scaling,
         ).bind(cfg.index.path, shards, cfg.index.params, cfg.index.verify, cfg.index.mmap, plan.searcher.device,
                plan.searcher.threads, poll, cfg.retrieval.mode != "dense"))

@@ -54,3 +54,40 @@ def test_explicit_reservations_are_kept_and_must_fit():
         plan_serving([NodeResources(cpus=4)], num_shards=2, embedder_replicas=3, num_cpus={"embedder": 2.0})
     with pytest.raises(RagtuneError, match="no alive node"):
         plan_serving([], num_shards=2)
+
+
+# --- spreading a shard group's replicas over nodes (Serve's max_replicas_per_node) ------------------------------------
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("capacity", [[1], [4], [1, 1], [2, 2], [8, 1], [8, 0, 0], [1, 1, 1], [3, 1, 1], [2, 2, 2, 2],
+                                      [16, 16], [1] * 5])
+def test_replicas_per_node_spreads_every_replica_and_never_all_on_one_node(replicas, capacity):
+    from cluster.placement import replicas_per_node
+
+    limit = replicas_per_node(replicas, capacity)
+    hosts = [c for c in capacity if c >= 1]
+    if limit is None:  # nothing to spread, or no limit below `replicas` that places them all
+        assert replicas < 2 or len(hosts) < 2 or all(sum(min(n, c) for c in hosts) < replicas
+                                                     for n in range(1, replicas))
+        return
+    assert 1 <= limit < replicas  # no node may hold every replica: a lost node leaves one elsewhere
+    assert sum(min(limit, c) for c in hosts) >= replicas  # and every replica has a place
+    assert limit == 1 or sum(min(limit - 1, c) for c in hosts) < replicas  # the tightest such limit
+
+
+def test_serving_plan_spreads_searcher_replicas_where_the_cluster_has_nodes():
+    one = plan_serving([NodeResources(cpus=2)], num_shards=2, searcher_replicas=2)
+    assert one.searcher_max_per_node is None  # a laptop: nothing to spread over
+    three = plan_serving([NodeResources(cpus=4), NodeResources(cpus=1), NodeResources(cpus=1)], num_shards=2,
+                         searcher_replicas=2)
+    assert three.searcher_max_per_node == 1 and "at most 1 replica(s) of a shard group per node" in three.reason
+    assert plan_serving([NodeResources(cpus=8)] * 3, num_shards=2).searcher_max_per_node is None  # one replica
+    scaled = plan_serving([NodeResources(cpus=8)] * 2, num_shards=2, searcher_replicas=1, searcher_max_replicas=5)
+    assert scaled.searcher_max_per_node == 3  # autoscaling up to 5 on 2 nodes
+    # a node too small for a second replica: the big one takes the rest, never all of them
+    uneven = plan_serving([NodeResources(cpus=32), NodeResources(cpus=1)], num_shards=1, searcher_replicas=4,
+                          num_cpus={"searcher": 1.0})
+    assert uneven.searcher_max_per_node == 3
+    gpus = plan_serving([NodeResources(cpus=16, gpus=1), NodeResources(cpus=16, gpus=1)], num_shards=2,
+                        searcher_replicas=2, generator_device="cpu")
+    assert gpus.searcher.device == "gpu" and gpus.searcher_max_per_node == 1
