@@ -120,7 +120,7 @@ class ShardSearcher:
 
         t0 = time.perf_counter()
         index = ShardedIndex.open(version, verify=self.verify, mmap=self.mmap and self.device == "cpu",
-                                  params=self.params, only=self.shards)
+                                  params=self.params, only=self.shards, lease="ShardSearcher")
         if self.device == "gpu":
             _to_gpu(index)
         lexical = self.lexical and index.manifest.lexical is not None
@@ -248,14 +248,12 @@ class Retriever:
 
     def _docstore(self, version: str) -> Any:
         if version not in self.docstores:
-            from sharding.docstore import Docstore
             from sharding.index import read_index_manifest
+            from sharding.search import open_docstore
             from sharding.storage import resolve
 
             m = self.manifests.get(version) or read_index_manifest(resolve(version))
-            loc = resolve(version)
-            self.docstores[version] = Docstore([loc.join(s.docstore) for s in m.shards],
-                                               [s.docstore_bytes for s in m.shards])
+            self.docstores[version] = open_docstore(resolve(version), m, lease="Retriever")  # deltas, tombstones
             while len(self.docstores) > KEEP_VERSIONS:
                 self.docstores.popitem(last=False)
         return self.docstores[version]

@@ -55,6 +55,7 @@ class _File:
         stats = [md.row_group(i).column(col).statistics for i in range(md.num_row_groups)]
         if any(s is None or not s.has_min_max for s in stats):
             raise RagtuneError(f"{loc.uri}: docstore written without chunk_id statistics. Fix: rebuild the index")
+        self.names = set(md.schema.to_arrow_schema().names)
         self.mins = np.array([s.min for s in stats], dtype=np.int64)
         self.maxs = np.array([s.max for s in stats], dtype=np.int64)
 
@@ -66,11 +67,25 @@ class _File:
 
 
 class Docstore:
-    """Lookups of chunk rows by id across the docstore files of an index version."""
+    """Lookups of chunk rows by id across the docstore files of an index version.
 
-    def __init__(self, locs: Sequence[Location], sizes: Sequence[int | None] | None = None):
+    ``dead`` gives, per file, the chunk ids masked in it (tombstones): a deleted chunk, or the old copy of an
+    updated one, whose new row (the same id) is in a newer file. Masked rows are never returned, so a lookup
+    gives each id's live row.
+    """
+
+    def __init__(self, locs: Sequence[Location], sizes: Sequence[int | None] | None = None,
+                 dead: Sequence[np.ndarray | None] | None = None):
         self._files = [_File(loc, size) for loc, size in zip(locs, sizes or [None] * len(locs), strict=True)]
+        self._dead = [None if d is None or not len(d) else pa.array(np.asarray(d, dtype=np.int64), pa.int64())
+                      for d in (dead or [None] * len(locs))]
+        if len(self._dead) != len(self._files):
+            raise ValueError(f"{len(self._dead)} tombstone sets for {len(self._files)} docstore files")
         self.row_groups_read = 0  # counts reads, so tests and benchmarks can see what a lookup cost
+
+    def _live(self, t: pa.Table, n: int) -> pa.Table:
+        dead = self._dead[n]
+        return t if dead is None else t.filter(pc.invert(pc.is_in(t["chunk_id"], value_set=dead)))
 
     def lookup(self, ids: Sequence[int] | np.ndarray,
                columns: Sequence[str] | None = None) -> dict[int, dict[str, Any]]:
@@ -81,22 +96,28 @@ class Docstore:
         if "chunk_id" not in cols:
             cols = ["chunk_id", *cols]
         out: dict[int, dict[str, Any]] = {}
-        for f in self._files:
+        for n, f in enumerate(self._files):
             groups = f.row_groups_for(want)
             if not groups:
                 continue
             self.row_groups_read += len(groups)
-            t = f.pf.read_row_groups(groups, columns=cols)
-            t = t.filter(pc.is_in(t["chunk_id"], value_set=pa.array(want, pa.int64())))
+            t = f.pf.read_row_groups(groups, columns=[c for c in cols if c in f.names])
+            t = self._live(t.filter(pc.is_in(t["chunk_id"], value_set=pa.array(want, pa.int64()))), n)
             for row in t.to_pylist():
                 out[row["chunk_id"]] = row
         return out
 
+    def table(self, columns: Sequence[str]) -> pa.Table:
+        """The live rows of every file (``columns``, chunk_id first), sorted by chunk_id."""
+        cols = ["chunk_id", *[c for c in columns if c != "chunk_id"]]
+        ts = [self._live(f.pf.read(columns=[c for c in cols if c in f.names]), n) for n, f in enumerate(self._files)]
+        return pa.concat_tables(ts, promote_options="default").sort_by("chunk_id")
+
     def column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Every chunk_id and its value of ``name`` (e.g. doc_id), sorted by chunk_id: for evaluation."""
-        ts = [f.pf.read(columns=["chunk_id", name]) for f in self._files]
-        t = pa.concat_tables(ts).sort_by("chunk_id")
+        """Every live chunk_id and its value of ``name`` (e.g. doc_id), sorted by chunk_id: for evaluation."""
+        t = self.table([name])
         return t["chunk_id"].to_numpy(), np.asarray(t[name].to_pylist(), dtype=object)
 
     def __len__(self) -> int:
-        return sum(f.pf.metadata.num_rows for f in self._files)
+        return sum(f.pf.metadata.num_rows - (0 if d is None else len(d)) for f, d in zip(self._files, self._dead,
+                                                                                       strict=True))

@@ -10,7 +10,11 @@ On disk (DESIGN.md, "Data flow and formats" 4)::
     <path>/v-00002/tuning.png             recall@10 vs QPS of the search parameters tried
 
 A version folder is written completely before ``LATEST`` names it and is never changed afterwards, so a reader
-that opened version N keeps working while N+1 is built. FAISS vocabulary: ``xb`` database vectors, ``xq``
+that opened version N keeps working while N+1 is built. Versions written by ``ragtune index add|delete|compact``
+share the files of earlier versions: a manifest names a file of version 2 as ``../v-00002/shard-00000.faiss``
+(paths are relative to the manifest's own folder, as in manifests written before freshness existed), and adds
+per-shard delta segments (``shard-00000.d000.faiss`` + docstore + BM25) and tombstones (``tombstones/``)
+(``sharding/freshness.py``, docs/index.md "Freshness"). FAISS vocabulary: ``xb`` database vectors, ``xq``
 queries, ``xt`` training vectors, ``nb``/``nq``/``nt`` their counts, ``d`` the dimension, ``k`` results per query,
 ``D``/``I`` distances and ids. ``faiss`` is imported inside functions, so importing this module is cheap.
 """
@@ -38,7 +42,7 @@ from pydantic import BaseModel, Field
 from configs.schema.base import RagtuneError
 from sharding.embeddings import MANIFEST as EMBEDDINGS_MANIFEST
 from sharding.embeddings import PartRecord
-from sharding.lexical import LexicalManifest
+from sharding.lexical import LexicalManifest, LexicalRecord
 from sharding.storage import (
     TMP_MARK,
     Location,
@@ -56,6 +60,7 @@ log = logging.getLogger("ragtune.index")
 FORMAT = "ragtune.index/1"
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+PUBLISHED = "PUBLISHED"  # in a version folder: LATEST named it (sharding.versions)
 DOCSTORE_DIR = "docstore"
 Metric = Literal["inner_product", "l2"]
 
@@ -78,8 +83,38 @@ def docstore_name(index: int) -> str:
     return f"{DOCSTORE_DIR}/shard-{index:05d}.parquet"
 
 
+def delta_name(shard: int, pos: int) -> str:
+    """Delta segment ``pos`` (0, 1, ...) of a shard: chunks added after the base was built."""
+    return f"shard-{shard:05d}.d{pos:03d}.faiss"
+
+
+def delta_docstore_name(shard: int, pos: int) -> str:
+    return f"{DOCSTORE_DIR}/shard-{shard:05d}.d{pos:03d}.parquet"
+
+
+def tombstone_name(shard: int) -> str:
+    return f"tombstones/shard-{shard:05d}.npz"
+
+
+TRAINED = "trained.faiss"  # the trained empty index every shard and delta starts from
+
+
 def version_name(n: int) -> str:
     return f"v-{n:05d}"
+
+
+def carry(rel: str, version: str) -> str:
+    """A file named ``rel`` by the manifest of ``version``, as a newer version's manifest names it: relative to
+    the newer version's folder (a sibling), so ``shard-00000.faiss`` of v-00002 becomes
+    ``../v-00002/shard-00000.faiss``; a name that already points at a sibling stays as it is."""
+    return rel if rel.startswith("../") else f"../{version}/{rel}"
+
+
+def root_relative(version: str, rel: str) -> str:
+    """The path under the index root of a file ``rel`` named by the manifest of ``version``."""
+    import posixpath
+
+    return posixpath.normpath(f"{version}/{rel}")
 
 
 def human_bytes(n: float) -> str:
@@ -553,16 +588,66 @@ def sample_rows(parts: Sequence[tuple[str, int]], n_train: int, n_queries: int,
 
 # --- manifest and versions ------------------------------------------------------------------------------------------
 
-class ShardRecord(BaseModel):
-    file: str  # relative to the version folder
+class DeltaRecord(BaseModel):
+    """A segment of a shard added after its base: chunks of one ``ragtune index add``, in an index made from the
+    same trained empty index as the base (so IVF deltas share its quantizer and merge into it exactly)."""
+
+    file: str  # relative to the version folder, like every file name in a manifest
     ntotal: int
     sha256: str
     bytes: int
     docstore: str
     docstore_sha256: str
     docstore_bytes: int
-    pieces: list[Piece]  # the embedding rows it holds
+    lexical: LexicalRecord | None = None  # its BM25 rows, when the version has a lexical part
+    version: str  # the version that wrote it
     seconds: float = 0.0
+
+
+class TombstoneRecord(BaseModel):
+    """Chunk ids masked in each segment of a shard (base first, then each delta), in one ``.npz`` file: a
+    deleted chunk, or the old copy of an updated one (its new copy, under the same id, lives in a newer delta
+    and is not masked)."""
+
+    file: str
+    sha256: str
+    bytes: int
+    dead: list[int]  # masked ids per segment, each present in that segment
+
+
+class ShardRecord(BaseModel):
+    file: str  # relative to the version folder
+    ntotal: int  # vectors in the base file
+    sha256: str
+    bytes: int
+    docstore: str
+    docstore_sha256: str
+    docstore_bytes: int
+    pieces: list[Piece]  # the embedding rows it holds ([] once compacted: rows then come from several versions)
+    seconds: float = 0.0
+    deltas: list[DeltaRecord] = Field(default_factory=list)  # segments added since the base was built
+    tombstones: TombstoneRecord | None = None  # ids masked per segment; None: nothing deleted
+
+    @property
+    def dead(self) -> int:
+        return sum(self.tombstones.dead) if self.tombstones else 0
+
+    @property
+    def live(self) -> int:
+        """Vectors a search can return: the base's and the deltas', less the masked ones."""
+        return self.ntotal + sum(d.ntotal for d in self.deltas) - self.dead
+
+
+class HistoryEntry(BaseModel):
+    """One write of the index: what it did, to which version, from which."""
+
+    version: str
+    operation: Literal["build", "add", "delete", "compact"]
+    parent: str | None = None  # the version it started from (None for a build)
+    at: float  # when the manifest was written (epoch seconds)
+    seconds: float = 0.0  # how long the operation took
+    ntotal: int  # live vectors after it
+    counts: dict[str, int] = Field(default_factory=dict)  # e.g. added, updated, skipped, deleted, compacted
 
 
 class IndexManifest(BaseModel):
@@ -590,6 +675,17 @@ class IndexManifest(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
     lexical: LexicalManifest | None = None  # BM25 shards beside the FAISS shards; None: dense search only
+    operation: Literal["build", "add", "delete", "compact"] = "build"
+    parent: str | None = None  # the version this one was written from (add, delete, compact)
+    history: list[HistoryEntry] = Field(default_factory=list)  # every write up to this version, oldest first
+
+    def entries(self) -> list[HistoryEntry]:
+        """The history, with one entry made up for a manifest written before histories existed."""
+        if self.history:
+            return self.history
+        return [HistoryEntry(version=self.version, operation=self.operation, at=self.created_at,
+                             seconds=float(self.build.get("seconds", 0.0)), ntotal=self.ntotal,
+                             counts={"vectors": self.ntotal})]
 
 
 def write_index_manifest(version_dir: Location, manifest: IndexManifest) -> None:
@@ -628,10 +724,13 @@ def read_latest(root: Location) -> str | None:
 
 
 def switch_latest(root: Location, version: str) -> None:
-    """Point ``LATEST`` at a complete version, atomically: readers see the old name or the new one."""
+    """Point ``LATEST`` at a complete version, atomically: readers see the old name or the new one. Then mark
+    the version ``PUBLISHED`` (LATEST named it once: a manifest without that mark is one whose writer died
+    before switching, ``sharding.versions.version_states``)."""
     if not exists(root.join(version, MANIFEST)):
         raise RagtuneError(f"{root.join(version).uri}: not a complete index version (no {MANIFEST})")
     atomic_write_bytes(root.join(LATEST), (version + "\n").encode())
+    atomic_write_bytes(root.join(version, PUBLISHED), json.dumps({"published_at": time.time()}).encode())
 
 
 def resolve_index(path: str) -> Location:
@@ -644,3 +743,77 @@ def resolve_index(path: str) -> Location:
         raise RagtuneError(f"{path}: no index here (neither {LATEST} nor {MANIFEST}). Fix: build one with "
                            "`ragtune index -c configs/index/<x>.yaml`, or pass the index.path it was built at")
     return loc.join(latest)
+
+
+# --- tombstones and the files a manifest names (freshness) ---------------------------------------------------------
+
+def write_tombstones(loc: Location, dead: Sequence[np.ndarray]) -> tuple[str, int]:
+    """One shard's masked ids, one sorted int64 array per segment (``s0`` the base, ``s1``.. its deltas),
+    written atomically as an ``.npz``; returns (sha256, bytes)."""
+    buf = io.BytesIO()
+    arrays: dict[str, Any] = {f"s{i}": np.unique(np.asarray(d, dtype=np.int64)) for i, d in enumerate(dead)}
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    atomic_write_bytes(loc, data)
+    return sha256_hex(data), len(data)
+
+
+def read_tombstones(loc: Location, record: TombstoneRecord, verify: bool = True) -> list[np.ndarray]:
+    """The masked ids of each segment of a shard (see :func:`write_tombstones`); a missing or altered file is a
+    RagtuneError naming it."""
+    fix = "Fix: open an older version, or rebuild the index with `ragtune index`"
+    if not exists(loc):
+        raise RagtuneError(f"{loc.uri}: tombstone file listed in {MANIFEST} is missing. {fix}")
+    data = read_bytes(loc)
+    if verify and sha256_hex(data) != record.sha256:
+        raise RagtuneError(f"{loc.uri}: checksum mismatch: the tombstone file was changed or truncated. {fix}")
+    try:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        dead = [z[f"s{i}"].astype(np.int64) for i in range(len(record.dead))]
+    except Exception as e:  # zip and key errors mean the same here
+        raise RagtuneError(f"{loc.uri}: not a readable tombstone file ({type(e).__name__}). {fix}") from None
+    if [len(d) for d in dead] != record.dead:
+        raise RagtuneError(f"{loc.uri}: holds {[len(d) for d in dead]} masked ids per segment but {MANIFEST} says "
+                           f"{record.dead}. {fix}")
+    return dead
+
+
+def manifest_files(m: IndexManifest) -> list[str]:
+    """Every file a manifest names, relative to its version folder (``../v-N/...`` for files of earlier
+    versions), the manifest itself first."""
+    out = [MANIFEST]
+    for s in m.shards:
+        out += [s.file, s.docstore]
+        if s.tombstones:
+            out.append(s.tombstones.file)
+        for d in s.deltas:
+            out += [d.file, d.docstore] + ([d.lexical.file] if d.lexical else [])
+    if m.lexical:
+        out += [r.file for r in m.lexical.shards] + ([m.lexical.stats.file] if m.lexical.stats else [])
+    if m.trained and m.trained.get("file"):
+        out.append(m.trained["file"])
+    return out
+
+
+def carried_manifest(m: IndexManifest, version: str) -> IndexManifest:
+    """A copy of version ``m.version``'s manifest for a new version ``version``: the same files, each named
+    from the new version's folder (:func:`carry`), so the new version shares them without copying."""
+    old = m.version
+    c = m.model_copy(deep=True)
+    c.version = version
+    for s in c.shards:
+        s.file, s.docstore = carry(s.file, old), carry(s.docstore, old)
+        if s.tombstones:
+            s.tombstones.file = carry(s.tombstones.file, old)
+        for d in s.deltas:
+            d.file, d.docstore = carry(d.file, old), carry(d.docstore, old)
+            if d.lexical:
+                d.lexical.file = carry(d.lexical.file, old)
+    if c.lexical:
+        for r in c.lexical.shards:
+            r.file = carry(r.file, old)
+        if c.lexical.stats:
+            c.lexical.stats.file = carry(c.lexical.stats.file, old)
+    if c.trained and c.trained.get("file"):
+        c.trained = {**c.trained, "file": carry(c.trained["file"], old)}
+    return c

@@ -33,12 +33,18 @@ from configs.schema.base import RagtuneError
 from sharding.storage import Location, atomic_write_bytes, exists, info, read_bytes, sha256_hex
 
 LEXICAL_FORMAT = "ragtune.lexical/1"
+STATS_FORMAT = "ragtune.lexical-stats/1"
 LEXICAL_DIR = "lexical"
+STATS_NAME = f"{LEXICAL_DIR}/stats.npz"  # the statistics of the live chunks, kept up to date by add/delete
 Method = Literal["lucene", "robertson", "atire"]  # the BM25 variants that need no non-occurrence array
 
 
 def lexical_name(index: int) -> str:
     return f"{LEXICAL_DIR}/shard-{index:05d}.npz"
+
+
+def lexical_delta_name(shard: int, pos: int) -> str:
+    return f"{LEXICAL_DIR}/shard-{shard:05d}.d{pos:03d}.npz"
 
 
 # --- tokenizing ---------------------------------------------------------------------------------------------------
@@ -108,6 +114,27 @@ class CorpusStats:
     def merge(self, other: CorpusStats) -> CorpusStats:
         return CorpusStats(self.n_docs + other.n_docs, self.total_len + other.total_len, self.df + other.df)
 
+    def minus(self, other: CorpusStats) -> CorpusStats:
+        """These statistics without the chunks of ``other`` (deleted chunks; terms left in no chunk go)."""
+        return CorpusStats(self.n_docs - other.n_docs, self.total_len - other.total_len, self.df - other.df)
+
+    def to_bytes(self) -> bytes:
+        """One ``.npz``: chunk count, total length, the terms (JSON) and their document frequencies."""
+        terms = sorted(self.df)
+        buf = io.BytesIO()
+        np.savez(buf, format=np.array(STATS_FORMAT), n_docs=np.array(self.n_docs), total_len=np.array(self.total_len),
+                 terms=np.frombuffer(json.dumps(terms).encode(), dtype=np.uint8),
+                 df=np.array([self.df[t] for t in terms], dtype=np.int64))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CorpusStats:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        if str(z["format"]) != STATS_FORMAT:
+            raise ValueError(f"format {str(z['format'])!r}, expected {STATS_FORMAT!r}")
+        terms = json.loads(z["terms"].tobytes().decode())
+        return cls(int(z["n_docs"]), int(z["total_len"]), Counter(dict(zip(terms, z["df"].tolist(), strict=True))))
+
     @property
     def avg_len(self) -> float:
         return self.total_len / self.n_docs if self.n_docs else 0.0
@@ -121,10 +148,20 @@ class LexicalShard:
 
     model: Any  # bm25s.BM25
     chunk_ids: np.ndarray  # (n,) int64, row -> chunk id
+    mask: np.ndarray | None = None  # (n,) float32 bm25s weight_mask: 0 for masked (deleted) rows; None: none
 
     @property
     def ntotal(self) -> int:
         return len(self.chunk_ids)
+
+    def masked(self, dead: np.ndarray) -> LexicalShard:
+        """This shard with the rows of chunk ids ``dead`` scored 0 (never returned): tombstones."""
+        rows = np.isin(self.chunk_ids, np.asarray(dead, dtype=np.int64))
+        if not rows.any():
+            return LexicalShard(self.model, self.chunk_ids)
+        mask = np.ones(self.ntotal, dtype=np.float32)
+        mask[rows] = 0
+        return LexicalShard(self.model, self.chunk_ids, mask)
 
     def search(self, query_tokens: Sequence[Sequence[str]], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (D, I) per query: BM25 scores (higher is better) and chunk ids; -1 where fewer than k chunks
@@ -137,7 +174,7 @@ class LexicalShard:
             ids = self.model.get_tokens_ids(list(toks))
             if not ids or kk == 0:
                 continue
-            s = self.model.get_scores_from_ids(ids)
+            s = self.model.get_scores_from_ids(ids, weight_mask=self.mask)
             top = np.argpartition(-s, kk - 1)[:kk] if kk < n else np.arange(n)
             top = top[np.lexsort((top, -s[top]))]  # by score, then row: deterministic ties
             top = top[s[top] > 0]
@@ -248,8 +285,18 @@ class LexicalRecord(BaseModel):
     seconds: float = 0.0
 
 
+class LexicalStatsRecord(BaseModel):
+    """The statistics file: what the next delta's BM25 scores are built with."""
+
+    file: str
+    sha256: str
+    bytes: int
+
+
 class LexicalManifest(BaseModel):
-    """The ``lexical`` part of an index manifest: one BM25 shard per FAISS shard, the same chunk ids."""
+    """The ``lexical`` part of an index manifest: one BM25 shard per FAISS shard, the same chunk ids (the BM25
+    rows of delta segments are in their ``DeltaRecord``); ``n_docs``, ``avg_len`` and ``terms`` are the
+    statistics of the live chunks, the ones ``stats`` holds."""
 
     kind: str = "bm25"
     library: str = "bm25s"
@@ -259,3 +306,4 @@ class LexicalManifest(BaseModel):
     avg_len: float
     terms: int  # distinct terms in the whole corpus
     shards: list[LexicalRecord] = Field(default_factory=list)
+    stats: LexicalStatsRecord | None = None  # None: written before freshness (rebuilt from the docstore once)

@@ -224,33 +224,180 @@ def _mergeable(index: Any, manifest: IndexManifest) -> bool:
     return len(layers) == 2 and isinstance(layers[0], faiss.IndexIDMap2) and isinstance(layers[1], faiss.IndexFlat)
 
 
+def search_parameters(index: Any, sel: Any, k: int, keep: list[Any]) -> Any:
+    """FAISS SearchParameters for one search of ``index`` that keep its own settings (nprobe, efSearch,
+    k_factor, as ``apply_params`` set them) and add the selector ``sel`` (None: none); an HNSW search for more
+    than efSearch results is widened to k. Objects the parameters point to are appended to ``keep`` (SWIG does
+    not own them).
+
+    FAISS 1.15.1 (checked by tests/sharding/test_freshness.py): IndexIDMap2 translates ``params.sel`` from chunk
+    ids to its internal ids for Flat, HNSW and IVF inside it; IndexRefine ignores ``params.sel`` and passes its
+    ``base_index_params`` on untranslated, so under IDMap2 + Refine the selector goes, translated by
+    ``IDSelectorTranslated``, onto the base index's parameters (the refinement only re-ranks what the base returns).
+    """
+    import faiss as _faiss
+
+    faiss: Any = _faiss  # its type stubs lack the SearchParameters keyword arguments
+
+    def build(layers: list[Any], sel: Any, k: int) -> Any:
+        top = layers[0]
+        if isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            if sel is not None and any(isinstance(x, faiss.IndexRefine) for x in layers[1:]):
+                sel = faiss.IDSelectorTranslated(top.id_map, sel)
+                keep.append(sel)
+            return build(layers[1:], sel, k)  # IDMap translates params.sel itself otherwise
+        if isinstance(top, faiss.IndexRefine):
+            base = build(layers[1:], sel, int(k * top.k_factor))
+            keep.append(base)
+            return faiss.IndexRefineSearchParameters(k_factor=top.k_factor, base_index_params=base)
+        if isinstance(top, faiss.IndexIVF):
+            p = faiss.SearchParametersIVF(nprobe=top.nprobe, max_codes=top.max_codes)
+            quantizer = faiss.downcast_index(top.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                qp = faiss.SearchParametersHNSW(efSearch=quantizer.hnsw.efSearch)
+                keep.append(qp)
+                p.quantizer_params = qp
+        elif isinstance(top, faiss.IndexHNSW):
+            p = faiss.SearchParametersHNSW(efSearch=max(top.hnsw.efSearch, k))
+        else:
+            p = faiss.SearchParameters()
+        if sel is not None:
+            p.sel = sel
+        return p
+
+    return build(index_layers(index), sel, k)
+
+
+@dataclass
+class Segment:
+    """One searchable piece of a shard: its base (``pos`` 0) or a delta (``pos`` 1, 2, ...), and the chunk ids
+    masked in it (tombstones: deleted chunks, or old copies of updated ones)."""
+
+    shard: int
+    pos: int
+    dead: np.ndarray  # (n_dead,) int64, sorted; every id is in this segment
+    _selector: Any = None
+
+    def selector(self) -> Any:
+        """A FAISS selector that lets every id through but the masked ones (None when none are masked)."""
+        import faiss
+
+        if not len(self.dead):
+            return None
+        if self._selector is None:
+            batch = faiss.IDSelectorBatch(self.dead)
+            self._selector = (faiss.IDSelectorNot(batch), batch)  # IDSelectorNot does not own the batch
+        return self._selector[0]
+
+
+def _without(D: np.ndarray, I: np.ndarray, dead: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k of results searched ``k + len(dead)`` deep, the ``dead`` ids left out: exactly what a search
+    with a selector masking them returns, for indexes that take no selector (GPU copies)."""
+    masked = np.isin(I, dead) | (I < 0)
+    order = np.argsort(masked, axis=1, kind="stable")[:, :k]  # live results first, in rank order
+    D, I, masked = (np.take_along_axis(x, order, axis=1) for x in (D, I, masked))
+    return np.where(masked, -np.inf if metric == "inner_product" else np.inf, D), np.where(masked, -1, I)
+
+
+def shard_segments(location: Location, manifest: IndexManifest, n: int, verify: bool = True) -> list[Segment]:
+    """The segments of shard ``n`` (base, then deltas) with their tombstones read from disk."""
+    from sharding.index import read_tombstones
+
+    rec = manifest.shards[n]
+    if rec.tombstones is None:
+        dead = [np.zeros(0, np.int64)] * (1 + len(rec.deltas))
+    else:
+        dead = read_tombstones(location.join(rec.tombstones.file), rec.tombstones, verify)
+        if len(dead) != 1 + len(rec.deltas):
+            raise RagtuneError(f"{location.uri}: shard {n} has {1 + len(rec.deltas)} segments but its tombstones "
+                               f"name {len(dead)}. Fix: open an older version, or rebuild with `ragtune index`")
+    return [Segment(n, pos, d) for pos, d in enumerate(dead)]
+
+
+def open_docstore(location: Location, manifest: IndexManifest, verify: bool = True,
+                  lease: str | None = None) -> Docstore:
+    """The docstore of a whole index version: every segment's file, each with its tombstones, so a lookup
+    returns each chunk's live row (a deleted chunk never; an updated one's new text, never its old).
+    ``lease`` (an owner name) holds a reader lease on the version while the returned object lives."""
+    if lease:
+        from sharding.versions import hold_lease
+
+        held = hold_lease(location, lease)
+        try:
+            store = open_docstore(location, manifest, verify)
+        except BaseException:
+            held.release()
+            raise
+        import weakref
+
+        weakref.finalize(store, held.release)
+        return store
+    locs, sizes, dead = [], [], []
+    for n, rec in enumerate(manifest.shards):
+        segs = shard_segments(location, manifest, n, verify) if rec.tombstones else None
+        files = [(rec.docstore, rec.docstore_bytes)] + [(d.docstore, d.docstore_bytes) for d in rec.deltas]
+        for pos, (name, size) in enumerate(files):
+            locs.append(location.join(name))
+            sizes.append(size)
+            dead.append(segs[pos].dead if segs else None)
+    return Docstore(locs, sizes, dead)
+
+
 @dataclass
 class ShardedIndex:
-    """The shards of one index version, loaded, searched together with an exact merge."""
+    """The shards of one index version, loaded, searched together with an exact merge.
+
+    A shard written by ``ragtune index add|delete`` is several segments: its base file and delta files, each
+    searched with a selector that masks its tombstoned ids (``shards`` holds one FAISS index per segment, in
+    shard order; ``segments`` says which is which), so a deleted chunk, or the old copy of an updated one, is
+    never returned by any mode.
+    """
 
     location: Location
     manifest: IndexManifest
-    shards: list[Any]
+    shards: list[Any]  # one FAISS index per loaded segment (a shard's base, then its deltas)
     params: dict[str, int] = field(default_factory=dict)
     _ef: int | None = None  # efSearch of plain HNSW shards: raised to k for a search of k > efSearch
     numbers: list[int] | None = None  # the shard numbers loaded (None: all)
     verify: bool = True
     _lexical: list[LexicalShard] | None = None  # loaded on the first lexical search
     _tokenize: Any = None  # the tokenizer the lexical shards were built with
+    segments: list[Segment] = field(default_factory=list)  # parallel to ``shards``; empty: no tombstones
+    lease: Any = None  # a sharding.versions.Lease while this object lives (ShardedIndex.open(lease=...))
 
     @classmethod
     def open(cls, path: str, *, mmap: bool = True, verify: bool = True, params: dict[str, int] | None = None,
-             merge: bool = False, only: Sequence[int] | None = None) -> ShardedIndex:
+             merge: bool = False, only: Sequence[int] | None = None, lease: str | None = None) -> ShardedIndex:
         """Open the version an index path means (``LATEST`` of a root, or a version folder).
 
         The version folder is resolved once: a later build that switches ``LATEST`` does not affect this object.
         ``verify`` checks every shard's sha256 before loading it; ``mmap`` maps local shards instead of reading.
         ``merge`` merges the shards into one in-memory index when they can be (plain IVF shards of one trained
-        index, Flat shards): the same results as searching them apart, at the speed of one index; the shards
-        are then read, not mapped. ``only`` loads just those shard numbers (a serving shard group): ``shards``,
-        ``ntotal`` and searches then cover those alone.
+        index, Flat shards; tombstoned vectors are removed first): the same results as searching them apart, at
+        the speed of one index; the shards are then read, not mapped. ``only`` loads just those shard numbers (a
+        serving shard group): ``shards``, ``ntotal`` and searches then cover those alone. ``lease`` (an owner
+        name, e.g. "ShardSearcher") writes a reader lease for the version, renewed while this object lives, so
+        that ``ragtune index gc`` never deletes it (``sharding.versions``).
         """
         loc = resolve_index(path)
+        if not lease:
+            return cls._open(loc, mmap, verify, params, merge, only, None)
+        import weakref
+
+        from sharding.versions import hold_lease
+
+        held = hold_lease(loc, lease)  # before reading, so that a gc starting meanwhile sees it
+        try:
+            index = cls._open(loc, mmap, verify, params, merge, only, held)
+        except BaseException:
+            held.release()
+            raise
+        weakref.finalize(index, held.release)  # released when the reader drops this version
+        return index
+
+    @classmethod
+    def _open(cls, loc: Location, mmap: bool, verify: bool, params: dict[str, int] | None, merge: bool,
+              only: Sequence[int] | None, held: Any) -> ShardedIndex:
         manifest = read_index_manifest(loc)
         flags = mmap_flags(manifest.factory) if mmap and not merge else 0
         numbers = list(range(len(manifest.shards))) if only is None else list(only)
@@ -258,17 +405,29 @@ class ShardedIndex:
         if bad or not numbers:
             raise RagtuneError(f"{loc.uri}: shards {bad or numbers} requested but the index has "
                                f"{len(manifest.shards)} (0..{len(manifest.shards) - 1}). Fix: ask for shards it has")
-        records = [manifest.shards[n] for n in numbers]
-        shards = [read_index_file(loc.join(s.file), s.sha256 if verify else None, flags) for s in records]
-        for rec, shard in zip(records, shards, strict=True):
-            if shard.ntotal != rec.ntotal or shard.d != manifest.dim:
-                raise RagtuneError(f"{loc.join(rec.file).uri}: holds {shard.ntotal} vectors of d = {shard.d} but "
-                                   f"{MANIFEST} says {rec.ntotal} of d = {manifest.dim}. Fix: rebuild the index")
+        shards, segments = [], []
+        for n in numbers:
+            rec = manifest.shards[n]
+            segs = shard_segments(loc, manifest, n, verify)
+            files = [(rec.file, rec.sha256, rec.ntotal)] + [(d.file, d.sha256, d.ntotal) for d in rec.deltas]
+            for (name, sha, ntotal), seg in zip(files, segs, strict=True):
+                index = read_index_file(loc.join(name), sha if verify else None, flags)
+                if index.ntotal != ntotal or index.d != manifest.dim:
+                    raise RagtuneError(f"{loc.join(name).uri}: holds {index.ntotal} vectors of d = {index.d} but "
+                                       f"{MANIFEST} says {ntotal} of d = {manifest.dim}. Fix: rebuild the index")
+                shards.append(index)
+                segments.append(seg)
         if merge and len(shards) > 1 and _mergeable(shards[0], manifest):
-            for shard in shards[1:]:  # moves the codes and ids over: memory stays that of one index
-                shards[0].merge_from(shard, 0)
+            import faiss
+
+            for index, seg in zip(shards, segments, strict=True):
+                if len(seg.dead):  # read, not mapped: the masked vectors can go
+                    index.remove_ids(faiss.IDSelectorBatch(seg.dead))
+            for index in shards[1:]:  # moves the codes and ids over: memory stays that of one index
+                shards[0].merge_from(index, 0)
             shards = shards[:1]
-        index = cls(loc, manifest, shards, numbers=numbers, verify=verify)
+            segments = [Segment(-1, 0, np.zeros(0, np.int64))]
+        index = cls(loc, manifest, shards, numbers=numbers, verify=verify, segments=segments, lease=held)
         index.set_params({**manifest.search_params, **(params or {})})
         return index
 
@@ -282,27 +441,41 @@ class ShardedIndex:
         plain_hnsw = all(isinstance(x[-1], faiss.IndexHNSW) and len(x) <= 2 for x in layers)
         self._ef = self.params.get("efSearch", 16) if plain_hnsw else None
 
+    def _segments(self) -> list[Segment]:
+        if len(self.segments) != len(self.shards):  # built by hand (tests): nothing masked
+            self.segments = [Segment(n, 0, np.zeros(0, np.int64)) for n in range(len(self.shards))]
+        return self.segments
+
     @property
     def ntotal(self) -> int:
-        return sum(s.ntotal for s in self.shards)
+        """Vectors a search can return (masked ones excluded)."""
+        return sum(s.ntotal for s in self.shards) - sum(len(g.dead) for g in self._segments())
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (D, I) of the whole index; I holds chunk ids. Queries are checked against the manifest."""
-        import faiss
-
         xq = check_queries(xq, self.manifest, self.location.uri)
-        kw: dict[str, Any] = {}
-        if self._ef is not None and k > self._ef:  # HNSW returns at most efSearch results: widen it for this call
-            kw["params"] = faiss.SearchParametersHNSW(efSearch=k)  # type: ignore[attr-defined]
-        if len(self.shards) == 1:
-            return self.shards[0].search(xq, k, **kw)
+        widen = self._ef is not None and k > self._ef  # HNSW returns at most efSearch results: widen it
+        results = []
+        for index, seg in zip(self.shards, self._segments(), strict=True):
+            sel = seg.selector()
+            if sel is None and not widen:
+                results.append(index.search(xq, k))
+                continue
+            if sel is not None and type(index).__name__.startswith("Gpu"):  # GPU copies (serving): no selectors
+                Dg, Ig = index.search(xq, k + len(seg.dead))
+                results.append(_without(Dg, Ig, seg.dead, k, self.manifest.metric))
+                continue
+            keep: list[Any] = []
+            results.append(index.search(xq, k, params=search_parameters(index, sel, k, keep)))
+        if len(results) == 1:
+            return results[0]
         # Shards of one trained IVF index probe the same lists; each search quantizes again, which measured
         # faster than quantizing once and calling search_preassigned (that path runs with less parallelism).
-        results = [s.search(xq, k, **kw) for s in self.shards]
         return merge_topk([r[0] for r in results], [r[1] for r in results], k, self.manifest.metric)
 
     def lexical_shards(self) -> list[LexicalShard]:
-        """The BM25 shards of the same shard numbers, loaded (and checked) on first use."""
+        """The BM25 shards (one per segment) of the same shard numbers, loaded (and checked) on first use, each
+        with its segment's tombstones masked."""
         lex = self.manifest.lexical
         if lex is None:
             raise RagtuneError(f"{self.location.uri}: this index version has no lexical (BM25) part: it was built "
@@ -311,8 +484,18 @@ class ShardedIndex:
                                "--mode dense")
         if self._lexical is None:
             numbers = self.numbers if self.numbers is not None else range(len(lex.shards))
-            self._lexical = [read_lexical_file(self.location.join(lex.shards[n].file),
-                                               lex.shards[n].sha256 if self.verify else None) for n in numbers]
+            out = []
+            for n in numbers:
+                rec = self.manifest.shards[n]
+                records = [lex.shards[n]] + [d.lexical for d in rec.deltas]
+                segs = shard_segments(self.location, self.manifest, n, self.verify)
+                for r, seg in zip(records, segs, strict=True):
+                    if r is None:
+                        raise RagtuneError(f"{self.location.uri}: a delta of shard {n} has no lexical part. Fix: "
+                                           "run `ragtune index compact --force`, or search with --mode dense")
+                    shard = read_lexical_file(self.location.join(r.file), r.sha256 if self.verify else None)
+                    out.append(shard.masked(seg.dead) if len(seg.dead) else shard)
+            self._lexical = out
             self._tokenize = tokenizer(lex.params)
         return self._lexical
 
@@ -324,8 +507,8 @@ class ShardedIndex:
         return merge_topk([r[0] for r in results], [r[1] for r in results], k, "inner_product")
 
     def docstore(self) -> Docstore:
-        return Docstore([self.location.join(s.docstore) for s in self.manifest.shards],
-                        [s.docstore_bytes for s in self.manifest.shards])
+        """Live rows of every shard of the version (all shards, whatever ``only`` loaded)."""
+        return open_docstore(self.location, self.manifest, self.verify)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import uuid
 from dataclasses import dataclass
 
@@ -38,9 +39,20 @@ class Location:
         return self.path if self.is_local else self.uri
 
     def join(self, *names: str) -> Location:
+        """A path inside this folder; ``..`` segments (manifests name files of earlier versions as
+        ``../v-00002/shard-00000.faiss``) are resolved here, so object stores see plain keys."""
         path = "/".join([self.path.rstrip("/"), *names])
         uri = "/".join([self.uri.rstrip("/"), *names])
+        if any(".." in n.split("/") for n in names):
+            path, uri = _normpath(path), _normpath(uri)
         return Location(self.fs, path, uri)
+
+
+def _normpath(p: str) -> str:
+    scheme, sep, rest = p.partition("://")
+    if not sep:
+        return posixpath.normpath(p)
+    return f"{scheme}://{posixpath.normpath(rest)}"
 
 
 def resolve(uri_or_path: str) -> Location:
@@ -101,6 +113,30 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
     loc.fs.move(tmp, loc.path)  # a copy + delete on object stores: the final key appears whole or not at all
 
 
+def create_exclusive(loc: Location, data: bytes) -> bool:
+    """Create ``loc`` holding ``data`` only if nothing is there; False if something is.
+
+    Local and shared POSIX filesystems: ``os.open(O_CREAT | O_EXCL)``, atomic. Object stores have no exclusive
+    create through pyarrow: best effort, the caller writes a token and reads it back (``sharding.versions``).
+    """
+    if loc.is_local:
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        try:
+            fd = os.open(loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    if exists(loc):
+        return False
+    with loc.fs.open_output_stream(loc.path) as f:
+        f.write(data)
+    return True
+
+
 def list_dir(loc: Location) -> list[pafs.FileInfo]:
     """Entries directly inside a folder (none when it does not exist)."""
     if not exists(loc):
@@ -111,6 +147,26 @@ def list_dir(loc: Location) -> list[pafs.FileInfo]:
 def delete_file(loc: Location) -> None:
     if exists(loc):
         loc.fs.delete_file(loc.path)
+
+
+def delete_dir_if_empty(loc: Location) -> bool:
+    """Remove a folder that holds no file (empty subfolders go with it); True if it is gone."""
+    if not exists(loc):
+        return True
+    entries = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    if any(e.type == pafs.FileType.File for e in entries):
+        return False
+    loc.fs.delete_dir(loc.path)
+    return True
+
+
+def list_files(loc: Location) -> list[str]:
+    """Every file under a folder, as paths relative to it (none when it does not exist)."""
+    if not exists(loc):
+        return []
+    base = loc.path.rstrip("/") + "/"
+    return sorted(f.path[len(base):] for f in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+                  if f.type == pafs.FileType.File)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -85,6 +85,10 @@ class IndexConfig(Section):
     )
     seed: int = Field(0, description="seed of the training and tuning samples")
     lexical: LexicalConfig = Field(default_factory=LexicalConfig, description="the BM25 index beside the vectors")
+    keep_versions: int | None = Field(
+        None, ge=1, description="after each write (build, add, delete, compact) garbage-collect all but the N newest "
+        "versions (never LATEST, a leased one, or one superseded within the grace period); null = keep all"
+    )
 
     @field_validator("kind")
     @classmethod

@@ -1,0 +1,461 @@
+"""Index freshness without Ray: new chunks into delta segments, deletes as tombstones, compaction.
+
+What a version written by ``ragtune index add|delete|compact`` holds, per shard (docs/index.md, "Freshness"):
+
+- the **base** segment (``shard-00000.faiss``, its docstore and BM25 files), as built or last compacted;
+- **deltas** (``shard-00000.d000.faiss`` ...): the chunks of later adds that went to this shard, each in an
+  index made from the same trained empty index as the base (IVF: the same coarse quantizer, so
+  ``merge_from`` folds it into the base exactly), with its own docstore and BM25 files;
+- **tombstones** (``tombstones/shard-00000.npz``): per segment, the chunk ids masked in it. Chunk ids are a hash
+  of (doc id, chunk index, chunker), so the new chunks of an updated document have the ids of its old ones:
+  the old copy is masked in the segment that holds it, the new copy sits unmasked in the new delta.
+
+Rules: a new chunk goes to shard ``chunk_id % shards`` (ids are uniform hashes, so adds spread evenly; the
+shard count never changes, so serving's shard groups stay valid). A chunk id is live in at most one segment of
+one shard. FAISS vocabulary as in ``sharding.index``: ``xb`` vectors, ``ids`` chunk ids, ``d`` dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from configs.schema.base import RagtuneError
+from sharding.docstore import Docstore, write_docstore
+from sharding.index import (
+    MANIFEST,
+    TRAINED,
+    DeltaRecord,
+    IndexManifest,
+    ShardRecord,
+    TombstoneRecord,
+    delta_docstore_name,
+    delta_name,
+    deserialize,
+    index_layers,
+    read_index_file,
+    serialize,
+    tombstone_name,
+    write_index_file,
+    write_tombstones,
+)
+from sharding.lexical import (
+    STATS_NAME,
+    CorpusStats,
+    LexicalRecord,
+    LexicalStatsRecord,
+    build_shard,
+    chunk_texts,
+    lexical_delta_name,
+    tokenizer,
+    write_lexical_file,
+)
+from sharding.search import shard_segments
+from sharding.storage import Location, atomic_write_bytes, exists, read_bytes, sha256_hex
+
+log = logging.getLogger("ragtune.index")
+
+DOC_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "metadata", "n_tokens"]
+
+
+def assign_shards(ids: np.ndarray, num_shards: int) -> np.ndarray:
+    """The shard each new chunk goes to: ``chunk_id % num_shards`` (stable, and even since ids are hashes)."""
+    return np.asarray(ids, dtype=np.int64) % num_shards
+
+
+# --- what a version holds ---------------------------------------------------------------------------------------
+
+def segment_files(rec: ShardRecord) -> list[tuple[str, str, int]]:
+    """(FAISS file, docstore file, docstore bytes) of each segment of a shard: base first, then deltas."""
+    return [(rec.file, rec.docstore, rec.docstore_bytes)] + [(d.file, d.docstore, d.docstore_bytes)
+                                                             for d in rec.deltas]
+
+
+def live_ids(vloc: Location, m: IndexManifest, columns: Sequence[str] = ("chunk_id", "doc_id"),
+             verify: bool = True) -> pa.Table:
+    """Every live row of the version (``columns`` of the docstore), with the ``shard`` and ``seg`` (segment
+    position) that hold it. Reads whole columns: ask for the short ones (ids), then :func:`rows_of`."""
+    tables = []
+    for n, rec in enumerate(m.shards):
+        segs = shard_segments(vloc, m, n, verify)
+        for pos, (_, doc, _) in enumerate(segment_files(rec)):
+            pf = pq.ParquetFile(vloc.join(doc).path, filesystem=vloc.fs)
+            have = set(pf.schema_arrow.names)
+            t = pf.read(columns=[c for c in columns if c in have])
+            for c in columns:  # a docstore written without a column (e.g. no titles): nulls
+                if c not in have:
+                    t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+            t = t.select(list(columns))
+            if len(segs[pos].dead):
+                t = t.filter(pc.invert(pc.is_in(t["chunk_id"], value_set=pa.array(segs[pos].dead, pa.int64()))))
+            tables.append(t.append_column("shard", pa.array(np.full(t.num_rows, n, np.int32)))
+                          .append_column("seg", pa.array(np.full(t.num_rows, pos, np.int32))))
+    return pa.concat_tables(tables)
+
+
+def rows_of(vloc: Location, m: IndexManifest, where: pa.Table, columns: Sequence[str] = DOC_COLUMNS) -> pa.Table:
+    """The docstore rows (``columns``) of the ids in ``where`` (chunk_id, shard, seg: from :func:`live_ids`),
+    read a few row groups at a time, with shard and seg kept."""
+    out = []
+    for (n, pos), group in by_segment(where):
+        _, doc, size = segment_files(m.shards[n])[pos]
+        rows = Docstore([vloc.join(doc)], [size]).lookup(group, columns)
+        if rows:
+            t = pa.Table.from_pylist([rows[c] for c in group if c in rows])
+            out.append(t.append_column("shard", pa.array(np.full(t.num_rows, n, np.int32)))
+                       .append_column("seg", pa.array(np.full(t.num_rows, pos, np.int32))))
+    if not out:
+        empty = {c: pa.array([], pa.int64() if c == "chunk_id" else pa.string()) for c in columns}
+        return pa.table({**empty, "shard": pa.array([], pa.int32()), "seg": pa.array([], pa.int32())})
+    return pa.concat_tables(out, promote_options="default")
+
+
+def by_segment(t: pa.Table) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """Chunk ids of a (chunk_id, shard, seg) table grouped by (shard, seg)."""
+    if t.num_rows == 0:
+        return []
+    ids, shard, seg = (t[c].to_numpy() for c in ("chunk_id", "shard", "seg"))
+    keys = sorted(set(zip(shard.tolist(), seg.tolist(), strict=True)))
+    return [((a, b), ids[(shard == a) & (seg == b)]) for a, b in keys]
+
+
+# --- where filters (ragtune index delete --where) -----------------------------------------------------------------
+
+def parse_where(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``--where`` values -> {field: allowed values}. Each item is ``field=value`` (``value1,value2``: either)
+    or a JSON object ``{"field": value | [values]}`` (the serving API's ``filter``); items are ANDed. Fields are
+    ``doc_id``, ``title`` or a key of the documents' metadata. Values are YAML scalars (``year=2020`` is the
+    number 2020, ``year='2020'`` the string)."""
+    import yaml
+
+    out: dict[str, list[Any]] = {}
+    fix = ("Fix: write field=value (e.g. --where source=wiki, --where year=2020,2021) or a JSON object "
+           "(--where '{\"source\": [\"wiki\", \"news\"]}')")
+    for item in items:
+        text = item.strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RagtuneError(f"--where {item!r}: not a JSON object ({e.msg}). {fix}") from None
+            if not isinstance(obj, dict) or not obj:
+                raise RagtuneError(f"--where {item!r}: an empty or non-object filter. {fix}")
+            for key, v in obj.items():
+                out.setdefault(str(key), []).extend(v if isinstance(v, list) else [v])
+            continue
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise RagtuneError(f"--where {item!r}: expected field=value. {fix}")
+        values = []
+        for part in raw.split(","):
+            try:
+                values.append(yaml.safe_load(part.strip()))
+            except yaml.YAMLError:
+                values.append(part.strip())
+        out.setdefault(key.strip(), []).extend(values)
+    if not out:
+        raise RagtuneError(f"--where: no condition given. {fix}")
+    return out
+
+
+def matches(row: dict[str, Any], where: dict[str, list[Any]]) -> bool:
+    """Every field holds one of its allowed values (doc_id and title are columns; the rest metadata keys)."""
+    meta: dict[str, Any] = {}
+    if any(k not in ("doc_id", "title") for k in where):
+        try:
+            meta = json.loads(row.get("metadata") or "{}")
+        except (TypeError, ValueError):
+            meta = {}
+    for key, allowed in where.items():
+        value = row.get(key) if key in ("doc_id", "title") else meta.get(key) if isinstance(meta, dict) else None
+        if value not in allowed:
+            return False
+    return True
+
+
+# --- planning an add ----------------------------------------------------------------------------------------------
+
+@dataclass
+class AddPlan:
+    """What an add does: chunks to add, old copies to mask, and the documents counted by what happens to them."""
+
+    add: pa.Table  # new chunk rows (DOC_COLUMNS, plus whatever the input had, e.g. vector)
+    dead: pa.Table  # chunk_id, shard, seg of the live rows to mask (old chunks of updated documents)
+    removed: pa.Table  # those rows (title, text): their statistics leave the BM25 corpus
+    docs_added: int = 0
+    docs_updated: int = 0
+    docs_skipped: int = 0  # present with the same chunks: nothing to do
+    doc_ids: dict[str, list[str]] = field(default_factory=dict)  # added / updated, a few of each for messages
+
+
+_SAME = ("chunk_index", "title", "text", "metadata")
+
+
+def plan_add(new: pa.Table, old: pa.Table) -> AddPlan:
+    """Compare the new chunks with the live rows of the same documents.
+
+    A document whose doc id is not in the index is added; one whose chunks (index, title, text, metadata) are
+    all the same is skipped; any other is an update: all its old chunks are masked and all its new ones added.
+
+    Args:
+        new: the new corpus' chunks (DOC_COLUMNS at least), one row per chunk.
+        old: the live rows of the index for those doc ids (DOC_COLUMNS + shard, seg), from :func:`rows_of`.
+    """
+    def by_doc(t: pa.Table) -> dict[str, list[tuple[Any, ...]]]:
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for row in t.select([c for c in ("doc_id", *_SAME) if c in t.column_names]).to_pylist():
+            out.setdefault(row["doc_id"], []).append(tuple(row.get(c) for c in _SAME))
+        return out
+
+    old_by_doc, new_by_doc = by_doc(old), by_doc(new)
+    added, updated, skipped = [], [], []
+    for doc, chunks in new_by_doc.items():
+        if doc not in old_by_doc:
+            added.append(doc)
+        elif sorted(chunks, key=lambda c: c[0] or 0) == sorted(old_by_doc[doc], key=lambda c: c[0] or 0):
+            skipped.append(doc)
+        else:
+            updated.append(doc)
+    take = pa.array(added + updated, pa.string())
+    mask_old = pa.array(updated, pa.string())
+    dead_rows = old.filter(pc.is_in(old["doc_id"], value_set=mask_old))
+    return AddPlan(add=new.filter(pc.is_in(new["doc_id"], value_set=take)),
+                   dead=dead_rows.select(["chunk_id", "shard", "seg"]), removed=dead_rows,
+                   docs_added=len(added), docs_updated=len(updated), docs_skipped=len(skipped),
+                   doc_ids={"added": added[:5], "updated": updated[:5]})
+
+
+# --- the trained empty index ----------------------------------------------------------------------------------
+
+def trained_index(vloc: Location, m: IndexManifest) -> tuple[bytes, bool]:
+    """The trained empty index every delta starts from (serialized), and whether it had to be derived.
+
+    Versions built by this ragtune keep it as ``trained.faiss``; for older ones it is derived once from base
+    shard 0 (read, then ``reset()``: the vectors go, the trained quantizer and codebooks stay)."""
+    if m.trained and m.trained.get("file"):
+        loc = vloc.join(m.trained["file"])
+        data = read_bytes(loc)
+        if m.trained.get("file_sha256") and sha256_hex(data) != m.trained["file_sha256"]:
+            raise RagtuneError(f"{loc.uri}: checksum mismatch (the trained index was changed). Fix: rebuild the "
+                               "index with `ragtune index`")
+        return data, False
+    rec = m.shards[0]
+    index = read_index_file(vloc.join(rec.file), rec.sha256)
+    index.reset()
+    return serialize(index), True
+
+
+def with_trained_file(m: IndexManifest, vdir: Location, data: bytes) -> None:
+    """Write the trained empty index into the new version ``vdir`` and record it in ``m`` (when derived)."""
+    atomic_write_bytes(vdir.join(TRAINED), data)
+    m.trained = {**(m.trained or {}), "file": TRAINED, "file_sha256": sha256_hex(data)}
+
+
+# --- writing segments ---------------------------------------------------------------------------------------------
+
+def new_segment(trained: bytes, ids: np.ndarray, xb: np.ndarray) -> Any:
+    """An index made from the trained empty index, holding (ids, xb)."""
+    index = deserialize(trained)
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def write_delta(vdir: Location, version: str, shard: int, pos: int, index: Any, rows: pa.Table,
+                lexical: tuple[Any, CorpusStats] | None) -> DeltaRecord:
+    """Write delta ``pos`` of ``shard`` (its FAISS index, docstore rows and, with ``lexical`` = (params,
+    statistics), its BM25 rows) into the version folder; returns its record."""
+    sha, size = write_index_file(index, vdir.join(delta_name(shard, pos)))
+    dsha, dsize = write_docstore(rows, vdir.join(delta_docstore_name(shard, pos)))
+    lex = None
+    if lexical is not None:
+        params, stats = lexical
+        lex = write_lexical(vdir, lexical_delta_name(shard, pos), rows, params, stats)
+    return DeltaRecord(file=delta_name(shard, pos), ntotal=int(index.ntotal), sha256=sha, bytes=size,
+                       docstore=delta_docstore_name(shard, pos), docstore_sha256=dsha, docstore_bytes=dsize,
+                       lexical=lex, version=version)
+
+
+def write_lexical(vdir: Location, name: str, rows: pa.Table, params: Any, stats: CorpusStats) -> LexicalRecord:
+    """BM25 rows for ``rows`` (chunk_id, title, text) scored with ``stats``, written as ``name``."""
+    ids = rows["chunk_id"].to_numpy().astype(np.int64)
+    tokens = tokenizer(params)(chunk_texts(rows["title"].to_pylist(), rows["text"].to_pylist()))
+    shard = build_shard(tokens, ids, stats, params)
+    sha, size = write_lexical_file(shard, params, vdir.join(name))
+    return LexicalRecord(file=name, ntotal=shard.ntotal, terms=len(shard.model.vocab_dict) - 1, sha256=sha,
+                         bytes=size)
+
+
+def set_tombstones(vdir: Location, rec: ShardRecord, shard: int, dead: list[np.ndarray]) -> None:
+    """Write a shard's masked ids per segment (one array per segment) into the version; update its record."""
+    if not any(len(d) for d in dead):
+        rec.tombstones = None
+        return
+    sha, size = write_tombstones(vdir.join(tombstone_name(shard)), dead)
+    rec.tombstones = TombstoneRecord(file=tombstone_name(shard), sha256=sha, bytes=size,
+                                     dead=[int(len(np.unique(d))) for d in dead])
+
+
+# --- lexical statistics ---------------------------------------------------------------------------------------
+
+def read_stats(vloc: Location, m: IndexManifest, verify: bool = True) -> CorpusStats:
+    """The BM25 statistics of the version's live chunks: its stats file, or (a version written before stats
+    files existed) counted again from the docstore texts, once."""
+    assert m.lexical is not None
+    rec = m.lexical.stats
+    if rec is not None:
+        data = read_bytes(vloc.join(rec.file))
+        if verify and sha256_hex(data) != rec.sha256:
+            raise RagtuneError(f"{vloc.join(rec.file).uri}: checksum mismatch (BM25 statistics changed). Fix: run "
+                               "`ragtune index compact --force`, which counts them again")
+        return CorpusStats.from_bytes(data)
+    log.info("%s has no BM25 statistics file: counting them from the docstore (once)", vloc.uri)
+    t = live_ids(vloc, m, ("chunk_id", "title", "text"), verify)
+    return CorpusStats.of(tokenizer(m.lexical.params)(chunk_texts(t["title"].to_pylist(), t["text"].to_pylist())))
+
+
+def stats_of(rows: pa.Table, params: Any) -> CorpusStats:
+    """BM25 statistics of some chunk rows (title, text)."""
+    if rows.num_rows == 0:
+        return CorpusStats()
+    return CorpusStats.of(tokenizer(params)(chunk_texts(rows["title"].to_pylist(), rows["text"].to_pylist())))
+
+
+def write_stats(vdir: Location, stats: CorpusStats) -> LexicalStatsRecord:
+    data = stats.to_bytes()
+    atomic_write_bytes(vdir.join(STATS_NAME), data)
+    return LexicalStatsRecord(file=STATS_NAME, sha256=sha256_hex(data), bytes=len(data))
+
+
+# --- compaction -------------------------------------------------------------------------------------------------
+
+def compaction_reason(rec: ShardRecord, threshold: float, max_deltas: int) -> str | None:
+    """Why a shard should be compacted (None: it need not): its delta vectors and masked vectors together
+    exceed ``threshold`` of its base, or it has more than ``max_deltas`` deltas (each costs one more search)."""
+    extra = sum(d.ntotal for d in rec.deltas) + rec.dead
+    if extra and extra > threshold * max(rec.ntotal, 1):
+        return (f"{sum(d.ntotal for d in rec.deltas):,} delta + {rec.dead:,} masked vectors > {threshold:.0%} of "
+                f"{rec.ntotal:,}")
+    if len(rec.deltas) > max_deltas:
+        return f"{len(rec.deltas)} deltas > {max_deltas}"
+    return None
+
+
+def mergeable(index: Any) -> bool:
+    """Kinds whose segments fold into one by ``remove_ids`` + ``merge_from`` (no vectors, no retraining): plain
+    IVF (its codes move over; every segment shares the trained quantizer) and Flat behind IDMap2. HNSW graphs and
+    IndexRefine support neither in FAISS 1.15.1."""
+    import faiss
+
+    layers = index_layers(index)
+    if isinstance(layers[0], faiss.IndexIVF):
+        return True
+    return len(layers) == 2 and isinstance(layers[0], faiss.IndexIDMap2) and isinstance(layers[1], faiss.IndexFlat)
+
+
+def exact_storage(index: Any) -> bool:
+    """The index keeps the vectors themselves (Flat, HNSW over Flat storage, IVF-Flat), not codes."""
+    import faiss
+
+    layers = index_layers(index)
+    last = layers[-1]
+    if isinstance(last, faiss.IndexHNSW):
+        return isinstance(faiss.downcast_index(last.storage), faiss.IndexFlat)
+    return isinstance(last, (faiss.IndexFlat, faiss.IndexIVFFlat)) and not any(
+        isinstance(x, faiss.IndexRefine) for x in layers)
+
+
+def segment_vectors(index: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, xb) of every vector in a segment, by FAISS's own reconstruction: exact for the kinds of
+    :func:`exact_storage`, decoded codes (approximations) otherwise."""
+    import faiss
+
+    layers = index_layers(index)
+    top = layers[0]
+    if isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        ids = faiss.vector_to_array(top.id_map).astype(np.int64)
+        inner = faiss.downcast_index(top.index)
+        xb = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, index.d), np.float32)
+        return ids, xb
+    ivf = faiss.extract_index_ivf(index)
+    from faiss.contrib.inspect_tools import get_invlist
+
+    ids = np.concatenate([get_invlist(ivf.invlists, n)[0] for n in range(ivf.nlist)] or
+                         [np.zeros(0, np.int64)]).astype(np.int64)
+    if not len(ids):
+        return ids, np.zeros((0, index.d), np.float32)
+    direct_map: Any = faiss.DirectMap  # type: ignore[attr-defined]  # not in faiss's stubs
+    ivf.set_direct_map_type(direct_map.Hashtable)  # id -> (list, offset), for reconstruct_batch
+    xb = ivf.reconstruct_batch(ids)
+    ivf.set_direct_map_type(direct_map.NoMap)  # as it was: remove_ids and writing expect no map
+    return ids, xb
+
+
+def fold_segments(indexes: list[Any], dead: list[np.ndarray], trained: bytes,
+                  hold: np.ndarray | None = None) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
+    """One index holding the live vectors of a shard's segments (base first), as a compaction writes it.
+
+    Mergeable kinds (:func:`mergeable`): the masked vectors are removed (``remove_ids``) and the deltas merged
+    into the base (``merge_from``). Other kinds (HNSW, Refine): the live vectors are reconstructed from every
+    segment and added to a fresh index made from the trained empty index (HNSW cannot remove; over Flat
+    storage the vectors are exact, over SQ/PQ codes they are decoded approximations).
+
+    ``hold``: chunk ids kept out of the result (held-out tuning queries, added after the tuning searches as
+    the index job does); returned as (ids, xb) beside the index, None when ``hold`` is None.
+    """
+    import faiss
+
+    hold_ids = np.zeros(0, np.int64) if hold is None else np.asarray(hold, dtype=np.int64)
+    if mergeable(indexes[0]):
+        base = indexes[0]
+        for index, d in zip(indexes, dead, strict=True):
+            if len(d):
+                index.remove_ids(faiss.IDSelectorBatch(d))
+        for index in indexes[1:]:
+            base.merge_from(index, 0)
+        held = None
+        if hold is not None:
+            ids, xb = segment_vectors(base)
+            keep = np.isin(ids, hold_ids)
+            held = (ids[keep], xb[keep])
+            if len(hold_ids):
+                base.remove_ids(faiss.IDSelectorBatch(hold_ids))
+        return base, held
+    parts = []
+    for index, d in zip(indexes, dead, strict=True):
+        ids, xb = segment_vectors(index)
+        live = ~np.isin(ids, d)
+        parts.append((ids[live], xb[live]))
+    ids = np.concatenate([p[0] for p in parts])
+    xb = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, indexes[0].d), np.float32)
+    out_mask = np.isin(ids, hold_ids)
+    index = new_segment(trained, ids[~out_mask], xb[~out_mask])
+    return index, ((ids[out_mask], xb[out_mask]) if hold is not None else None)
+
+
+def live_vectors(vloc: Location, m: IndexManifest, n: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, xb) of the live vectors of shard ``n`` (every segment, masked ones left out), reconstructed."""
+    rec = m.shards[n]
+    segs = shard_segments(vloc, m, n, verify)
+    out_ids, out_xb = [], []
+    for (name, _, _), seg, sha in zip(segment_files(rec), segs, [rec.sha256] + [d.sha256 for d in rec.deltas],
+                                      strict=True):
+        ids, xb = segment_vectors(read_index_file(vloc.join(name), sha if verify else None))
+        live = ~np.isin(ids, seg.dead)
+        out_ids.append(ids[live])
+        out_xb.append(xb[live])
+    return np.concatenate(out_ids), np.concatenate(out_xb)
+
+
+def check_complete(vdir: Location) -> None:
+    """Refuse a version folder that has a manifest already (versions are never changed once complete)."""
+    if exists(vdir.join(MANIFEST)):
+        raise RagtuneError(f"{vdir.uri}: already a complete version. Fix: rerun; the next number is taken")
