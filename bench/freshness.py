@@ -11,7 +11,10 @@ the base corpus, embedded and indexed once (Flat, 2 shards, as configs/index/squ
 - the same update given as the whole updated corpus (unchanged documents are read, chunked, compared, skipped);
 - full rebuild: ``ragtune embed`` of the whole updated corpus into a new folder, then ``ragtune index`` of it.
 
-Medians of ``--repeats``, wall clock and CPU seconds of each process tree (sampled with psutil).
+Medians of ``--repeats``, wall clock and CPU seconds of each process tree (sampled with psutil); the load
+average of the machine before and after. Then, labelled apart: what a long-running process sees (the compare
+job, a serving-side indexer): ``jobs.freshness.add`` called in one process where the model is already loaded
+(and has embedded once), timed around the call on a fresh copy of the base index each repeat.
 Then checks that a search of the update (dense and lexical) finds each edited paragraph's new sentence and a
 new paragraph, and never the old text. Asserts nothing about time.
 """
@@ -71,6 +74,39 @@ def ragtune(*args: str, log: Path) -> float:
     return seconds
 
 
+WARM = """
+import json, shutil, sys, time
+from jobs import freshness
+from models.embedders import QueryEncoder
+from sharding.search import ShardedIndex
+base, update, work, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+QueryEncoder(ShardedIndex.open(base).manifest, batch_size=64).encode(["warm up: the model has embedded once"])
+out = []
+for r in range(repeats):
+    target = f"{work}/warm-{r}/index"
+    shutil.copytree(base, target)
+    t, c = time.perf_counter(), time.process_time()
+    s = freshness.add(target, corpus=update)
+    out.append({"wall": time.perf_counter() - t, "cpu": time.process_time() - c, "embed": s.embed_seconds})
+print("WARM " + json.dumps(out))
+"""
+
+
+def warm_adds(base: Path, update: Path, work: Path, repeats: int) -> list[dict]:
+    """``jobs.freshness.add`` in one process that loaded the model before (not timed): wall and CPU seconds of
+    each call."""
+    out = subprocess.run([sys.executable, "-c", WARM, str(base), str(update), str(work), str(repeats)], cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = [x for x in out.stdout.splitlines() if x.startswith("WARM ")]
+    if out.returncode or not line:
+        raise SystemExit(f"the warm-process adds failed (rc {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(line[0][5:])
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def last_summary(log: Path) -> dict:
     """The JSON summary the last command printed (its last line of JSON)."""
     for line in reversed(log.read_text().splitlines()):
@@ -120,11 +156,13 @@ def main() -> None:
     write_jsonl(work / "updated.jsonl", updated)
     share = len(update) / len(updated)
     print(f"corpus {len(docs):,} paragraphs; base {len(base):,}; update {len(update)} ({len(new_ids)} new, "
-          f"{len(edit_ids)} edited) = {share:.1%} of the updated corpus; work folder {work}")
+          f"{len(edit_ids)} edited) = {share:.1%} of the updated corpus; work folder {work}; {os.cpu_count()} CPUs, "
+          f"load average (1/5/15 min) {load_average()}")
 
     emb_cfg, idx_cfg = configs(work, work / "base.jsonl", "base")
     t_base = ragtune("embed", "-c", str(emb_cfg), log=log) + ragtune("index", "-c", str(idx_cfg), log=log)
-    print(f"base index built in {t_base:.1f}s (embed + index, not part of the comparison)")
+    print(f"base index built in {t_base:.1f}s (embed + index, not part of the comparison); load average "
+          f"{load_average()}", flush=True)
 
     t_update, t_whole, t_rebuild, inside, embed = [], [], [], [], []
     c_update, c_whole, c_rebuild = [], [], []
@@ -147,9 +185,11 @@ def main() -> None:
         c_rebuild.append(CPU[-2] + CPU[-1])
         print(f"repeat {r + 1}: update {t_update[-1]:.1f}s ({c_update[-1]:.1f} CPU-s); same update as the whole "
               f"corpus {t_whole[-1]:.1f}s; full rebuild {t_rebuild[-1]:.1f}s (embed {t_embed:.1f}s + index "
-              f"{t_index:.1f}s; {c_rebuild[-1]:.1f} CPU-s)", flush=True)
+              f"{t_index:.1f}s; {c_rebuild[-1]:.1f} CPU-s); load average {load_average()}", flush=True)
         if r:
             shutil.rmtree(work / f"rebuild-{r}", ignore_errors=True)
+    warm = warm_adds(work / "base" / "index", work / "update.jsonl", work, args.repeats)
+    print(f"load average after the timed runs: {load_average()}")
     med = statistics.median
     u, w, f = med(t_update), med(t_whole), med(t_rebuild)
     print(f"\n| measure (fresh CLI processes, median of {args.repeats}) | wall s | ratio | CPU s | ratio |")
@@ -158,12 +198,17 @@ def main() -> None:
           f"{med(c_rebuild):.1f} | 1.0x |")
     print(f"| update: `ragtune index add --corpus update.jsonl` ({len(update)} docs, {share:.1%}) | {u:.1f} | "
           f"**{f / u:.1f}x** faster | {med(c_update):.1f} | {med(c_rebuild) / med(c_update):.1f}x |")
-    print(f"| ... of which inside `jobs.index.add` (after the CLI's imports) | {med(inside):.1f} | | | |")
+    print(f"| ... of which inside `jobs.freshness.add` (after the CLI's imports) | {med(inside):.1f} | | | |")
     print(f"| ... of which embedding (torch + model load + encode) | {med(embed):.1f} | | | |")
     print(f"| the same update given as the whole updated corpus ({len(updated):,} docs, {len(docs) - len(update)} "
           f"unchanged skipped) | {w:.1f} | {f / w:.1f}x | {med(c_whole):.1f} | {med(c_rebuild) / med(c_whole):.1f}x |")
     print(f"(best of {args.repeats}: update {min(t_update):.1f}s, full rebuild {min(t_rebuild):.1f}s, "
           f"{min(t_rebuild) / min(t_update):.1f}x)")
+    ww, wc = med([x["wall"] for x in warm]), med([x["cpu"] for x in warm])
+    walls = [f"{x['wall']:.2f}" for x in warm]
+    print(f"\nlong-running process (model already loaded), `jobs.freshness.add` of the same update, median of "
+          f"{len(warm)}: {ww:.2f}s wall ({f / ww:.0f}x faster than the full rebuild), {wc:.2f} CPU-s, of which "
+          f"embedding {med([x['embed'] for x in warm]):.2f}s; repeats {', '.join(f'{x}' for x in walls)}s")
 
     # Does a search of the updated index see the update, and never the old text?
     from models.embedders import QueryEncoder

@@ -8,6 +8,7 @@
     ragtune jobs list|status|logs|stop [ID] --address http://HEAD:8265
     ragtune serve -c configs/serve/sample.yaml [--print-serve-config]
     ragtune ask "question" [--url http://127.0.0.1:8000] [--config configs/serve/sample.yaml]
+    ragtune index add|delete|compact|gc|history -i INDEX ...    (freshness: docs/index.md)
 
 Every config job also runs as ``python -m jobs.<name> --config FILE [overrides]`` (what ``ray job submit``
 calls). ``ragtune --help`` and ``ragtune validate`` import neither torch nor Ray.
@@ -42,12 +43,15 @@ class Job:
     module: str
     # boolean command-line flags that are shorthands for a config override
     flags: dict[str, tuple[str, str]] = field(default_factory=dict)
+    epilog: str | None = None
 
 
 JOBS: dict[str, Job] = {
     "embed": Job("embed a corpus into embedding parts on Ray Data", "jobs.embed",
                  {"--overwrite": ("output.overwrite=true", "replace embeddings in output.path made differently")}),
-    "index": Job("build a sharded FAISS index (a new version) from embedding parts", "jobs.index"),
+    "index": Job("build a sharded FAISS index (a new version) from embedding parts", "jobs.index",
+                 epilog="also: ragtune index add|delete|compact|gc|history -i INDEX ... (`ragtune index add -h`): "
+                        "change an index without rebuilding it"),
     "finetune": Job("fine-tune a causal LM with LoRA on Ray Train + DeepSpeed ZeRO", "jobs.finetune"),
     "serve": Job("serve RAG on Ray Serve behind an OpenAI-compatible API (until Ctrl-C)", "jobs.serve",
                  {"--print-serve-config": ("serve.print_config=true",
@@ -56,7 +60,7 @@ JOBS: dict[str, Job] = {
 
 
 def _add_job_parser(sub: argparse._SubParsersAction, name: str, job: Job) -> None:
-    p = sub.add_parser(name, help=job.help, description=job.help)
+    p = sub.add_parser(name, help=job.help, description=job.help, epilog=job.epilog)
     p.add_argument("-c", "--config", required=True, help=f"YAML config, e.g. configs/{name}/sample.yaml")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="dotted overrides of config values, e.g. embed.batch_size=128")
@@ -146,10 +150,19 @@ def user_error(e: BaseException) -> RagtuneError | None:
     return None
 
 
+INDEX_OPS = ("add", "delete", "compact", "gc", "history")  # `ragtune index <op>`: jobs.freshness.ops_main
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    index_op = len(argv) > 1 and argv[0] == "index" and argv[1] in INDEX_OPS
+    args = None if index_op else build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args is None:
+            from jobs.freshness import ops_main
+
+            return ops_main(argv[1:])
         if args.command == "validate":
             return validate_files(args.files, args.job, args.schema_only)
         if hasattr(args, "func"):

@@ -7,14 +7,16 @@ hub id is resolved through the Hugging Face cache (downloaded when the hub is re
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -128,11 +130,26 @@ def load_tokenizer(path: str):
     return tok
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused while torch and transformers import and a model loads: they allocate
+    ~600k objects that live as long as the process, and the collector would walk them over and over meanwhile
+    (0.7 of 3.4 s of imports on a 2-core machine). It resumes afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load_sentence_transformer(spec: EmbedderSpec, device: str = "cpu", fp16: bool = False):
     """The model as ``SentenceTransformer`` (its pooling and normalisation modules included), for inference."""
-    from sentence_transformers import SentenceTransformer
+    with _gc_paused():
+        from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(spec.path, device=device)
+        model = SentenceTransformer(spec.path, device=device)
     model.max_seq_length = spec.max_seq_length
     if fp16:
         model.half()
@@ -155,8 +172,49 @@ def check_query_model(manifest: IndexManifest, spec: EmbedderSpec, dim: int | No
                            f"{manifest.dim}. Fix: query with the model the index was built with ({name})")
 
 
+def plain_pipeline(path: Path) -> tuple[Literal["mean", "cls"], bool] | None:
+    """("mean" | "cls", has Normalize) when a sentence-transformers folder is Transformer + Pooling [+ Normalize]
+    with one plain pooling mode, no lower-casing, no default prompt and no other Transformer arguments; None for
+    anything else (such a model runs through sentence-transformers)."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        types = [mod["type"].rsplit(".", 1)[-1] for mod in modules]
+        if types not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]) or modules[0]["path"]:
+            return None
+        pool = json.loads((path / modules[1]["path"] / "config.json").read_text())
+        st = json.loads((path / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    on = sorted(k for k, v in pool.items() if k.startswith("pooling_mode") and v)
+    mode = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}.get(on[0]) if len(on) == 1 else None
+    if mode is None or st.get("do_lower_case") or pool.get("include_prompt") is False:
+        return None
+    if set(st) - {"max_seq_length", "do_lower_case"} or _read_json(path / "config_sentence_transformers.json").get(
+            "default_prompt_name"):  # model/tokenizer arguments or a prompt only sentence-transformers applies
+        return None
+    return ("mean" if mode == "mean" else "cls"), len(types) == 3
+
+
+@functools.lru_cache(maxsize=2)
+def _plain_model(path: str, revision: str, device: str) -> tuple[Any, Any]:
+    """(tokenizer, model) of a model folder, loaded once per process: a process that embeds again (the compare
+    job's adds, a search after an add) does not load it twice."""
+    with _gc_paused():
+        from transformers import AutoModel, AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).to(device).eval()
+
+
 class QueryEncoder:
-    """The index's embedding model, loaded once, for queries (``ragtune search`` and the serving Embedder)."""
+    """The index's embedding model, loaded once per process: queries (``ragtune search``, the serving Embedder)
+    and the new chunks of a small ``ragtune index add``.
+
+    When the model's sentence-transformers pipeline (``modules.json``) is a Transformer, a mean or CLS Pooling and
+    optionally Normalize (all-MiniLM-L6-v2 and most sentence-transformers models, :func:`plain_pipeline`), the
+    same computation runs on plain ``transformers`` (the model card's own recipe): importing sentence-transformers
+    costs ~4-6 s more, most of a small add or of a search's start-up (``tests/models/test_embedders.py`` checks
+    both give the same vectors to 1e-5). Any other pipeline runs through sentence-transformers.
+    """
 
     def __init__(self, manifest: IndexManifest, batch_size: int = 512, device: str = "cpu"):
         name = manifest.model.get("name", "")
@@ -168,21 +226,48 @@ class QueryEncoder:
             if spec is None:
                 raise
         check_query_model(manifest, spec)
-        self.spec = spec
-        self.model = load_sentence_transformer(spec, device=device)
-        self.dim = self.model.get_embedding_dimension()
+        self.spec, self.batch_size, self.device = spec, batch_size, device
+        plan = plain_pipeline(Path(spec.path))
+        self.pooling = plan[0] if plan else None  # None: sentence-transformers
+        if plan is None:
+            self.model = load_sentence_transformer(spec, device=device)
+            self.tokenizer = self.model.tokenizer
+            self.dim = self.model.get_embedding_dimension()
+            self.normalize = manifest.normalize  # the pipeline's own Normalize module applies anyway
+        else:
+            self.tokenizer, self.model = _plain_model(spec.path, spec.revision, device)
+            self.dim = int(self.model.config.hidden_size)
+            self.normalize = manifest.normalize or plan[1]
         check_query_model(manifest, spec, self.dim)
-        self.normalize = manifest.normalize
-        self.batch_size = batch_size
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), d) float32, normalised when the index compares normalised vectors."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                 normalize_embeddings=self.normalize, show_progress_bar=False).astype(np.float32)
+        if self.pooling is None:
+            return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                     normalize_embeddings=self.normalize, show_progress_bar=False).astype(np.float32)
+        import torch
+
+        out = np.zeros((len(texts), self.dim), np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths per batch, as ST does
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation="longest_first",
+                                     max_length=self.spec.max_seq_length, return_tensors="pt").to(self.device)
+                h = self.model(**enc).last_hidden_state  # (B, T, d)
+                if self.pooling == "mean":
+                    mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+                    x = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                else:
+                    x = h[:, 0]
+                if self.normalize:
+                    x = torch.nn.functional.normalize(x, p=2, dim=1)
+                out[idx] = x.float().cpu().numpy()
+        return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text as the model sees them (special tokens included, before truncation)."""
-        enc = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)
+        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)
         return [len(ids) for ids in enc["input_ids"]]

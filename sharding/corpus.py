@@ -250,3 +250,29 @@ def text_file_document(rel: str, data: bytes) -> dict[str, str | None]:
         m = _HEADING.search(text)
         title = m.group(1) if m else None
     return {"doc_id": rel, "title": title, "text": text, "metadata": json.dumps({"path": rel})}
+
+
+# --- a small corpus, read in this process ---------------------------------------------------------------------
+
+def read_documents_local(paths: str | Sequence[str], text_field: str, id_field: str, title_field: str) -> pa.Table:
+    """A corpus (JSONL, Parquet, text/Markdown files; local or URI) as documents (DOC_SCHEMA), read in this
+    process: the same reading and document schema as the embed job's Ray Data reads (for small corpora, e.g.
+    the new documents of ``ragtune index add``)."""
+    import pyarrow.json as pajson
+
+    corpus = list_corpus(paths)
+    preflight(corpus, text_field)
+    tables = []
+    for f in corpus.files:
+        if f.kind == "jsonl":
+            compression = "detect" if f.path.endswith((".gz", ".zst")) else None
+            with corpus.fs.open_input_stream(f.path, compression=compression) as stream:
+                t = pajson.read_json(stream)
+            tables.append(to_documents(t, text_field, id_field, title_field))
+        elif f.kind == "parquet":
+            tables.append(to_documents(pq.read_table(f.path, filesystem=corpus.fs), text_field, id_field,
+                                       title_field))
+        else:
+            with corpus.fs.open_input_stream(f.path) as stream:
+                tables.append(pa.Table.from_pylist([text_file_document(f.rel, stream.read())], schema=DOC_SCHEMA))
+    return pa.concat_tables(tables)

@@ -31,6 +31,7 @@ from sharding.lexical import LexicalShard, read_lexical_file, tokenizer
 from sharding.storage import Location
 
 HNSW_EF = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+RECALL_K = 10  # recall@RECALL_K is what index.target_recall means: the index job tunes on it, compaction re-measures it
 MODES = ("dense", "lexical", "hybrid")
 FUSIONS = ("weighted", "rrf")
 

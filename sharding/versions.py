@@ -240,6 +240,21 @@ def mark_latest_published(root: Location) -> None:
         atomic_write_bytes(root.join(latest, PUBLISHED), json.dumps({"published_at": time.time()}).encode())
 
 
+def next_version(root: Location) -> str:
+    """The name of the next version folder: the highest number on disk + 1 (complete, collected or left by a
+    writer that died: never reused, so no reader can mistake one for another). Call it under the writer lock."""
+    from sharding.index import version_name
+
+    mark_latest_published(root)
+    states = version_states(root)
+    for name, state in states.items():
+        if state in ("unfinished", "abandoned"):
+            log.warning("%s was left by a write that did not finish (%s); LATEST never named it and no reader "
+                        "opens it; `ragtune index gc` removes it", name,
+                        "no manifest" if state == "unfinished" else "its writer died before switching LATEST")
+    return version_name(int(list(states)[-1].split("-")[1]) + 1 if states else 1)
+
+
 # --- garbage collection -----------------------------------------------------------------------------------------
 
 @dataclass
@@ -312,3 +327,12 @@ def collect(root: Location, plan: GcPlan) -> None:
             delete_dir_if_empty(root.join(v))
     for name in plan.expired_leases:
         delete_file(root.join(LEASES, name))
+
+
+def gc_versions(root: Location, keep: int, grace_s: float = GRACE_S, dry_run: bool = False) -> GcPlan:
+    """``ragtune index gc``: take the writer lock, plan (:func:`plan_gc`) and, unless ``dry_run``, collect."""
+    with WriterLock(root, f"ragtune index gc --keep {keep}"):
+        plan = plan_gc(root, keep, grace_s)
+        if not dry_run:
+            collect(root, plan)
+    return plan

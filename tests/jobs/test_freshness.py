@@ -12,8 +12,9 @@ import pytest
 
 from configs.schema import IndexJobConfig, RagtuneError
 from jobs.cli import main
-from jobs.index import add, local_encoder, run
-from models.embedders import QueryEncoder
+from jobs.freshness import add
+from jobs.index import run
+from models.embedders import QueryEncoder, load_sentence_transformer, resolve_embedder
 from sharding.search import ShardedIndex, search
 
 EDIT = " In 2031 the Zorvex commission renamed the trophy after Ilse Varnhagen."
@@ -89,7 +90,9 @@ def test_plain_transformers_encoder_gives_the_sentence_transformers_vectors(squa
     root, docs, encoder = squad_index
     m = ShardedIndex.open(str(root)).manifest
     texts = [f"{d['title']}\n{d['text']}" for d in docs[:16]] + ["x", "word " * 400]  # one cut at 256 tokens
-    np.testing.assert_allclose(local_encoder(m)(texts), encoder.encode(texts), atol=1e-5)
+    st = load_sentence_transformer(resolve_embedder(m.model["name"]))  # the embed job's actors' model
+    want = st.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=m.normalize)
+    np.testing.assert_allclose(QueryEncoder(m, batch_size=64).encode(texts), want, atol=1e-5)
 
 
 @pytest.mark.integration

@@ -2,9 +2,9 @@
 the tiny generator with a LoRA adapter, the `openai` client against the HTTP API.
 
 One app for the whole module (Serve starts in ~15 s and stops in ~8 s). The tests that disturb it (a replica
-killed, an index version swapped) come last. Answers of the tiny model are gibberish: the tests check the API
-contract (shapes, streaming, citations, errors, auth) and that retrieval returns exactly what `ragtune search`
-returns, under load and through failures.
+killed, an index version swapped, documents added and deleted) come last. Answers of the tiny model are
+gibberish: the tests check the API contract (shapes, streaming, citations, errors, auth) and that retrieval
+returns exactly what `ragtune search` returns, under load and through failures.
 """
 
 import json
@@ -587,3 +587,68 @@ def test_a_version_without_a_lexical_part_serves_dense_under_auto_and_refuses_le
     chat = {"model": "tiny", "messages": [{"role": "user", "content": probe}], "max_tokens": 2,
             "retrieval": {"mode": "hybrid"}}
     assert_openai_error(post(url, "/v1/chat/completions", chat), 400, "lexical_unavailable", "retrieval.mode")
+
+
+@pytest.mark.timeout(300)
+def test_add_and_delete_under_traffic_fail_no_request_and_gc_keeps_the_leased_version(served):
+    """Last (it writes versions): from v-00002, `ragtune index add` of a new document and `delete` of a served
+    one, each followed by a reload, under traffic: no request fails, every answer comes from one version, the
+    new document is found once its version is served, the deleted one is never returned by a version without it,
+    and gc keeps the version the replicas still lease (besides LATEST)."""
+    from jobs import freshness
+    from sharding.freshness import live_ids
+    from sharding.index import read_index_manifest, switch_latest
+    from sharding.storage import resolve
+
+    url, _, root, _, rows = served
+    switch_latest(resolve(str(root)), "v-00002")  # a full version (BM25 too), whatever the tests before left
+    assert post(url, "/admin/reload", {}).status_code == 200
+    gone = rows[0]  # Super Bowl 50: in the top 5 of the first queries
+    v2 = resolve(str(root / "v-00002"))
+    ids = live_ids(v2, read_index_manifest(v2))
+    gone_ids = {c for c, d in zip(ids["chunk_id"].to_pylist(), ids["doc_id"].to_pylist(), strict=True)
+                if d == gone["_id"]}
+    new = {"_id": "zorvex1", "title": "Zorvex commission",
+           "text": "The Zorvex commission renamed the Lombardi trophy after Ilse Varnhagen in 2031."}
+    question = "Who did the Zorvex commission rename the trophy after?"
+    stop, results, errors = threading.Event(), [], []
+    pool, futures = load(url, [*QUERIES, question], stop, results, errors)
+    try:
+        time.sleep(1)
+        corpus = root.parent / "fresh.jsonl"
+        corpus.write_text(json.dumps(new) + "\n")
+        added = freshness.add(str(root), corpus=str(corpus))
+        assert added.docs_added == 1 and added.embedded_by == "this process"
+        r = post(url, "/admin/reload", {})
+        assert r.status_code == 200 and r.json()["version"].endswith(added.version), r.text
+        for mode in ("dense", "lexical", "hybrid"):
+            assert search_body(url, question, k=3, mode=mode)["data"][0]["doc_id"] == "zorvex1", mode
+        time.sleep(1)
+        deleted = freshness.delete(str(root), doc_ids=[gone["_id"]])
+        r = post(url, "/admin/reload", {})
+        t_deleted = time.monotonic()
+        assert r.status_code == 200 and r.json()["version"].endswith(deleted.version), r.text
+        time.sleep(1)
+        g = freshness.gc(str(root), keep=1, grace_s=0)  # while traffic runs on the versions it must keep
+        time.sleep(1)
+    finally:
+        stop.set()
+        for f in futures:
+            f.result()
+        pool.shutdown()
+    assert not errors, errors[:5]
+    served_versions = {v for _, _, v, _ in results}
+    assert served_versions <= {"v-00002", added.version, deleted.version}, served_versions
+    assert {added.version, deleted.version} <= served_versions, served_versions
+    assert any(gone_ids & set(c) for _, c, v, _ in results if v != deleted.version)  # it was served before
+    assert not [(q, v) for q, c, v, _ in results if v == deleted.version and gone_ids & set(c)]
+    late = [v for _, _, v, t in results if t > t_deleted]
+    assert late and set(late) == {deleted.version}
+    for mode in ("dense", "lexical", "hybrid"):
+        body = search_body(url, gone["text"], k=20, mode=mode)
+        assert gone["_id"] not in {h["doc_id"] for h in body["data"]}, mode
+    assert g.kept[deleted.version] == "LATEST"
+    assert "leased by" in g.kept[added.version], g.kept  # the replicas keep the version before the current one
+    assert "v-00002" in g.deleted or "leased by" in g.kept.get("v-00002", "")
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health["ready"] and health["version"].endswith(deleted.version)

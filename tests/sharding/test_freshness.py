@@ -1,7 +1,7 @@
 """Index freshness without Ray: add, delete, update, compact, the writer lock, leases, gc, history.
 
 Small synthetic versions built with the sharding functions (tests/sharding/test_index.py ``build_version``,
-BM25 shards as the index job writes them); new chunks come with their vectors (``jobs.index.add(chunks=...)``),
+BM25 shards as the index job writes them); new chunks come with their vectors (``jobs.freshness.add(chunks=...)``),
 so no model is loaded. tests/jobs/test_freshness.py runs the same operations on SQuAD with the real model.
 """
 
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from faiss.contrib.datasets import SyntheticDataset
 
-import jobs.index as job
+import jobs.freshness as job
 from configs.schema.base import RagtuneError
 from jobs.cli import main
 from sharding.docstore import write_docstore
@@ -557,6 +557,7 @@ def test_ragtune_help_stays_light():
 
     code = ("import sys; from jobs.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('HEAVY', sorted(m for m in ('torch', 'faiss', 'ray', 'jobs.index') if m in sys.modules))")
+            "heavy = ('torch', 'faiss', 'ray', 'jobs.index', 'jobs.freshness')\n"
+            "print('HEAVY', sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
