@@ -218,6 +218,13 @@ def _tokenize(batch: pa.Table, base: str, max_len: int, template: str, packing: 
     tok = _cached(load_tokenizer, base)
     examples = [encode_record(tok, r, max_len, template, where=f"record {r.get('id', i)}")
                 for i, r in enumerate(batch.to_pylist())]
+    for i, (r, e) in enumerate(zip(batch.to_pylist(), examples, strict=True)):
+        if e.n_label_tokens == 0:  # cut before its answer: it would train on nothing, silently
+            full = encode_record(tok, r, 1 << 20, template)
+            first = next(j for j, label in enumerate(full.labels) if label != -100)
+            raise RagtuneError(f"record {r.get('id', i)}: its answer starts at token {first}, past data.max_length = "
+                               f"{max_len}, so nothing of it would be learned. Fix: raise data.max_length to at least "
+                               f"{len(full.input_ids)} (this record's length), or shorten the prompts")
     if packing:
         examples = pack(examples, max_len)
     return {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
@@ -322,6 +329,8 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     on_gpu = device.type != "cpu"
+    if not on_gpu:  # as many torch threads as the CPUs the worker reserved (a fraction: one)
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     t = cfg.train
 
     # model: under ZeRO-3 transformers loads the weights straight into each rank's partition (zero.Init), so no
@@ -583,6 +592,9 @@ def run(cfg: FinetuneJobConfig) -> FinetuneSummary:
         train_config["crash_at_step"] = int(os.environ[CRASH_ENV])
         train_config["crash_marker"] = str(Path(run_dir.path) / f".test-crash-{os.environ[CRASH_ENV]}")
     env = {k: v for k, v in os.environ.items() if k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")}
+    for ds in (train_ds, val_ds):  # the workers stream them every epoch and eval pass: a progress bar each is noise
+        ds.context.enable_progress_bars = False
+        ds.context.print_on_execution_start = False
     trainer = TorchTrainer(
         train_loop, train_loop_config=train_config,
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,

@@ -1,4 +1,5 @@
-"""Retrieval metrics in the BEIR format: queries.jsonl, qrels TSV, recall@k, nDCG@10, MRR@10.
+"""Evaluation metrics: retrieval in the BEIR format (queries.jsonl, qrels TSV, recall@k, nDCG@10, MRR@10), and
+answers as SQuAD scores them (exact match and token F1 after its normalisation).
 
 Definitions follow BEIR (``EvaluateRetrieval.evaluate`` over pytrec_eval, and its ``mrr``):
 
@@ -9,6 +10,10 @@ Definitions follow BEIR (``EvaluateRetrieval.evaluate`` over pytrec_eval, and it
 
 each averaged over the queries that have qrels (a query without results scores 0). Documents are ranked by the
 score of their best chunk.
+
+Answers follow the official SQuAD v1.1 evaluation script (``evaluate-v1.1.py``): both sides lower-cased, with
+punctuation, the articles a/an/the and extra white space removed; exact match is equality after that, F1 the
+harmonic mean of token precision and recall; each is the maximum over the reference answers.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import string
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -127,3 +135,34 @@ def evaluate(run: Mapping[str, Sequence[str]], qrels: Qrels, ks: Iterable[int] =
     out = {name: value / n for name, value in totals.items()}
     out["queries"] = n
     return out
+
+
+# --- answers (SQuAD) -------------------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals a normalised reference answer, else 0.0."""
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(a) for a in answers))
+
+
+def token_f1(prediction: str, answers: Sequence[str]) -> float:
+    """The best token F1 of the prediction against the reference answers (0.0 when nothing is shared)."""
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for a in answers:
+        ref = normalize_answer(a).split()
+        same = sum((Counter(pred) & Counter(ref)).values())
+        if same:
+            precision, recall = same / len(pred), same / len(ref)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best

@@ -6,6 +6,8 @@ from pydantic import BaseModel
 
 from configs.schema.base import ConfigError, Problem, RagtuneError, Section, load_config, validate
 from configs.schema.cluster import ClusterConfig
+from configs.schema.compare import CompareJobConfig
+from configs.schema.demo import DemoJobConfig
 from configs.schema.embed import EmbedJobConfig
 from configs.schema.finetune import FinetuneJobConfig
 from configs.schema.index import IndexJobConfig
@@ -17,12 +19,16 @@ JOB_SCHEMAS: dict[str, type[BaseModel]] = {
     "index": IndexJobConfig,
     "finetune": FinetuneJobConfig,
     "serve": ServeJobConfig,
+    "compare": CompareJobConfig,
+    "demo": DemoJobConfig,
 }
 
 __all__ = [
     "JOB_SCHEMAS",
     "ClusterConfig",
+    "CompareJobConfig",
     "ConfigError",
+    "DemoJobConfig",
     "EmbedJobConfig",
     "FinetuneJobConfig",
     "IndexJobConfig",

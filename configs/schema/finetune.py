@@ -105,7 +105,8 @@ class ScalingConfig(Section):
 
     num_workers: int = Field(2, ge=1, description="training workers (one per GPU on GPU clusters)")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto = GPUs when the cluster has them")
-    cpus_per_worker: int = Field(1, ge=1, description="Ray CPUs reserved per worker")
+    cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs reserved per worker (a fraction shares a core "
+                                                        "with other work, e.g. an idle serving app)")
 
 
 class RunConfig(Section):

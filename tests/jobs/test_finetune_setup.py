@@ -112,3 +112,18 @@ def test_bad_training_data_fails_before_work(tmp_path):
         check(cfg(f"data.train={bad}"))
     with pytest.raises(RagtuneError, match=r"data.train 'missing.jsonl' does not exist"):
         check(cfg("data.train=missing.jsonl"))
+
+
+def test_a_record_cut_before_its_answer_is_an_error_that_says_how_long_it_is(tiny_model_dir):
+    import pyarrow as pa
+
+    from jobs.finetune import _tokenize
+
+    long = {"id": "r1", "prompt": "Passages: " + "word " * 20 + "Question: who?", "completion": "Ana"}
+    batch = pa.Table.from_pylist([{"id": "r0", "prompt": "who?", "completion": "Ana"}, long])
+    out = _tokenize(batch, tiny_model_dir, 512, "chat", False)
+    assert len(out["input_ids"]) == 2
+    with pytest.raises(RagtuneError, match=r"record r1: its answer starts at token \d+, past data.max_length = 32, "
+                                           r"so nothing of it would be learned. Fix: raise data.max_length to at "
+                                           r"least \d+"):
+        _tokenize(batch, tiny_model_dir, 32, "chat", False)

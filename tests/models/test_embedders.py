@@ -23,7 +23,7 @@ def st_minilm(minilm):
     return load_sentence_transformer(spec)
 
 
-def texts_of(squad_retrieval, n_queries=40, n_docs=12):
+def texts_of(squad_retrieval, n_queries=16, n_docs=6):
     """Real queries and passages (title + text, one cut at 256 tokens), and edge cases."""
     with open(squad_retrieval / "queries.jsonl") as f:
         queries = [json.loads(next(f))["text"] for _ in range(n_queries)]

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from configs.schema.base import RagtuneError
-from sharding.metrics import evaluate, rank_documents, read_qrels, read_queries
+from sharding.metrics import (
+    evaluate,
+    exact_match,
+    normalize_answer,
+    rank_documents,
+    read_qrels,
+    read_queries,
+    token_f1,
+)
 
 
 def test_metrics_by_hand():
@@ -48,3 +56,51 @@ def test_beir_files(tmp_path):
         read_queries(tmp_path / "bad.jsonl")
     with pytest.raises(RagtuneError, match=r"--qrels .*missing.tsv: no such file"):
         read_qrels(tmp_path / "missing.tsv")
+
+
+# --- answers (SQuAD's exact match and F1) ---------------------------------------------------------------------------
+
+SUPER_BOWL_VENUE = ["Santa Clara, California", "Levi's Stadium",
+                    "Levi's Stadium in the San Francisco Bay Area at Santa Clara, California."]  # SQuAD v1.1 dev
+
+
+def test_normalisation_as_the_squad_script_does_it():
+    assert normalize_answer("The Denver Broncos!") == "denver broncos"
+    assert normalize_answer('"golden  anniversary"') == "golden anniversary"
+    assert normalize_answer("an apple a day, the theory") == "apple day theory"
+    assert normalize_answer("Levi's") == "levis"  # punctuation goes, the letters stay joined
+    assert normalize_answer("Theory of a thing") == "theory of thing"  # articles only as whole words
+
+
+def test_exact_match_is_the_best_over_the_references():
+    assert exact_match("the Denver Broncos.", ["Denver Broncos"]) == 1.0
+    assert exact_match("Levi's stadium", SUPER_BOWL_VENUE) == 1.0
+    assert exact_match("Santa Clara", SUPER_BOWL_VENUE) == 0.0
+    assert exact_match("", ["gold"]) == 0.0
+
+
+def test_token_f1_by_hand():
+    # vs "santa clara california": precision 2/2, recall 2/3 -> 0.8 (the best of the three references)
+    assert token_f1("Santa Clara", SUPER_BOWL_VENUE) == pytest.approx(0.8)
+    # vs "levis stadium in san francisco bay area at santa clara california" (11 tokens): 2 shared
+    assert token_f1("Santa Clara", SUPER_BOWL_VENUE[2:]) == pytest.approx(2 * (2 / 11) / (1 + 2 / 11))
+    assert token_f1("Denver Broncos", ["Denver Broncos"]) == 1.0
+    assert token_f1("gold gold", ["gold"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # a repeated token counts once
+    assert token_f1("the", ["a"]) == 0.0 and token_f1("", ["gold"]) == 0.0
+
+
+def test_squad_second_answer_against_the_others(squad_retrieval):
+    """The second reference answer of each SQuAD v1.1 dev question scored against the others (the way the SQuAD
+    paper estimates human agreement): a regression pin over every quirk of real answers (punctuation, articles,
+    numbers, unicode), values as this implementation first measured them."""
+    import json
+
+    em = f1 = n = 0.0
+    for line in (squad_retrieval / "qa.jsonl").read_text().splitlines():
+        a = json.loads(line)["answers"]
+        if len(a) >= 2:
+            em += exact_match(a[1], a[:1] + a[2:])
+            f1 += token_f1(a[1], a[:1] + a[2:])
+            n += 1
+    assert n == 10567
+    assert (round(em / n, 4), round(f1 / n, 4)) == (0.8153, 0.9104)

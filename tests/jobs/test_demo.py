@@ -1,0 +1,68 @@
+"""A reduced `ragtune demo` end to end on the session's local Ray: a smaller world, a cheaper reader (the same
+1,200 steps in batches of 8 on 3,000 people: ~2.8 instead of ~4.5 minutes for the whole reader job; RAG still
+read 88-100% of the reduced world's questions with it) and fewer questions, every stage through the real jobs
+and the serving app. It asserts the direction of each claim the comparison makes, not exact numbers."""
+
+import json
+
+import pytest
+
+from configs import CONFIG_DIR
+from configs.schema import DemoJobConfig, load_config
+
+REDUCED = [
+    "world.people=24", "world.changed=4", "world.added=4",
+    "reader.people=3000", "reader.train.micro_batch=8",
+    "split.max_eval=24",
+    "answer.port=8432",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(ray_2_cpus, tmp_path_factory):
+    from jobs.demo import run
+
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load_config(DemoJobConfig, CONFIG_DIR / "demo" / "default.yaml", [*REDUCED, f"output.path={out}"])
+    summary = run(cfg)
+    return out, summary, json.loads((out / "compare" / "results.json").read_text())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_demo_shows_each_claim(demo):
+    out, summary, results = demo
+    s = {name: sys for name, sys in results["systems"].items()}
+
+    def em(name, split):
+        return s[name]["update"][split]["em"] if split in ("before", "after") else s[name][split]["em"]
+
+    # the base knows nothing of the measured people: chance among the places, employers and professions
+    assert em("base", "seen") <= 0.25 and em("base", "held_out") <= 0.25
+    # fine-tuning: the facts it was trained on, closed-book, and not the others
+    assert em("finetuned", "seen") >= em("base", "seen") + 0.3
+    assert em("finetuned", "held_out") <= em("base", "held_out") + 0.15
+    assert em("finetuned", "before") <= 0.25
+    # RAG reads what it retrieves: held-out facts, and the update's as soon as it is indexed
+    assert em("rag", "held_out") >= 0.5 and em("rag", "after") >= em("rag", "before") + 0.3
+    assert s["rag"]["update"]["time_to_knowledge_s"] < s["finetuned"]["update"]["time_to_knowledge_s"]
+    # RAFT at least as good as RAG on average (a question or two of slack: 24 questions per split)
+    mean = {n: sum(em(n, x) for x in ("seen", "held_out", "after")) / 3 for n in ("rag", "raft")}
+    assert mean["raft"] >= mean["rag"] - 0.05, mean
+    assert summary.claims == 4 and summary.claims_hold >= 3, (out / "compare" / "report.md").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_demo_writes_its_inputs_report_json_and_chart(demo):
+    out, summary, results = demo
+    world = out / "world"
+    for name in ("corpus.jsonl", "questions.jsonl", "update-corpus.jsonl", "update-questions.jsonl", "reader.jsonl"):
+        assert (world / name).stat().st_size > 0, name
+    report = (out / "compare" / "report.md").read_text()
+    assert report.startswith("| approach |") and "What the comparison claims" in report
+    assert (out / "compare" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert results["stages"]["index_add"]["add"]["docs_added"] > 0 and results["stages"]["index_add"]["seconds"] > 0
+    assert f"{summary.claims_hold} of {summary.claims} claims hold" in summary.line()
