@@ -97,8 +97,6 @@ class AnswerOptions(Section):
     concurrency: int = Field(8, ge=1, le=256, description="requests in flight at once")
     defaults: GenerationDefaults = Field(default_factory=lambda: GenerationDefaults(max_tokens=16))
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the serving app (127.0.0.1)")
-    poll_s: float = Field(0.5, gt=0, description="time-to-knowledge: seconds between probes of the updated questions")
-    timeout_s: float = Field(600, gt=0, description="time-to-knowledge: give up on a system after this long")
 
 
 class OutputConfig(Section):
