@@ -19,7 +19,8 @@ seed, and the generator is a tiny Llama built from a config with a tokenizer tra
 4. the claims, checked against the measured numbers and printed with them.
 
 Deterministic with the seed (the world, the splits, the training order, greedy answers); the seconds are not.
-A rerun into the same ``output.path`` reuses the trained reader (``runs/reader``) and rebuilds the rest.
+A rerun into the same ``output.path`` reuses the trained reader (``runs/reader``; an interrupted one resumes
+from its last checkpoint) and rebuilds the rest.
 """
 
 from __future__ import annotations
@@ -98,30 +99,38 @@ def reader_stamp(cfg: DemoJobConfig, exclude: set[str]) -> str:
     import hashlib
 
     geography = {k: v for k, v in cfg.world.model_dump().items() if k in ("seed", "orgs", "places")}
-    return json.dumps({"reader": cfg.reader.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(mode="json"),
+    reader = cfg.reader.model_dump(mode="json")
+    reader["train"].pop("stop_after_steps", None)  # when to pause, not what is learned: a paused reader resumes
+    return json.dumps({"reader": reader, "prompt": cfg.prompt.model_dump(mode="json"),
                        "world": geography, "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()},
                       sort_keys=True)
 
 
 def train_reader(cfg: DemoJobConfig, out: Path, world: World, exclude: set[str]) -> str:
     """The base generator's folder: the tiny model trained to read on other people of ``world`` (none of its
-    people, nor any name in ``exclude``), reused when that run already finished."""
+    people, nor any name in ``exclude``), reused when that run already finished for the same settings, resumed
+    from its last checkpoint when it was interrupted (the finetune job's resume), trained afresh otherwise."""
     import shutil
 
     from configs.schema import FinetuneJobConfig
     from jobs import finetune
     from jobs.compare import write_jsonl
+    from sharding.storage import atomic_write_bytes, resolve
 
     r = cfg.reader
     run_dir = out / "runs" / "reader"
     model, stamp = run_dir / "outputs" / "model", run_dir / "made-from.json"
     made_from = reader_stamp(cfg, exclude)
-    if (model / "config.json").is_file() and stamp.is_file() and stamp.read_text() == made_from:
+    done = run_dir / "outputs" / "summary.json"  # written last, atomically, by the finetune job
+    if done.is_file() and json.loads(done.read_text()).get("finished") and stamp.is_file() and \
+            stamp.read_text() == made_from:
         log.info("reusing the reader trained for these settings at %s", model)
         return str(model)
-    if run_dir.exists():  # trained for other settings (or unfinished): a reader is cheap next to a wrong one
+    if run_dir.exists() and not (stamp.is_file() and stamp.read_text() == made_from):
         log.info("%s was made for other settings: training the reader again", run_dir)
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(resolve(str(stamp)), made_from.encode())  # first: an interrupted run is resumed, not redone
     practice = more_people(world, cfg.world.seed + 7919, r.people, exclude)
     records = reader_records(practice, cfg.prompt, r.questions_per_passage, cfg.world.seed)
     train = write_jsonl(out / "world" / "reader.jsonl", records)
@@ -135,8 +144,7 @@ def train_reader(cfg: DemoJobConfig, out: Path, world: World, exclude: set[str])
     summary = finetune.run(fcfg)
     if not summary.finished:
         raise RagtuneError(f"the reader's training stopped at step {summary.steps} of {r.train.steps}. Fix: rerun "
-                           "`ragtune demo` (it trains the reader again)")
-    stamp.write_text(made_from)
+                           "`ragtune demo` with the same settings (it resumes from the last checkpoint)")
     return str(model)
 
 

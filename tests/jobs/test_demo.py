@@ -66,3 +66,18 @@ def test_the_demo_writes_its_inputs_report_json_and_chart(demo):
     assert (out / "compare" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert results["stages"]["index_add"]["add"]["docs_added"] > 0 and results["stages"]["index_add"]["seconds"] > 0
     assert f"{summary.claims_hold} of {summary.claims} claims hold" in summary.line()
+
+
+def test_the_reader_is_reused_or_resumed_only_for_the_same_settings():
+    from jobs.demo import reader_stamp
+
+    def stamp(*overrides, exclude=frozenset({"Zomglen Baithsar"})):
+        cfg = load_config(DemoJobConfig, CONFIG_DIR / "demo" / "default.yaml", list(overrides))
+        return reader_stamp(cfg, set(exclude))
+
+    same = stamp()
+    assert stamp("reader.train.stop_after_steps=100") == same  # when to pause is not what is learned
+    assert stamp("world.people=24") == same  # the measured people are in `exclude`, not in the settings
+    for other in (["reader.train.steps=600"], ["reader.people=3000"], ["world.seed=1"], ["prompt.system=Read."]):
+        assert stamp(*other) != same, other
+    assert stamp(exclude={"Another Name"}) != same
