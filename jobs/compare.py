@@ -513,7 +513,8 @@ def build_base(cfg: CompareJobConfig, docs: Sequence[Mapping[str, Any]], qas: Se
     """The base generator's folder: ``model.name``, or the tiny preset built once (a tokenizer trained on the
     corpus and the questions, random weights) so that every adapter shares one base."""
     if cfg.model.name != "tiny":
-        return cfg.model.name
+        local = Path(cfg.model.name).expanduser()  # absolute, as the output folder (run())
+        return str(local.resolve()) if "://" not in cfg.model.name and local.exists() else cfg.model.name
     from models.generators import TinySpec, build_tiny
 
     t = cfg.model.tiny
@@ -620,6 +621,9 @@ def run(cfg: CompareJobConfig, on_stage: Callable[[str], None] | None = None) ->
     progress)."""
     t_start = time.perf_counter()
     qas = check(cfg)
+    # absolute: the training workers and the serving replicas load models from it in their own working directories
+    out_abs = str(Path(cfg.output.path).resolve())
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": out_abs})})
     stage = on_stage or (lambda name: log.info("== %s", name))
     q = cfg.questions
     seen, held = split_questions(qas, q.finetune_fraction, q.seed)

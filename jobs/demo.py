@@ -255,7 +255,8 @@ def run(cfg: DemoJobConfig) -> DemoSummary:
     from cluster.runtime import init_ray
     from jobs import compare
 
-    out = Path(cfg.output.path)
+    out = Path(cfg.output.path).resolve()  # absolute: Ray's workers load the reader from it in their own cwd
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": str(out)})})
     stages = Stages(["the world", "teach the base to read", "embed + index", "fine-tune", "RAFT", "serve + answer",
                      "update", "claims"])
     stages("the world: people, places, organisations, questions and an update, from the seed")

@@ -174,9 +174,11 @@ def _record_text(r: dict[str, Any]) -> str:
 
 
 def resolve_base_model(cfg: FinetuneJobConfig, records) -> str:
-    """The base model every worker loads: the configured one, or the tiny preset built into the run folder."""
+    """The base model every worker loads: the configured one, or the tiny preset built into the run folder.
+    A local folder is made absolute: Ray's workers do not run in this process's working directory."""
     if cfg.model.name != "tiny":
-        return cfg.model.name
+        local = Path(cfg.model.name).expanduser()
+        return str(local.resolve()) if "://" not in cfg.model.name and local.exists() else cfg.model.name
     import tempfile
 
     import pyarrow.fs as pafs
@@ -406,6 +408,8 @@ def train_loop(config: dict[str, Any]) -> None:
     seen = 0
     micro_losses: list[float] = []
     tokens, t_step, lr = 0, time.perf_counter(), 0.0
+    t_run, step_run = time.perf_counter(), step  # this attempt's start: the ETA's rate
+    log_every = max(1, t.steps // 50)  # ~50 progress lines a run, plus the first steps and every eval
     net.train()
     while step < stop_at:
         for b in train_shard.iter_batches(batch_size=t.micro_batch, batch_format="numpy"):
@@ -456,10 +460,11 @@ def train_loop(config: dict[str, Any]) -> None:
             if step % t.eval_every == 0 or checkpoint_now:
                 row["eval_loss"] = evaluate()
             metrics.append(row)
-            if rank == 0:
-                log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s", step, t.steps, row["loss"],
+            if rank == 0 and (step <= 3 or step % log_every == 0 or "eval_loss" in row or step == stop_at):
+                eta = (time.perf_counter() - t_run) / (step - step_run) * (stop_at - step)
+                log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s, ETA %.0fs", step, t.steps, row["loss"],
                          f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "", row["lr"],
-                         row["tokens_per_s"])
+                         row["tokens_per_s"], eta)
             if checkpoint_now:
                 save_and_report(row)
             if step >= stop_at:

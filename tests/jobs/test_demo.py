@@ -4,6 +4,7 @@ read 88-100% of the reduced world's questions with it) and fewer questions, ever
 and the serving app. It asserts the direction of each claim the comparison makes, not exact numbers."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,11 +21,22 @@ REDUCED = [
 
 @pytest.fixture(scope="module")
 def demo(ray_2_cpus, tmp_path_factory):
+    """Run from its own folder with a relative output path, as the README's `ragtune demo` writes runs/demo: the
+    training workers and serving replicas must still find every model."""
+    import os
+
     from jobs.demo import run
 
-    out = tmp_path_factory.mktemp("demo")
-    cfg = load_config(DemoJobConfig, CONFIG_DIR / "demo" / "default.yaml", [*REDUCED, f"output.path={out}"])
-    summary = run(cfg)
+    here = tmp_path_factory.mktemp("demo")
+    cfg = load_config(DemoJobConfig, CONFIG_DIR / "demo" / "default.yaml", [*REDUCED, "output.path=runs/demo"])
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        summary = run(cfg)
+    finally:
+        os.chdir(cwd)
+    out = here / "runs" / "demo"
+    assert Path(summary.output) == out.resolve()
     return out, summary, json.loads((out / "compare" / "results.json").read_text())
 
 

@@ -127,3 +127,18 @@ def test_a_record_cut_before_its_answer_is_an_error_that_says_how_long_it_is(tin
                                            r"so nothing of it would be learned. Fix: raise data.max_length to at "
                                            r"least \d+"):
         _tokenize(batch, tiny_model_dir, 32, "chat", False)
+
+
+def test_a_local_base_model_is_given_to_the_workers_as_an_absolute_path(tiny_model_dir, tmp_path, monkeypatch):
+    """Ray Train's workers run in their own working directory: a relative folder would be read as a hub id there
+    (found by running the README's `ragtune demo`, whose outputs are under the relative runs/demo)."""
+    import shutil
+    from pathlib import Path
+
+    from jobs.finetune import resolve_base_model
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    got = resolve_base_model(cfg("model.name=models/tiny"), [])
+    assert Path(got).is_absolute() and Path(got) == (tmp_path / "models" / "tiny").resolve()
+    assert resolve_base_model(cfg("model.name=org/some-hub-model"), []) == "org/some-hub-model"  # a hub id stays
