@@ -345,12 +345,9 @@ def render_table(results: Mapping[str, Any]) -> str:
 
 def plot(results: Mapping[str, Any]) -> bytes:
     """Bars of EM per system on seen, held-out and new knowledge; time-to-knowledge beside (PNG bytes)."""
-    import io
+    from jobs.plots import png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [n for n in SYSTEMS if n in results["systems"]]
     groups = [("seen", "seen facts"), ("held_out", "held-out facts"), ("after", "new knowledge (after update)")]
@@ -382,10 +379,7 @@ def plot(results: Mapping[str, Any]) -> bytes:
     else:
         ax2.axis("off")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig, dpi=110)
 
 
 # --- the job -------------------------------------------------------------------------------------------------------

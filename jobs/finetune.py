@@ -642,15 +642,10 @@ def run(cfg: FinetuneJobConfig) -> FinetuneSummary:
 
 
 def _plot(metrics: list[dict[str, Any]], outputs: Any, name: str) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from jobs.plots import png, pyplot
     from sharding.storage import atomic_write_bytes
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss")
     ev = [m for m in metrics if "eval_loss" in m]
@@ -660,10 +655,7 @@ def _plot(metrics: list[dict[str, Any]], outputs: Any, name: str) -> None:
     ax.set_title(f"ragtune finetune: {name}")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(outputs.join("loss.png"), buf.getvalue())
+    atomic_write_bytes(outputs.join("loss.png"), png(fig, dpi=100))
 
 
 def merge_adapter(base: str, adapter: str, dest: str) -> None:

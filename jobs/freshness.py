@@ -183,7 +183,7 @@ def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: st
                 fields: tuple[str, str, str]) -> tuple[pa.Table, int]:
     """The chunks of the new corpus (DOC_COLUMNS; with ``vector`` when they come from --embeddings), and the
     number of documents read."""
-    from sharding.embeddings import chunk_documents
+    from sharding.embeddings import chunk_documents, recipe_differences
     from sharding.embeddings import read_manifest as read_emb
     from sharding.freshness import DOC_COLUMNS
     from sharding.index import read_part_table
@@ -194,16 +194,9 @@ def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: st
         if em is None or em.state != "done":
             raise RagtuneError(f"--embeddings {embeddings}: no complete embeddings here (manifest "
                                f"{'missing' if em is None else em.state!r}). Fix: run `ragtune embed` to the end first")
-        problems = []
-        if (em.model.get("name"), em.model.get("revision")) != (m.model.get("name"), m.model.get("revision")):
-            problems.append(f"model {em.model.get('name')} ({em.model.get('revision')}) but the index has "
-                            f"{m.model.get('name')} ({m.model.get('revision')})")
-        if em.chunker.get("fingerprint") != m.chunker.get("fingerprint"):
-            keys = ("size", "overlap", "prepend_title", "version")
-            problems.append("chunker " + ", ".join(f"{k} {em.chunker.get(k)} vs the index's {m.chunker.get(k)}"
-                                                   for k in keys if em.chunker.get(k) != m.chunker.get(k)))
-        if em.normalize != m.normalize or em.dim != m.dim:
-            problems.append(f"normalize {em.normalize}, d = {em.dim} but the index has {m.normalize}, d = {m.dim}")
+        problems = recipe_differences(em, m, "the index's")
+        if em.dim != m.dim:
+            problems.append(f"d = {em.dim} vs the index's {m.dim}")
         if problems:
             raise RagtuneError(f"--embeddings {embeddings} were made differently from the index: "
                                + "; ".join(problems) + ". Fix: embed the new documents with the index's model and "

@@ -31,7 +31,6 @@ The flow, top to bottom:
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -301,10 +300,9 @@ def merge_tuning(results: list[dict[str, Any]], qids: np.ndarray, k: int, metric
 
 def plot_tuning(rows, chosen, target: float, title: str) -> bytes:
     """Recall@10 against batched QPS of every setting tried, the chosen one marked (PNG bytes)."""
-    import matplotlib
+    from jobs.plots import png, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot([r.qps for r in rows], [r.recall for r in rows], "o-", color="tab:blue")
@@ -318,10 +316,7 @@ def plot_tuning(rows, chosen, target: float, title: str) -> bytes:
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig, dpi=120)
 
 
 @dataclass

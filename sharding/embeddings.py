@@ -186,21 +186,29 @@ class EmbeddingManifest(BaseModel):
 
     def differences(self, other: EmbeddingManifest) -> list[str]:
         """What makes ``other`` (a new run's plan) produce different embeddings than this folder holds."""
-        diffs = []
-        if self.model.get("revision") != other.model.get("revision") or self.model.get("name") != \
-                other.model.get("name"):
-            diffs.append(f"model {self.model.get('name')} ({self.model.get('revision')}) vs "
-                         f"{other.model.get('name')} ({other.model.get('revision')})")
-        if self.chunker.get("fingerprint") != other.chunker.get("fingerprint"):
-            keys = ("size", "overlap", "prepend_title", "version")
-            diffs.append("chunker " + ", ".join(f"{k} {self.chunker.get(k)} vs {other.chunker.get(k)}"
-                                                for k in keys if self.chunker.get(k) != other.chunker.get(k)))
-        if self.normalize != other.normalize:
-            diffs.append(f"normalize {self.normalize} vs {other.normalize}")
+        diffs = recipe_differences(self, other)
         if self.corpus.get("fingerprint") != other.corpus.get("fingerprint"):
             diffs.append(f"corpus files changed ({self.corpus.get('files')} files, {self.corpus.get('bytes')} "
                          f"bytes vs {other.corpus.get('files')} files, {other.corpus.get('bytes')} bytes)")
         return diffs
+
+
+def recipe_differences(ours: Any, theirs: Any, theirs_name: str = "") -> list[str]:
+    """How two manifests (embeddings' or an index's: anything with ``model``, ``chunker`` and ``normalize``) embed
+    text differently: model and revision, chunker settings, normalisation; each a phrase "ours vs theirs", the
+    second side named ``theirs_name`` ("the index's") when given."""
+    of = f"{theirs_name} " if theirs_name else ""
+    diffs = []
+    if (ours.model.get("name"), ours.model.get("revision")) != (theirs.model.get("name"), theirs.model.get("revision")):
+        diffs.append(f"model {ours.model.get('name')} ({ours.model.get('revision')}) vs "
+                     f"{of}{theirs.model.get('name')} ({theirs.model.get('revision')})")
+    if ours.chunker.get("fingerprint") != theirs.chunker.get("fingerprint"):
+        keys = ("size", "overlap", "prepend_title", "version")
+        diffs.append("chunker " + ", ".join(f"{k} {ours.chunker.get(k)} vs {of}{theirs.chunker.get(k)}"
+                                            for k in keys if ours.chunker.get(k) != theirs.chunker.get(k)))
+    if ours.normalize != theirs.normalize:
+        diffs.append(f"normalize {ours.normalize} vs {of}{theirs.normalize}")
+    return diffs
 
 
 def read_manifest(out: Location) -> EmbeddingManifest | None:
