@@ -79,6 +79,35 @@ def squad_embeddings(ray_2_cpus, squad_retrieval, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def squad_flat_index(squad_embeddings, tmp_path_factory):
+    """The session's SQuAD chunks in an exact (Flat) index of 2 shards with its BM25 shards, built once by the index
+    job: (root, summary). Its version is v-00001; a test may build later versions on the same root, so the others
+    open v-00001 by name."""
+    from configs.schema import IndexJobConfig
+    from jobs.index import run
+
+    _, _, emb = squad_embeddings
+    root = tmp_path_factory.mktemp("squad-index") / "index"
+    return root, run(IndexJobConfig.model_validate({"embeddings": {"path": str(emb)},
+                                                    "index": {"path": str(root), "kind": "Flat", "shards": 2}}))
+
+
+@pytest.fixture(scope="session")
+def squad_queries(squad_flat_index, squad_retrieval):
+    """Every SQuAD question that has qrels, embedded once with the index's model: (qids, xq, qrels)."""
+    from models.embedders import QueryEncoder
+    from sharding.metrics import read_qrels, read_queries
+    from sharding.search import ShardedIndex
+
+    root, summary = squad_flat_index
+    queries = read_queries(squad_retrieval / "queries.jsonl")
+    qrels = read_qrels(squad_retrieval / "qrels" / "test.tsv")
+    qids = [q for q in queries if q in qrels]
+    xq = QueryEncoder(ShardedIndex.open(str(root / summary.version)).manifest).encode([queries[q] for q in qids])
+    return qids, xq, qrels
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """The tiny preset built once per session (a tokenizer trained on a few fictional facts)."""
     from models.generators import TinySpec, build_tiny

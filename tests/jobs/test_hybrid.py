@@ -9,26 +9,16 @@ import json
 import pytest
 
 from jobs.cli import main
-from jobs.index import run
 from jobs.search import evaluate_index
-from models.embedders import QueryEncoder
-from sharding.metrics import read_qrels, read_queries
+from sharding.metrics import read_queries
 from sharding.search import Fusion, ShardedIndex
-from tests.jobs.test_index import QUESTION, config
-
-
-@pytest.fixture(scope="module")
-def hybrid_index(squad_embeddings, tmp_path_factory):
-    """The SQuAD chunks as an exact (Flat) index of 2 shards with its BM25 shards."""
-    _, _, emb = squad_embeddings
-    root = tmp_path_factory.mktemp("squad-hybrid") / "index"
-    return root, run(config(emb, root, kind="Flat", shards=2))
+from tests.jobs.test_index import QUESTION
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_the_index_job_writes_one_bm25_shard_per_vector_shard(hybrid_index, squad_embeddings):
-    root, summary = hybrid_index
+def test_the_index_job_writes_one_bm25_shard_per_vector_shard(squad_flat_index, squad_embeddings):
+    root, summary = squad_flat_index
     _, emb_summary, _ = squad_embeddings
     m = json.loads((root / summary.version / "manifest.json").read_text())
     lex = m["lexical"]
@@ -36,7 +26,7 @@ def test_the_index_job_writes_one_bm25_shard_per_vector_shard(hybrid_index, squa
     assert lex["params"]["stemmer"] == "english" and lex["n_docs"] == emb_summary.chunks
     assert [s["ntotal"] for s in lex["shards"]] == [s["ntotal"] for s in m["shards"]]
     assert all((root / summary.version / s["file"]).stat().st_size == s["bytes"] for s in lex["shards"])
-    index = ShardedIndex.open(str(root))
+    index = ShardedIndex.open(str(root / summary.version))
     ids = [set(s.chunk_ids.tolist()) for s in index.lexical_shards()]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == emb_summary.chunks
 
@@ -44,14 +34,12 @@ def test_the_index_job_writes_one_bm25_shard_per_vector_shard(hybrid_index, squa
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_hybrid_beats_bm25_and_dense_on_squad(hybrid_index, squad_retrieval):
-    root, _ = hybrid_index
-    index = ShardedIndex.open(str(root))
+def test_hybrid_beats_bm25_and_dense_on_squad(squad_flat_index, squad_queries, squad_retrieval):
+    root, summary = squad_flat_index
+    index = ShardedIndex.open(str(root / summary.version))
+    qids, xq, qrels = squad_queries
     queries = read_queries(squad_retrieval / "queries.jsonl")
-    qrels = read_qrels(squad_retrieval / "qrels" / "test.tsv")
-    qids = [q for q in queries if q in qrels]
     texts = [queries[q] for q in qids]
-    xq = QueryEncoder(index.manifest).encode(texts)
     m = {mode: evaluate_index(index, xq, qids, qrels, mode=mode, texts=texts) for mode in ("dense", "lexical")}
     m["hybrid"] = evaluate_index(index, xq, qids, qrels, mode="hybrid", texts=texts)  # default fusion: weighted
     m["rrf"] = evaluate_index(index, xq, qids, qrels, mode="hybrid", texts=texts, fusion=Fusion(method="rrf"))
@@ -68,8 +56,9 @@ def test_hybrid_beats_bm25_and_dense_on_squad(hybrid_index, squad_retrieval):
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_search_command_modes(hybrid_index, capsys):
-    root, _ = hybrid_index
+def test_search_command_modes(squad_flat_index, capsys):
+    root, summary = squad_flat_index
+    root = root / summary.version  # the session's index may have later versions (test_index.py builds one)
     for mode in ("lexical", "hybrid"):
         assert main(["search", "-i", str(root), QUESTION, "--json", "-k", "5", "--mode", mode]) == 0
         hits = json.loads(capsys.readouterr().out)[0]["results"]

@@ -18,9 +18,7 @@ from configs.schema import IndexJobConfig, RagtuneError
 from jobs.cli import main
 from jobs.index import check, run
 from jobs.search import evaluate_index
-from models.embedders import QueryEncoder
 from sharding.embeddings import EmbeddingManifest, write_manifest
-from sharding.metrics import read_qrels, read_queries
 from sharding.search import ShardedIndex, recall_at_k
 from sharding.storage import resolve
 
@@ -63,29 +61,10 @@ def test_validate_checks_the_embeddings_without_importing_faiss_ray_or_torch(tmp
 
 # --- real runs --------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def exact_index(squad_embeddings, tmp_path_factory):
-    """The SQuAD chunks in an exact (Flat) index of 2 shards: version v-00001."""
-    _, _, emb = squad_embeddings
-    root = tmp_path_factory.mktemp("squad-index") / "index"
-    return root, run(config(emb, root, kind="Flat", shards=2))
-
-
-@pytest.fixture(scope="module")
-def squad_queries(exact_index, squad_retrieval):
-    """Every SQuAD question that has qrels, embedded once with the index's model: (qids, xq, qrels)."""
-    root, _ = exact_index
-    queries = read_queries(squad_retrieval / "queries.jsonl")
-    qrels = read_qrels(squad_retrieval / "qrels" / "test.tsv")
-    qids = [q for q in queries if q in qrels]
-    xq = QueryEncoder(ShardedIndex.open(str(root)).manifest).encode([queries[q] for q in qids])
-    return qids, xq, qrels
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_every_chunk_is_in_exactly_one_shard_under_its_chunk_id(exact_index, squad_embeddings):
-    root, summary = exact_index
+def test_every_chunk_is_in_exactly_one_shard_under_its_chunk_id(squad_flat_index, squad_embeddings):
+    root, summary = squad_flat_index
     _, emb_summary, emb = squad_embeddings
     parts = pa.concat_tables([pq.read_table(p) for p in sorted(emb.glob("part-*.parquet"))])
     v1 = root / "v-00001"
@@ -109,8 +88,8 @@ def test_every_chunk_is_in_exactly_one_shard_under_its_chunk_id(exact_index, squ
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_exact_index_reproduces_the_reference_retrieval_numbers(exact_index, squad_queries):
-    root, _ = exact_index
+def test_squad_flat_index_reproduces_the_reference_retrieval_numbers(squad_flat_index, squad_queries):
+    root, _ = squad_flat_index
     qids, xq, qrels = squad_queries
     m = evaluate_index(ShardedIndex.open(str(root / "v-00001")), xq, qids, qrels)
     assert m["queries"] == 10570 and m["queries_short"] == 0
@@ -121,9 +100,9 @@ def test_exact_index_reproduces_the_reference_retrieval_numbers(exact_index, squ
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_auto_index_stays_within_001_of_exact_and_readers_keep_their_version(exact_index, squad_embeddings,
+def test_auto_index_stays_within_001_of_exact_and_readers_keep_their_version(squad_flat_index, squad_embeddings,
                                                                              squad_queries):
-    root, _ = exact_index
+    root, _ = squad_flat_index
     _, _, emb = squad_embeddings
     qids, xq, qrels = squad_queries
     reader = ShardedIndex.open(str(root))  # v-00001, opened before v-00002 is built
@@ -146,11 +125,11 @@ def test_auto_index_stays_within_001_of_exact_and_readers_keep_their_version(exa
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_tuning_on_real_questions_holds_for_the_other_questions(exact_index, squad_embeddings, squad_queries,
+def test_tuning_on_real_questions_holds_for_the_other_questions(squad_flat_index, squad_embeddings, squad_queries,
                                                                 squad_retrieval, tmp_path):
     """Held-out paragraph vectors are easy queries for IVF (their neighbours share their cell); questions are
     not. Tuned on 1,000 questions, the setting must hold on all 10,570."""
-    root, _ = exact_index
+    root, _ = squad_flat_index
     _, _, emb = squad_embeddings
     qids, xq, _ = squad_queries
     summary = run(config(emb, tmp_path / "ivf", kind="IVF32,Flat",
@@ -165,8 +144,8 @@ def test_tuning_on_real_questions_holds_for_the_other_questions(exact_index, squ
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_search_command_prints_ranked_chunks(exact_index, capsys):
-    root, _ = exact_index
+def test_search_command_prints_ranked_chunks(squad_flat_index, capsys):
+    root, _ = squad_flat_index
     assert main(["search", "-i", str(root / "v-00001"), QUESTION, "-k", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "IDMap2,Flat" in out[0] and out[2] == f"query: {QUESTION}"
@@ -183,8 +162,8 @@ def test_search_command_prints_ranked_chunks(exact_index, capsys):
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_eval_retrieval_command_matches_the_library(exact_index, squad_queries, squad_retrieval, tmp_path, capsys):
-    root, _ = exact_index
+def test_eval_retrieval_command_matches_the_library(squad_flat_index, squad_queries, squad_retrieval, tmp_path, capsys):
+    root, _ = squad_flat_index
     qids, xq, qrels = squad_queries
     out = tmp_path / "m.json"
     assert main(["eval-retrieval", "-i", str(root / "v-00001"), "--queries", str(squad_retrieval / "queries.jsonl"),
@@ -200,10 +179,10 @@ def test_eval_retrieval_command_matches_the_library(exact_index, squad_queries, 
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_a_corrupted_shard_is_a_one_line_error_naming_the_file(exact_index, tmp_path, capsys):
+def test_a_corrupted_shard_is_a_one_line_error_naming_the_file(squad_flat_index, tmp_path, capsys):
     import shutil
 
-    root, _ = exact_index
+    root, _ = squad_flat_index
     copy = tmp_path / "v-00001"
     shutil.copytree(root / "v-00001", copy)
     shard = copy / "shard-00001.faiss"
