@@ -13,8 +13,11 @@ without the HTTP hops: what dynamic batching acts on); ``embeddings``, ``/v1/emb
 request (the embedder path over HTTP: proxy, Ingress, Embedder); ``search``, ``/v1/search`` (embed, fan out to
 the shard groups, merge, docstore); ``chat``, RAG chat (``/v1/chat/completions``: search, prompt,
 ``--max-tokens`` greedy tokens of the tiny model). Printed per route and mode: requests/s, p50/p95/p99 latency
-and the mean batch size the Embedder / Generator ran; then batching-on / batching-off ratios. Client and server
-share the machine's cores, as a sidecar load generator would. Serve's per-request access log is off unless
+and the mean batch size the Embedder / Generator ran; then batching-on / batching-off ratios. Before the routes,
+what bounds them: the embedding model's queries/s in this process at batch 1 and 32 (no Serve), and the
+requests/s of a deployment that does nothing through the same handle path (Serve's own cost per request); on a
+saturated machine the costs add up, so (1/q1 + 1/echo) / (1/q32 + 1/echo) is the most batching can give. Client
+and server share the machine's cores, as a sidecar load generator would. Serve's per-request access log is off unless
 ``--access-log`` (on 2 cores it costs a third of the HTTP requests/s). A PNG of requests/s and p99 is written.
 """
 
@@ -85,6 +88,25 @@ def encode_ceiling(index_path: str, queries: list[str], seconds: float = 3.0) ->
         out[b] = n / (time.perf_counter() - t0)
     torch.set_num_threads(before)
     return out
+
+
+def serve_overhead(concurrency: int, n: int, texts: list[str]) -> float:
+    """Requests/s of a deployment that does nothing (an ``embed`` returning a constant vector), called through a
+    Serve handle from this process at the same concurrency: what routing, (de)serialisation and the replica's
+    request handling alone allow on this machine, with client and replica sharing its cores."""
+    import numpy as np
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=max(64, 2 * concurrency))
+    class Echo:
+        async def embed(self, text: str) -> tuple[np.ndarray, int, int]:
+            return np.zeros(384, np.float32), len(text), 1
+
+    handle = serve.run(Echo.bind(), name="bench-echo", route_prefix=None)
+    asyncio.run(load_handle(handle, texts[:concurrency * 2], concurrency))  # warm up
+    lat, _, wall = asyncio.run(load_handle(handle, [texts[i % len(texts)] for i in range(n)], concurrency))
+    serve.delete("bench-echo")
+    return len(lat) / wall
 
 
 def free_port() -> int:
@@ -226,6 +248,13 @@ def main() -> None:
                   for i in range(args.chat_requests)], args.chat_concurrency),
     }
     routes = {name: routes[name] for name in args.routes.split(",")}
+    echo = serve_overhead(args.concurrency, args.requests, queries) if "embedder" in routes else None
+    if echo:
+        # on a saturated machine the costs of a request add up: the model's share plus Serve's
+        bound = (1 / ceiling[1] + 1 / echo) / (1 / ceiling[32] + 1 / echo)
+        print(f"through a Serve handle, a deployment that does nothing answers {echo:.0f} requests/s at concurrency "
+              f"{args.concurrency} ({1e3 / echo:.1f} ms of the machine per request): batching can give the Embedder "
+              f"at most x{bound:.2f} here", flush=True)
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.repeats):
         for mode in ("on", "off"):
@@ -277,11 +306,9 @@ def main() -> None:
         print(f"  {name:10s} requests/s x{med(name, 'on', 'rps') / med(name, 'off', 'rps'):.2f}   "
               f"p99 x{med(name, 'on', 'p99') / med(name, 'off', 'p99'):.2f}")
 
-    import matplotlib
+    from jobs.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     xs = range(len(routes))
     for j, mode in enumerate(("on", "off")):
