@@ -88,7 +88,7 @@ def test_every_chunk_is_in_exactly_one_shard_under_its_chunk_id(squad_flat_index
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_squad_flat_index_reproduces_the_reference_retrieval_numbers(squad_flat_index, squad_queries):
+def test_exact_index_reproduces_the_reference_retrieval_numbers(squad_flat_index, squad_queries):
     root, _ = squad_flat_index
     qids, xq, qrels = squad_queries
     m = evaluate_index(ShardedIndex.open(str(root / "v-00001")), xq, qids, qrels)
