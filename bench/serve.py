@@ -17,8 +17,9 @@ and the mean batch size the Embedder / Generator ran; then batching-on / batchin
 what bounds them: the embedding model's queries/s in this process at batch 1 and 32 (no Serve), and the
 requests/s of a deployment that does nothing through the same handle path (Serve's own cost per request); on a
 saturated machine the costs add up, so (1/q1 + 1/echo) / (1/q32 + 1/echo) is the most batching can give. Client
-and server share the machine's cores, as a sidecar load generator would. Serve's per-request access log is off unless
-``--access-log`` (on 2 cores it costs a third of the HTTP requests/s). A PNG of requests/s and p99 is written.
+and server share the machine's cores, as a sidecar load generator would. Serve's per-request access log is off
+unless ``--access-log`` (on 2 cores it costs a third of the HTTP requests/s). A PNG of requests/s and p99 is
+written.
 """
 
 from __future__ import annotations
