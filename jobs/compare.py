@@ -506,10 +506,10 @@ def prepare_output(cfg: CompareJobConfig) -> None:
 def build_base(cfg: CompareJobConfig, docs: Sequence[Mapping[str, Any]], qas: Sequence[QA]) -> str:
     """The base generator's folder: ``model.name``, or the tiny preset built once (a tokenizer trained on the
     corpus and the questions, random weights) so that every adapter shares one base."""
+    from models.generators import TinySpec, absolute_model_name, build_tiny
+
     if cfg.model.name != "tiny":
-        local = Path(cfg.model.name).expanduser()  # absolute, as the output folder (run())
-        return str(local.resolve()) if "://" not in cfg.model.name and local.exists() else cfg.model.name
-    from models.generators import TinySpec, build_tiny
+        return absolute_model_name(cfg.model.name)  # absolute, as the output folder (run())
 
     t = cfg.model.tiny
     texts = [f"{d.get('title') or ''} {d['text']}" for d in docs] + [f"{q.question} {q.answers[0]}" for q in qas]

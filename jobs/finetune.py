@@ -177,8 +177,9 @@ def resolve_base_model(cfg: FinetuneJobConfig, records) -> str:
     """The base model every worker loads: the configured one, or the tiny preset built into the run folder.
     A local folder is made absolute: Ray's workers do not run in this process's working directory."""
     if cfg.model.name != "tiny":
-        local = Path(cfg.model.name).expanduser()
-        return str(local.resolve()) if "://" not in cfg.model.name and local.exists() else cfg.model.name
+        from models.generators import absolute_model_name
+
+        return absolute_model_name(cfg.model.name)
     import tempfile
 
     import pyarrow.fs as pafs

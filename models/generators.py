@@ -98,6 +98,14 @@ def tiny_key(texts: list[str], spec: TinySpec) -> str:
     return h.hexdigest()[:16]
 
 
+def absolute_model_name(name: str) -> str:
+    """``name`` as every process can read it: an existing local folder as an absolute path (Ray's workers and
+    replicas run in their own working directories, where a relative folder would be taken for a hub id); hub ids
+    and URIs unchanged."""
+    local = Path(name).expanduser()
+    return str(local.resolve()) if "://" not in name and local.exists() else name
+
+
 def local_model_dir(name: str) -> str:
     """A folder the loaders can open: local folders as they are, URIs copied into a local cache once."""
     if "://" not in name:
