@@ -107,20 +107,16 @@ def worker(args: argparse.Namespace) -> None:
     import faiss
     import psutil
 
-    from sharding.index import (
-        IndexManifest,
+    from sharding.faiss_index import (
         ShardBuilder,
-        ShardRecord,
         effective_factory,
         new_index,
-        plan_shards,
         serialize,
-        shard_name,
-        switch_latest,
         train_index,
         write_index_file,
-        write_index_manifest,
     )
+    from sharding.layout import plan_shards, shard_name
+    from sharding.manifest import IndexManifest, ShardRecord, switch_latest, write_index_manifest
     from sharding.search import (
         ShardedIndex,
         TuneRow,
@@ -265,7 +261,7 @@ def main() -> None:
         return
 
     from configs.schema.index import parse_bytes
-    from sharding.index import choose_index, explicit_choice
+    from sharding.choice import choose_index, explicit_choice
     from sharding.search import exact_knn
 
     xr, manifest = load_embeddings(Path(args.squad))
@@ -318,7 +314,7 @@ def main() -> None:
 
 def estimate_pq_budget(nb: int, d: int) -> float:
     """A budget where IVF-Flat does not fit but IVF-PQ with refinement does: what a big corpus meets."""
-    from sharding.index import estimate_bytes, nlist_for
+    from sharding.choice import estimate_bytes, nlist_for
 
     return 0.8 * estimate_bytes("ivf_flat", nb, d, nlist=nlist_for(nb))
 

@@ -71,7 +71,7 @@ def encode_ceiling(index_path: str, queries: list[str], seconds: float = 3.0) ->
 
     from cluster.placement import NodeResources, plan_serving
     from models.embedders import QueryEncoder
-    from sharding.index import read_index_manifest, resolve_index
+    from sharding.manifest import read_index_manifest, resolve_index
 
     manifest = read_index_manifest(resolve_index(index_path))
     threads = plan_serving([NodeResources(cpus=float(os.cpu_count() or 1), gpus=0.0)],

@@ -43,7 +43,8 @@ from cluster.placement import (
     plan_training,
 )
 from cluster.submit import storage_paths
-from configs.schema import JOB_SCHEMAS, RagtuneError, load_config
+from configs.errors import RagtuneError
+from configs.schema import JOB_SCHEMAS, load_config
 from configs.schema.serve import is_loopback
 
 REPO = Path(__file__).resolve().parents[1]

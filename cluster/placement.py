@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 
 # Never uploaded with the working directory, whatever the ignore files say.
 EXCLUDES = [".venv/", "venv/", ".git/", "runs/", "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",

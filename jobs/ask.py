@@ -20,7 +20,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
+from jobs.commands import guarded
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -155,7 +156,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=ask_main)
 
 
-if __name__ == "__main__":
-    from jobs.cli import main
-
-    sys.exit(main(["ask", *sys.argv[1:]]))
+if __name__ == "__main__":  # python -m jobs.ask "question" [...]: the same as `ragtune ask`
+    parser = argparse.ArgumentParser(prog="python -m jobs")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["ask", *sys.argv[1:]])
+    sys.exit(guarded(lambda: ask_main(args)))

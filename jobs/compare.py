@@ -41,9 +41,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.schema import RagtuneError
+from configs.errors import RagtuneError
 from configs.schema.compare import SYSTEMS, CompareJobConfig, RaftConfig
 from configs.schema.serve import PromptConfig
+from jobs.commands import job_main
 
 log = logging.getLogger("ragtune.compare")
 
@@ -826,7 +827,5 @@ def _describe(cfg: CompareJobConfig, results: dict[str, Any], seen: Sequence[QA]
         s["data_needed"], s["cost_text"], s["maintenance"] = text[name]
 
 
-if __name__ == "__main__":
-    from jobs.cli import module_main
-
-    module_main("compare")
+if __name__ == "__main__":  # python -m jobs.compare --config FILE [overrides] (what `ray job submit` calls)
+    job_main("compare", run)

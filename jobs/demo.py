@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from configs.schema import RagtuneError
+from configs.errors import RagtuneError
 from configs.schema.demo import DemoJobConfig
 from configs.schema.serve import PromptConfig
+from jobs.commands import job_main
 from jobs.world import PERSON_ATTRIBUTES, Doc, Question, World, make_world, more_people, update_world
 
 log = logging.getLogger("ragtune.demo")
@@ -284,7 +285,5 @@ def run(cfg: DemoJobConfig) -> DemoSummary:
     return DemoSummary(str(out), summary.report, sum(c.holds for c in claims), len(claims), time.perf_counter() - t0)
 
 
-if __name__ == "__main__":
-    from jobs.cli import module_main
-
-    module_main("demo")
+if __name__ == "__main__":  # python -m jobs.demo --config FILE [overrides] (what `ray job submit` calls)
+    job_main("demo", run)

@@ -33,7 +33,9 @@ import numpy as np
 import pyarrow as pa
 
 from cluster.placement import default_num_parts, plan_embed_actors
-from configs.schema import EmbedJobConfig, RagtuneError
+from configs.errors import RagtuneError
+from configs.schema import EmbedJobConfig
+from jobs.commands import job_main
 from models.embedders import EmbedderSpec, load_tokenizer, resolve_embedder
 from sharding.chunking import Chunker, ChunkerSettings, count_special_tokens
 from sharding.corpus import DOC_SCHEMA, Corpus, list_corpus, preflight, text_file_document, to_documents
@@ -429,7 +431,5 @@ def _delete_outputs(out: Location) -> None:
 
 
 
-if __name__ == "__main__":
-    from jobs.cli import module_main
-
-    module_main("embed")
+if __name__ == "__main__":  # python -m jobs.embed --config FILE [overrides] (what `ray job submit` calls)
+    job_main("embed", run)

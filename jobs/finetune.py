@@ -40,7 +40,9 @@ import pyarrow as pa
 
 from cluster.placement import plan_training
 from configs import CONFIG_DIR
-from configs.schema import FinetuneJobConfig, RagtuneError
+from configs.errors import RagtuneError
+from configs.schema import FinetuneJobConfig
+from jobs.commands import job_main
 
 log = logging.getLogger("ragtune.finetune")
 
@@ -679,7 +681,5 @@ def merge_adapter(base: str, adapter: str, dest: str) -> None:
 
 
 
-if __name__ == "__main__":
-    from jobs.cli import module_main
-
-    module_main("finetune")
+if __name__ == "__main__":  # python -m jobs.finetune --config FILE [overrides] (what `ray job submit` calls)
+    job_main("finetune", run)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,20 +39,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from configs.schema import RagtuneError
+from configs.errors import RagtuneError
+from jobs.commands import ADD_RAY_ABOVE, guarded, index_ops_parser
 from sharding.embeddings import read_manifest
-from sharding.index import (
-    DOCSTORE_DIR,
-    MANIFEST,
-    HistoryEntry,
-    IndexManifest,
-    ShardRecord,
-    docstore_name,
-    read_latest,
-    shard_name,
-    switch_latest,
-    write_index_manifest,
-)
+from sharding.freshness import COMPACT_MAX_DELTAS, COMPACT_THRESHOLD
+from sharding.layout import DOCSTORE_DIR, MANIFEST, docstore_name, shard_name
+from sharding.manifest import HistoryEntry, IndexManifest, ShardRecord, read_latest, switch_latest, write_index_manifest
 from sharding.metrics import read_query_texts
 from sharding.search import RECALL_K as K
 from sharding.storage import Location, exists, makedirs, resolve
@@ -59,14 +52,11 @@ from sharding.versions import next_version
 
 log = logging.getLogger("ragtune.index")
 
-ADD_RAY_ABOVE = 20_000  # chunks to embed above which an add uses the Ray Data embed job
-COMPACT_THRESHOLD = 0.10  # compact a shard whose delta + masked vectors exceed this share of its base
-COMPACT_MAX_DELTAS = 16  # ... or that has more deltas than this (each is one more search per query)
 
 
 def _root(index_path: str) -> Location:
     """The index root of ``-i``: it must hold LATEST (writes start from the latest version)."""
-    from sharding.index import LATEST
+    from sharding.layout import LATEST
 
     root = resolve(index_path)
     if exists(root.join(MANIFEST)):
@@ -79,7 +69,7 @@ def _root(index_path: str) -> Location:
 
 
 def _latest(root: Location) -> tuple[Location, IndexManifest]:
-    from sharding.index import read_index_manifest
+    from sharding.manifest import read_index_manifest
 
     vloc = root.join(read_latest(root) or "")
     return vloc, read_index_manifest(vloc)
@@ -100,7 +90,7 @@ def _finish(root: Location, vdir: Location, nm: IndexManifest, base: IndexManife
 def _new_version(root: Location, base_dir: Location, m: IndexManifest) -> tuple[Location, IndexManifest, bytes]:
     """Start the next version beside `m`'s: its folder, a manifest carrying m's shards, and m's trained index."""
     from sharding.freshness import trained_index, with_trained_file
-    from sharding.index import carried_manifest
+    from sharding.manifest import carried_manifest
 
     version = next_version(root)
     vdir = root.join(version)
@@ -183,10 +173,9 @@ def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: st
                 fields: tuple[str, str, str]) -> tuple[pa.Table, int]:
     """The chunks of the new corpus (DOC_COLUMNS; with ``vector`` when they come from --embeddings), and the
     number of documents read."""
-    from sharding.embeddings import chunk_documents, recipe_differences
+    from sharding.embeddings import chunk_documents, read_part_table, recipe_differences
     from sharding.embeddings import read_manifest as read_emb
     from sharding.freshness import DOC_COLUMNS
-    from sharding.index import read_part_table
 
     if embeddings is not None:
         emb = resolve(embeddings)
@@ -237,8 +226,7 @@ def _embed_ray(m: IndexManifest, root: Location, corpus: str | list[str], fields
     from configs.schema import EmbedJobConfig
     from jobs.embed import run as embed_run
     from sharding.embeddings import read_manifest as read_emb
-    from sharding.embeddings import vectors_from_arrow
-    from sharding.index import read_part_table
+    from sharding.embeddings import read_part_table, vectors_from_arrow
 
     stage = root.join("_staging", f"embed-{uuid.uuid4().hex[:8]}")
     c = m.chunker
@@ -423,22 +411,21 @@ class DeleteSummary:
 def delete(index_path: str, doc_ids: list[str] | None = None, where: list[str] | None = None, *,
            keep_versions: int | None = None) -> DeleteSummary:
     """Delete documents (``doc_ids``, or every document whose chunks match ``where``, see
-    ``sharding.freshness.parse_where``) as a new version: their chunks are masked by tombstones in the segments
+    ``sharding.filters.parse_where``) as a new version: their chunks are masked by tombstones in the segments
     that hold them, so no search mode, docstore lookup or evaluation returns them; compaction drops them."""
     import pyarrow.compute as pc
 
+    from sharding.filters import matches, parse_where
     from sharding.freshness import (
         by_segment,
         live_ids,
-        matches,
-        parse_where,
         read_stats,
         rows_of,
         set_tombstones,
         stats_of,
     )
     from sharding.freshness import write_stats as write_lex_stats
-    from sharding.index import carried_manifest
+    from sharding.manifest import carried_manifest
     from sharding.search import shard_segments
     from sharding.versions import WriterLock
 
@@ -524,6 +511,7 @@ def compact(index_path: str, *, force: bool = False, threshold: float = COMPACT_
     as a new version; rebuild every BM25 file with fresh statistics; re-measure recall@10 and re-tune the search
     parameters as the index job does (approximate kinds)."""
     from sharding.docstore import write_docstore
+    from sharding.faiss_index import deserialize, read_index_file, write_index_file
     from sharding.freshness import (
         compaction_reason,
         exact_storage,
@@ -536,7 +524,6 @@ def compact(index_path: str, *, force: bool = False, threshold: float = COMPACT_
         write_lexical,
         write_stats,
     )
-    from sharding.index import deserialize, read_index_file, write_index_file
     from sharding.lexical import CorpusStats, lexical_delta_name, lexical_name
     from sharding.search import candidate_params, shard_segments
     from sharding.versions import WriterLock
@@ -645,8 +632,8 @@ def current_recall(vloc: Location, m: IndexManifest, seed: int = 0) -> float | N
     from pathlib import Path
 
     from models.embedders import QueryEncoder
+    from sharding.faiss_index import deserialize
     from sharding.freshness import exact_storage, live_vectors, trained_index
-    from sharding.index import deserialize
     from sharding.search import ShardedIndex, candidate_params, drop_self, exact_knn, merge_topk, recall_at_k
 
     trained, _ = trained_index(vloc, m)
@@ -739,7 +726,7 @@ def _tune_compacted(base_dir: Location, m: IndexManifest, folded: dict[int, Any]
             ids, xb = live_vectors(base_dir, m, n)
             for (f, _, _), seg in zip([(rec.file, "", 0)] + [(d.file, "", 0) for d in rec.deltas],
                                       shard_segments(base_dir, m, n), strict=True):
-                from sharding.index import read_index_file
+                from sharding.faiss_index import read_index_file
 
                 indexes.append(read_index_file(base_dir.join(f), None, 0))
                 segments.append(seg)
@@ -846,61 +833,13 @@ def _state(v: str, states: dict[str, str], latest: str, leased: dict[str, int]) 
 
 # --- `ragtune index add|delete|compact|gc|history` ----------------------------------------------------------
 
-def ops_parser() -> Any:
-    """The parser of ``ragtune index <op>`` (jobs/cli.py hands every ``ragtune index add ...`` to it)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="ragtune index", description="Change an index without rebuilding it: "
-                                     "each operation writes a new version and switches LATEST (docs/index.md).")
-    sub = parser.add_subparsers(dest="op", required=True, metavar="OP")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-i", "--index", required=True, help="the index root (the folder that holds LATEST)")
-    writes = argparse.ArgumentParser(add_help=False)
-    writes.add_argument("--gc-keep", type=int, metavar="N",
-                        help="then garbage-collect all but the N newest versions (default: index.keep_versions)")
-    a = sub.add_parser("add", parents=[common, writes], help="add new and changed documents (a new version)")
-    src = a.add_mutually_exclusive_group(required=True)
-    src.add_argument("--corpus", nargs="+", metavar="PATH", help="new documents: JSONL, Parquet, text files, URIs")
-    src.add_argument("--embeddings", metavar="DIR", help="or embedding parts by `ragtune embed` (same model, chunker)")
-    a.add_argument("--text-field", help="corpus field with the text (default: as the index's embed job read it)")
-    a.add_argument("--id-field", help="corpus field with the document id (default: as the embed job)")
-    a.add_argument("--title-field", help="corpus field with the title (default: as the embed job)")
-    a.add_argument("--ray-above", type=int, default=ADD_RAY_ABOVE, metavar="N",
-                   help=f"embed on Ray Data (the embed job) above N chunks, else in this process "
-                        f"(default {ADD_RAY_ABOVE:,})")
-    a.add_argument("--batch-size", type=int, default=64, help="texts per forward pass when embedding here")
-    a.add_argument("--address", help="Ray cluster for large adds (default: RAY_ADDRESS, else a local Ray)")
-    d = sub.add_parser("delete", parents=[common, writes], help="delete documents (masked by tombstones)")
-    what = d.add_mutually_exclusive_group(required=True)
-    what.add_argument("--doc-id", nargs="+", metavar="ID", help="documents to delete")
-    what.add_argument("--where", action="append", metavar="FILTER",
-                      help="documents whose chunks match: field=value[,value] or a JSON object (repeat: AND)")
-    c = sub.add_parser("compact", parents=[common, writes], help="fold deltas and tombstones into the shards")
-    c.add_argument("--force", action="store_true", help="compact every shard, whatever the thresholds")
-    c.add_argument("--threshold", type=float, default=COMPACT_THRESHOLD,
-                   help=f"compact shards whose delta + masked vectors exceed this share of the base (default "
-                        f"{COMPACT_THRESHOLD})")
-    c.add_argument("--max-deltas", type=int, default=COMPACT_MAX_DELTAS,
-                   help=f"... or that have more deltas than this (default {COMPACT_MAX_DELTAS})")
-    c.add_argument("--check-recall", action="store_true",
-                   help="re-measure recall@10 as at build time; below the target, compact (and re-tune) every shard")
-    g = sub.add_parser("gc", parents=[common], help="delete old versions (never LATEST or a leased one)")
-    g.add_argument("--keep", type=int, default=3, help="complete versions to keep, newest first (default 3)")
-    g.add_argument("--grace", type=float, default=None, metavar="SECONDS",
-                   help="also keep versions superseded less than this ago (default 600)")
-    g.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
-    h = sub.add_parser("history", parents=[common], help="the versions: operation, counts, times, state")
-    h.set_defaults(op="history")
-    return parser
-
-
 def ops_main(argv: list[str]) -> int:
     """``ragtune index <op> ...``: run one operation, print its line and (writes) the JSON summary."""
     import atexit
     import dataclasses
     import gc as pygc
 
-    args = ops_parser().parse_args(argv)
+    args = index_ops_parser().parse_args(argv)
     # The process ends after the operation: at exit, the garbage collector's last walk over the ~1M objects that
     # torch and transformers leave behind took 1 s of a 9 s add here. Frozen objects are skipped (their memory
     # goes back with the process; atexit handlers and finalizers still run).
@@ -925,6 +864,4 @@ def ops_main(argv: list[str]) -> int:
     return 0
 
 if __name__ == "__main__":  # python -m jobs.freshness add -i INDEX ... (what `ray job submit` calls)
-    from jobs.cli import module_main
-
-    module_main("index")
+    sys.exit(guarded(lambda: ops_main(sys.argv[1:])))

@@ -41,29 +41,13 @@ import numpy as np
 import pyarrow as pa
 
 from cluster.placement import IndexTaskPlan, plan_index_tasks
-from configs.schema import IndexJobConfig, RagtuneError
+from configs.errors import RagtuneError
+from configs.schema import IndexJobConfig
+from jobs.commands import job_main
+from sharding.choice import IndexChoice, choose_index, default_num_shards, explicit_choice, human_bytes
 from sharding.embeddings import EmbeddingManifest, PartRecord, read_manifest
-from sharding.index import (
-    DOCSTORE_DIR,
-    MANIFEST,
-    TRAINED,
-    HistoryEntry,
-    IndexChoice,
-    IndexManifest,
-    Piece,
-    ShardRecord,
-    choose_index,
-    default_num_shards,
-    docstore_name,
-    explicit_choice,
-    human_bytes,
-    plan_shards,
-    read_latest,
-    sample_rows,
-    shard_name,
-    switch_latest,
-    write_index_manifest,
-)
+from sharding.layout import DOCSTORE_DIR, MANIFEST, TRAINED, Piece, docstore_name, plan_shards, sample_rows, shard_name
+from sharding.manifest import HistoryEntry, IndexManifest, ShardRecord, read_latest, switch_latest, write_index_manifest
 from sharding.metrics import read_query_texts
 from sharding.search import RECALL_K as K  # recall@K is what index.target_recall means
 from sharding.storage import Location, atomic_write_bytes, exists, makedirs, resolve
@@ -144,8 +128,8 @@ def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str
     import faiss
 
     from jobs.progress import ensure_logging
-    from sharding.embeddings import vectors_from_arrow
-    from sharding.index import new_index, read_part_table, serialize, train_index
+    from sharding.embeddings import read_part_table, vectors_from_arrow
+    from sharding.faiss_index import new_index, serialize, train_index
 
     ensure_logging()
     faiss.omp_set_num_threads(threads)
@@ -194,8 +178,8 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
 
     from jobs.progress import ensure_logging
     from sharding.docstore import write_docstore
-    from sharding.embeddings import vectors_from_arrow
-    from sharding.index import ShardBuilder, deserialize, read_part_table, write_index_file
+    from sharding.embeddings import read_part_table, vectors_from_arrow
+    from sharding.faiss_index import ShardBuilder, deserialize, write_index_file
     from sharding.search import candidate_params, exact_knn, merge_topk, search_candidates
 
     ensure_logging()
@@ -239,7 +223,7 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
 # --- 4b. lexical shards: corpus statistics, then one BM25 shard per FAISS shard (Ray tasks) ----------------------
 
 def _lexical_rows(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord]) -> tuple[np.ndarray, list[str]]:
-    from sharding.index import read_part_table
+    from sharding.embeddings import read_part_table
     from sharding.lexical import chunk_texts
 
     emb = resolve(emb_uri)
@@ -369,7 +353,7 @@ def _build(cfg: IndexJobConfig, plan: Plan, t_start: float) -> IndexSummary:
 
     from cluster.runtime import alive_nodes, init_ray
     from jobs.progress import Rate
-    from sharding.index import effective_factory, new_index
+    from sharding.faiss_index import effective_factory, new_index
 
     init_ray(cfg.cluster)
     nodes = alive_nodes()
@@ -532,7 +516,7 @@ def _build(cfg: IndexJobConfig, plan: Plan, t_start: float) -> IndexSummary:
 
 def previous_history(root: Location) -> list[HistoryEntry]:
     """The history of the version LATEST names now (empty when there is none, or it cannot be read)."""
-    from sharding.index import read_index_manifest
+    from sharding.manifest import read_index_manifest
 
     latest = read_latest(root)
     if latest is None:
@@ -549,7 +533,5 @@ def _sha(data: bytes) -> str:
     return sha256_hex(data)
 
 
-if __name__ == "__main__":
-    from jobs.cli import module_main
-
-    module_main("index")
+if __name__ == "__main__":  # python -m jobs.index --config FILE [overrides] (what `ray job submit` calls)
+    job_main("index", run)

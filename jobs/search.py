@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from models.embedders import QueryEncoder
 
 if TYPE_CHECKING:

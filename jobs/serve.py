@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from configs.schema.serve import LOOPBACK, ServeJobConfig, is_loopback
+from jobs.commands import job_main
 
 log = logging.getLogger("ragtune.serve")
 
@@ -32,7 +33,7 @@ def check(cfg: ServeJobConfig) -> None:
     """Preflight without Ray or torch: the index version and its retrieval mode, the generator and adapter
     folders, auth vs host."""
     from serving.app import check_retrieval
-    from sharding.index import read_index_manifest, resolve_index
+    from sharding.manifest import read_index_manifest, resolve_index
     from sharding.storage import exists, resolve
 
     manifest = read_index_manifest(resolve_index(cfg.index.path))
@@ -148,7 +149,5 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
     return ServeSummary(url, cfg.http.app_name, str(state.get("version")), time.monotonic() - t0)
 
 
-if __name__ == "__main__":
-    from jobs.cli import module_main
-
-    module_main("serve")
+if __name__ == "__main__":  # python -m jobs.serve --config FILE [overrides] (what `ray job submit` calls)
+    job_main("serve", run)

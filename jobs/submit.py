@@ -17,7 +17,10 @@ import logging
 import sys
 import time
 
-from configs.schema.base import RagtuneError
+from cluster import submit as cs
+from configs.errors import RagtuneError
+from configs.schema import JOB_SCHEMAS, load_config
+from jobs.commands import JOBS, job_overrides, job_parser
 
 log = logging.getLogger("ragtune.submit")
 
@@ -51,16 +54,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def submit(args: argparse.Namespace) -> int:
-    from cluster import submit as cs
-    from jobs.cli import JOBS, build_parser, job_overrides
-
     rest = list(args.job_args)
     if rest and rest[0] == "--":
         rest = rest[1:]
     if not rest or rest[0] not in JOBS:
         raise RagtuneError(f"ragtune submit needs a job after --, one of {', '.join(JOBS)}; got {rest[:1] or 'none'}. "
                            "Fix: ragtune submit --address http://HEAD:8265 -- embed -c configs/embed/sample.yaml")
-    job_args = build_parser().parse_args(rest)
+    job_args = job_parser("ragtune submit --").parse_args(rest)
     if job_args.address:
         raise RagtuneError("--address after -- would point the job at another cluster. Fix: give --address "
                            "before --, to ragtune submit")
@@ -68,8 +68,6 @@ def submit(args: argparse.Namespace) -> int:
     config = cs.config_in_working_dir(job_args.config, args.working_dir)
     client = cs.connect(args.address)
     if not args.no_check:
-        from configs.schema import JOB_SCHEMAS, load_config
-
         cfg = load_config(JOB_SCHEMAS[name], job_args.config, overrides)
         nodes = cs.alive_nodes(args.address)
         errors, warnings = cs.storage_problems(cfg, nodes, args.shared_fs)
@@ -111,9 +109,7 @@ def _follow(client, job_id: str) -> int:
 
 
 def jobs(args: argparse.Namespace) -> int:
-    from cluster.submit import connect
-
-    client = connect(args.address)
+    client = cs.connect(args.address)
     if args.action == "list":
         rows = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
         print(f"{'SUBMISSION ID':<28} {'STATUS':<10} ENTRYPOINT")

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 
 if TYPE_CHECKING:
-    from sharding.index import IndexManifest
+    from sharding.manifest import IndexManifest
 
 _BUNDLED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 _SMALL_FILE = 16 * 2**20  # files up to this size are hashed whole; bigger ones by size, head and tail

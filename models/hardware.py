@@ -11,7 +11,7 @@ def resolve_device(device: Literal["auto", "cpu", "gpu", "cuda"] = "auto"):
 
     has_cuda = torch.cuda.is_available()
     if device in ("gpu", "cuda") and not has_cuda:
-        from configs.schema.base import RagtuneError
+        from configs.errors import RagtuneError
 
         raise RagtuneError(f"device = {device!r} but torch sees no CUDA GPU. Fix: use device auto or cpu")
     if device == "cpu" or not has_cuda:

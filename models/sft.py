@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 
 IGNORE = -100  # label of a token the loss does not count
 

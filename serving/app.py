@@ -72,7 +72,7 @@ def cluster_nodes() -> list[Any]:
 def plan_for(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> Any:
     """The placement of this config's deployments (``cluster.placement.ServePlan``)."""
     from cluster.placement import plan_serving
-    from sharding.index import read_index_manifest, resolve_index
+    from sharding.manifest import read_index_manifest, resolve_index
 
     manifest = read_index_manifest(resolve_index(cfg.index.path))
     s = cfg.shards
@@ -92,10 +92,10 @@ def plan_for(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> Any:
 def check_retrieval(cfg: ServeJobConfig) -> str:
     """``retrieval.mode`` against the index version served first: the mode it resolves to (auto: hybrid when the
     version has a lexical part, else dense); lexical or hybrid on a version without one is a RagtuneError."""
-    from configs.schema.base import RagtuneError
+    from configs.errors import RagtuneError
     from serving.rag import resolve_mode
     from serving.schemas import ApiError
-    from sharding.index import read_index_manifest, resolve_index
+    from sharding.manifest import read_index_manifest, resolve_index
 
     version = resolve_index(cfg.index.path)
     try:

@@ -31,7 +31,7 @@ KEEP_VERSIONS = 2  # versions a ShardSearcher replica keeps loaded: the current 
 
 def current_version(path: str) -> str:
     """The URI of the version folder an index path means now (its LATEST, or the folder itself)."""
-    from sharding.index import resolve_index
+    from sharding.manifest import resolve_index
 
     return resolve_index(path).uri
 
@@ -60,7 +60,7 @@ class Embedder:
         import torch
 
         from models.embedders import QueryEncoder
-        from sharding.index import read_index_manifest, resolve_index
+        from sharding.manifest import read_index_manifest, resolve_index
 
         torch.set_num_threads(threads)
         manifest = read_index_manifest(resolve_index(index_path))
@@ -226,9 +226,9 @@ class Retriever:
     def __init__(self, embedder: Any, searchers: list[Any], index_path: str, overfetch: int = 10,
                  retries_s: float = 20.0, poll_interval_s: float | None = None, max_candidates: int = 10_000,
                  mode: str = "auto", fusion: dict[str, Any] | None = None):
-        from configs.schema.base import RagtuneError
+        from configs.errors import RagtuneError
         from serving.rag import make_fusion, resolve_mode
-        from sharding.index import read_index_manifest, resolve_index
+        from sharding.manifest import read_index_manifest, resolve_index
 
         self.embedder, self.searchers = embedder, searchers
         self.path, self.overfetch, self.retries_s = index_path, overfetch, retries_s
@@ -248,7 +248,7 @@ class Retriever:
 
     def _docstore(self, version: str) -> Any:
         if version not in self.docstores:
-            from sharding.index import read_index_manifest
+            from sharding.manifest import read_index_manifest
             from sharding.search import open_docstore
             from sharding.storage import resolve
 
@@ -269,7 +269,7 @@ class Retriever:
     async def reload(self) -> dict[str, Any]:
         """Switch to the version LATEST names now, after every shard group has loaded it."""
         from serving.rag import resolve_mode
-        from sharding.index import read_index_manifest
+        from sharding.manifest import read_index_manifest
         from sharding.storage import resolve
 
         async with self.switching:

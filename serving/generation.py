@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 
 log = logging.getLogger("ragtune.serve")
 

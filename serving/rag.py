@@ -15,7 +15,6 @@ keep fewer than ``prompt.min_passage_tokens`` is dropped); a question that does 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.schemas import ApiError, Scalar
+from serving.schemas import ApiError
+from sharding.filters import matches, metadata_of
 
 if TYPE_CHECKING:
     from configs.schema.serve import GenerationDefaults, PromptConfig, ServeJobConfig
@@ -50,29 +50,6 @@ def widen_k(kk: int, k: int, found: int, filter: Mapping[str, Any] | None, ntota
     if not filter or found >= k or kk >= limit:
         return None
     return min(kk * 4, limit)
-
-
-def metadata_of(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The chunk's metadata as a dict (the docstore keeps it as JSON text)."""
-    meta = row.get("metadata")
-    if isinstance(meta, dict):
-        return meta
-    try:
-        value = json.loads(meta) if meta else {}
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def matches(row: Mapping[str, Any], filter: Mapping[str, Scalar | list[Scalar]]) -> bool:
-    """Equality filter: every key must hold the value (or one of a list of values). ``doc_id`` and ``title``
-    are the docstore's columns; any other key is looked up in the chunk's metadata."""
-    meta = metadata_of(row)
-    for key, want in filter.items():
-        value = row.get(key) if key in ("doc_id", "title") else meta.get(key)
-        if value not in (want if isinstance(want, list) else [want]):
-            return False
-    return True
 
 
 def passages_from(d: np.ndarray, i: np.ndarray, docstore: Any, k: int,
@@ -183,7 +160,7 @@ class LocalRetriever:
 
     def __init__(self, path: str, *, params: dict[str, int] | None = None, verify: bool = True, mmap: bool = True,
                  overfetch: int = 10, max_candidates: int = 10_000, mode: str = "auto", fusion: Any = None):
-        from configs.schema.base import RagtuneError
+        from configs.errors import RagtuneError
         from sharding.search import ShardedIndex
 
         self.index = ShardedIndex.open(path, verify=verify, mmap=mmap, params=params)

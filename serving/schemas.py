@@ -15,8 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from configs.schema.serve import LimitsConfig
-
-Scalar = str | int | float | bool
+from sharding.filters import Scalar
 
 
 class ApiError(Exception):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.ids import doc_id_from_content
 from sharding.storage import Location, resolve
 

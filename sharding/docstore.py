@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.storage import Location, atomic_write_bytes, exists, sha256_hex
 
 ROW_GROUP_ROWS = 512  # ~0.5 MB of paragraph text: one read per id looked up

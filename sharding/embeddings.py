@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.chunking import Chunker, embed_input
 from sharding.ids import chunk_id, hash64
 from sharding.storage import Location, atomic_write_bytes, exists, read_bytes, sha256_hex
@@ -227,3 +227,16 @@ def read_manifest(out: Location) -> EmbeddingManifest | None:
 def write_manifest(out: Location, manifest: EmbeddingManifest) -> None:
     manifest.updated_at = time.time()
     atomic_write_bytes(out.join(MANIFEST), manifest.model_dump_json(indent=2).encode())
+
+
+def read_part_table(emb: Location, record: PartRecord, columns: list[str] | None = None) -> pa.Table:
+    """One embedding part, read once and checked against the embeddings manifest's sha256."""
+    loc = emb.join(record.file)
+    if not exists(loc):
+        raise RagtuneError(f"{loc.uri}: listed in {MANIFEST} but missing. Fix: rerun `ragtune embed` with "
+                           "the same config to rebuild it")
+    data = read_bytes(loc)
+    if sha256_hex(data) != record.sha256:
+        raise RagtuneError(f"{loc.uri}: checksum mismatch (file changed or truncated). Fix: rerun `ragtune embed` "
+                           "with --overwrite")
+    return pq.read_table(io.BytesIO(data), columns=columns)

@@ -12,12 +12,11 @@ What a version written by ``ragtune index add|delete|compact`` holds, per shard 
 
 Rules: a new chunk goes to shard ``chunk_id % shards`` (ids are uniform hashes, so adds spread evenly; the
 shard count never changes, so serving's shard groups stay valid). A chunk id is live in at most one segment of
-one shard. FAISS vocabulary as in ``sharding.index``: ``xb`` vectors, ``ids`` chunk ids, ``d`` dimension.
+one shard. FAISS vocabulary as in ``sharding.faiss_index``: ``xb`` vectors, ``ids`` chunk ids, ``d`` dimension.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,25 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.docstore import Docstore, write_docstore
-from sharding.index import (
-    MANIFEST,
-    TRAINED,
-    DeltaRecord,
-    IndexManifest,
-    ShardRecord,
-    TombstoneRecord,
-    delta_docstore_name,
-    delta_name,
-    deserialize,
-    index_layers,
-    read_index_file,
-    serialize,
-    tombstone_name,
-    write_index_file,
-    write_tombstones,
-)
+from sharding.faiss_index import deserialize, index_layers, read_index_file, serialize, write_index_file
+from sharding.layout import MANIFEST, TRAINED, delta_docstore_name, delta_name, tombstone_name
 from sharding.lexical import (
     STATS_NAME,
     CorpusStats,
@@ -58,11 +42,14 @@ from sharding.lexical import (
     tokenizer,
     write_lexical_file,
 )
+from sharding.manifest import DeltaRecord, IndexManifest, ShardRecord, TombstoneRecord, write_tombstones
 from sharding.search import shard_segments
 from sharding.storage import Location, atomic_write_bytes, exists, read_bytes, sha256_hex
 
 log = logging.getLogger("ragtune.index")
 
+COMPACT_THRESHOLD = 0.10  # compact a shard whose delta + masked vectors exceed this share of its base
+COMPACT_MAX_DELTAS = 16  # ... or that has more deltas than this (each is one more search per query)
 DOC_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "metadata", "n_tokens"]
 
 
@@ -125,60 +112,6 @@ def by_segment(t: pa.Table) -> list[tuple[tuple[int, int], np.ndarray]]:
     ids, shard, seg = (t[c].to_numpy() for c in ("chunk_id", "shard", "seg"))
     keys = sorted(set(zip(shard.tolist(), seg.tolist(), strict=True)))
     return [((a, b), ids[(shard == a) & (seg == b)]) for a, b in keys]
-
-
-# --- where filters (ragtune index delete --where) -----------------------------------------------------------------
-
-def parse_where(items: Sequence[str]) -> dict[str, list[Any]]:
-    """``--where`` values -> {field: allowed values}. Each item is ``field=value`` (``value1,value2``: either)
-    or a JSON object ``{"field": value | [values]}`` (the serving API's ``filter``); items are ANDed. Fields are
-    ``doc_id``, ``title`` or a key of the documents' metadata. Values are YAML scalars (``year=2020`` is the
-    number 2020, ``year='2020'`` the string)."""
-    import yaml
-
-    out: dict[str, list[Any]] = {}
-    fix = ("Fix: write field=value (e.g. --where source=wiki, --where year=2020,2021) or a JSON object "
-           "(--where '{\"source\": [\"wiki\", \"news\"]}')")
-    for item in items:
-        text = item.strip()
-        if text.startswith("{"):
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise RagtuneError(f"--where {item!r}: not a JSON object ({e.msg}). {fix}") from None
-            if not isinstance(obj, dict) or not obj:
-                raise RagtuneError(f"--where {item!r}: an empty or non-object filter. {fix}")
-            for key, v in obj.items():
-                out.setdefault(str(key), []).extend(v if isinstance(v, list) else [v])
-            continue
-        key, sep, raw = text.partition("=")
-        if not sep or not key.strip() or not raw.strip():
-            raise RagtuneError(f"--where {item!r}: expected field=value. {fix}")
-        values = []
-        for part in raw.split(","):
-            try:
-                values.append(yaml.safe_load(part.strip()))
-            except yaml.YAMLError:
-                values.append(part.strip())
-        out.setdefault(key.strip(), []).extend(values)
-    if not out:
-        raise RagtuneError(f"--where: no condition given. {fix}")
-    return out
-
-
-def matches(row: dict[str, Any], where: dict[str, list[Any]]) -> bool:
-    """Every field holds one of its allowed values (doc_id and title are columns; the rest metadata keys)."""
-    meta: dict[str, Any] = {}
-    if any(k not in ("doc_id", "title") for k in where):
-        try:
-            meta = json.loads(row.get("metadata") or "{}")
-        except (TypeError, ValueError):
-            meta = {}
-    for key, allowed in where.items():
-        value = row.get(key) if key in ("doc_id", "title") else meta.get(key) if isinstance(meta, dict) else None
-        if value not in allowed:
-            return False
-    return True
 
 
 # --- planning an add ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.storage import Location, atomic_write_bytes, exists, info, read_bytes, sha256_hex
 
 LEXICAL_FORMAT = "ragtune.lexical/1"

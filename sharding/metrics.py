@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 
 Qrels = dict[str, dict[str, int]]
 

@@ -15,20 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.docstore import Docstore
-from sharding.index import (
-    MANIFEST,
-    REFINE_K_FACTOR,
-    IndexManifest,
-    index_layers,
-    mmap_flags,
-    read_index_file,
-    read_index_manifest,
-    resolve_index,
-)
+from sharding.faiss_index import index_layers, mmap_flags, read_index_file
+from sharding.layout import MANIFEST
 from sharding.lexical import LexicalShard, read_lexical_file, tokenizer
+from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
 from sharding.storage import Location
+
+REFINE_K_FACTOR = 16  # IVF-PQ + refine: re-rank k x 16 candidates on SQ8 codes (cheap next to the IVF scan)
 
 HNSW_EF = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
 RECALL_K = 10  # recall@RECALL_K is what index.target_recall means: the index job tunes on it, compaction re-measures it
@@ -152,7 +147,7 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.n
     """Brute-force top-k of ``xq`` in ``xb`` (row numbers as ids), by FAISS's own kernels."""
     import faiss
 
-    from sharding.index import faiss_metric
+    from sharding.faiss_index import faiss_metric
 
     k = min(k, len(xb))
     if k == 0:
@@ -302,7 +297,7 @@ def _without(D: np.ndarray, I: np.ndarray, dead: np.ndarray, k: int, metric: str
 
 def shard_segments(location: Location, manifest: IndexManifest, n: int, verify: bool = True) -> list[Segment]:
     """The segments of shard ``n`` (base, then deltas) with their tombstones read from disk."""
-    from sharding.index import read_tombstones
+    from sharding.manifest import read_tombstones
 
     rec = manifest.shards[n]
     if rec.tombstones is None:

@@ -68,7 +68,7 @@ def resolve(uri_or_path: str) -> Location:
 
 
 def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
-    from configs.schema.base import RagtuneError
+    from configs.errors import RagtuneError
 
     try:
         import fsspec

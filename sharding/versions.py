@@ -36,7 +36,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
+from sharding.layout import MANIFEST, PUBLISHED, root_relative, version_name
+from sharding.manifest import list_versions, manifest_files, read_index_manifest, read_latest
 from sharding.storage import (
     Location,
     atomic_write_bytes,
@@ -209,7 +211,6 @@ def version_states(root: Location) -> dict[str, str]:
     write it for the version LATEST names when they start, which covers a LATEST edited by hand). Versions
     written before freshness existed have no ``PUBLISHED`` and no history: they count as complete.
     """
-    from sharding.index import MANIFEST, PUBLISHED, list_versions, read_index_manifest, read_latest, version_name
 
     latest = read_latest(root)
     out = {}
@@ -233,7 +234,6 @@ def version_states(root: Location) -> dict[str, str]:
 def mark_latest_published(root: Location) -> None:
     """Write ``PUBLISHED`` into the version LATEST names, if missing (LATEST switched by hand). Writers call
     it under the lock before they start, so that a version LATEST named is never taken for abandoned."""
-    from sharding.index import MANIFEST, PUBLISHED, read_latest
 
     latest = read_latest(root)
     if latest and exists(root.join(latest, MANIFEST)) and not exists(root.join(latest, PUBLISHED)):
@@ -243,7 +243,6 @@ def mark_latest_published(root: Location) -> None:
 def next_version(root: Location) -> str:
     """The name of the next version folder: the highest number on disk + 1 (complete, collected or left by a
     writer that died: never reused, so no reader can mistake one for another). Call it under the writer lock."""
-    from sharding.index import version_name
 
     mark_latest_published(root)
     states = version_states(root)
@@ -272,7 +271,6 @@ def plan_gc(root: Location, keep_n: int, grace_s: float = GRACE_S, now: float | 
     """Decide what ``gc`` deletes: every complete version except the ``keep_n`` newest, the one ``LATEST``
     names, those with an unexpired lease and those superseded less than ``grace_s`` ago; of those, every file
     that no kept version's manifest names (files are shared between versions)."""
-    from sharding.index import MANIFEST, manifest_files, read_index_manifest, read_latest, root_relative
 
     if keep_n < 1:
         raise RagtuneError(f"--keep {keep_n}: gc keeps at least the newest version. Fix: --keep 1 or more")
@@ -314,7 +312,6 @@ def collect(root: Location, plan: GcPlan) -> None:
     """Carry out a plan (under the writer lock). Per version: a ``COLLECTED`` marker first, then its manifest
     goes (no reader can open it from then on), then its unshared files; a folder left empty is removed. A gc
     that dies midway leaves folders the next gc finishes."""
-    from sharding.index import MANIFEST
 
     for v in plan.delete:
         atomic_write_bytes(root.join(v, COLLECTED), json.dumps({"collected_at": time.time()}).encode())

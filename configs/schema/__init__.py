@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from configs.schema.base import ConfigError, Problem, RagtuneError, Section, load_config, validate
+from configs.schema.base import ConfigError, Problem, Section, load_config, validate
 from configs.schema.cluster import ClusterConfig
 from configs.schema.compare import CompareJobConfig
 from configs.schema.demo import DemoJobConfig
@@ -33,7 +33,6 @@ __all__ = [
     "FinetuneJobConfig",
     "IndexJobConfig",
     "Problem",
-    "RagtuneError",
     "Section",
     "ServeJobConfig",
     "load_config",

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from configs.errors import RagtuneError
+
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -24,10 +26,6 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class RagtuneError(Exception):
-    """An error the user can fix; the CLI prints its message without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,9 @@ class ConfigError(RagtuneError):
         lines = [f"{source}: {n} problem{'s' if n != 1 else ''}:"]
         lines += [f"  - {p}" for p in self.problems]
         super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ConfigError, (self.source, self.problems))
 
 
 class _Missing:

@@ -1,7 +1,7 @@
 import pytest
 
 from cluster.placement import NodeResources, default_num_parts, plan_embed_actors
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 
 
 def test_laptop_gets_one_single_thread_actor_per_core_and_leaves_a_cpu_for_reads():

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.placement import NodeResources, plan_serving, shard_groups
-from configs.schema import RagtuneError
+from configs.errors import RagtuneError
 
 
 @pytest.mark.parametrize("shards, groups", [(1, None), (3, None), (8, None), (20, None), (7, 3), (5, 5), (64, 6)])

@@ -3,8 +3,8 @@ import shlex
 import pytest
 
 from cluster import submit as cs
+from configs.errors import RagtuneError
 from configs.schema import EmbedJobConfig
-from configs.schema.base import RagtuneError
 
 
 def embed_cfg(corpus="docs/", out="/data/out"):

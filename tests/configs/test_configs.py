@@ -7,7 +7,7 @@ import pytest
 from configs import CONFIG_DIR
 from configs.schema import JOB_SCHEMAS, ConfigError, EmbedJobConfig, load_config
 from configs.schema.base import apply_overrides
-from jobs.cli import job_of
+from jobs.commands import job_of
 
 ALL_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name in JOB_SCHEMAS)
 

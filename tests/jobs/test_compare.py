@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from configs.schema import RagtuneError
+from configs.errors import RagtuneError
 from configs.schema.compare import CompareJobConfig, RaftConfig
 from configs.schema.serve import PromptConfig
 from jobs.compare import (

@@ -13,7 +13,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pytest
 
-from configs.schema import EmbedJobConfig, RagtuneError
+from configs.errors import RagtuneError
+from configs.schema import EmbedJobConfig
 from jobs.embed import check, run
 from sharding.chunking import Chunker, ChunkerSettings, embed_input
 from sharding.corpus import to_documents

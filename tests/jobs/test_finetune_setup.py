@@ -3,8 +3,8 @@
 import pytest
 
 from cluster.placement import NodeResources, plan_training
+from configs.errors import RagtuneError
 from configs.schema import ConfigError, FinetuneJobConfig, load_config
-from configs.schema.base import RagtuneError
 from jobs.finetune import apply_lora, check, deepspeed_config, lr_lambda
 from tests.conftest import REPO
 

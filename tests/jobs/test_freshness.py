@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from configs.schema import IndexJobConfig, RagtuneError
+from configs.errors import RagtuneError
+from configs.schema import IndexJobConfig
 from jobs.cli import main
 from jobs.freshness import add
 from jobs.index import run

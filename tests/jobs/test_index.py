@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from configs.schema import IndexJobConfig, RagtuneError
+from configs.errors import RagtuneError
+from configs.schema import IndexJobConfig
 from jobs.cli import main
 from jobs.index import check, run
 from jobs.search import evaluate_index

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from jobs.search import Reranker, search_texts
 from sharding.search import ShardedIndex
 from tests.sharding.test_lexical import build_with_texts, texts_for

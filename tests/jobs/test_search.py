@@ -2,10 +2,10 @@
 
 import pytest
 
-from configs.schema import RagtuneError
+from configs.errors import RagtuneError
 from jobs.search import _params
 from models.embedders import QueryEncoder, check_query_model
-from sharding.index import IndexManifest
+from sharding.manifest import IndexManifest
 
 
 def manifest(**model):

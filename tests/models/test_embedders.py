@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.embedders import QueryEncoder, load_sentence_transformer, plain_pipeline, resolve_embedder
-from sharding.index import IndexManifest
+from sharding.manifest import IndexManifest
 
 
 def manifest(spec, normalize=True):

@@ -1,6 +1,6 @@
 import pytest
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from models.sft import IGNORE, Example, encode_raw, encode_record, is_validation, pack, pad_batch, to_messages
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."},

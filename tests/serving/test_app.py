@@ -55,7 +55,7 @@ def served(ray_2_cpus, squad_retrieval, tmp_path_factory):
 
     from models.generators import TinySpec, build_tiny, load_model
     from serving.app import ServeAppArgs, build_app
-    from sharding.index import switch_latest
+    from sharding.manifest import switch_latest
     from sharding.storage import resolve
 
     work = tmp_path_factory.mktemp("serve")
@@ -169,7 +169,7 @@ def test_openai_client_chat_plain_and_streamed_with_citations(served, client):
 @pytest.mark.timeout(300)
 def test_embeddings_and_models(served, client):
     from models.embedders import QueryEncoder
-    from sharding.index import read_index_manifest, resolve_index
+    from sharding.manifest import read_index_manifest, resolve_index
 
     _, _, root, *_ = served
     models = {m.id for m in client.models.list().data}
@@ -527,7 +527,7 @@ def test_a_shard_searcher_replica_killed_under_traffic(served, reference):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_index_version_swap_under_traffic_fails_no_request(served, reference):
-    from sharding.index import switch_latest
+    from sharding.manifest import switch_latest
     from sharding.storage import resolve
 
     url, _, root, probe, rows = served
@@ -564,7 +564,7 @@ def test_a_version_without_a_lexical_part_serves_dense_under_auto_and_refuses_le
     import shutil
 
     from serving.rag import LocalRetriever
-    from sharding.index import read_index_manifest, switch_latest, write_index_manifest
+    from sharding.manifest import read_index_manifest, switch_latest, write_index_manifest
     from sharding.storage import resolve
 
     url, _, root, probe, _ = served
@@ -597,7 +597,7 @@ def test_add_and_delete_under_traffic_fail_no_request_and_gc_keeps_the_leased_ve
     and gc keeps the version the replicas still lease (besides LATEST)."""
     from jobs import freshness
     from sharding.freshness import live_ids
-    from sharding.index import read_index_manifest, switch_latest
+    from sharding.manifest import read_index_manifest, switch_latest
     from sharding.storage import resolve
 
     url, _, root, _, rows = served

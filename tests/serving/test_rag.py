@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs.schema.serve import GenerationDefaults, LimitsConfig, PromptConfig, RetrievalConfig, ServeJobConfig
-from serving.rag import build_prompt, matches, passages_from, render, sampling_params, search_k, widen_k
+from serving.rag import build_prompt, passages_from, render, sampling_params, search_k, widen_k
 from serving.schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -20,6 +20,7 @@ from serving.schemas import (
     check_search,
     find_api_error,
 )
+from sharding.filters import matches
 from sharding.search import exact_knn, merge_topk
 
 CFG = PromptConfig()
@@ -234,7 +235,7 @@ def build_texts_version(root, texts, num_shards, lexical=True):
     import pyarrow as pa
 
     from sharding.docstore import write_docstore
-    from sharding.index import read_index_manifest, write_index_manifest
+    from sharding.manifest import read_index_manifest, write_index_manifest
     from tests.sharding.test_index import build_version, chunk_ids, normalized
     from tests.sharding.test_lexical import add_lexical
 
@@ -338,10 +339,10 @@ def test_local_retriever_answers_every_mode_with_filters_as_one_search(texts_ind
 
 
 def test_auto_mode_and_an_index_without_a_lexical_part(texts_index, tmp_path, monkeypatch):
-    from configs.schema.base import RagtuneError
+    from configs.errors import RagtuneError
     from serving.app import ServeAppArgs, build_app, check_retrieval
     from serving.rag import LocalRetriever, resolve_mode
-    from sharding.index import read_index_manifest, resolve_index
+    from sharding.manifest import read_index_manifest, resolve_index
 
     with_lex = read_index_manifest(resolve_index(texts_index["path"]))
     without = read_index_manifest(resolve_index(texts_index["dense_only"]))
@@ -374,7 +375,7 @@ def test_a_reload_to_a_version_without_a_lexical_part_is_refused_when_the_mode_n
     import shutil
 
     from serving.deployments import Retriever
-    from sharding.index import read_index_manifest, switch_latest, write_index_manifest
+    from sharding.manifest import read_index_manifest, switch_latest, write_index_manifest
     from sharding.storage import resolve
     from tests.sharding.test_lexical import texts_for
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.docstore import ROW_GROUP_ROWS, Docstore, write_docstore
 from sharding.storage import resolve
 

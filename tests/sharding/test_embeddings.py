@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.chunking import Chunker, ChunkerSettings
 from sharding.embeddings import (
     CHUNK_SCHEMA,

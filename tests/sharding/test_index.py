@@ -8,34 +8,26 @@ import pyarrow as pa
 import pytest
 from faiss.contrib.datasets import SyntheticDataset
 
-from configs.schema.base import RagtuneError
-from sharding.docstore import write_docstore
-from sharding.index import (
+from configs.errors import RagtuneError
+from sharding.choice import (
     HNSW_MAX_VECTORS,
-    LATEST,
-    IndexManifest,
-    ShardBuilder,
-    ShardRecord,
     choose_index,
     default_num_shards,
-    docstore_name,
-    effective_factory,
     estimate_bytes,
     explicit_choice,
-    list_versions,
-    new_index,
     nlist_for,
-    plan_shards,
     pq_sizes,
+)
+from sharding.docstore import write_docstore
+from sharding.faiss_index import ShardBuilder, effective_factory, new_index, serialize, train_index, write_index_file
+from sharding.layout import LATEST, docstore_name, plan_shards, sample_rows, shard_name, version_name
+from sharding.manifest import (
+    IndexManifest,
+    ShardRecord,
+    list_versions,
     read_index_manifest,
     resolve_index,
-    sample_rows,
-    serialize,
-    shard_name,
     switch_latest,
-    train_index,
-    version_name,
-    write_index_file,
     write_index_manifest,
 )
 from sharding.search import (

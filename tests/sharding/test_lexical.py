@@ -7,8 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from configs.schema.base import RagtuneError
-from sharding.index import read_index_manifest, write_index_manifest
+from configs.errors import RagtuneError
 from sharding.lexical import (
     CorpusStats,
     LexicalManifest,
@@ -20,6 +19,7 @@ from sharding.lexical import (
     tokenizer,
     write_lexical_file,
 )
+from sharding.manifest import read_index_manifest, write_index_manifest
 from sharding.search import (
     Fusion,
     ShardedIndex,

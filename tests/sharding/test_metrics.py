@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.metrics import (
     evaluate,
     exact_match,

@@ -1,6 +1,6 @@
 import pytest
 
-from configs.schema.base import RagtuneError
+from configs.errors import RagtuneError
 from sharding.storage import atomic_write_bytes, exists, list_dir, makedirs, read_bytes, resolve
 
 

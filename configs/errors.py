@@ -1,0 +1,65 @@
+"""The errors a user can fix, for every layer: :class:`RagtuneError` and the kinds the HTTP API tells apart.
+
+Every floor raises these, and none below the serving Ingress knows HTTP: the Ingress maps a kind to a status
+(``serving.ingress``), the CLI prints the message without a traceback (``jobs.cli``). A ``RagtuneError`` that is
+none of the kinds is a problem with the installation or the data (a missing shard, a checksum mismatch): the
+CLI prints it, the Ingress answers 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RagtuneError(Exception):
+    """An error the user can fix; the message names the field, the value and the fix.
+
+    Args:
+        message: what is wrong and how to fix it.
+        param: the request or config field at fault, when there is one (the HTTP error body's ``param``).
+        code: a short machine-readable reason (the HTTP error body's ``code``), e.g. ``context_length_exceeded``.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+    def __reduce__(self) -> tuple[Any, ...]:  # param and code survive Ray's pickling of exceptions
+        return (_rebuild, (type(self), self.message, self.param, self.code))
+
+
+def _rebuild(cls: type[RagtuneError], message: str, param: str | None, code: str | None) -> RagtuneError:
+    return cls(message, param=param, code=code)
+
+
+class InvalidRequest(RagtuneError):
+    """A request that cannot be answered as it stands: bad or too large input (HTTP 400)."""
+
+
+class NotFound(RagtuneError):
+    """A request for something that is not served, e.g. an unknown model or adapter (HTTP 404)."""
+
+
+class Conflict(RagtuneError):
+    """A change the running service refuses in its present state, e.g. an index version it cannot switch to
+    (HTTP 409)."""
+
+
+class Unavailable(RagtuneError):
+    """A part of the service did not answer in time; the same request may succeed later (HTTP 503)."""
+
+
+def user_error(e: BaseException) -> RagtuneError | None:
+    """The RagtuneError behind an exception, looking through Ray's wrappers (``RayTaskError`` keeps the original
+    exception in ``cause``) and chained exceptions; None when there is none."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cause = getattr(cur, "cause", None)
+        if isinstance(cause, RagtuneError):
+            return cause
+        if isinstance(cur, RagtuneError) and cause is None:
+            return cur
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    return None

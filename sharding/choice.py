@@ -1,0 +1,177 @@
+"""The automatic index choice: Flat, HNSW, IVF-Flat or IVF-PQ from the number of vectors, their dimension and a
+memory budget, with the reason; and how many shards to build (docs/index.md, "The automatic choice")."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from configs.errors import RagtuneError
+
+# Defaults of the automatic choice (docs/index.md explains each).
+SHARD_VECTORS = 2_000_000  # one shard per this many vectors when index.shards is null
+HNSW_MAX_VECTORS = 10_000_000  # beyond this, HNSW builds take hours per shard: IVF trains once and adds fast
+TRAIN_PER_LIST = 50  # training vectors per IVF list (FAISS warns below 39)
+PQ_TRAIN_MIN = 10_000  # PQ codebooks have 256 centroids: 39 x 256 points at least
+IDMAP2_BYTES = 56  # per vector: the int64 id + its entry in IndexIDMap2's reverse map (measured)
+GPU_PQ_SUBDIMS = {1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32}  # d / m that faiss GPU IVF-PQ supports
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """Which index to build and why."""
+
+    factory: str  # FAISS factory string (IDMap2 is added at build time where the kind keeps no ids)
+    kind: str  # flat | hnsw | ivf_flat | ivf_pq | custom
+    reason: str
+    est_bytes: int | None  # estimated memory of the whole index once loaded; None for custom strings
+    train_size: int  # vectors to train on; 0 = the index needs no training
+
+
+def nlist_for(nb: int, train_sample: int | None = None) -> int:
+    """IVF lists: the power of two at or below 4 * sqrt(nb) (FAISS's guideline is 4-16 x sqrt(nb)), and at
+    most what ``train_sample`` vectors can train (39 per list)."""
+    n = 2 ** max(4, int(math.floor(math.log2(max(4 * math.sqrt(nb), 16)))))
+    limit = min(nb, train_sample) if train_sample else nb
+    while n > 16 and 39 * n > limit:
+        n //= 2
+    return n
+
+
+def pq_sizes(d: int, use_gpu: bool = False) -> list[int]:
+    """Bytes per vector (PQ sub-quantizers m, 8 bits each) that divide ``d``, largest first."""
+    sizes = [m for m in range(min(96, d // 2), 3, -1) if d % m == 0]
+    if use_gpu:
+        sizes = [m for m in sizes if d // m in GPU_PQ_SUBDIMS]
+    return sizes
+
+
+def estimate_bytes(kind: str, nb: int, d: int, *, M: int = 32, nlist: int = 0, m: int = 0,
+                   refine: bool = False) -> int:
+    """Memory of an index once loaded (as autofaiss estimates it: codes + ids + coarse quantizer).
+
+    Building can take up to ~1.5x of one shard while inverted lists grow.
+    """
+    quantizer = nlist * 4 * d + (nlist * 9 * 32 if nlist >= 65536 else 0)
+    if kind == "flat":
+        return nb * (4 * d + IDMAP2_BYTES)
+    if kind == "hnsw":
+        return nb * (4 * d + 9 * M + IDMAP2_BYTES)  # level 0 keeps 2M links of 4 bytes, upper levels ~M/8
+    if kind == "ivf_flat":
+        return nb * (4 * d + 8) + quantizer
+    if kind == "ivf_pq":
+        per = m + 8 + (d + IDMAP2_BYTES if refine else 0)
+        return nb * per + quantizer + 256 * 4 * d
+    raise ValueError(f"unknown index kind {kind!r}")
+
+
+def _ivf(nlist: int, use_gpu: bool) -> str:
+    # a flat coarse quantizer compares every query with every list; past 64k lists a graph is cheaper (CPU)
+    return f"IVF{nlist}_HNSW32" if nlist >= 65536 and not use_gpu else f"IVF{nlist}"
+
+
+def _train_size(nb: int, nlist: int, pq: bool, train_sample: int | None) -> int:
+    want = train_sample if train_sample else max(TRAIN_PER_LIST * nlist, PQ_TRAIN_MIN if pq else 0)
+    return min(nb, want)
+
+
+def choose_index(nb: int, d: int, max_memory: int, *, use_gpu: bool = False, exact_below: int = 10_000,
+                 train_sample: int | None = None) -> IndexChoice:
+    """Pick Flat / HNSW / IVF-Flat / IVF-PQ (+ refinement) from size, dimension and a memory budget.
+
+    Rules, in order (after autofaiss's ``get_optimal_index_keys_v2``, with an exact tier first):
+
+    1. fewer than ``exact_below`` vectors: Flat (exact; fast enough, nothing to tune);
+    2. CPU, at most 10M vectors: HNSW32 (else HNSW16) if it fits: the fastest at high recall, no training;
+    3. IVF-Flat if it fits (GPUs: the first choice, faiss has no GPU HNSW): exact distances in the lists;
+    4. IVF-PQ with SQ8 refinement if it fits: PQ codes scan fast, the refinement restores the top ranks;
+    5. IVF-PQ with the largest code that fits;
+    (PQ codes are trained without polysemous training, ``np``: it is only used by Hamming-threshold search)
+    6. nothing fits: a RagtuneError that says how much memory the smallest index needs.
+
+    Args:
+        nb: vectors to index.
+        d: their dimension.
+        max_memory: bytes the whole index may take in RAM on one node.
+        use_gpu: the build runs on GPUs (HNSW is skipped: faiss has no GPU HNSW).
+        exact_below: rule 1's threshold.
+        train_sample: vectors available for training, when the user fixed it (limits the IVF lists).
+    """
+    budget = human_bytes(max_memory)
+    flat = estimate_bytes("flat", nb, d)
+    if nb < exact_below and flat <= max_memory:
+        return IndexChoice("Flat", "flat", f"{nb:,} vectors < index.exact_below ({exact_below:,}): exact search is "
+                           f"fast enough and needs no tuning ({human_bytes(flat)} <= {budget})", flat, 0)
+    why_not_hnsw = "the build runs on GPUs (faiss has no GPU HNSW)" if use_gpu else ""
+    if not use_gpu and nb > HNSW_MAX_VECTORS:
+        why_not_hnsw = f"{nb:,} vectors > {HNSW_MAX_VECTORS:,} (HNSW would take hours to build per shard)"
+    if not why_not_hnsw:
+        for M in (32, 16):
+            est = estimate_bytes("hnsw", nb, d, M=M)
+            if est <= max_memory:
+                return IndexChoice(f"HNSW{M}", "hnsw", f"HNSW{M} fits the budget ({human_bytes(est)} <= {budget}): "
+                                   "the fastest kind on CPU at high recall, no training", est, 0)
+        why_not_hnsw = f"HNSW16 needs {human_bytes(estimate_bytes('hnsw', nb, d, M=16))} > {budget}"
+    nlist = nlist_for(nb, train_sample)
+    est = estimate_bytes("ivf_flat", nb, d, nlist=nlist)
+    if est <= max_memory:
+        return IndexChoice(f"{_ivf(nlist, use_gpu)},Flat", "ivf_flat",
+                           f"{why_not_hnsw}; IVF{nlist}-Flat fits ({human_bytes(est)} <= {budget}): exact distances "
+                           "inside the probed lists", est, _train_size(nb, nlist, False, train_sample))
+    why_not_flat = f"IVF-Flat needs {human_bytes(est)} > {budget}"
+    sizes = pq_sizes(d, use_gpu)
+    if not sizes:
+        raise RagtuneError(f"d = {d} has no divisor usable as a PQ code size and IVF-Flat needs {human_bytes(est)} > "
+                           f"index.max_memory = {budget}. Fix: raise index.max_memory, or set index.kind to a "
+                           f"factory string such as IVF{nlist},SQ8")
+    refined = [m for m in sizes if d // m >= 8] or sizes[-1:]  # ~8 dims per code byte: fast, refinement fixes the rest
+    m = refined[0]
+    est = estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=m, refine=True)
+    if est <= max_memory:
+        return IndexChoice(f"{_ivf(nlist, use_gpu)},PQ{m}np,Refine(SQ8)", "ivf_pq",
+                           f"{why_not_hnsw}; {why_not_flat}; IVF-PQ{m} with SQ8 refinement fits ({human_bytes(est)} "
+                           f"<= {budget}): PQ scans fast, re-ranking on 8-bit codes restores recall", est,
+                           _train_size(nb, nlist, True, train_sample))
+    for m in sizes:
+        est = estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=m)
+        if est <= max_memory:
+            return IndexChoice(f"{_ivf(nlist, use_gpu)},PQ{m}np", "ivf_pq",
+                               f"{why_not_hnsw}; {why_not_flat}; refinement codes do not fit; IVF-PQ{m} is the "
+                               f"largest code that fits ({human_bytes(est)} <= {budget}); recall may stay below "
+                               "the target", est, _train_size(nb, nlist, True, train_sample))
+    smallest = estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=sizes[-1])
+    raise RagtuneError(f"no index kind fits index.max_memory = {budget} for {nb:,} vectors of d = {d}: the smallest, "
+                       f"IVF{nlist},PQ{sizes[-1]}, needs about {human_bytes(smallest)}. Fix: raise index.max_memory to "
+                       f"at least {human_bytes(smallest * 1.1)}")
+
+
+def explicit_choice(factory: str, nb: int, d: int, train_sample: int | None = None) -> IndexChoice:
+    """An index the user named with a factory string: classify it and size its training sample."""
+    ivf = re.search(r"IVF(\d+)", factory)
+    pq = bool(re.search(r"PQ\d", factory))
+    if ivf:
+        nlist = int(ivf.group(1))
+        kind = "ivf_pq" if pq else "ivf_flat" if re.search(r"IVF\d+(_\w+)?,Flat", factory) else "custom"
+        train = _train_size(nb, nlist, pq, train_sample)
+    else:
+        kind = "flat" if factory == "Flat" else "hnsw" if factory.startswith("HNSW") else "custom"
+        train = min(nb, train_sample or max(PQ_TRAIN_MIN, 10_000))  # used only if the index needs training
+    return IndexChoice(factory, kind, f"given as index.kind = {factory!r}", None, train)
+
+
+def default_num_shards(nb: int, est_bytes: int | None = None, gpu_memory: int | None = None) -> int:
+    """One shard per 2M vectors; on GPUs also enough shards that each fits one device."""
+    n = max(1, math.ceil(nb / SHARD_VECTORS))
+    if gpu_memory and est_bytes:
+        n = max(n, math.ceil(est_bytes / gpu_memory))
+    return min(n, nb)
+
