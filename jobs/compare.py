@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.errors import RagtuneError
+from configs.errors import InvalidRequest, RagtuneError
 from configs.schema.compare import SYSTEMS, CompareJobConfig, RaftConfig
 from configs.schema.serve import PromptConfig
 from jobs.commands import job_main
@@ -158,7 +158,7 @@ def raft_records(qas: Sequence[QA], retrieved: Mapping[str, Sequence[Mapping[str
     Returns:
         Chat records; ``raft`` says whether the gold passage is in it (after fitting) and which distractors are.
     """
-    from serving.rag import rag_messages
+    from models.prompt import rag_messages
 
     n = cfg.distractors if cfg.distractors is not None else k - 1
     rng = random.Random(seed)
@@ -188,8 +188,7 @@ def passage_fit(base: str, prompt: PromptConfig, max_length: int) -> PassageFit:
     own rule (:func:`serving.rag.build_prompt`: the last passage is cut by tokens, or dropped when too little of
     it would remain), leaving room for the answer, so that no record loses its answer to truncation."""
     from models.generators import load_tokenizer
-    from serving.rag import build_prompt
-    from serving.schemas import ApiError
+    from models.prompt import build_prompt
 
     tok = load_tokenizer(base)
 
@@ -197,7 +196,7 @@ def passage_fit(base: str, prompt: PromptConfig, max_length: int) -> PassageFit:
         room = len(tok(answer, add_special_tokens=False)["input_ids"]) + 8  # the answer, the template's end
         try:
             p = build_prompt(tok, [{"role": "user", "content": question}], passages, prompt, max_length, room)
-        except ApiError:
+        except InvalidRequest:
             raise RagtuneError(f"finetune.max_length = {max_length}: the question {question[:60]!r} and its answer "
                                "do not fit even without passages. Fix: raise finetune.max_length") from None
         return [{k: v for k, v in x.items() if k != "n"} for x in p.passages]

@@ -64,7 +64,7 @@ def reader_records(practice: World, prompt: PromptConfig, per_passage: int, seed
     """Chat records that teach reading: a person's document as passage [1] in the serving app's prompt, a
     question about it, its answer; then up to ``per_passage - 1`` more questions about the same document as
     further turns (more answers to learn from per token of passage). One record per person."""
-    from serving.rag import rag_messages
+    from models.prompt import rag_messages
 
     rng = random.Random(seed)
     records = []

@@ -91,17 +91,13 @@ def plan_for(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> Any:
 
 def check_retrieval(cfg: ServeJobConfig) -> str:
     """``retrieval.mode`` against the index version served first: the mode it resolves to (auto: hybrid when the
-    version has a lexical part, else dense); lexical or hybrid on a version without one is a RagtuneError."""
-    from configs.errors import RagtuneError
+    version has a lexical part, else dense); lexical or hybrid on a version without one is an InvalidRequest that
+    names retrieval.mode."""
     from serving.rag import resolve_mode
-    from serving.schemas import ApiError
     from sharding.manifest import read_index_manifest, resolve_index
 
     version = resolve_index(cfg.index.path)
-    try:
-        return resolve_mode(cfg.retrieval.mode, read_index_manifest(version), version.uri, "retrieval.mode")
-    except ApiError as e:
-        raise RagtuneError(e.message) from None
+    return resolve_mode(cfg.retrieval.mode, read_index_manifest(version), version.uri, "retrieval.mode")
 
 
 def _actor_options(r: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from serving.schemas import ApiError
+from configs.errors import Conflict, InvalidRequest, NotFound, Unavailable
 
 log = logging.getLogger("ragtune.serve")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -226,7 +226,6 @@ class Retriever:
     def __init__(self, embedder: Any, searchers: list[Any], index_path: str, overfetch: int = 10,
                  retries_s: float = 20.0, poll_interval_s: float | None = None, max_candidates: int = 10_000,
                  mode: str = "auto", fusion: dict[str, Any] | None = None):
-        from configs.errors import RagtuneError
         from serving.rag import make_fusion, resolve_mode
         from sharding.manifest import read_index_manifest, resolve_index
 
@@ -236,10 +235,7 @@ class Retriever:
         self.version = current_version(index_path)
         self.manifests = {self.version: read_index_manifest(resolve_index(self.version))}
         self.mode, self.fusion = mode, make_fusion(fusion)  # retrieval.mode and .fusion; requests override them
-        try:
-            resolve_mode(mode, self.manifests[self.version], self.version, "retrieval.mode")
-        except ApiError as e:
-            raise RagtuneError(e.message) from None
+        resolve_mode(mode, self.manifests[self.version], self.version, "retrieval.mode")
         self.docstores: OrderedDict[str, Any] = OrderedDict()
         self.poll_interval_s = poll_interval_s
         self.poller: asyncio.Task | None = None
@@ -280,14 +276,14 @@ class Retriever:
             manifest = read_index_manifest(resolve(new))
             try:  # retrieval.mode lexical or hybrid and a version without BM25 shards: keep serving the old one
                 resolve_mode(self.mode, manifest, new, "retrieval.mode")
-            except ApiError as e:
-                raise ApiError(409, f"not switching to it: {e.message}", param=None, code=e.code) from None
+            except InvalidRequest as e:
+                raise Conflict(f"not switching to it: {e.message}", code=e.code) from None
             deadline = time.monotonic() + max(self.retries_s, 60)
             groups = await asyncio.gather(*(self._call(h, "prepare", deadline, new) for h in self.searchers))
             covered = sorted(s for g in groups for s in g)
             if covered != list(range(len(manifest.shards))):
-                raise ApiError(409, f"{new}: has {len(manifest.shards)} shards but the shard groups serve {covered}: "
-                                    "a version with another shard count needs a new deployment (ragtune serve)",
+                raise Conflict(f"{new}: has {len(manifest.shards)} shards but the shard groups serve {covered}: "
+                               "a version with another shard count needs a new deployment (ragtune serve)",
                                code="shard_count_changed")
             self._docstore_for(new, manifest)
             self.version = new
@@ -306,8 +302,8 @@ class Retriever:
                 return await getattr(handle, method).remote(*args)
             except self.retry_errors as e:
                 if time.monotonic() + delay > deadline:
-                    raise ApiError(503, f"a shard group did not answer in time ({type(e).__name__}); retry later",
-                                   code="shard_unavailable") from None
+                    raise Unavailable(f"a shard group did not answer in time ({type(e).__name__}); retry later",
+                                      code="shard_unavailable") from None
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
 
@@ -413,7 +409,7 @@ class Generator:
 
     async def _load_adapter(self, name: str) -> _Adapter:
         if name not in self.adapter_paths:
-            raise ApiError(404, f"model {name!r} is not served", param="model", code="model_not_found")
+            raise NotFound(f"model {name!r} is not served", param="model", code="model_not_found")
         await asyncio.to_thread(self.decoder.add_adapter, name, self.adapter_paths[name])
         return _Adapter(self, name)
 
@@ -455,8 +451,8 @@ class Generator:
                 self.in_use[adapter] -= 1
 
     async def _prepare(self, kind: str, payload: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        from models.prompt import build_prompt, completion_prompt
         from serving.generation import GenRequest, SamplingParams
-        from serving.rag import build_prompt, completion_prompt
 
         model_id = serve.get_multiplexed_model_id()
         adapter = None

@@ -20,7 +20,6 @@ limits all get the same 400 shape.
 
 import asyncio
 import base64
-import ipaddress
 import json
 import logging
 import time
@@ -35,10 +34,10 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from configs.schema.serve import ServeJobConfig
+from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable, user_error
+from configs.schema.serve import ServeJobConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
 from serving.schemas import (
-    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -49,12 +48,48 @@ from serving.schemas import (
     check_embeddings,
     check_search,
     error_body,
-    find_api_error,
 )
 
 log = logging.getLogger("ragtune.serve")
 
 app = FastAPI(title="ragtune", docs_url=None, redoc_url=None, openapi_url=None)
+
+# The HTTP status of each kind of error the answering path raises (configs.errors). Any other exception, a
+# RagtuneError of no kind included (a missing shard, a checksum mismatch), is a 500.
+STATUS: dict[type[RagtuneError], int] = {InvalidRequest: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
+
+
+class ApiError(Exception):
+    """An error answered with ``status`` and OpenAI's error body; the Ingress raises it, or makes it from an error
+    of the answering path (:func:`api_error`)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                             429: "rate_limit_error", 503: "server_error", 504: "timeout"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def api_error(e: BaseException) -> ApiError | None:
+    """The HTTP error an exception is answered with: an ApiError raised here, or an error of the answering path
+    of a kind in ``STATUS`` (also behind Ray's wrappers); None for anything else (a 500)."""
+    cur: BaseException | None = e
+    seen: set[int] = set()
+    while cur is not None and id(cur) not in seen:  # an ApiError raised by this Ingress, possibly chained
+        seen.add(id(cur))
+        if isinstance(cur, ApiError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    err = user_error(e)
+    status = next((code for kind, code in STATUS.items() if isinstance(err, kind)), None)
+    if err is None or status is None:
+        return None
+    return ApiError(status, err.message, param=err.param, code=err.code)
 
 
 @app.exception_handler(ApiError)
@@ -67,15 +102,6 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error",
                                    None, code), status_code=e.status_code)
-
-
-def _loopback(host: str | None) -> bool:
-    if host in (None, "", "localhost", "testclient"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
@@ -128,7 +154,8 @@ class Ingress:
 
     def _auth(self, request: Request) -> None:
         if not self.keys:
-            if not _loopback(request.client.host if request.client else None):
+            host = request.client.host if request.client else None
+            if host and not is_loopback(host):  # no client address: a local transport
                 raise ApiError(401, "this server has no API keys configured and answers only on 127.0.0.1",
                                code="invalid_api_key")
             return
@@ -180,7 +207,7 @@ class Ingress:
             raise ApiError(504, f"the request took longer than {self.limits.request_timeout_s:g}s "
                                 "(limits.request_timeout_s)", code="timeout") from None
         except Exception as e:
-            api = find_api_error(e)
+            api = api_error(e)
             status = api.status if api else 500
             if api is None:
                 log.exception("%s failed", route)
@@ -403,7 +430,7 @@ class Ingress:
                                 "text_completion", "created": created, "model": req.model, "choices": [],
                                 "usage": usage})
             except Exception as e:  # the status line is sent: report in the stream, as OpenAI does
-                api = find_api_error(e)
+                api = api_error(e)
                 if isinstance(e, TimeoutError):
                     api = ApiError(504, f"the stream took longer than {self.limits.request_timeout_s:g}s "
                                         "(limits.request_timeout_s)", code="timeout")

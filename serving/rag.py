@@ -1,32 +1,26 @@
 """The answering path, one set of functions: retrieve -> build the prompt -> generate.
 
 The Serve deployments call these functions (the ShardSearchers: ``group_rankings``; the Retriever:
-``resolve_mode``, ``search_k``, ``combine``, ``passages_from``; the Generator:
-``build_prompt``, ``sampling_params`` and ``serving.generation``), and :class:`RagPipeline` chains the same
-functions in one process without Serve (``ragtune ask --in-process``, the compare job), so what is measured is
-what is served (DESIGN.md).
-
-Prompt assembly: with retrieval, the passages are numbered ``[1]..[k]`` in rank order and put with the question
-into the last user message (``prompt.context``), after a system message (``prompt.system``) when the request has
-none; the tokenizer's chat template then renders the conversation. When the prompt and ``max_tokens`` do not fit
-the model's context, older turns go first, then passages are cut from the lowest rank up (a passage that would
-keep fewer than ``prompt.min_passage_tokens`` is dropped); a question that does not fit alone is a 400.
+``resolve_mode``, ``search_k``, ``combine``, ``passages_from``; the Generator: ``models.prompt.build_prompt``,
+``sampling_params`` and ``serving.generation``), and :class:`RagPipeline` chains the same functions in one
+process without Serve (``ragtune ask --config``, the compare job), so what is measured is what is served
+(DESIGN.md). The prompt itself, and how it is fitted to the model's context, is ``models.prompt``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.schemas import ApiError
+from configs.errors import InvalidRequest, NotFound
+from models.prompt import build_prompt
 from sharding.filters import matches, metadata_of
 
 if TYPE_CHECKING:
-    from configs.schema.serve import GenerationDefaults, PromptConfig, ServeJobConfig
+    from configs.schema.serve import GenerationDefaults, ServeJobConfig
     from serving.generation import SamplingParams
 
 log = logging.getLogger("ragtune.serve")
@@ -82,20 +76,20 @@ def resolve_mode(mode: str, manifest: Any, where: str, field: str = "mode") -> s
     """The search mode for one index version: ``auto`` = hybrid when the version has a lexical part, else dense.
 
     Raises:
-        ApiError: 400 ``lexical_unavailable`` when lexical or hybrid is asked of a version without a lexical part
-        (callers that check a config turn it into a RagtuneError or a 409).
+        InvalidRequest: ``lexical_unavailable`` when lexical or hybrid is asked of a version without a lexical
+        part (a request's 400; at start-up, the config's error; the Retriever's reload turns it into a Conflict).
     """
     has_lexical = manifest.lexical is not None
     if mode == "auto":
         return "hybrid" if has_lexical else "dense"
     if mode not in RANKINGS:
-        raise ApiError(400, f"{field} = {mode!r} is not a search mode. Fix: use one of auto, dense, lexical, hybrid",
-                       param=field, code="invalid_mode")
+        raise InvalidRequest(f"{field} = {mode!r} is not a search mode. Fix: use one of auto, dense, lexical, hybrid",
+                             param=field, code="invalid_mode")
     if mode != "dense" and not has_lexical:
-        raise ApiError(400, f"{field} = {mode!r} needs a lexical (BM25) part, but index version {where} has none "
+        raise InvalidRequest(f"{field} = {mode!r} needs a lexical (BM25) part, but index version {where} has none "
                             "(built with index.lexical.enabled false, or before hybrid search existed). Fix: use mode "
                             "dense or auto, or rebuild the index with `ragtune index`",
-                       param=field, code="lexical_unavailable")
+                             param=field, code="lexical_unavailable")
     return mode
 
 
@@ -160,16 +154,12 @@ class LocalRetriever:
 
     def __init__(self, path: str, *, params: dict[str, int] | None = None, verify: bool = True, mmap: bool = True,
                  overfetch: int = 10, max_candidates: int = 10_000, mode: str = "auto", fusion: Any = None):
-        from configs.errors import RagtuneError
         from sharding.search import ShardedIndex
 
         self.index = ShardedIndex.open(path, verify=verify, mmap=mmap, params=params)
         self.docstore = self.index.docstore()
         self.overfetch, self.max_candidates = overfetch, max_candidates
-        try:
-            resolved = resolve_mode(mode, self.index.manifest, self.index.location.uri, "retrieval.mode")
-        except ApiError as e:
-            raise RagtuneError(e.message) from None
+        resolved = resolve_mode(mode, self.index.manifest, self.index.location.uri, "retrieval.mode")
         self.mode, self.fusion = mode, make_fusion(fusion)
         if resolved != "dense":
             self.index.lexical_shards()  # load (and check) the BM25 shards now, not in the first request
@@ -198,96 +188,7 @@ class LocalRetriever:
         return passages
 
 
-# --- prompt -----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Prompt:
-    """A rendered prompt and what went into it."""
-
-    ids: list[int]
-    passages: list[dict[str, Any]]  # the passages in the prompt, numbered as cited (``n``); text possibly cut
-    dropped_passages: int = 0
-    dropped_turns: int = 0
-    text: str = field(default="", repr=False)
-
-
-def format_passages(passages: Sequence[Mapping[str, Any]], cfg: PromptConfig) -> str:
-    return cfg.separator.join(
-        cfg.passage.format(n=n, title=p.get("title") or "", text=p.get("text") or "", doc_id=p.get("doc_id") or "",
-                           score=p.get("score", "")).strip()
-        for n, p in enumerate(passages, 1))
-
-
-def rag_messages(messages: Sequence[Mapping[str, str]], passages: Sequence[Mapping[str, Any]],
-                 cfg: PromptConfig) -> list[dict[str, str]]:
-    """The conversation with the passages and the question in the last user message (no change without passages)."""
-    out = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if not passages:
-        return out
-    if cfg.system and not any(m["role"] == "system" for m in out):
-        out.insert(0, {"role": "system", "content": cfg.system})
-    out[-1]["content"] = cfg.context.format(passages=format_passages(passages, cfg), question=out[-1]["content"])
-    return out
-
-
-def render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
-    """The prompt text and ids through the tokenizer's chat template (a plain ``role: content`` layout without one).
-    The template writes any special tokens itself, so none are added when tokenizing its text."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    else:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def build_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]], passages: Sequence[Mapping[str, Any]],
-                 cfg: PromptConfig, context: int, max_tokens: int) -> Prompt:
-    """Render the prompt so that it and ``max_tokens`` new tokens fit ``context`` tokens.
-
-    Older turns are dropped first (never a system message or the last user message), then the lowest-ranked
-    passage is cut by tokens, or dropped when fewer than ``cfg.min_passage_tokens`` would remain, and so on.
-
-    Raises:
-        ApiError: 400 ``context_length_exceeded`` when even the question alone does not fit.
-    """
-    budget = context - max_tokens
-    msgs = [dict(m) for m in messages]
-    kept = [dict(p) for p in passages]
-    dropped_turns = dropped_passages = 0
-    while True:
-        text, ids = render(tokenizer, rag_messages(msgs, kept, cfg))
-        over = len(ids) - budget
-        if over <= 0:
-            return Prompt(ids, [{**p, "n": n} for n, p in enumerate(kept, 1)], dropped_passages, dropped_turns, text)
-        old = next((j for j, m in enumerate(msgs[:-1]) if m["role"] != "system"), None)
-        if old is not None:
-            msgs.pop(old)
-            dropped_turns += 1
-            continue
-        if kept:
-            last = kept[-1]
-            toks = tokenizer(last["text"], add_special_tokens=False)["input_ids"]
-            keep = len(toks) - over - 2  # 2 tokens of margin: the cut text can tokenize differently at its end
-            if keep >= cfg.min_passage_tokens:
-                last["text"] = tokenizer.decode(toks[:keep], skip_special_tokens=True)
-                last["truncated"] = True
-            else:
-                kept.pop()
-                dropped_passages += 1
-            continue
-        raise ApiError(400, f"the prompt needs {len(ids)} tokens and max_tokens is {max_tokens}, but the model's "
-                            f"context is {context} tokens. Shorten the messages or lower max_tokens.",
-                       param="messages", code="context_length_exceeded")
-
-
-def completion_prompt(tokenizer: Any, prompt: str, context: int, max_tokens: int) -> list[int]:
-    """Token ids of a raw completion prompt; a 400 when it and ``max_tokens`` do not fit the context."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if len(ids) + max_tokens > context:
-        raise ApiError(400, f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}, but the model's "
-                            f"context is {context} tokens.", param="prompt", code="context_length_exceeded")
-    return ids
-
+# --- sampling and citations ------------------------------------------------------------------------------------------
 
 def sampling_params(defaults: GenerationDefaults, *, max_tokens: int | None, temperature: float | None,
                     top_p: float | None, stop: Sequence[str] = (), seed: int | None = None) -> SamplingParams:
@@ -336,7 +237,7 @@ class RagPipeline:
         g = self.cfg.generator
         model = model or g.name
         if model != g.name and model not in g.adapters:
-            raise ApiError(404, f"model {model!r} is not served (models: {[g.name, *g.adapters]})", param="model",
+            raise NotFound(f"model {model!r} is not served (models: {[g.name, *g.adapters]})", param="model",
                            code="model_not_found")
         passages = self.retriever.search(messages[-1]["content"], k or self.cfg.retrieval.k, filter, mode, fusion) \
             if retrieval else []

@@ -1,5 +1,6 @@
 """Request and response bodies of the HTTP API (OpenAI's shapes, so the ``openai`` client works unchanged),
-the request limits, and the error every 4xx carries (OpenAI's format).
+the request limits (an ``InvalidRequest`` that names the limit), and the body every error carries (OpenAI's
+format).
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields that would change the answer and
 are not supported (``n > 1``, ``logprobs``, ``tools``, token-id inputs) are refused with a 400 instead.
@@ -14,49 +15,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from configs.errors import InvalidRequest
 from configs.schema.serve import LimitsConfig
 from sharding.filters import Scalar
-
-
-class ApiError(Exception):
-    """An error answered with ``status`` and OpenAI's error body; raised anywhere on the answering path."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                             429: "rate_limit_error", 503: "server_error", 504: "timeout"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error")
-
-    def __reduce__(self):  # keeps status and code through Ray's pickling of exceptions
-        return (_rebuild_api_error, (self.status, self.message, self.param, self.code, self.type))
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def _rebuild_api_error(status: int, message: str, param: str | None, code: str | None, type: str) -> ApiError:
-    return ApiError(status, message, param=param, code=code, type=type)
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def find_api_error(e: BaseException) -> ApiError | None:
-    """The ApiError behind an exception, looking through Ray's wrappers (RayTaskError keeps it in ``cause``)."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ApiError):
-            return cur
-        cause = getattr(cur, "cause", None)
-        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
-    return None
 
 
 class _Request(BaseModel):
@@ -220,9 +187,9 @@ class SearchRequest(_Request):
 
 # --- limits -----------------------------------------------------------------------------------------------------------
 
-def _too_big(what: str, value: int, limit: int, param: str, field: str) -> ApiError:
-    return ApiError(400, f"{what} ({value}) exceeds this server's limit of {limit} (limits.{field}).",
-                    param=param, code="limit_exceeded")
+def _too_big(what: str, value: int, limit: int, param: str, field: str) -> InvalidRequest:
+    return InvalidRequest(f"{what} ({value}) exceeds this server's limit of {limit} (limits.{field}).",
+                          param=param, code="limit_exceeded")
 
 
 def check_chat(req: ChatCompletionRequest, limits: LimitsConfig) -> None:
@@ -233,7 +200,7 @@ def check_chat(req: ChatCompletionRequest, limits: LimitsConfig) -> None:
     if chars > limits.max_input_chars:
         raise _too_big("characters in messages", chars, limits.max_input_chars, "messages", "max_input_chars")
     if not req.messages[-1].text().strip():
-        raise ApiError(400, "the last user message is empty.", param="messages")
+        raise InvalidRequest("the last user message is empty.", param="messages")
     _check_sampling(req, req.max_new_tokens(), limits)
     opts = req.retrieval_options()
     if opts.k is not None and opts.k > limits.max_k:
@@ -245,7 +212,7 @@ def check_completion(req: CompletionRequest, limits: LimitsConfig) -> None:
     if len(req.text()) > limits.max_input_chars:
         raise _too_big("characters in prompt", len(req.text()), limits.max_input_chars, "prompt", "max_input_chars")
     if not req.text():
-        raise ApiError(400, "the prompt is empty.", param="prompt")
+        raise InvalidRequest("the prompt is empty.", param="prompt")
     _check_sampling(req, req.max_tokens, limits)
 
 
@@ -256,20 +223,20 @@ def _check_sampling(req: _Sampling, max_tokens: int | None, limits: LimitsConfig
     if len(stops) > limits.max_stop:
         raise _too_big("stop sequences", len(stops), limits.max_stop, "stop", "max_stop")
     if any(not s for s in stops):
-        raise ApiError(400, "stop sequences must not be empty.", param="stop")
+        raise InvalidRequest("stop sequences must not be empty.", param="stop")
 
 
 def check_embeddings(req: EmbeddingRequest, limits: LimitsConfig) -> None:
     texts = req.texts()
     if not texts:
-        raise ApiError(400, "input is empty.", param="input")
+        raise InvalidRequest("input is empty.", param="input")
     if len(texts) > limits.max_embedding_inputs:
         raise _too_big("inputs", len(texts), limits.max_embedding_inputs, "input", "max_embedding_inputs")
     longest = max(len(t) for t in texts)
     if longest > limits.max_input_chars:
         raise _too_big("characters in an input", longest, limits.max_input_chars, "input", "max_input_chars")
     if any(not t for t in texts):
-        raise ApiError(400, "inputs must not be empty strings.", param="input")
+        raise InvalidRequest("inputs must not be empty strings.", param="input")
 
 
 def _check_fusion(fusion: FusionOptions | None, limits: LimitsConfig, param: str) -> None:

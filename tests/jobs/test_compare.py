@@ -77,7 +77,7 @@ def test_raft_records_hold_the_gold_passage_in_the_configured_fraction_and_never
         assert ("gold text" in user) == r["raft"]["gold"] and "distractor 0" in user and "distractor 3" not in user
         assert user.endswith(f"Question: {q.question}") and len(re.findall(r"^\[\d\] ", user, re.M)) == 3
     # the prompt is the serving app's: the same function renders it
-    from serving.rag import rag_messages
+    from models.prompt import rag_messages
 
     one = raft_records(qs[:40], retrieved, gold, RaftConfig(gold_fraction=0.5), prompt, seed=1, k=1)
     for q, r in zip(qs, one, strict=False):

@@ -7,10 +7,12 @@ import pickle
 import numpy as np
 import pytest
 
+from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable
 from configs.schema.serve import GenerationDefaults, LimitsConfig, PromptConfig, RetrievalConfig, ServeJobConfig
-from serving.rag import build_prompt, passages_from, render, sampling_params, search_k, widen_k
+from models.prompt import build_prompt, render
+from serving.ingress import ApiError, api_error
+from serving.rag import passages_from, sampling_params, search_k, widen_k
 from serving.schemas import (
-    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -18,7 +20,6 @@ from serving.schemas import (
     check_chat,
     check_embeddings,
     check_search,
-    find_api_error,
 )
 from sharding.filters import matches
 from sharding.search import exact_knn, merge_topk
@@ -83,9 +84,10 @@ def test_older_turns_go_before_passages_and_a_question_too_long_is_a_400(tiny_to
             {"role": "user", "content": "And Zal3?"}]
     p = build_prompt(tok, msgs, [passage(1, "Zal3 is in Ophir3.")], CFG, context=200, max_tokens=32)
     assert p.dropped_turns == 2 and p.dropped_passages == 0 and old not in p.text
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(InvalidRequest) as e:
         build_prompt(tok, [{"role": "user", "content": old * 3}], [passage(1, "x")], CFG, context=200, max_tokens=32)
-    assert e.value.status == 400 and e.value.code == "context_length_exceeded" and "context is 200" in e.value.message
+    assert api_error(e.value).status == 400 and e.value.code == "context_length_exceeded"
+    assert "context is 200" in e.value.message
 
 
 def test_sampling_defaults_fill_what_the_request_leaves_out():
@@ -194,38 +196,42 @@ def test_limits_are_400s_that_name_the_limit():
              ({"retrieval": {"k": 6}}, "retrieval.k"), ({"stop": ["a", "b"]}, "stop"), ({"stop": [""]}, "stop"),
              ({"messages": [{"role": "user", "content": "  "}]}, "messages")]
     for extra, param in cases:
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(InvalidRequest) as e:
             check_chat(ChatCompletionRequest.model_validate({**ok, **extra}), limits)
-        assert e.value.status == 400 and e.value.param == param, extra
-        body = e.value.body()["error"]
+        assert api_error(e.value).status == 400 and e.value.param == param, extra
+        body = api_error(e.value).body()["error"]
         assert set(body) == {"message", "type", "param", "code"} and body["type"] == "invalid_request_error"
-    with pytest.raises(ApiError, match=r"k \(6\) exceeds this server's limit of 5 \(limits.max_k\)"):
+    with pytest.raises(InvalidRequest, match=r"k \(6\) exceeds this server's limit of 5 \(limits.max_k\)"):
         check_search(SearchRequest(query="q", k=6), limits)
-    with pytest.raises(ApiError, match="inputs"):
+    with pytest.raises(InvalidRequest, match="inputs"):
         check_embeddings(EmbeddingRequest(model="m", input=["a"] * 300), LimitsConfig())
     with pytest.raises(ValueError, match="one prompt per request"):
         CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]})
 
 
-def test_api_errors_survive_pickling_and_are_found_behind_wrappers():
-    e = ApiError(404, "no such model", param="model", code="model_not_found")
+def test_errors_survive_pickling_and_the_ingress_finds_their_status_behind_wrappers():
+    e = NotFound("no such model", param="model", code="model_not_found")
     back = pickle.loads(pickle.dumps(e))
-    assert (back.status, back.message, back.param, back.code, back.type) == (404, "no such model", "model",
-                                                                             "model_not_found", e.type)
+    assert (type(back), back.message, back.param, back.code) == (NotFound, "no such model", "model", "model_not_found")
 
     class Wrapper(Exception):  # Ray's RayTaskError keeps the user's exception in `cause`
         def __init__(self, cause):
             self.cause = cause
 
-    assert find_api_error(Wrapper(back)) is back
+    api = api_error(Wrapper(back))
+    assert (api.status, api.message, api.param, api.code, api.type) == (404, "no such model", "model",
+                                                                        "model_not_found", "invalid_request_error")
     try:
         try:
             raise back
-        except ApiError as inner:
+        except NotFound as inner:
             raise RuntimeError("outer") from inner
     except RuntimeError as outer:
-        assert find_api_error(outer) is back
-    assert find_api_error(RuntimeError("other")) is None
+        assert api_error(outer).status == 404
+    assert [api_error(k("m")).status for k in (InvalidRequest, Conflict, Unavailable)] == [400, 409, 503]
+    own = ApiError(413, "too large")
+    assert api_error(own) is own and api_error(RuntimeError("other")) is None
+    assert api_error(RagtuneError("a shard file is missing")) is None  # not the request's fault: a 500
 
 
 # --- search modes: dense, lexical, hybrid -----------------------------------------------------------------------------
@@ -350,9 +356,10 @@ def test_auto_mode_and_an_index_without_a_lexical_part(texts_index, tmp_path, mo
     assert [resolve_mode(m, with_lex, "v") for m in ("dense", "lexical", "hybrid")] == ["dense", "lexical", "hybrid"]
     assert resolve_mode("dense", without, "v") == "dense"
     for mode in ("lexical", "hybrid"):  # a request: 400, naming the field, the value and the fix
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(InvalidRequest) as e:
             resolve_mode(mode, without, "file:///x/v-00001", "retrieval.mode")
-        assert e.value.status == 400 and e.value.param == "retrieval.mode" and e.value.code == "lexical_unavailable"
+        assert api_error(e.value).status == 400 and e.value.param == "retrieval.mode"
+        assert e.value.code == "lexical_unavailable"
         assert f"retrieval.mode = {mode!r} needs a lexical (BM25) part, but index version file:///x/v-00001 has " \
                "none" in e.value.message and "Fix: use mode dense or auto" in e.value.message
     # start-up: the in-process retriever, and the app builder before any deployment
@@ -365,7 +372,7 @@ def test_auto_mode_and_an_index_without_a_lexical_part(texts_index, tmp_path, mo
     assert check_retrieval(cfg.model_copy(update={"retrieval": RetrievalConfig(mode="auto")})) == "dense"
     monkeypatch.setattr(LocalRetriever, "_load_encoder", lambda self: None)  # the synthetic index has no model
     r = LocalRetriever(texts_index["dense_only"], mode="auto")
-    with pytest.raises(ApiError, match="needs a lexical"):
+    with pytest.raises(InvalidRequest, match="needs a lexical"):
         r.search("w1", 3, mode="lexical")
 
 
@@ -389,12 +396,12 @@ def test_a_reload_to_a_version_without_a_lexical_part_is_refused_when_the_mode_n
         r = Retriever.func_or_class(None, [], str(tmp_path / "index"), mode=mode)
         switch_latest(root, "v-00002")
         if not changed:
-            with pytest.raises(ApiError) as e:
+            with pytest.raises(Conflict) as e:
                 asyncio.run(r.reload())
-            assert e.value.status == 409 and "retrieval.mode = 'hybrid' needs a lexical" in e.value.message
+            assert api_error(e.value).status == 409 and "retrieval.mode = 'hybrid' needs a lexical" in e.value.message
             assert r.version.endswith("v-00001")
         else:  # auto: dense on the new version; it gets past the mode check to the shard groups (none here)
-            with pytest.raises(ApiError, match="shard groups serve"):
+            with pytest.raises(Conflict, match="shard groups serve"):
                 asyncio.run(r.reload())
 
 
@@ -443,10 +450,11 @@ def test_search_and_chat_requests_take_a_mode_and_fusion_overrides_within_limits
             SearchRequest.model_validate({"query": "q", **body})
     limits = LimitsConfig(max_depth=200)
     check_search(SearchRequest.model_validate({"query": "q", "fusion": {"depth": 200}}), limits)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(InvalidRequest) as e:
         check_search(SearchRequest.model_validate({"query": "q", "fusion": {"depth": 201}}), limits)
-    assert e.value.status == 400 and e.value.param == "fusion.depth" and "limits.max_depth" in e.value.message
-    with pytest.raises(ApiError) as e:
+    assert api_error(e.value).status == 400 and e.value.param == "fusion.depth"
+    assert "limits.max_depth" in e.value.message
+    with pytest.raises(InvalidRequest) as e:
         check_chat(ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
                                                          "retrieval": {"fusion": {"depth": 201}}}), limits)
     assert e.value.param == "retrieval.fusion.depth"
