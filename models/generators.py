@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from configs.errors import RagtuneError
+from sharding.storage import resolve
 
 CACHE = Path(os.environ.get("RAGTUNE_CACHE", Path.home() / ".cache" / "ragtune"))
 
@@ -110,10 +113,6 @@ def local_model_dir(name: str) -> str:
     """A folder the loaders can open: local folders as they are, URIs copied into a local cache once."""
     if "://" not in name:
         return name
-    import pyarrow.fs as pafs
-
-    from sharding.storage import resolve
-
     loc = resolve(name)
     dest = CACHE / "models" / hashlib.sha256(name.encode()).hexdigest()[:16]
     if not (dest / "config.json").is_file():
