@@ -161,7 +161,8 @@ def group_shape(group: str, spec: dict[str, Any]) -> tuple[NodeShape, list[str]]
     if "num-cpus" in params:
         cpus = float(params["num-cpus"])
     elif "cpu" in limits or "cpu" in requests:
-        cpus = float(math.ceil(quantity(limits.get("cpu", requests.get("cpu")))))  # Quantity.Value() rounds up
+        cpu = limits["cpu"] if "cpu" in limits else requests["cpu"]
+        cpus = float(math.ceil(quantity(cpu)))  # Quantity.Value() rounds up
     else:
         cpus = 0.0
         problems.append(f"group {group}: the Ray container has no CPU limit or request, so Ray would count the CPUs "

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
 
 from cluster.placement import NodeResources
-
-if TYPE_CHECKING:
-    from configs.schema import ClusterConfig
+from configs.schema import ClusterConfig
 
 log = logging.getLogger("ragtune")
 

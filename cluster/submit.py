@@ -106,12 +106,12 @@ def storage_paths(cfg: BaseModel, prefix: str = "") -> Iterator[StoragePath]:
         value = getattr(cfg, name)
         dotted = f"{prefix}{name}"
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        kind = extra.get("storage")
-        if kind in ("input", "output") and value is not None:
-            for v in [value] if isinstance(value, str) else value:
-                yield StoragePath(dotted, str(v), kind)
-        elif isinstance(value, BaseModel):
-            yield from storage_paths(value, dotted + ".")
+        match extra.get("storage"):
+            case "input" | "output" as kind if value is not None:
+                for v in [value] if isinstance(value, str) else value:
+                    yield StoragePath(dotted, str(v), kind)
+            case _ if isinstance(value, BaseModel):
+                yield from storage_paths(value, dotted + ".")
 
 
 def storage_problems(cfg: BaseModel, nodes: int, shared_fs: bool) -> tuple[list[str], list[str]]:
