@@ -171,7 +171,7 @@ async def load_handle(handle, texts: list[str], concurrency: int) -> tuple[list[
 async def _batches(handle, texts: list[str], concurrency: int) -> float:
     """Mean batch size the Embedder reports for ``concurrency`` requests sent at once."""
     out = await asyncio.gather(*(handle.embed.remote(t) for t in texts[:concurrency]))
-    return statistics.mean(b for _, _, b in out)
+    return statistics.mean(e.batch for e in out)
 
 
 def batch_totals(url: str, dep: str) -> tuple[float, float]:

@@ -13,14 +13,25 @@ until interrupted -> delete the app. See docs/serving.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from cluster.runtime import init_ray
 from configs.errors import RagtuneError
 from configs.schema.serve import LOOPBACK, ServeJobConfig, is_loopback
 from jobs.commands import job_main
+from serving.app import ServeAppArgs, build_app, check_retrieval, serve_config
+from serving.auth import api_key_hashes
+from serving.schemas import Health
+from sharding.manifest import read_index_manifest, resolve_index
+from sharding.storage import exists, resolve
 
 log = logging.getLogger("ragtune.serve")
 
@@ -32,10 +43,6 @@ def resolved_host(cfg: ServeJobConfig) -> str:
 def check(cfg: ServeJobConfig) -> None:
     """Preflight without Ray or torch: the index version and its retrieval mode, the generator and adapter
     folders, auth vs host."""
-    from serving.app import check_retrieval
-    from sharding.manifest import read_index_manifest, resolve_index
-    from sharding.storage import exists, resolve
-
     manifest = read_index_manifest(resolve_index(cfg.index.path))
     check_retrieval(cfg)
     if cfg.shards.groups is not None and cfg.shards.groups > len(manifest.shards):
@@ -62,8 +69,6 @@ def check(cfg: ServeJobConfig) -> None:
 
 
 def _has_keys(cfg: ServeJobConfig) -> bool:
-    from serving.auth import api_key_hashes
-
     return bool(api_key_hashes(cfg.auth.api_keys, cfg.auth.api_keys_env))
 
 
@@ -79,28 +84,20 @@ class ServeSummary:
 
 
 def print_serve_config(cfg: ServeJobConfig) -> None:
-    import yaml
-
-    from serving.app import serve_config
-
     print(f"# Serve config for a KubeRay RayService (spec.serveConfigV2) or `serve deploy`, from ragtune serve.\n"
           f"# API keys are read by the replicas from ${cfg.auth.api_keys_env} (set it from a Kubernetes Secret);\n"
           "# the deployments' resources are decided on the cluster (cluster.placement.plan_serving).")
     print(yaml.safe_dump(serve_config(cfg), sort_keys=False), end="")
 
 
-def wait_ready(url: str, timeout_s: float = 120.0) -> dict:
-    """Poll /healthz until every shard is loaded."""
-    import json
-    import urllib.error
-    import urllib.request
-
+def wait_ready(url: str, timeout_s: float = 120.0) -> Health:
+    """Poll /healthz until every shard is loaded (it answers 503 until then)."""
     deadline = time.monotonic() + timeout_s
     last: object = None
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
-                return json.loads(r.read())
+                return Health.model_validate(json.loads(r.read()))
         except (urllib.error.URLError, OSError) as e:
             last = e
         time.sleep(0.5)
@@ -116,9 +113,6 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
 
     # --- setup: Ray and Serve's proxy
     from ray import serve
-
-    from cluster.runtime import init_ray
-    from serving.app import ServeAppArgs, build_app
 
     init_ray(cfg.cluster)
     host = resolved_host(cfg)
@@ -138,7 +132,7 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
     url = f"http://{shown}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
     state = wait_ready(url)
     log.info("ready in %.1fs: %s (index %s, %s shard(s)); OpenAI base_url %s/v1; Ctrl-C stops", time.monotonic() - t0,
-             url, state.get("version"), state.get("shards"), url)
+             url, state.version, state.shards, url)
     try:
         while True:
             time.sleep(3600)
@@ -146,7 +140,7 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
         log.info("stopping")
     finally:
         serve.delete(cfg.http.app_name)
-    return ServeSummary(url, cfg.http.app_name, str(state.get("version")), time.monotonic() - t0)
+    return ServeSummary(url, cfg.http.app_name, str(state.version), time.monotonic() - t0)
 
 
 if __name__ == "__main__":  # python -m jobs.serve --config FILE [overrides] (what `ray job submit` calls)

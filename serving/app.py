@@ -20,11 +20,20 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, Field, model_validator
 
-from configs.schema.serve import ServeJobConfig
+from cluster.placement import NodeResources, ReplicaResources, ServePlan, plan_serving
+from cluster.runtime import alive_nodes
+from configs.schema import load_config
+from configs.schema.serve import LOOPBACK, ServeJobConfig
+from serving.auth import api_key_hashes
+from serving.rag import resolve_mode
+from sharding.manifest import read_index_manifest, resolve_index
+
+if TYPE_CHECKING:
+    from ray.serve import Application, Deployment
 
 log = logging.getLogger("ragtune.serve")
 
@@ -44,19 +53,14 @@ class ServeAppArgs(BaseModel):
         return self
 
     def resolve(self) -> ServeJobConfig:
-        from configs.schema import load_config
-
         if self.config is not None:
             return ServeJobConfig.model_validate(self.config)
         return load_config(ServeJobConfig, self.config_path or "", self.overrides)
 
 
-def cluster_nodes() -> list[Any]:
+def cluster_nodes() -> list[NodeResources]:
     """The alive nodes when Ray is up (the builder runs inside it), else this machine alone."""
     import ray
-
-    from cluster.placement import NodeResources
-    from cluster.runtime import alive_nodes
 
     if ray.is_initialized():
         return alive_nodes()
@@ -69,11 +73,8 @@ def cluster_nodes() -> list[Any]:
     return [NodeResources(cpus=float(os.cpu_count() or 1), gpus=float(gpus))]
 
 
-def plan_for(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> Any:
-    """The placement of this config's deployments (``cluster.placement.ServePlan``)."""
-    from cluster.placement import plan_serving
-    from sharding.manifest import read_index_manifest, resolve_index
-
+def plan_for(cfg: ServeJobConfig, nodes: list[NodeResources] | None = None) -> ServePlan:
+    """The placement of this config's deployments."""
     manifest = read_index_manifest(resolve_index(cfg.index.path))
     s = cfg.shards
     replicas = s.autoscaling.min_replicas if s.autoscaling else s.replicas
@@ -93,14 +94,11 @@ def check_retrieval(cfg: ServeJobConfig) -> str:
     """``retrieval.mode`` against the index version served first: the mode it resolves to (auto: hybrid when the
     version has a lexical part, else dense); lexical or hybrid on a version without one is an InvalidRequest that
     names retrieval.mode."""
-    from serving.rag import resolve_mode
-    from sharding.manifest import read_index_manifest, resolve_index
-
     version = resolve_index(cfg.index.path)
     return resolve_mode(cfg.retrieval.mode, read_index_manifest(version), version.uri, "retrieval.mode")
 
 
-def _actor_options(r: Any) -> dict[str, Any]:
+def _actor_options(r: ReplicaResources) -> dict[str, float]:
     return {"num_cpus": r.num_cpus, **({"num_gpus": r.num_gpus} if r.num_gpus else {})}
 
 
@@ -109,10 +107,19 @@ def _common(cfg: ServeJobConfig) -> dict[str, Any]:
     return {"logging_config": {"enable_access_log": cfg.serve.access_log}}
 
 
-def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
-    """The Serve application for a ServeJobConfig (``serve.run(build_app(...))``)."""
+def _deployment(cls: type) -> Deployment:
+    """A ``@serve.deployment`` class as what it is when the program runs, a Serve Deployment (type checkers keep
+    a decorated class's own type)."""
+    return cast("Deployment", cls)
 
-    from serving.auth import api_key_hashes
+
+def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
+    """The Serve application for a ServeJobConfig (``serve.run(build_app(...))``).
+
+    Each deployment is bound with the config sections it reads and the resources its placement decided.
+    """
+    # imported here: they import Ray at their top, and importing this module (jobs.serve does, for
+    # `ragtune --help`) must not
     from serving.deployments import Embedder, Generator, Retriever, ShardSearcher
     from serving.ingress import Ingress
 
@@ -123,49 +130,43 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Any:
     plan = plan_for(cfg)
     log.info("serving plan: %s; retrieval.mode %s (%s for %s)", plan.reason, cfg.retrieval.mode, mode,
              cfg.index.path)
-    poll = cfg.index.poll_interval_s
     e, s, g = cfg.embedder, cfg.shards, cfg.generator
 
-    embedder = Embedder.options(
+    embedder = _deployment(Embedder).options(
         num_replicas=e.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.embedder),
         max_ongoing_requests=max(64, 2 * e.max_batch_size),  # Serve's default (5) would keep batches from filling
-    ).bind(cfg.index.path, e.batching, e.max_batch_size, e.batch_wait_timeout_s, plan.embedder.threads)
+    ).bind(cfg.index, e, plan.embedder)
 
-    searchers = []
-    for n, shards in enumerate(plan.groups):
-        scaling: dict[str, Any] = (
-            {"autoscaling_config": {"min_replicas": s.autoscaling.min_replicas,
-                                    "max_replicas": s.autoscaling.max_replicas,
-                                    "target_ongoing_requests": s.autoscaling.target_ongoing_requests}}
-            if s.autoscaling else {"num_replicas": s.replicas})
-        searchers.append(ShardSearcher.options(
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": {"min_replicas": s.autoscaling.min_replicas,
+                                "max_replicas": s.autoscaling.max_replicas,
+                                "target_ongoing_requests": s.autoscaling.target_ongoing_requests}}
+        if s.autoscaling else {"num_replicas": s.replicas})
+    if plan.searcher_max_per_node:  # a group's replicas on different nodes where the cluster has them: a lost node
+        scaling["max_replicas_per_node"] = plan.searcher_max_per_node  # leaves one serving
+    searchers = [
+        _deployment(ShardSearcher).options(
             name=f"ShardSearcher{n}", **_common(cfg), ray_actor_options=_actor_options(plan.searcher),
             max_ongoing_requests=64,
             health_check_period_s=s.health_check_period_s, health_check_timeout_s=max(10.0, s.health_check_period_s),
-            # a group's replicas on different nodes where the cluster has them: a lost node leaves one serving
-            **({"max_replicas_per_node": plan.searcher_max_per_node} if plan.searcher_max_per_node else {}),
             **scaling,
-        ).bind(cfg.index.path, shards, cfg.index.params, cfg.index.verify, cfg.index.mmap, plan.searcher.device,
-               plan.searcher.threads, poll, cfg.retrieval.mode != "dense"))
+        ).bind(cfg.index, shards, plan.searcher, cfg.retrieval.mode)
+        for n, shards in enumerate(plan.groups)]
 
-    retriever = Retriever.options(
+    retriever = _deployment(Retriever).options(
         num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
-    ).bind(embedder, searchers, cfg.index.path, cfg.retrieval.filter_overfetch, cfg.retrieval.retries_s, poll,
-           cfg.retrieval.filter_max_candidates, cfg.retrieval.mode, cfg.retrieval.fusion.model_dump())
+    ).bind(embedder, searchers, cfg.index, cfg.retrieval)
 
-    generator = Generator.options(
+    generator = _deployment(Generator).options(
         num_replicas=g.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.generator),
         max_ongoing_requests=max(32, 2 * g.max_batch_size),
-    ).bind(g.model, g.name, g.adapters, cfg.prompt.model_dump(), g.defaults.model_dump(), plan.generator.device,
-           g.dtype, g.context, plan.generator.threads, g.batching, g.max_batch_size, g.batch_wait_timeout_s,
-           g.max_adapters_per_replica)
+    ).bind(g, cfg.prompt, plan.generator)
 
     keys = sorted(api_key_hashes(cfg.auth.api_keys, cfg.auth.api_keys_env))  # only hashes travel to the replicas
-    public = cfg.model_dump(mode="json")
-    public["auth"]["api_keys"] = []
-    return Ingress.options(
+    return _deployment(Ingress).options(
         num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=512,
-    ).bind(embedder, retriever, generator, public, keys)
+    ).bind(embedder, retriever, generator, generation=g, retrieval=cfg.retrieval, limits=cfg.limits,
+           key_hashes=keys, api_keys_env=cfg.auth.api_keys_env)
 
 
 def serve_config(cfg: ServeJobConfig) -> dict[str, Any]:
@@ -174,8 +175,6 @@ def serve_config(cfg: ServeJobConfig) -> dict[str, Any]:
     The whole config travels inline as the builder's args; the deployments' resources are decided by the
     builder on the cluster itself. API keys are never written: the replicas read ``auth.api_keys_env``.
     """
-    from configs.schema.serve import LOOPBACK
-
     inline = cfg.model_dump(mode="json")
     inline["auth"]["api_keys"] = []
     inline["serve"]["print_config"] = False
@@ -193,6 +192,6 @@ def serve_config(cfg: ServeJobConfig) -> dict[str, Any]:
     }
 
 
-def plan_summary(cfg: ServeJobConfig, nodes: list[Any] | None = None) -> dict[str, Any]:
+def plan_summary(cfg: ServeJobConfig, nodes: list[NodeResources] | None = None) -> dict[str, Any]:
     """The plan as plain data (for logs and tests)."""
     return asdict(plan_for(cfg, nodes))

@@ -7,6 +7,10 @@ keeps the versions it has loaded (the newest two) and loads one it is asked for 
 restarts, or has not yet seen a new version, still answers correctly (only slower, once). New versions are
 found by polling ``LATEST`` (``index.poll_interval_s``) or by ``POST /admin/reload``: the Retriever first has
 every group load the new version, then switches; searches already under way finish on the old one.
+
+Each deployment is bound with the config sections it reads (``configs.schema.serve``) and the resources its
+placement decided (``cluster.placement.ReplicaResources``: device, threads), and answers with the values of
+``serving.schemas``.
 """
 
 from __future__ import annotations
@@ -14,14 +18,61 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
+import ray
+import ray.exceptions
 from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 
+from cluster.placement import ReplicaResources
 from configs.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from configs.schema.serve import EmbedderConfig, GeneratorConfig, IndexSource, PromptConfig, RetrievalConfig, SearchMode
+from models.embedders import QueryEncoder
+from models.prompt import completion_prompt
+from serving.generation import Decoder, Delta, GenRequest
+from serving.rag import (
+    RANKINGS,
+    FusionOverrides,
+    Rankings,
+    combine,
+    group_rankings,
+    make_fusion,
+    passages_from,
+    rag_prompt,
+    ranking_depth,
+    resolve_mode,
+    search_k,
+    widen_k,
+)
+from serving.schemas import (
+    ChatInput,
+    CompletionInput,
+    EmbedderInfo,
+    Embedding,
+    Generated,
+    GeneratorInfo,
+    Health,
+    Passage,
+    PromptInfo,
+    Reloaded,
+    RetrieverInfo,
+    SearchResult,
+    SearchTimings,
+    ShardsLoaded,
+    Step,
+)
+from sharding.docstore import Docstore
+from sharding.filters import Filter
+from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
+from sharding.search import ShardedIndex, open_docstore
+from sharding.storage import resolve
 
 log = logging.getLogger("ragtune.serve")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -31,20 +82,30 @@ KEEP_VERSIONS = 2  # versions a ShardSearcher replica keeps loaded: the current 
 
 def current_version(path: str) -> str:
     """The URI of the version folder an index path means now (its LATEST, or the folder itself)."""
-    from sharding.manifest import resolve_index
-
     return resolve_index(path).uri
 
 
 def _replica_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "that replica is gone", not "the request is wrong": worth a retry."""
-    import ray.exceptions as rex
-
+    """Exceptions that mean "that replica is gone", not "the request is wrong": worth a retry. Looked up by name:
+    not every Ray version defines all of them."""
     names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
-    errors: list[type[BaseException]] = [getattr(rex, n) for n in names if hasattr(rex, n)]
-    from ray.serve.exceptions import BackPressureError
-
+    errors: list[type[BaseException]] = [getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n)]
     return (*errors, BackPressureError)
+
+
+class _Batching(Protocol):
+    """The setters ``@serve.batch`` adds to the method it wraps (its type hints leave them out)."""
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+
+
+def _configure_batching(method: object, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    """Size a ``@serve.batch`` method's batches from the config (the decorator's arguments are only defaults)."""
+    batching = cast(_Batching, method)
+    batching.set_max_batch_size(max_batch_size)
+    batching.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
 
 @serve.deployment(name="Embedder")
@@ -55,72 +116,63 @@ class Embedder:
     batch meanwhile). With batching off, every request is its own forward pass.
     """
 
-    def __init__(self, index_path: str, batching: bool = True, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.005, threads: int = 1):
+    def __init__(self, index: IndexSource, cfg: EmbedderConfig, resources: ReplicaResources):
         import torch
 
-        from models.embedders import QueryEncoder
-        from sharding.manifest import read_index_manifest, resolve_index
-
-        torch.set_num_threads(threads)
-        manifest = read_index_manifest(resolve_index(index_path))
-        self.encoder = QueryEncoder(manifest, batch_size=max_batch_size)
-        self.name = manifest.model.get("name", "")
-        self.batching = batching
+        torch.set_num_threads(resources.threads)
+        manifest = read_index_manifest(resolve_index(index.path))
+        self.encoder = QueryEncoder(manifest, batch_size=cfg.max_batch_size)
+        self.name: str = manifest.model.get("name", "")
+        self.batching = cfg.batching
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        _configure_batching(self._batched, cfg.max_batch_size, cfg.batch_wait_timeout_s)
 
-    def _encode(self, texts: list[str]) -> list[tuple[np.ndarray, int, int]]:
+    def _encode(self, texts: list[str]) -> list[Embedding]:
         xq = self.encoder.encode(texts)
         tokens = self.encoder.count_tokens(texts)
-        return [(x, t, len(texts)) for x, t in zip(xq, tokens, strict=True)]
+        return [Embedding(x, t, len(texts)) for x, t in zip(xq, tokens, strict=True)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, texts: list[str]) -> list[tuple[np.ndarray, int, int]]:
+    async def _batched(self, texts: list[str]) -> list[Embedding]:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, texts)
 
-    async def embed(self, text: str) -> tuple[np.ndarray, int, int]:
-        """(vector (d,), tokens, size of the batch it was embedded in)."""
+    async def embed(self, text: str) -> Embedding:
         if self.batching:
             return await self._batched(text)
         [out] = await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, [text])
         return out
 
-    async def embed_many(self, texts: list[str]) -> list[tuple[np.ndarray, int, int]]:
+    async def embed_many(self, texts: list[str]) -> list[Embedding]:
         return list(await asyncio.gather(*(self.embed(t) for t in texts)))
 
-    def info(self) -> dict[str, Any]:
-        return {"model": self.name, "dim": self.encoder.dim, "batching": self.batching}
+    def info(self) -> EmbedderInfo:
+        return EmbedderInfo(model=self.name, dim=self.encoder.dim, batching=self.batching)
 
 
 @serve.deployment(name="ShardSearcher")
 class ShardSearcher:
-    """The shards of one group, for every version asked for (loaded on demand, the newest two kept)."""
+    """The shards of one group, for every version asked for (loaded on demand, the newest two kept).
 
-    def __init__(self, index_path: str, shards: list[int], params: dict[str, int] | None = None,
-                 verify: bool = True, mmap: bool = True, device: str = "cpu", threads: int = 1,
-                 poll_interval_s: float | None = None, lexical: bool = False):
+    ``mode`` is ``retrieval.mode``: unless it is dense, each version's BM25 shards are loaded with it.
+    """
+
+    def __init__(self, index: IndexSource, shards: list[int], resources: ReplicaResources, mode: SearchMode):
         import faiss
 
-        faiss.omp_set_num_threads(threads)
-        self.path, self.shards, self.params = index_path, list(shards), dict(params or {})
-        self.verify, self.mmap, self.device = verify, mmap, device
-        self.lexical = lexical  # load each version's BM25 shards with it (retrieval.mode may use them)
-        self.versions: OrderedDict[str, Any] = OrderedDict()
-        self.loading: dict[str, asyncio.Future] = {}
+        faiss.omp_set_num_threads(resources.threads)
+        self.source, self.shards, self.device = index, list(shards), resources.device
+        self.lexical = mode != "dense"
+        self.versions: OrderedDict[str, ShardedIndex] = OrderedDict()
+        self.loading: dict[str, asyncio.Future[ShardedIndex]] = {}
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="search")
-        first = current_version(index_path)
+        first = current_version(index.path)
         self.versions[first] = self._open(first)  # the replica is not ready (nor healthy) before its shards are
-        self.poll_interval_s = poll_interval_s
-        self.poller: asyncio.Task | None = None
+        self.poller: asyncio.Task[None] | None = None
 
-    def _open(self, version: str) -> Any:
-        from sharding.search import ShardedIndex
-
+    def _open(self, version: str) -> ShardedIndex:
         t0 = time.perf_counter()
-        index = ShardedIndex.open(version, verify=self.verify, mmap=self.mmap and self.device == "cpu",
-                                  params=self.params, only=self.shards, lease="ShardSearcher")
+        index = ShardedIndex.open(version, verify=self.source.verify, mmap=self.source.mmap and self.device == "cpu",
+                                  params=self.source.params, only=self.shards, lease="ShardSearcher")
         if self.device == "gpu":
             _to_gpu(index)
         lexical = self.lexical and index.manifest.lexical is not None
@@ -130,8 +182,8 @@ class ShardSearcher:
                  index.ntotal, ", BM25 too" if lexical else "")
         return index
 
-    async def _get(self, version: str) -> Any:
-        if self.poller is None and self.poll_interval_s:
+    async def _get(self, version: str) -> ShardedIndex:
+        if self.poller is None and self.source.poll_interval_s:
             self.poller = asyncio.get_running_loop().create_task(self._poll())
         if version in self.versions:
             self.versions.move_to_end(version)
@@ -152,11 +204,11 @@ class ShardSearcher:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_interval_s or 10)
+            await asyncio.sleep(self.source.poll_interval_s or 10)
             try:
-                await self._get(current_version(self.path))
+                await self._get(current_version(self.source.path))
             except Exception as e:  # a half-written version or a storage hiccup: the next poll tries again
-                log.warning("polling %s for a new version: %s", self.path, e)
+                log.warning("polling %s for a new version: %s", self.source.path, e)
 
     async def search(self, version: str, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (D, I) of this group's shards of ``version`` for queries ``xq`` (nq, d)."""
@@ -164,36 +216,39 @@ class ShardSearcher:
         return await asyncio.get_running_loop().run_in_executor(self.pool, index.search, xq, k)
 
     async def rank(self, version: str, xq: np.ndarray | None, texts: list[str] | None, depth: int,
-                   rankings: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                   rankings: tuple[str, ...]) -> Rankings:
         """This group's rankings of ``version``: {"dense" | "lexical": (D, I)}, each (nq, depth); dense needs the
         query vectors ``xq`` (nq, d), lexical the query ``texts`` (``serving.rag.group_rankings``)."""
-        from serving.rag import group_rankings
-
         index = await self._get(version)
         return await asyncio.get_running_loop().run_in_executor(self.pool, group_rankings, index, xq, texts, depth,
                                                                 rankings)
 
     async def prepare(self, version: str) -> list[int]:
-        """Load ``version`` now (before the Retriever switches to it)."""
+        """Load ``version`` now (before the Retriever switches to it); its shard numbers."""
         await self._get(version)
         return self.shards
 
-    def loaded(self) -> dict[str, Any]:
-        return {"shards": self.shards, "versions": list(self.versions),
-                "ntotal": {v: idx.ntotal for v, idx in self.versions.items()}}
+    def loaded(self) -> ShardsLoaded:
+        return ShardsLoaded(shards=self.shards, versions=list(self.versions),
+                            ntotal={v: idx.ntotal for v, idx in self.versions.items()})
 
     def whoami(self) -> str:
         """This replica's actor name (tests kill a replica by it)."""
-        import ray
-
-        return ray.get_runtime_context().get_actor_name()
+        name = ray.get_runtime_context().get_actor_name()
+        assert name is not None, "a replica runs in an actor"
+        return name
 
     def check_health(self) -> None:
         if not self.versions:
             raise RuntimeError("no index version loaded")
 
 
-def _to_gpu(index: Any) -> None:
+# The GPU resources of each index whose shards were moved onto the GPU, held as long as that index lives: its GPU
+# shards use them, also in a search still running on a version the replica has let go of.
+_GPU_RESOURCES: weakref.WeakKeyDictionary[ShardedIndex, object] = weakref.WeakKeyDictionary()
+
+
+def _to_gpu(index: ShardedIndex) -> None:
     """Move each shard of an opened index onto the replica's GPU where FAISS can (Flat and IVF kinds; HNSW stays
     on the CPU). The search parameters are set again through the GPU parameter space."""
     import faiss
@@ -215,39 +270,34 @@ def _to_gpu(index: Any) -> None:
             except RuntimeError:
                 log.warning("search parameter %s=%s does not apply on GPU", name, value)
         index.shards[n] = gpu
-    index._gpu_resources = res  # kept alive with the index
+    _GPU_RESOURCES[index] = res
 
 
 @serve.deployment(name="Retriever")
 class Retriever:
     """Query -> Embedder (not for lexical) -> every shard group (in parallel) -> exact top-k merge of each
-    ranking -> fusion (hybrid) -> docstore rows -> filter."""
+    ranking -> fusion (hybrid) -> docstore rows -> filter.
 
-    def __init__(self, embedder: Any, searchers: list[Any], index_path: str, overfetch: int = 10,
-                 retries_s: float = 20.0, poll_interval_s: float | None = None, max_candidates: int = 10_000,
-                 mode: str = "auto", fusion: dict[str, Any] | None = None):
-        from serving.rag import make_fusion, resolve_mode
-        from sharding.manifest import read_index_manifest, resolve_index
+    ``retrieval`` gives the mode and fusion (requests override them), the filter's candidate counts and how long
+    a shard group is retried; ``index`` the path whose LATEST is followed and how often it is polled.
+    """
 
+    def __init__(self, embedder: DeploymentHandle, searchers: list[DeploymentHandle], index: IndexSource,
+                 retrieval: RetrievalConfig):
         self.embedder, self.searchers = embedder, searchers
-        self.path, self.overfetch, self.retries_s = index_path, overfetch, retries_s
-        self.max_candidates = max_candidates
-        self.version = current_version(index_path)
+        self.path, self.poll_interval_s = index.path, index.poll_interval_s
+        self.retrieval = retrieval
+        self.version = current_version(index.path)
         self.manifests = {self.version: read_index_manifest(resolve_index(self.version))}
-        self.mode, self.fusion = mode, make_fusion(fusion)  # retrieval.mode and .fusion; requests override them
-        resolve_mode(mode, self.manifests[self.version], self.version, "retrieval.mode")
-        self.docstores: OrderedDict[str, Any] = OrderedDict()
-        self.poll_interval_s = poll_interval_s
-        self.poller: asyncio.Task | None = None
+        self.fusion = make_fusion(retrieval.fusion)
+        resolve_mode(retrieval.mode, self.manifests[self.version], self.version, "retrieval.mode")
+        self.docstores: OrderedDict[str, Docstore] = OrderedDict()
+        self.poller: asyncio.Task[None] | None = None
         self.switching = asyncio.Lock()
-        self.retry_errors = _replica_errors()
+        self.retry_errors: tuple[type[BaseException], ...] = _replica_errors()
 
-    def _docstore(self, version: str) -> Any:
+    def _docstore(self, version: str) -> Docstore:
         if version not in self.docstores:
-            from sharding.manifest import read_index_manifest
-            from sharding.search import open_docstore
-            from sharding.storage import resolve
-
             m = self.manifests.get(version) or read_index_manifest(resolve(version))
             self.docstores[version] = open_docstore(resolve(version), m, lease="Retriever")  # deltas, tombstones
             while len(self.docstores) > KEEP_VERSIONS:
@@ -262,23 +312,19 @@ class Retriever:
             except Exception as e:
                 log.warning("polling %s for a new version: %s", self.path, e)
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self) -> Reloaded:
         """Switch to the version LATEST names now, after every shard group has loaded it."""
-        from serving.rag import resolve_mode
-        from sharding.manifest import read_index_manifest
-        from sharding.storage import resolve
-
         async with self.switching:
             new = current_version(self.path)
             old = self.version
             if new == old:
-                return {"version": new, "previous": old, "changed": False}
+                return Reloaded(version=new, previous=old, changed=False)
             manifest = read_index_manifest(resolve(new))
             try:  # retrieval.mode lexical or hybrid and a version without BM25 shards: keep serving the old one
-                resolve_mode(self.mode, manifest, new, "retrieval.mode")
+                resolve_mode(self.retrieval.mode, manifest, new, "retrieval.mode")
             except InvalidRequest as e:
                 raise Conflict(f"not switching to it: {e.message}", code=e.code) from None
-            deadline = time.monotonic() + max(self.retries_s, 60)
+            deadline = time.monotonic() + max(self.retrieval.retries_s, 60)
             groups = await asyncio.gather(*(self._call(h, "prepare", deadline, new) for h in self.searchers))
             covered = sorted(s for g in groups for s in g)
             if covered != list(range(len(manifest.shards))):
@@ -288,13 +334,13 @@ class Retriever:
             self._docstore_for(new, manifest)
             self.version = new
             log.info("index version %s -> %s", old, new)
-            return {"version": new, "previous": old, "changed": True}
+            return Reloaded(version=new, previous=old, changed=True)
 
-    def _docstore_for(self, version: str, manifest: Any) -> None:
+    def _docstore_for(self, version: str, manifest: IndexManifest) -> None:
         self.manifests[version] = manifest
         self._docstore(version)
 
-    async def _call(self, handle: Any, method: str, deadline: float, *args: Any) -> Any:
+    async def _call(self, handle: DeploymentHandle, method: str, deadline: float, *args: Any) -> Any:
         """Call a shard group; while its replica is being replaced (died, unavailable), retry until ``deadline``."""
         delay = 0.05
         while True:
@@ -307,69 +353,68 @@ class Retriever:
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
 
-    async def search(self, query: str, k: int, filter: dict[str, Any] | None = None, mode: str | None = None,
-                     fusion: dict[str, Any] | None = None, param: str = "mode") -> dict[str, Any]:
-        """{"passages", "version", "mode", "timings": {"embed_s", "search_s"}, "embed_batch"}.
+    async def search(self, query: str, k: int, filter: Filter | None = None, mode: str | None = None,
+                     fusion: FusionOverrides | None = None, param: str = "mode") -> SearchResult:
+        """The top ``k`` passages of ``query`` from the current version.
 
         ``mode`` (None: ``retrieval.mode``; auto resolved per version) and ``fusion`` (overrides of
         ``retrieval.fusion``) as the request gives them; ``param`` names the request field in errors. Lexical
-        searches embed nothing (embed_batch 0).
+        searches embed nothing.
         """
-        from serving import rag
-
         if self.poller is None and self.poll_interval_s:
             self.poller = asyncio.get_running_loop().create_task(self._poll())
         version = self.version
         manifest = self.manifests[version]
-        mode = rag.resolve_mode(mode or self.mode, manifest, version, param)  # a 400 before any work
-        fused = rag.make_fusion(self.fusion, fusion)
+        mode = resolve_mode(mode or self.retrieval.mode, manifest, version, param)  # a 400 before any work
+        fused = make_fusion(self.fusion, fusion)
         t0 = time.perf_counter()
         xq, batch = None, 0
         if mode != "lexical":
-            vector, _, batch = await self.embedder.embed.remote(query)
-            xq = vector[None, :]
+            embedding: Embedding = await self.embedder.embed.remote(query)
+            xq, batch = embedding.vector[None, :], embedding.batch
         t1 = time.perf_counter()
-        kk: int | None = rag.search_k(k, filter, manifest.ntotal, self.overfetch)
-        deadline = time.monotonic() + self.retries_s
-        passages: list[dict[str, Any]] = []
+        kk: int | None = search_k(k, filter, manifest.ntotal, self.retrieval.filter_overfetch)
+        deadline = time.monotonic() + self.retrieval.retries_s
+        passages: list[Passage] = []
         while kk is not None:  # with a filter: more candidates until k pass (widen_k)
-            depth = rag.ranking_depth(mode, kk, fused)
+            depth = ranking_depth(mode, kk, fused)
             results = await asyncio.gather(*(self._call(h, "rank", deadline, version, xq, [query], depth,
-                                                        rag.RANKINGS[mode]) for h in self.searchers))
-            D, I = rag.combine(results, mode, kk, manifest.metric, fused)
-            passages = rag.passages_from(D[0], I[0], self._docstore(version), k, filter)
-            kk = rag.widen_k(kk, k, len(passages), filter, manifest.ntotal, self.max_candidates)
+                                                        RANKINGS[mode]) for h in self.searchers))
+            D, I = combine(results, mode, kk, manifest.metric, fused)
+            passages = passages_from(D[0], I[0], self._docstore(version), k, filter)
+            kk = widen_k(kk, k, len(passages), filter, manifest.ntotal, self.retrieval.filter_max_candidates)
         t2 = time.perf_counter()
-        return {"passages": passages, "version": version, "mode": mode, "embed_batch": batch,
-                "timings": {"embed_s": t1 - t0, "search_s": t2 - t1}}
+        return SearchResult(passages=passages, version=version, mode=mode, embed_batch=batch,
+                            timings=SearchTimings(embed_s=t1 - t0, search_s=t2 - t1))
 
-    async def ready(self) -> dict[str, Any]:
+    async def ready(self) -> Health:
         """Whether some replica of every shard group has loaded the current version's shards."""
         version = self.version
         n = len(self.manifests[version].shards)
+        not_answering: tuple[type[BaseException], ...] = (TimeoutError, *self.retry_errors)
         try:
-            states = await asyncio.wait_for(asyncio.gather(*(h.loaded.remote() for h in self.searchers)), 5)
-        except (TimeoutError, *self.retry_errors) as e:
-            return {"ready": False, "version": version, "reason": f"a shard group is not answering ({e!r:.80})"}
-        covered = sorted(s for st in states if version in st["versions"] for s in st["shards"])
-        return {"ready": covered == list(range(n)), "version": version, "shards": n, "loaded": covered}
+            states: list[ShardsLoaded] = await asyncio.wait_for(
+                asyncio.gather(*(h.loaded.remote() for h in self.searchers)), 5)
+        except not_answering as e:
+            return Health(ready=False, version=version, reason=f"a shard group is not answering ({e!r:.80})")
+        covered = sorted(s for st in states if version in st.versions for s in st.shards)
+        return Health(ready=covered == list(range(n)), version=version, shards=n, loaded=covered)
 
-    def info(self) -> dict[str, Any]:
-        from serving.rag import resolve_mode
-
+    def info(self) -> RetrieverInfo:
         m = self.manifests[self.version]
-        return {"version": self.version, "shards": len(m.shards), "ntotal": m.ntotal, "factory": m.factory,
-                "model": m.model.get("name"), "lexical": m.lexical is not None,
-                "mode": resolve_mode(self.mode, m, self.version)}
+        return RetrieverInfo(version=self.version, shards=len(m.shards), ntotal=m.ntotal, factory=m.factory,
+                             model=m.model.get("name"), lexical=m.lexical is not None,
+                             mode=resolve_mode(self.retrieval.mode, m, self.version))
 
 
 class _Adapter:
     """A loaded LoRA adapter as Serve's multiplexer holds it; unloading it (LRU) removes it from the base."""
 
     def __init__(self, generator: Generator, name: str):
-        self.generator, self.name = generator, name
+        self.generator: Generator | None = generator
+        self.name = name
 
-    def __del__(self):
+    def __del__(self) -> None:
         gen, self.generator = self.generator, None
         if gen is not None:
             gen.unload_adapter(self.name)
@@ -382,30 +427,23 @@ class Generator:
     The request's adapter comes from Serve's multiplexed model id (the Ingress sets it from ``model``); Serve
     routes a request to a replica that has its adapter loaded, and loads it (LRU) where none has. Requests
     are batched per adapter (``@serve.batch`` splits batches by model id); PEFT's ``adapter_names`` would
-    also take mixed batches.
+    also take mixed batches. The device and threads are the placement's (``generator.device`` and ``.threads``
+    are what it started from).
     """
 
-    def __init__(self, model: str, name: str, adapters: dict[str, str], prompt: dict[str, Any],
-                 defaults: dict[str, Any], device: str = "auto", dtype: str = "auto", context: int | None = None,
-                 threads: int | None = None, batching: bool = True, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, max_adapters: int = 4):
-        from configs.schema.serve import GenerationDefaults, PromptConfig
-        from serving.generation import Decoder
-
-        self.decoder = Decoder.load(model, device, dtype, context, threads)
-        self.name, self.adapter_paths = name, dict(adapters)
-        self.prompt = PromptConfig.model_validate(prompt)
-        self.defaults = GenerationDefaults.model_validate(defaults)
-        self.batching = batching
+    def __init__(self, cfg: GeneratorConfig, prompt: PromptConfig, resources: ReplicaResources):
+        self.decoder = Decoder.load(cfg.model, resources.device, cfg.dtype, cfg.context, resources.threads)
+        self.name, self.adapter_paths = cfg.name, dict(cfg.adapters)
+        self.prompt = prompt
+        self.batching = cfg.batching
         self.in_use: dict[str, int] = {}
-        self._decode_batch.set_max_batch_size(max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        _configure_batching(self._decode_batch, cfg.max_batch_size, cfg.batch_wait_timeout_s)
 
         async def load(name: str) -> _Adapter:
             return await self._load_adapter(name)
 
         # wired at init so that the LRU size comes from the config (Serve detects multiplexing on the instance)
-        self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load)
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load)
 
     async def _load_adapter(self, name: str) -> _Adapter:
         if name not in self.adapter_paths:
@@ -418,8 +456,10 @@ class Generator:
             self.decoder.remove_adapter(name)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _decode_batch(self, requests: list[Any]):
-        """One decode loop for the batch; yields, per step, each request's delta (StopIteration once done)."""
+    async def _decode_batch(self, requests: list[GenRequest]) -> Any:
+        """One decode loop for the batch; yields, per step, each request's (delta, batch size), or StopIteration
+        once it is done (``@serve.batch``'s protocol for generators: a caller passes one GenRequest and iterates
+        its own (delta, batch size) pairs). ``Any``: serve.batch's type hints have no case for generators."""
         steps = self.decoder.stream(requests)
         while True:
             events = await asyncio.to_thread(next, steps, None)
@@ -427,7 +467,7 @@ class Generator:
                 return
             yield [StopIteration if e is None else (e, len(requests)) for e in events]
 
-    async def _decode_one(self, request: Any):
+    async def _decode_one(self, request: GenRequest) -> AsyncIterator[tuple[Delta, int]]:
         steps = self.decoder.stream([request])
         while True:
             events = await asyncio.to_thread(next, steps, None)
@@ -435,63 +475,60 @@ class Generator:
                 return
             yield events[0], 1
 
-    async def _events(self, gen_request: Any, prompt_event: dict[str, Any]):
-        """The prompt event, then {"text", "finish_reason", "completion_tokens", "batch"} per step."""
-        adapter = gen_request.adapter
+    async def _events(self, request: GenRequest, prompt: PromptInfo) -> AsyncIterator[PromptInfo | Step]:
+        """The prompt, then one Step per decode step. The adapter counts as in use from before the prompt is
+        handed out, so that an eviction meanwhile does not unload it."""
+        adapter = request.adapter
         if adapter:
             self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
         try:
-            yield prompt_event
-            source = self._decode_batch(gen_request) if self.batching else self._decode_one(gen_request)
+            yield prompt
+            source: AsyncIterator[tuple[Delta, int]] = (
+                self._decode_batch(request) if self.batching else self._decode_one(request))
             async for delta, batch in source:
-                yield {"text": delta.text, "finish_reason": delta.finish_reason,
-                       "completion_tokens": delta.completion_tokens, "batch": batch}
+                yield Step(text=delta.text, finish_reason=delta.finish_reason,
+                           completion_tokens=delta.completion_tokens, batch=batch)
         finally:
             if adapter:
                 self.in_use[adapter] -= 1
 
-    async def _prepare(self, kind: str, payload: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        from models.prompt import build_prompt, completion_prompt
-        from serving.generation import GenRequest, SamplingParams
-
+    async def _prepare(self, request: ChatInput | CompletionInput) -> tuple[GenRequest, PromptInfo]:
         model_id = serve.get_multiplexed_model_id()
         adapter = None
         if model_id and model_id != self.name:
             await self.get_adapter(model_id)
             adapter = model_id
-        params = SamplingParams(**payload["params"])
-        if kind == "chat":
-            prompt = build_prompt(self.decoder.tokenizer, payload["messages"], payload["passages"], self.prompt,
-                                  self.decoder.context, params.max_tokens)
-            ids, used = prompt.ids, prompt.passages
-            extra = {"dropped_passages": prompt.dropped_passages, "dropped_turns": prompt.dropped_turns}
+        params = request.params
+        if isinstance(request, ChatInput):
+            prompt, citations = rag_prompt(self.decoder.tokenizer, request.messages, request.passages, self.prompt,
+                                           self.decoder.context, params.max_tokens)
+            info = PromptInfo(prompt_tokens=len(prompt.ids), citations=citations,
+                              dropped_passages=prompt.dropped_passages, dropped_turns=prompt.dropped_turns)
+            ids = prompt.ids
         else:
-            ids, used, extra = completion_prompt(self.decoder.tokenizer, payload["prompt"], self.decoder.context,
-                                                 params.max_tokens), [], {}
-        return GenRequest(ids, params, adapter), {"prompt_tokens": len(ids), "passages": used, **extra}
+            ids = completion_prompt(self.decoder.tokenizer, request.prompt, self.decoder.context, params.max_tokens)
+            info = PromptInfo(prompt_tokens=len(ids), citations=[])
+        return GenRequest(ids, params, adapter), info
 
-    async def stream(self, kind: str, payload: dict[str, Any]):
-        """Streamed generation: first {"prompt_tokens", "passages", ...}, then one event per decode step.
-
-        ``kind`` is chat (``payload``: messages, passages, params) or completion (prompt, params).
-        """
-        request, prompt_event = await self._prepare(kind, payload)
-        async for event in self._events(request, prompt_event):
+    async def stream(self, request: ChatInput | CompletionInput) -> AsyncIterator[PromptInfo | Step]:
+        """Streamed generation: first the PromptInfo, then one Step per decode step."""
+        gen_request, prompt = await self._prepare(request)
+        async for event in self._events(gen_request, prompt):
             yield event
 
-    async def complete(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer at once: {"text", "finish_reason", "prompt_tokens", "completion_tokens", "passages",
-        "batch"}."""
-        request, prompt_event = await self._prepare(kind, payload)
-        out = {**prompt_event, "text": "", "finish_reason": None, "completion_tokens": 0, "batch": 0}
-        async for event in self._events(request, prompt_event):
-            if "text" in event:
-                out["text"] += event["text"]
-                out["finish_reason"] = event["finish_reason"] or out["finish_reason"]
-                out["completion_tokens"] = event["completion_tokens"]
-                out["batch"] = max(out["batch"], event["batch"])
-        return out
+    async def complete(self, request: ChatInput | CompletionInput) -> Generated:
+        """The whole answer at once."""
+        gen_request, prompt = await self._prepare(request)
+        text, finish_reason, completion_tokens, batch = "", None, 0, 0
+        async for event in self._events(gen_request, prompt):
+            if isinstance(event, Step):
+                text += event.text
+                finish_reason = event.finish_reason or finish_reason
+                completion_tokens = event.completion_tokens
+                batch = max(batch, event.batch)
+        return Generated(prompt=prompt, text=text, finish_reason=finish_reason, completion_tokens=completion_tokens,
+                         batch=batch)
 
-    def info(self) -> dict[str, Any]:
-        return {"base": self.name, "adapters": sorted(self.adapter_paths), "loaded": self.decoder.adapters,
-                "context": self.decoder.context, "device": str(self.decoder.device)}
+    def info(self) -> GeneratorInfo:
+        return GeneratorInfo(base=self.name, adapters=sorted(self.adapter_paths), loaded=self.decoder.adapters,
+                             context=self.decoder.context, device=str(self.decoder.device))

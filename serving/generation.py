@@ -18,9 +18,16 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from configs.errors import RagtuneError
+from models.generators import load_model, load_tokenizer, local_model_dir
+from models.hardware import resolve_device
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("ragtune.serve")
 
@@ -69,15 +76,15 @@ class _Row:
     """Decoding state of one request."""
 
     req: GenRequest
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     eos_ids: set[int]
     context: int
-    rng: Any
+    rng: torch.Generator
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
     done: bool = False
 
-    def sample(self, logits: Any) -> int:
+    def sample(self, logits: torch.Tensor) -> int:
         import torch
 
         p = self.req.params
@@ -110,7 +117,9 @@ class _Row:
         return Delta(out, None, len(self.generated))
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert isinstance(text, str)  # one sequence of ids decodes to one text
+        return text
 
     def _finish(self, reason: str, text: str) -> Delta:
         self.done = True
@@ -126,11 +135,12 @@ class Decoder:
     duration of a forward call, which two concurrent calls would mix up. Batches interleave step by step.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, device: Any, context: int | None = None):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+                 context: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
-        self.peft: Any = None
+        self.peft: PeftModel | None = None
         self.lock = threading.Lock()
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context = min(context, limit) if context else limit
@@ -140,17 +150,15 @@ class Decoder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     @classmethod
-    def load(cls, name: str, device: str = "auto", dtype: str = "auto", context: int | None = None,
+    def load(cls, name: str, device: Literal["auto", "cpu", "gpu"] = "auto",
+             dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto", context: int | None = None,
              threads: int | None = None) -> Decoder:
         """Load a base model (hub id, folder or URI) onto ``device`` (auto: a GPU when there is one)."""
         import torch
 
-        from models.generators import load_model, load_tokenizer
-        from models.hardware import resolve_device
-
         if threads:
             torch.set_num_threads(threads)
-        dev = resolve_device(device)  # type: ignore[arg-type]
+        dev = resolve_device(device)
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if dev.type != "cpu" and torch.cuda.is_bf16_supported() else torch.float32
         else:
@@ -167,8 +175,6 @@ class Decoder:
     def add_adapter(self, name: str, path: str) -> None:
         """Load a PEFT adapter folder under ``name`` onto the shared base."""
         from peft import PeftModel
-
-        from models.generators import local_model_dir
 
         local = local_model_dir(path)
         with self.lock:

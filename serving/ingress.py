@@ -24,31 +24,63 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Literal, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable, user_error
-from configs.schema.serve import ServeJobConfig, is_loopback
+from configs.schema.serve import GeneratorConfig, LimitsConfig, RetrievalConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
+from serving.generation import SamplingParams
+from serving.rag import sampling_params
 from serving.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
+    ChatInput,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionInput,
     CompletionRequest,
+    EmbedderInfo,
+    Embedding,
+    EmbeddingData,
+    EmbeddingList,
     EmbeddingRequest,
+    EmbeddingUsage,
+    ErrorBody,
+    ErrorDetail,
     FusionOptions,
+    Generated,
+    Health,
+    ModelCard,
+    ModelList,
+    Passage,
+    PromptInfo,
+    Reloaded,
     SearchRequest,
+    SearchResponse,
+    SearchResult,
+    Step,
+    TextCompletion,
+    Usage,
     check_chat,
     check_completion,
     check_embeddings,
     check_search,
-    error_body,
 )
+from sharding.filters import Filter
 
 log = logging.getLogger("ragtune.serve")
 
@@ -57,6 +89,9 @@ app = FastAPI(title="ragtune", docs_url=None, redoc_url=None, openapi_url=None)
 # The HTTP status of each kind of error the answering path raises (configs.errors). Any other exception, a
 # RagtuneError of no kind included (a missing shard, a checksum mismatch), is a 500.
 STATUS: dict[type[RagtuneError], int] = {InvalidRequest: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
+
+T = TypeVar("T")
+Req = TypeVar("Req", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -71,8 +106,13 @@ class ApiError(Exception):
                              429: "rate_limit_error", 503: "server_error", 504: "timeout"}.get(
             status, "invalid_request_error" if status < 500 else "server_error")
 
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+    def body(self) -> dict[str, object]:
+        """The JSON body."""
+        return _error_body(self.message, self.type, self.param, self.code).model_dump()
+
+
+def _error_body(message: str, type: str, param: str | None, code: str | None) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code))
 
 
 def api_error(e: BaseException) -> ApiError | None:
@@ -92,6 +132,10 @@ def api_error(e: BaseException) -> ApiError | None:
     return ApiError(status, err.message, param=err.param, code=err.code)
 
 
+def _json(body: BaseModel, status: int = 200) -> JSONResponse:
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
@@ -100,18 +144,20 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-    return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error",
-                                   None, code), status_code=e.status_code)
+    return _json(_error_body(f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error", None, code),
+                 e.status_code)
 
 
-def _sse(data: dict[str, Any] | str) -> bytes:
+def _sse(data: BaseModel | dict[str, object] | str) -> bytes:
+    if isinstance(data, BaseModel):
+        data = data.model_dump()
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
 class Metrics:
     """Prometheus metrics of this Ingress replica (one registry per replica)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -133,20 +179,27 @@ class Metrics:
                              registry=r)
 
 
+Kind = Literal["chat", "completion"]
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, embedder: Any, retriever: Any, generator: Any, config: dict[str, Any],
-                 key_hashes: list[str] | None = None):
+    """The HTTP API over the other deployments' handles. ``generator`` gives the model names and the sampling
+    defaults, ``retrieval`` the chat's default ``k``; only the API keys' sha256 (``key_hashes``) travel here, plus
+    the environment variable the replica reads more keys from (``auth.api_keys_env``)."""
+
+    def __init__(self, embedder: DeploymentHandle, retriever: DeploymentHandle, generator: DeploymentHandle, *,
+                 generation: GeneratorConfig, retrieval: RetrievalConfig, limits: LimitsConfig,
+                 key_hashes: list[str], api_keys_env: str | None):
         self.embedder, self.retriever, self.generator = embedder, retriever, generator
-        self.cfg = ServeJobConfig.model_validate(config)
-        self.limits = self.cfg.limits
-        self.keys = set(key_hashes or ()) | api_key_hashes([], self.cfg.auth.api_keys_env)
+        self.generation, self.retrieval, self.limits = generation, retrieval, limits
+        self.keys = set(key_hashes) | api_key_hashes([], api_keys_env)
         if not self.keys:
             log.warning("NO API KEYS: this server answers without authentication, and only to 127.0.0.1 (set "
-                        "%s to require keys)", self.cfg.auth.api_keys_env or "auth.api_keys")
-        self.models = [self.cfg.generator.name, *self.cfg.generator.adapters]
-        self.embedder_info: dict[str, Any] | None = None  # model name and dimension: fixed for the deployment
+                        "%s to require keys)", api_keys_env or "auth.api_keys")
+        self.models = [generation.name, *generation.adapters]
+        self.embedder_info: EmbedderInfo | None = None  # model name and dimension: fixed for the deployment
         self.metrics = Metrics()
         self.created = int(time.time())
 
@@ -167,7 +220,7 @@ class Ingress:
         if not key_matches(token, self.keys):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    async def _read(self, request: Request, model: type[BaseModel]) -> Any:
+    async def _read(self, request: Request, model: type[Req]) -> Req:
         """Auth, body size, JSON and schema -> the request object, or a 4xx."""
         self._auth(request)
         limit = self.limits.max_body_bytes
@@ -196,7 +249,7 @@ class Ingress:
                                 + (f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""),
                            param=where, code="invalid_request") from None
 
-    async def _timed(self, route: str, work):
+    async def _timed(self, route: str, work: Awaitable[T]) -> T:
         """Run a route's work with the request timeout; count and time it; any failure in OpenAI's format."""
         t0 = time.perf_counter()
         status = 200
@@ -217,38 +270,34 @@ class Ingress:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
-    def _generator_for(self, model: str) -> Any:
+    def _generator_for(self, model: str) -> DeploymentHandle:
         if model not in self.models:
             raise ApiError(404, f"model {model!r} does not exist; models served: {', '.join(self.models)}",
                            param="model", code="model_not_found")
-        if model == self.cfg.generator.name:
+        if model == self.generation.name:
             return self.generator
         return self.generator.options(multiplexed_model_id=model)
 
-    def _params(self, req: Any, max_tokens: int | None) -> dict[str, Any]:
-        from dataclasses import asdict
+    def _params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> SamplingParams:
+        return sampling_params(self.generation.defaults, max_tokens=max_tokens, temperature=req.temperature,
+                               top_p=req.top_p, stop=req.stops(), seed=req.seed)
 
-        from serving.rag import sampling_params
-
-        return asdict(sampling_params(self.cfg.generator.defaults, max_tokens=max_tokens,
-                                      temperature=req.temperature, top_p=req.top_p, stop=req.stops(), seed=req.seed))
-
-    async def _embedder_info(self) -> dict[str, Any]:
+    async def _embedder_info(self) -> EmbedderInfo:
         if self.embedder_info is None:
             self.embedder_info = await self.embedder.info.remote()
         return self.embedder_info
 
-    async def _retrieve(self, query: str, k: int, filter: dict[str, Any] | None, mode: str | None,
-                        fusion: FusionOptions | None, param: str = "mode") -> dict[str, Any]:
-        out = await self.retriever.search.remote(query, k, filter, mode, fusion.overrides() if fusion else None,
-                                                 param)
-        if out["mode"] != "lexical":  # lexical searches embed nothing
-            self.metrics.stage.labels("embed").observe(out["timings"]["embed_s"])
-            self.metrics.batch.labels("embedder").observe(out["embed_batch"])
-        self.metrics.stage.labels("search").observe(out["timings"]["search_s"])
-        self.metrics.search.labels(out["mode"]).observe(out["timings"]["search_s"])
+    async def _retrieve(self, query: str, k: int, filter: Filter | None, mode: str | None,
+                        fusion: FusionOptions | None, param: str = "mode") -> SearchResult:
+        out: SearchResult = await self.retriever.search.remote(query, k, filter, mode,
+                                                                 fusion.overrides() if fusion else None, param)
+        if out.mode != "lexical":  # lexical searches embed nothing
+            self.metrics.stage.labels("embed").observe(out.timings.embed_s)
+            self.metrics.batch.labels("embedder").observe(out.embed_batch)
+        self.metrics.stage.labels("search").observe(out.timings.search_s)
+        self.metrics.search.labels(out.mode).observe(out.timings.search_s)
         self.metrics.version.clear()
-        self.metrics.version.labels(out["version"]).set(1)
+        self.metrics.version.labels(out.version).set(1)
         return out
 
     # --- routes -------------------------------------------------------------------------------------------------------
@@ -256,14 +305,13 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
-            state = await asyncio.wait_for(self.retriever.ready.remote(), 10)
+            state: Health = await asyncio.wait_for(self.retriever.ready.remote(), 10)
         except Exception as e:
-            state = {"ready": False, "reason": f"retriever not answering ({type(e).__name__})"}
-        return JSONResponse({"status": "ok" if state.get("ready") else "loading", **state},
-                            status_code=200 if state.get("ready") else 503)
+            state = Health(ready=False, reason=f"retriever not answering ({type(e).__name__})")
+        return _json(state, 200 if state.ready else 503)
 
     @app.get("/metrics")
-    async def metrics(self, request: Request) -> Response:
+    async def prometheus(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         self._auth(request)
@@ -272,163 +320,155 @@ class Ingress:
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
         self._auth(request)
-        embedding_model = (await self._embedder_info())["model"]
-        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "ragtune",
-                 "kind": "base" if m == self.cfg.generator.name else "adapter"} for m in self.models]
-        data.append({"id": embedding_model, "object": "model", "created": self.created, "owned_by": "ragtune",
-                     "kind": "embedding"})
-        return JSONResponse({"object": "list", "data": data})
+        embedding_model = (await self._embedder_info()).model
+        data = [ModelCard(id=m, created=self.created, kind="base" if m == self.generation.name else "adapter")
+                for m in self.models]
+        data.append(ModelCard(id=embedding_model, created=self.created, kind="embedding"))
+        return _json(ModelList(data=data))
 
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> JSONResponse:
         self._auth(request)
-        return JSONResponse(await self._timed("reload", self.retriever.reload.remote()))
+        reloaded: Reloaded = await self._timed("reload", self.retriever.reload.remote())
+        return _json(reloaded)
 
     @app.post("/v1/search")
     async def search(self, request: Request) -> JSONResponse:
-        async def work():
-            req: SearchRequest = await self._read(request, SearchRequest)
+        async def work() -> SearchResponse:
+            req = await self._read(request, SearchRequest)
             check_search(req, self.limits)
             out = await self._retrieve(req.query, req.k, req.filter, req.mode, req.fusion)
-            return {"object": "search.result", "query": req.query, "k": req.k, "mode": out["mode"],
-                    "version": out["version"], "data": out["passages"]}
+            return SearchResponse(query=req.query, k=req.k, mode=out.mode, version=out.version, data=out.passages)
 
-        return JSONResponse(await self._timed("search", work()))
+        return _json(await self._timed("search", work()))
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
-        async def work():
-            req: EmbeddingRequest = await self._read(request, EmbeddingRequest)
+        async def work() -> EmbeddingList:
+            req = await self._read(request, EmbeddingRequest)
             check_embeddings(req, self.limits)
             info = await self._embedder_info()
-            if req.model != info["model"]:
+            if req.model != info.model:
                 raise ApiError(404, f"embedding model {req.model!r} does not exist; this server embeds with "
-                                    f"{info['model']!r}", param="model", code="model_not_found")
-            if req.dimensions is not None and req.dimensions != info["dim"]:
-                raise ApiError(400, f"dimensions = {req.dimensions}: {info['model']} gives {info['dim']} only",
+                                    f"{info.model!r}", param="model", code="model_not_found")
+            if req.dimensions is not None and req.dimensions != info.dim:
+                raise ApiError(400, f"dimensions = {req.dimensions}: {info.model} gives {info.dim} only",
                                param="dimensions")
             t0 = time.perf_counter()
-            out = await self.embedder.embed_many.remote(req.texts())
+            out: list[Embedding] = await self.embedder.embed_many.remote(req.texts())
             self.metrics.stage.labels("embed").observe(time.perf_counter() - t0)
             data = []
-            for i, (vec, _, batch) in enumerate(out):
-                self.metrics.batch.labels("embedder").observe(batch)
-                emb: Any = (base64.b64encode(np.asarray(vec, "<f4").tobytes()).decode()
-                            if req.encoding_format == "base64" else np.asarray(vec, np.float32).tolist())
-                data.append({"object": "embedding", "index": i, "embedding": emb})
-            tokens = sum(t for _, t, _ in out)
-            return {"object": "list", "model": info["model"], "data": data,
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            for i, e in enumerate(out):
+                self.metrics.batch.labels("embedder").observe(e.batch)
+                vector: list[float] | str = (base64.b64encode(np.asarray(e.vector, "<f4").tobytes()).decode()
+                                             if req.encoding_format == "base64" else
+                                             np.asarray(e.vector, np.float32).tolist())
+                data.append(EmbeddingData(index=i, embedding=vector))
+            tokens = sum(e.tokens for e in out)
+            return EmbeddingList(model=info.model, data=data,
+                                 usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
-        return JSONResponse(await self._timed("embeddings", work()))
+        return _json(await self._timed("embeddings", work()))
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
-        async def start():
-            req: ChatCompletionRequest = await self._read(request, ChatCompletionRequest)
+        async def start() -> tuple[ChatCompletionRequest, DeploymentHandle, ChatInput]:
+            req = await self._read(request, ChatCompletionRequest)
             check_chat(req, self.limits)
             handle = self._generator_for(req.model)
             opts = req.retrieval_options()
-            passages: list[dict[str, Any]] = []
+            passages: list[Passage] = []
             if opts.enabled:
-                k = opts.k or self.cfg.retrieval.k
+                k = opts.k or self.retrieval.k
                 passages = (await self._retrieve(req.messages[-1].text(), k, opts.filter, opts.mode,
-                                                 opts.fusion, "retrieval.mode"))["passages"]
-            payload = {"messages": [m.plain() for m in req.messages], "passages": passages,
-                       "params": self._params(req, req.max_new_tokens())}
-            return req, handle, payload
+                                                 opts.fusion, "retrieval.mode")).passages
+            return req, handle, ChatInput(messages=[m.plain() for m in req.messages], passages=passages,
+                                          params=self._params(req, req.max_new_tokens()))
 
         req, handle, payload = await self._timed("chat.prepare", start())
         if req.stream:
             return await self._stream("chat", req, handle, payload)
-        return JSONResponse(await self._timed("chat", self._complete("chat", req, handle, payload)))
+        return _json(await self._timed("chat", self._complete("chat", req, handle, payload)))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        async def start():
-            req: CompletionRequest = await self._read(request, CompletionRequest)
+        async def start() -> tuple[CompletionRequest, DeploymentHandle, CompletionInput]:
+            req = await self._read(request, CompletionRequest)
             check_completion(req, self.limits)
             handle = self._generator_for(req.model)
-            return req, handle, {"prompt": req.text(), "params": self._params(req, req.max_tokens)}
+            return req, handle, CompletionInput(prompt=req.text(), params=self._params(req, req.max_tokens))
 
         req, handle, payload = await self._timed("completions.prepare", start())
         if req.stream:
             return await self._stream("completion", req, handle, payload)
-        return JSONResponse(await self._timed("completions", self._complete("completion", req, handle, payload)))
+        return _json(await self._timed("completions", self._complete("completion", req, handle, payload)))
 
     # --- generation ---------------------------------------------------------------------------------------------------
 
-    def _record(self, out: dict[str, Any], seconds: float) -> None:
+    def _record(self, prompt_tokens: int, completion_tokens: int, batch: int, seconds: float) -> None:
         self.metrics.stage.labels("generate").observe(seconds)
-        self.metrics.batch.labels("generator").observe(out.get("batch") or 1)
-        self.metrics.tokens.labels("prompt").inc(out.get("prompt_tokens", 0))
-        self.metrics.tokens.labels("completion").inc(out.get("completion_tokens", 0))
+        self.metrics.batch.labels("generator").observe(batch or 1)
+        self.metrics.tokens.labels("prompt").inc(prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(completion_tokens)
 
-    async def _complete(self, kind: str, req: Any, handle: Any, payload: dict[str, Any]) -> dict[str, Any]:
-        from serving.rag import citation
-
+    async def _complete(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, handle: DeploymentHandle,
+                        payload: ChatInput | CompletionInput) -> ChatCompletion | TextCompletion:
         t0 = time.perf_counter()
-        out = await handle.complete.remote(kind, payload)
-        self._record(out, time.perf_counter() - t0)
-        usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                 "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+        out: Generated = await handle.complete.remote(payload)
+        self._record(out.prompt.prompt_tokens, out.completion_tokens, out.batch, time.perf_counter() - t0)
+        usage = Usage.of(out.prompt.prompt_tokens, out.completion_tokens)
         if kind == "chat":
-            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                    "model": req.model, "usage": usage,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                                 "finish_reason": out["finish_reason"]}],
-                    "citations": [citation(p) for p in out["passages"]]}
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "usage": usage,
-                "choices": [{"index": 0, "text": out["text"], "finish_reason": out["finish_reason"],
-                             "logprobs": None}]}
+            return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model,
+                                  usage=usage, citations=out.prompt.citations,
+                                  choices=[ChatChoice(message=AssistantMessage(content=out.text),
+                                                      finish_reason=out.finish_reason)])
+        return TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, usage=usage,
+                              choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)])
 
-    async def _stream(self, kind: str, req: Any, handle: Any, payload: dict[str, Any]) -> Response:
+    async def _stream(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, handle: DeploymentHandle,
+                      payload: ChatInput | CompletionInput) -> Response:
         """Server-sent events. The first event (the prompt) is awaited before answering 200, so that a prompt
         that does not fit is still a 400; later failures end the stream with an error event."""
-        from serving.rag import citation
-
         t0 = time.perf_counter()
         deadline = t0 + self.limits.request_timeout_s
-        gen = handle.options(stream=True).stream.remote(kind, payload)
-        first = await self._timed(f"{kind}.stream", gen.__anext__())
+        gen = handle.options(stream=True).stream.remote(payload)
+        assert isinstance(gen, DeploymentResponseGenerator)
+        prompt: PromptInfo = await self._timed(f"{kind}.stream", gen.__anext__())
         created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(text: str | None, finish: str | None, role: bool = False, **extra: Any) -> dict[str, Any]:
+        def chunk(text: str, finish: str | None) -> ChatCompletionChunk | CompletionChunk:
             if kind == "chat":
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
-                    ({"content": text} if text else {})
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-            return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
-                    **extra}
+                return ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
+                    ChatChunkChoice(delta=ChatDelta(content=text or None), finish_reason=finish)])
+            return CompletionChunk(id=rid, created=created, model=req.model,
+                                   choices=[CompletionChoice(text=text, finish_reason=finish)])
+
+        def usage_chunk(usage: Usage) -> ChatCompletionChunk | CompletionChunk:
+            if kind == "chat":
+                return ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage)
+            return CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage)
 
         async def events() -> AsyncIterator[bytes]:
-            status, out = 200, {"prompt_tokens": first["prompt_tokens"], "completion_tokens": 0, "batch": 1}
+            status, completion_tokens, batch = 200, 0, 1
             try:
                 if kind == "chat":
-                    yield _sse(chunk(None, None, role=True,
-                                     citations=[citation(p) for p in first["passages"]]))
+                    yield _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
+                        ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))], citations=prompt.citations))
                 while True:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         raise TimeoutError
                     try:
-                        ev = await asyncio.wait_for(gen.__anext__(), remaining)
+                        step: Step = await asyncio.wait_for(gen.__anext__(), remaining)
                     except StopAsyncIteration:
                         break
-                    out["completion_tokens"] = ev["completion_tokens"]
-                    out["batch"] = max(out["batch"], ev["batch"])
-                    if ev["text"] or ev["finish_reason"]:
-                        yield _sse(chunk(ev["text"], ev["finish_reason"]))
+                    completion_tokens = step.completion_tokens
+                    batch = max(batch, step.batch)
+                    if step.text or step.finish_reason:
+                        yield _sse(chunk(step.text, step.finish_reason))
                 if include_usage:
-                    usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                             "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
-                    yield _sse({"id": rid, "object": "chat.completion.chunk" if kind == "chat" else
-                                "text_completion", "created": created, "model": req.model, "choices": [],
-                                "usage": usage})
+                    yield _sse(usage_chunk(Usage.of(prompt.prompt_tokens, completion_tokens)))
             except Exception as e:  # the status line is sent: report in the stream, as OpenAI does
                 api = api_error(e)
                 if isinstance(e, TimeoutError):
@@ -441,7 +481,7 @@ class Ingress:
                 status = api.status
                 yield _sse(api.body())
             finally:
-                self._record(out, time.perf_counter() - t0)
+                self._record(prompt.prompt_tokens, completion_tokens, batch, time.perf_counter() - t0)
                 self.metrics.requests.labels(f"{kind}.stream", str(status)).inc()
                 self.metrics.latency.labels(f"{kind}.stream").observe(time.perf_counter() - t0)
             yield _sse("[DONE]")

@@ -1,42 +1,52 @@
 """The answering path, one set of functions: retrieve -> build the prompt -> generate.
 
 The Serve deployments call these functions (the ShardSearchers: ``group_rankings``; the Retriever:
-``resolve_mode``, ``search_k``, ``combine``, ``passages_from``; the Generator: ``models.prompt.build_prompt``,
-``sampling_params`` and ``serving.generation``), and :class:`RagPipeline` chains the same functions in one
-process without Serve (``ragtune ask --config``, the compare job), so what is measured is what is served
-(DESIGN.md). The prompt itself, and how it is fitted to the model's context, is ``models.prompt``.
+``resolve_mode``, ``search_k``, ``combine``, ``passages_from``; the Ingress: ``sampling_params``; the Generator:
+``rag_prompt`` and ``serving.generation``), and :class:`RagPipeline` chains the same functions in one process
+without Serve (``ragtune ask --config``, the compare job), so what is measured is what is served (DESIGN.md).
+The prompt itself, and how it is fitted to the model's context, is ``models.prompt``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from configs.errors import InvalidRequest, NotFound
-from models.prompt import build_prompt
-from sharding.filters import matches, metadata_of
+from configs.schema.serve import FusionConfig, GenerationDefaults, PromptConfig, ServeJobConfig
+from models.embedders import QueryEncoder
+from models.prompt import Prompt, build_prompt
+from serving.generation import Decoder, GenRequest, SamplingParams
+from serving.schemas import Citation, Passage, Usage
+from sharding.docstore import Docstore
+from sharding.filters import Filter, matches, metadata_of
+from sharding.manifest import IndexManifest
+from sharding.search import Fusion, ShardedIndex, fuse, merge_topk, ranked_hits
 
 if TYPE_CHECKING:
-    from configs.schema.serve import GenerationDefaults, ServeJobConfig
-    from serving.generation import SamplingParams
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("ragtune.serve")
 
-PASSAGE_FIELDS = ("doc_id", "title", "text", "metadata")
+PASSAGE_FIELDS = ("doc_id", "title", "text", "metadata")  # the docstore columns a Passage holds
+
+Rankings = dict[str, tuple[np.ndarray, np.ndarray]]  # {"dense" | "lexical": (D, I)}, each (nq, depth)
+FusionOverrides = Mapping[str, str | float]  # a request's values of some of Fusion's fields (method, weight, ...)
 
 
 # --- retrieval --------------------------------------------------------------------------------------------------------
 
-def search_k(k: int, filter: Mapping[str, Any] | None, ntotal: int, overfetch: int) -> int:
+def search_k(k: int, filter: Filter | None, ntotal: int, overfetch: int) -> int:
     """Candidates to search for ``k`` results: ``k``, or ``k x overfetch`` when a filter will drop some."""
     want = k * overfetch if filter else k
     return max(k, min(want, ntotal)) if ntotal else k
 
 
-def widen_k(kk: int, k: int, found: int, filter: Mapping[str, Any] | None, ntotal: int,
+def widen_k(kk: int, k: int, found: int, filter: Filter | None, ntotal: int,
             max_candidates: int) -> int | None:
     """The next candidate count when a filter left fewer than ``k`` of ``kk`` candidates, or None: enough passed,
     no filter, every vector was a candidate already, or ``max_candidates`` was reached."""
@@ -46,20 +56,15 @@ def widen_k(kk: int, k: int, found: int, filter: Mapping[str, Any] | None, ntota
     return min(kk * 4, limit)
 
 
-def passages_from(d: np.ndarray, i: np.ndarray, docstore: Any, k: int,
-                  filter: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The top ``k`` passages of one query's merged results (a row of D and I): rank, score, chunk_id, doc_id,
-    title, text, metadata; with a filter, only rows that pass it, re-ranked 1..k."""
-    from sharding.search import ranked_hits
-
+def passages_from(d: np.ndarray, i: np.ndarray, docstore: Docstore, k: int,
+                  filter: Filter | None = None) -> list[Passage]:
+    """The top ``k`` passages of one query's merged results (a row of D and I); with a filter, only rows that pass
+    it, re-ranked 1..k."""
     rows = docstore.lookup(np.asarray(i)[np.asarray(i) >= 0], columns=list(PASSAGE_FIELDS))
     hits = ranked_hits(d, i, rows, PASSAGE_FIELDS)
     if filter:
         hits = [h for h in hits if matches(h, filter)]
-    out = []
-    for rank, h in enumerate(hits[:k], 1):
-        out.append({**h, "rank": rank, "metadata": metadata_of(h)})
-    return out
+    return [Passage(**{**h, "rank": rank, "metadata": metadata_of(h)}) for rank, h in enumerate(hits[:k], 1)]
 
 
 # --- search modes: dense, lexical, hybrid -----------------------------------------------------------------------------
@@ -72,7 +77,7 @@ def passages_from(d: np.ndarray, i: np.ndarray, docstore: Any, k: int,
 RANKINGS = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}
 
 
-def resolve_mode(mode: str, manifest: Any, where: str, field: str = "mode") -> str:
+def resolve_mode(mode: str, manifest: IndexManifest, where: str, field: str = "mode") -> str:
     """The search mode for one index version: ``auto`` = hybrid when the version has a lexical part, else dense.
 
     Raises:
@@ -87,37 +92,31 @@ def resolve_mode(mode: str, manifest: Any, where: str, field: str = "mode") -> s
                              param=field, code="invalid_mode")
     if mode != "dense" and not has_lexical:
         raise InvalidRequest(f"{field} = {mode!r} needs a lexical (BM25) part, but index version {where} has none "
-                            "(built with index.lexical.enabled false, or before hybrid search existed). Fix: use mode "
-                            "dense or auto, or rebuild the index with `ragtune index`",
+                             "(its manifest lists no BM25 shards, e.g. built with index.lexical.enabled false). Fix: "
+                             "use mode dense or auto, or rebuild the index with `ragtune index`",
                              param=field, code="lexical_unavailable")
     return mode
 
 
-def make_fusion(base: Any, overrides: Mapping[str, Any] | None = None) -> Any:
-    """``sharding.search.Fusion`` from ``retrieval.fusion`` (a FusionConfig or a mapping) and a request's overrides."""
-    from dataclasses import asdict, is_dataclass
-
-    from sharding.search import Fusion
-
+def make_fusion(base: FusionConfig | Fusion | None, overrides: FusionOverrides | None = None) -> Fusion:
+    """``sharding.search.Fusion`` from ``retrieval.fusion`` (or a Fusion already made) and a request's overrides."""
     if base is None:
         values: dict[str, Any] = {}
-    elif isinstance(base, Mapping):
-        values = dict(base)
-    elif is_dataclass(base) and not isinstance(base, type):
+    elif isinstance(base, Fusion):
         values = asdict(base)
     else:
         values = base.model_dump()
     return Fusion(**{**values, **(overrides or {})})
 
 
-def ranking_depth(mode: str, kk: int, fusion: Any) -> int:
+def ranking_depth(mode: str, kk: int, fusion: Fusion) -> int:
     """How deep each ranking is searched for ``kk`` results: ``kk``, or ``max(kk, fusion.depth)`` for hybrid."""
     return max(kk, fusion.depth) if mode == "hybrid" else kk
 
 
-def group_rankings(index: Any, xq: np.ndarray | None, texts: Sequence[str] | None, depth: int,
-                   rankings: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """One shard group's rankings ({"dense" | "lexical": (D, I)}, each (nq, depth)) of an opened index version."""
+def group_rankings(index: ShardedIndex, xq: np.ndarray | None, texts: Sequence[str] | None, depth: int,
+                   rankings: Sequence[str]) -> Rankings:
+    """One shard group's rankings of an opened index version."""
     out = {}
     for r in rankings:
         if r == "dense":
@@ -129,12 +128,10 @@ def group_rankings(index: Any, xq: np.ndarray | None, texts: Sequence[str] | Non
     return out
 
 
-def combine(groups: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]], mode: str, kk: int, metric: str,
-            fusion: Any) -> tuple[np.ndarray, np.ndarray]:
+def combine(groups: Sequence[Rankings], mode: str, kk: int, metric: str,
+            fusion: Fusion) -> tuple[np.ndarray, np.ndarray]:
     """The top-``kk`` (D, I) of a search in ``mode`` from every group's rankings: each ranking merged across groups
     (dense by the index's ``metric``, BM25 as inner product), then fused for hybrid."""
-    from sharding.search import fuse, merge_topk
-
     depth = ranking_depth(mode, kk, fusion)
     merged = {}
     for r in RANKINGS[mode]:
@@ -153,9 +150,8 @@ class LocalRetriever:
     """
 
     def __init__(self, path: str, *, params: dict[str, int] | None = None, verify: bool = True, mmap: bool = True,
-                 overfetch: int = 10, max_candidates: int = 10_000, mode: str = "auto", fusion: Any = None):
-        from sharding.search import ShardedIndex
-
+                 overfetch: int = 10, max_candidates: int = 10_000, mode: str = "auto",
+                 fusion: FusionConfig | None = None):
         self.index = ShardedIndex.open(path, verify=verify, mmap=mmap, params=params)
         self.docstore = self.index.docstore()
         self.overfetch, self.max_candidates = overfetch, max_candidates
@@ -163,23 +159,23 @@ class LocalRetriever:
         self.mode, self.fusion = mode, make_fusion(fusion)
         if resolved != "dense":
             self.index.lexical_shards()  # load (and check) the BM25 shards now, not in the first request
-        self.encoder: Any = None if resolved == "lexical" else self._load_encoder()  # lexical needs no model
+        self.encoder: QueryEncoder | None = None if resolved == "lexical" else self._load_encoder()  # lexical: no model
 
-    def _load_encoder(self) -> Any:
-        from models.embedders import QueryEncoder
-
+    def _load_encoder(self) -> QueryEncoder:
         return QueryEncoder(self.index.manifest)
 
-    def search(self, query: str, k: int, filter: Mapping[str, Any] | None = None, mode: str | None = None,
-               fusion: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    def search(self, query: str, k: int, filter: Filter | None = None, mode: str | None = None,
+               fusion: FusionOverrides | None = None) -> list[Passage]:
         """The top ``k`` passages; ``mode`` and ``fusion`` (overrides) as a request gives them (None: as built)."""
         mode = resolve_mode(mode or self.mode, self.index.manifest, self.index.location.uri)
         fused = make_fusion(self.fusion, fusion)
-        if mode != "lexical" and self.encoder is None:  # a dense request to a retriever built lexical-only
-            self.encoder = self._load_encoder()
-        xq = None if mode == "lexical" else self.encoder.encode([query])
+        xq = None
+        if mode != "lexical":
+            if self.encoder is None:  # a dense request to a retriever built lexical-only
+                self.encoder = self._load_encoder()
+            xq = self.encoder.encode([query])
         kk: int | None = search_k(k, filter, self.index.ntotal, self.overfetch)
-        passages: list[dict[str, Any]] = []
+        passages: list[Passage] = []
         while kk is not None:
             rankings = group_rankings(self.index, xq, [query], ranking_depth(mode, kk, fused), RANKINGS[mode])
             D, I = combine([rankings], mode, kk, self.index.manifest.metric, fused)
@@ -188,23 +184,21 @@ class LocalRetriever:
         return passages
 
 
-# --- sampling and citations ------------------------------------------------------------------------------------------
+# --- prompt, sampling and citations ----------------------------------------------------------------------------------
 
 def sampling_params(defaults: GenerationDefaults, *, max_tokens: int | None, temperature: float | None,
                     top_p: float | None, stop: Sequence[str] = (), seed: int | None = None) -> SamplingParams:
     """A request's sampling, its missing values taken from ``generator.defaults``."""
-    from serving.generation import SamplingParams
-
     return SamplingParams(max_tokens=max_tokens or defaults.max_tokens,
                           temperature=defaults.temperature if temperature is None else temperature,
                           top_p=defaults.top_p if top_p is None else top_p, stop=tuple(stop), seed=seed)
 
 
-def citation(p: Mapping[str, Any]) -> dict[str, Any]:
-    """A passage as the API returns it (``citations``)."""
-    return {"n": p.get("n"), "rank": p["rank"], "score": p["score"], "chunk_id": p["chunk_id"],
-            "doc_id": p.get("doc_id"), "title": p.get("title"), "text": p.get("text"),
-            "metadata": p.get("metadata") or {}, "truncated": bool(p.get("truncated", False))}
+def rag_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], passages: Sequence[Passage],
+               cfg: PromptConfig, context: int, max_tokens: int) -> tuple[Prompt, list[Citation]]:
+    """``models.prompt.build_prompt`` over retrieved passages, and the passages it kept as the API cites them."""
+    prompt = build_prompt(tokenizer, messages, [p.model_dump() for p in passages], cfg, context, max_tokens)
+    return prompt, [Citation.model_validate(p) for p in prompt.passages]
 
 
 # --- in one process ---------------------------------------------------------------------------------------------------
@@ -213,8 +207,6 @@ class RagPipeline:
     """Retrieval and generation in this process, through the same functions the Serve app runs."""
 
     def __init__(self, cfg: ServeJobConfig):
-        from serving.generation import Decoder
-
         self.cfg = cfg
         r = cfg.retrieval
         self.retriever = LocalRetriever(cfg.index.path, params=cfg.index.params, verify=cfg.index.verify,
@@ -226,14 +218,13 @@ class RagPipeline:
             self.decoder.add_adapter(name, path)
 
     def answer(self, messages: Sequence[Mapping[str, str]], *, model: str | None = None, retrieval: bool = True,
-               k: int | None = None, filter: Mapping[str, Any] | None = None, mode: str | None = None,
-               fusion: Mapping[str, Any] | None = None, max_tokens: int | None = None,
+               k: int | None = None, filter: Filter | None = None, mode: str | None = None,
+               fusion: FusionOverrides | None = None, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, stop: Sequence[str] = (),
                seed: int | None = None) -> dict[str, Any]:
-        """Answer the last user message: {"text", "finish_reason", "citations", "usage"}. ``retrieval``, ``k``,
-        ``filter``, ``mode`` and ``fusion`` as a chat request's ``retrieval`` extension gives them."""
-        from serving.generation import GenRequest
-
+        """Answer the last user message: {"text", "finish_reason", "citations", "usage"}, as ``ragtune ask --json``
+        prints it (citations and usage as the API writes them). ``retrieval``, ``k``, ``filter``, ``mode`` and
+        ``fusion`` as a chat request's ``retrieval`` extension gives them."""
         g = self.cfg.generator
         model = model or g.name
         if model != g.name and model not in g.adapters:
@@ -243,10 +234,9 @@ class RagPipeline:
             if retrieval else []
         params = sampling_params(g.defaults, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  stop=stop, seed=seed)
-        prompt = build_prompt(self.decoder.tokenizer, messages, passages, self.cfg.prompt, self.decoder.context,
-                              params.max_tokens)
+        prompt, citations = rag_prompt(self.decoder.tokenizer, messages, passages, self.cfg.prompt,
+                                       self.decoder.context, params.max_tokens)
         [out] = self.decoder.generate([GenRequest(prompt.ids, params, None if model == g.name else model)])
         return {"text": out.text, "finish_reason": out.finish_reason,
-                "citations": [citation(p) for p in prompt.passages],
-                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                          "total_tokens": out.prompt_tokens + out.completion_tokens}}
+                "citations": [c.model_dump() for c in citations],
+                "usage": Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()}

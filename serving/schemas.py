@@ -1,29 +1,32 @@
-"""Request and response bodies of the HTTP API (OpenAI's shapes, so the ``openai`` client works unchanged),
-the request limits (an ``InvalidRequest`` that names the limit), and the body every error carries (OpenAI's
-format).
+"""The bodies of the HTTP API and the values that cross deployments.
 
-Unknown request fields are ignored, as OpenAI-compatible servers do; fields that would change the answer and
-are not supported (``n > 1``, ``logprobs``, ``tools``, token-id inputs) are refused with a 400 instead.
-Extensions: ``retrieval`` in chat requests (false, or ``{k, filter, mode, fusion}``), ``citations`` in chat
-responses; ``/v1/search`` takes the same ``mode`` and ``fusion``.
+Requests and responses have OpenAI's shapes, so the ``openai`` client works unchanged; the request limits raise an
+``InvalidRequest`` that names the limit; every error carries OpenAI's body (:class:`ErrorBody`). Unknown request
+fields are ignored, as OpenAI-compatible servers do; fields that would change the answer and are not supported
+(``n > 1``, ``logprobs``, ``tools``, token-id inputs) are refused with a 400 instead. Extensions: ``retrieval`` in
+chat requests (false, or ``{k, filter, mode, fusion}``), ``citations`` in chat responses; ``/v1/search`` takes the
+same ``mode`` and ``fusion``.
+
+Between deployments (through Serve handles, so every value here pickles): the Embedder answers
+:class:`Embedding` and :class:`EmbedderInfo`, a ShardSearcher :class:`ShardsLoaded`, the Retriever
+:class:`SearchResult` (of :class:`Passage`), :class:`Reloaded` and :class:`Health`, the Generator takes a
+:class:`ChatInput` or :class:`CompletionInput` and answers :class:`PromptInfo`, then one :class:`Step` per decode
+step (streamed), or :class:`Generated` at once.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from configs.errors import InvalidRequest
 from configs.schema.serve import LimitsConfig
+from serving.generation import SamplingParams
 from sharding.filters import Scalar
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class _Request(BaseModel):
@@ -71,7 +74,7 @@ class FusionOptions(_Request):
     rrf_k: float | None = Field(None, gt=0, allow_inf_nan=False)
     depth: int | None = Field(None, ge=1)
 
-    def overrides(self) -> dict[str, Any]:
+    def overrides(self) -> dict[str, str | float]:
         return self.model_dump(exclude_none=True)
 
 
@@ -183,6 +186,338 @@ class SearchRequest(_Request):
     filter: dict[str, Scalar | list[Scalar]] | None = None
     mode: Mode | None = None  # None: the server's retrieval.mode
     fusion: FusionOptions | None = None
+
+
+# --- responses --------------------------------------------------------------------------------------------------------
+#
+# Dumped with ``model_dump()`` and written by ``json.dumps`` (FastAPI's JSONResponse, the SSE events), keys in field
+# order. A field declared with ``exclude_if=_absent`` is left out of the JSON when None (OpenAI's shapes omit it
+# rather than send null: a chunk's ``usage`` before the last one); any other None is written as null.
+
+def _absent(value: object) -> bool:
+    return value is None
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(_Response):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+class Passage(_Response):
+    """A retrieved chunk, ranked: an item of ``/v1/search``'s data, and what the Retriever hands the Generator."""
+
+    rank: int  # 1..k after the filter
+    score: float  # the merged (or fused) score
+    chunk_id: int
+    doc_id: str | None
+    title: str | None
+    text: str
+    metadata: dict[str, Any]
+
+
+class Citation(_Response):
+    """A passage as the prompt holds it (a chat response's ``citations``): numbered ``n`` as the answer cites it,
+    ``truncated`` when its text was cut to fit the model's context; the other fields are the :class:`Passage`'s."""
+
+    n: int
+    rank: int
+    score: float
+    chunk_id: int
+    doc_id: str | None
+    title: str | None
+    text: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    truncated: bool = False
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatCompletion(_Response):
+    """``POST /v1/chat/completions``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    usage: Usage
+    choices: list[ChatChoice]
+    citations: list[Citation]
+
+
+class ChatDelta(_Response):
+    """New text of a streamed chat answer: ``{"role": "assistant", "content": ""}`` first, then ``{"content"}``,
+    or ``{}`` for a step that only finishes."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_absent)
+    content: str | None = Field(None, exclude_if=_absent)
+
+
+class ChatChunkChoice(_Response):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event of a streamed chat answer: the first carries ``citations``; with
+    ``stream_options.include_usage`` the last has no choices and carries ``usage``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    citations: list[Citation] | None = Field(None, exclude_if=_absent)
+    usage: Usage | None = Field(None, exclude_if=_absent)
+
+
+class CompletionChoice(_Response):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None  # not supported (a request that asks for them is refused); OpenAI's shape has the key
+
+
+class TextCompletion(_Response):
+    """``POST /v1/completions``."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    usage: Usage
+    choices: list[CompletionChoice]
+
+
+class CompletionChunk(_Response):
+    """One server-sent event of a streamed completion; with ``stream_options.include_usage`` the last has no
+    choices and carries ``usage``."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(None, exclude_if=_absent)
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32 (encoding_format)
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Response):
+    """``POST /v1/embeddings``."""
+
+    object: Literal["list"] = "list"
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
+
+
+class SearchResponse(_Response):
+    """``POST /v1/search``: ``mode`` as resolved (auto becomes hybrid or dense), the index version answered from."""
+
+    object: Literal["search.result"] = "search.result"
+    query: str
+    k: int
+    mode: str
+    version: str
+    data: list[Passage]
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ragtune"
+    kind: Literal["base", "adapter", "embedding"]
+
+
+class ModelList(_Response):
+    """``GET /v1/models``: the base model, each adapter, the embedding model."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(_Response):
+    """``GET /healthz`` (200 when ``ready``, else 503), as the Retriever reports it: ``status`` follows ``ready``;
+    ``shards`` and ``loaded`` (the shard numbers some replica has loaded) once every group answered, else
+    ``reason``."""
+
+    status: Literal["ok", "loading"] = "loading"
+    ready: bool
+    version: str | None = Field(None, exclude_if=_absent)
+    reason: str | None = Field(None, exclude_if=_absent)
+    shards: int | None = Field(None, exclude_if=_absent)
+    loaded: list[int] | None = Field(None, exclude_if=_absent)
+
+    @model_validator(mode="after")
+    def _status(self) -> Health:
+        self.status = "ok" if self.ready else "loading"
+        return self
+
+
+class Reloaded(_Response):
+    """``POST /admin/reload``: the version now answered from, the one before, whether it changed."""
+
+    version: str
+    previous: str
+    changed: bool
+
+
+# --- between deployments ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Embedding:
+    """One text as the Embedder embedded it."""
+
+    vector: np.ndarray  # (d,) float32
+    tokens: int  # tokens of the text (the API's usage)
+    batch: int  # texts in the forward pass it was embedded in
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    model: str  # the index's embedding model, as /v1/models and /v1/embeddings name it
+    dim: int
+    batching: bool
+
+
+@dataclass(frozen=True)
+class ShardsLoaded:
+    """What a ShardSearcher replica holds: its shard numbers and the versions it has loaded (oldest first)."""
+
+    shards: list[int]
+    versions: list[str]
+    ntotal: dict[str, int]  # vectors in its shards, per version
+
+
+@dataclass(frozen=True)
+class SearchTimings:
+    embed_s: float  # 0 for lexical: nothing is embedded
+    search_s: float  # fan-out, merge, fusion, docstore
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The Retriever's answer: ``mode`` as resolved for ``version``; ``embed_batch`` is the size of the Embedder's
+    batch the query went in (0 for lexical)."""
+
+    passages: list[Passage]
+    version: str
+    mode: str
+    timings: SearchTimings
+    embed_batch: int
+
+
+@dataclass(frozen=True)
+class RetrieverInfo:
+    version: str
+    shards: int
+    ntotal: int
+    factory: str
+    model: str | None  # the embedding model the version was built with
+    lexical: bool  # whether the version has BM25 shards
+    mode: str  # retrieval.mode as resolved for the version
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A chat turn for the Generator: the conversation (``{"role", "content"}`` as chat templates take it), the
+    passages retrieved for its last message, the sampling."""
+
+    messages: list[dict[str, str]]
+    passages: list[Passage]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class CompletionInput:
+    """A raw prompt for the Generator (no retrieval, no chat template)."""
+
+    prompt: str
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """The Generator's first answer to a request, before any token: the prompt's size and the passages it holds
+    (none for a completion), and what was left out to fit the context."""
+
+    prompt_tokens: int
+    citations: list[Citation]
+    dropped_passages: int = 0
+    dropped_turns: int = 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """The text of one decode step that is now certain; ``finish_reason`` (stop | length) on the last one."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int  # generated so far
+    batch: int  # requests decoded together in this step
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A whole answer (``Generator.complete``): its prompt, text and the largest batch it was decoded in."""
+
+    prompt: PromptInfo
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    base: str
+    adapters: list[str]  # served
+    loaded: list[str]  # loaded in this replica now
+    context: int
+    device: str
 
 
 # --- limits -----------------------------------------------------------------------------------------------------------

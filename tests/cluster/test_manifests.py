@@ -253,7 +253,7 @@ def test_embed_block_replaces_only_the_block():
 def test_the_serving_app_plans_the_rayservice_as_cluster_manifests_does(monkeypatch):
     """serving.app.plan_for (what the app's builder runs) on the RayService's nodes at deploy time, with an 8-shard
     index standing in for the one on storage: it fits, and agrees with cluster.manifests' own plan."""
-    import sharding.manifest
+    import serving.app
     from configs.schema import ServeJobConfig, load_config
     from serving.app import plan_for
 
@@ -261,8 +261,8 @@ def test_the_serving_app_plans_the_rayservice_as_cluster_manifests_does(monkeypa
     nodes, _ = cm.kuberay_nodes(cluster_spec(doc), "min")
     cfg = load_config(ServeJobConfig, REPO / "configs" / "serve" / "gpu-cluster.yaml")
     fake = type("M", (), {"shards": [object()] * 8})()
-    monkeypatch.setattr(sharding.manifest, "resolve_index", lambda path: path)
-    monkeypatch.setattr(sharding.manifest, "read_index_manifest", lambda version: fake)
+    monkeypatch.setattr(serving.app, "resolve_index", lambda path: path)
+    monkeypatch.setattr(serving.app, "read_index_manifest", lambda version: fake)
     plan = plan_for(cfg, [NodeResources(n.cpus, n.gpus) for n in nodes if n.cpus >= 1 or n.gpus >= 1])
     assert plan.generator.num_gpus == 1 and plan.generator.device == "gpu"
     assert plan.searcher.device == "gpu" and plan.searcher.num_gpus == 0.5 and len(plan.groups) == 4

@@ -191,6 +191,6 @@ def test_serve_keeps_answering_when_a_node_with_shard_searcher_replicas_dies(squ
     late = [q for q in reqs if q["t_sent"] > r["t_recovered"]]
     assert during and len(late) >= 10, (len(during), len(late))  # traffic went on through the loss and after
     local = LocalRetriever(r["index"])
-    reference = {q: [h["chunk_id"] for h in local.search(q, 5)] for q in {x["query"] for x in reqs}}
+    reference = {q: [h.chunk_id for h in local.search(q, 5)] for q in {x["query"] for x in reqs}}
     wrong = [(q["query"], q["ids"]) for q in reqs if q["ids"] != reference[q["query"]]]
     assert not wrong, wrong[:3]  # the whole index answered every request

@@ -117,7 +117,7 @@ def reference(served):
     out = {}
     for v in ("v-00001", "v-00002"):
         r = LocalRetriever(str(root / v))
-        out[v] = {q: [h["chunk_id"] for h in r.search(q, 5)] for q in [*QUERIES, probe]}
+        out[v] = {q: [h.chunk_id for h in r.search(q, 5)] for q in [*QUERIES, probe]}
     return out
 
 
@@ -251,7 +251,7 @@ def test_search_modes_equal_ragtune_search_across_two_shard_groups(served, capsy
         for flt in ({"title": "Normans"}, {"title": ["Amazon rainforest", "Super Bowl 50"]}):
             for q in QUERIES[:3]:
                 body = search_body(url, q, k=4, mode=mode, filter=flt, **({"fusion": fusion} if fusion else {}))
-                want = local.search(q, 4, flt, mode=mode, fusion=fusion)
+                want = [p.model_dump() for p in local.search(q, 4, flt, mode=mode, fusion=fusion)]
                 assert hits(body) == hits(want), (mode, flt, q)
                 assert body["data"] or mode == "lexical"  # BM25 finds no Normans chunk sharing a term with some
                 titles = flt["title"] if isinstance(flt["title"], list) else [flt["title"]]
@@ -579,7 +579,7 @@ def test_a_version_without_a_lexical_part_serves_dense_under_auto_and_refuses_le
     for q in [probe, *QUERIES[:2]]:
         body = search_body(url, q, k=5)
         assert body["mode"] == "dense" and body["version"].endswith("v-00003")
-        assert [h["chunk_id"] for h in body["data"]] == [p["chunk_id"] for p in local.search(q, 5)]
+        assert [h["chunk_id"] for h in body["data"]] == [p.chunk_id for p in local.search(q, 5)]
     for mode in ("lexical", "hybrid"):
         r = post(url, "/v1/search", {"query": probe, "mode": mode})
         assert_openai_error(r, 400, "lexical_unavailable", "mode")

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable
-from configs.schema.serve import GenerationDefaults, LimitsConfig, PromptConfig, RetrievalConfig, ServeJobConfig
+from configs.schema.serve import (
+    GenerationDefaults,
+    IndexSource,
+    LimitsConfig,
+    PromptConfig,
+    RetrievalConfig,
+    ServeJobConfig,
+)
 from models.prompt import build_prompt, render
 from serving.ingress import ApiError, api_error
 from serving.rag import passages_from, sampling_params, search_k, widen_k
@@ -127,10 +134,10 @@ def test_shard_group_results_merge_to_the_exact_top_k_of_all_vectors():
     assert (I == ids[I_true]).all() and np.allclose(D, D_true)
     rows = {int(c): {"chunk_id": int(c), "doc_id": f"doc{int(c) % 3}", "title": "t", "text": f"text {c}",
                      "metadata": json.dumps({"lang": "en" if c % 2 else "fr"})} for c in ids}
-    hits = passages_from(D[0], I[0], _Store(rows), 4)
+    hits = [h.model_dump() for h in passages_from(D[0], I[0], _Store(rows), 4)]
     assert [h["chunk_id"] for h in hits] == I[0, :4].tolist() and [h["rank"] for h in hits] == [1, 2, 3, 4]
     assert hits[0]["metadata"]["lang"] in ("en", "fr") and hits[0]["text"] == f"text {I[0, 0]}"
-    fr = passages_from(D[0], I[0], _Store(rows), 3, {"lang": "fr"})
+    fr = [h.model_dump() for h in passages_from(D[0], I[0], _Store(rows), 3, {"lang": "fr"})]
     want = [int(c) for c in I[0] if c % 2 == 0][:3]
     assert [h["chunk_id"] for h in fr] == want and [h["rank"] for h in fr] == list(range(1, len(want) + 1))
 
@@ -326,14 +333,14 @@ def test_local_retriever_answers_every_mode_with_filters_as_one_search(texts_ind
     fusion = make_fusion(None, overrides)
     for q, query in enumerate(texts_index["queries"][:6]):
         xq = texts_index["xq"][q:q + 1]
-        got = r.search(query, 4, mode=mode, fusion=overrides)
+        got = [p.model_dump() for p in r.search(query, 4, mode=mode, fusion=overrides)]
         D, I = search(full, xq, [query], 4, mode, fusion)
         assert [p["chunk_id"] for p in got] == [c for c in I[0].tolist() if c >= 0]
         assert np.allclose([p["score"] for p in got], D[0][I[0] >= 0])
         assert {"doc_id", "title", "text", "metadata"} <= set(got[0]) and got[0]["metadata"]["lang"]
         # a filter: 4 x overfetch 3 = 12 candidates, then 4x more until 4 pass (or every chunk was a candidate)
         flt = {"lang": "de", "title": ["t1", "t2"]}
-        got = r.search(query, 4, flt, mode=mode, fusion=overrides)
+        got = [p.model_dump() for p in r.search(query, 4, flt, mode=mode, fusion=overrides)]
         for kk in (12, 48, 192, 400):
             D, I = search(full, xq, [query], kk, mode, fusion)
             rows = full.docstore().lookup(I[0][I[0] >= 0])
@@ -393,7 +400,8 @@ def test_a_reload_to_a_version_without_a_lexical_part_is_refused_when_the_mode_n
     write_index_manifest(root.join("v-00002"), m.model_copy(update={"lexical": None, "version": "v-00002"}))
     for mode, changed in (("hybrid", False), ("auto", True)):
         switch_latest(root, "v-00001")
-        r = Retriever.func_or_class(None, [], str(tmp_path / "index"), mode=mode)
+        r = Retriever.func_or_class(None, [], IndexSource(path=str(tmp_path / "index"), poll_interval_s=None),
+                                    RetrievalConfig(mode=mode))
         switch_latest(root, "v-00002")
         if not changed:
             with pytest.raises(Conflict) as e:
