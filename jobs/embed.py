@@ -24,6 +24,7 @@ with a different model, chunker or corpus into the same folder is refused unless
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -32,11 +33,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cluster.placement import default_num_parts, plan_embed_actors
+from cluster.placement import EmbedActorPlan, default_num_parts, plan_embed_actors
+from cluster.runtime import alive_nodes, init_ray
 from configs.errors import RagtuneError
 from configs.schema import EmbedJobConfig
 from jobs.commands import job_main
-from models.embedders import EmbedderSpec, load_tokenizer, resolve_embedder
+from jobs.progress import Rate, ensure_logging
+from models.embedders import EmbedderSpec, load_sentence_transformer, load_tokenizer, resolve_embedder
+from models.hardware import resolve_device
 from sharding.chunking import Chunker, ChunkerSettings, count_special_tokens
 from sharding.corpus import DOC_SCHEMA, Corpus, list_corpus, preflight, text_file_document, to_documents
 from sharding.embeddings import (
@@ -148,17 +152,18 @@ def read_documents(corpus: Corpus, cfg: EmbedJobConfig):
 
     fields = {"text_field": cfg.corpus.text_field, "id_field": cfg.corpus.id_field,
               "title_field": cfg.corpus.title_field}
+    from_records = functools.partial(_docs_from_records, **fields)
     parts = []
     if jsonl := corpus.of_kind("jsonl"):
         parts.append(ray.data.read_json([f.path for f in jsonl], filesystem=corpus.fs, file_extensions=None)
-                     .map_batches(_docs_from_records, batch_format="pyarrow", fn_kwargs=fields))
+                     .map_batches(from_records, batch_format="pyarrow"))
     if parquet := corpus.of_kind("parquet"):
         parts.append(ray.data.read_parquet([f.path for f in parquet], filesystem=corpus.fs, file_extensions=None)
-                     .map_batches(_docs_from_records, batch_format="pyarrow", fn_kwargs=fields))
+                     .map_batches(from_records, batch_format="pyarrow"))
     if text := corpus.of_kind("text"):
         rel_of = {f.path: f.rel for f in text}
         parts.append(ray.data.read_binary_files([f.path for f in text], filesystem=corpus.fs, include_paths=True)
-                     .map_batches(_docs_from_text_files, batch_format="pyarrow", fn_kwargs={"rel_of": rel_of}))
+                     .map_batches(functools.partial(_docs_from_text_files, rel_of=rel_of), batch_format="pyarrow"))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
@@ -174,9 +179,9 @@ class ChunkStats:
 
 def chunk_stats(chunks, num_parts: int) -> ChunkStats:
     """Count documents and chunks, and refuse ids that name two different texts (before any embedding)."""
-    cols = chunks.select_columns(["chunk_id", "chunk_index", "part", "key"]).to_arrow_refs()
     import ray
 
+    cols = chunks.select_columns(["chunk_id", "chunk_index", "part", "key"]).to_arrow_refs()
     t = pa.concat_tables(ray.get(cols))
     cid, idx, part, key = (t[c].to_numpy() for c in ("chunk_id", "chunk_index", "part", "key"))
     docs = int(np.count_nonzero(idx <= 0))
@@ -214,10 +219,6 @@ class PartEmbedder:
                  normalize: bool, prepend_title: bool, out_uri: str, provenance: dict[str, str]):
         import torch
 
-        from jobs.progress import ensure_logging
-        from models.embedders import load_sentence_transformer
-        from models.hardware import resolve_device
-
         ensure_logging()
         torch.set_num_threads(threads)
         self.device = resolve_device("gpu" if device == "cuda" else "cpu")
@@ -241,8 +242,6 @@ class PartEmbedder:
         return pa.table({"part": [part], "record": [record.model_dump_json()]})
 
     def _encode(self, texts: list[str], part: int) -> np.ndarray:
-        from jobs.progress import Rate
-
         rate, last = Rate(len(texts), "chunks"), time.perf_counter()
         step = max(self.batch_size * 16, 1024)  # sentence-transformers sorts each call by length
         out = []
@@ -292,21 +291,15 @@ class EmbedSummary:
 
 
 def run(cfg: EmbedJobConfig) -> EmbedSummary:
+    """Embed the corpus as ``cfg`` says: check, plan the actors, open the manifest, read and chunk, embed the parts
+    not done yet, and mark the manifest done. Returns the summary, also kept in the manifest."""
     t_start = time.perf_counter()
     plan = check(cfg)
-    out = plan.out
-    prev = plan.previous
-    if (prev is not None and prev.state == "done" and not cfg.output.overwrite and prev.stats
-            and all(exists(out.join(rec.file)) for rec in prev.parts.values())):
-        log.info("%s is complete for this config: nothing to do", out.uri)
-        return EmbedSummary(**{**prev.stats, "parts_written": 0, "parts_skipped": len(prev.parts),
-                               "seconds": time.perf_counter() - t_start})
-
-    import ray
-    import ray.data
-
-    from cluster.runtime import alive_nodes, init_ray
-    from jobs.progress import Rate
+    finished = finished_summary(plan)
+    if finished is not None:
+        log.info("%s is complete for this config: nothing to do", plan.out.uri)
+        finished.seconds = time.perf_counter() - t_start
+        return finished
 
     init_ray(cfg.cluster)
     actors = plan_embed_actors(alive_nodes(), device=cfg.embed.device, actors=cfg.embed.actors,
@@ -315,8 +308,37 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
     log.info("model %s (%s, max %d tokens); chunks of %d tokens, overlap %d; %s", plan.spec.name,
              plan.spec.revision, plan.spec.max_seq_length, plan.settings.size, plan.settings.overlap,
              actors.reason)
+    manifest = open_manifest(plan, actors.actors)
+    chunks = read_and_chunk(plan, manifest.num_parts)
+    stats = chunk_stats(chunks, manifest.num_parts)
+    if stats.chunks == 0:
+        raise RagtuneError(f"the corpus has {stats.docs} documents and all of them are empty (no text in "
+                           f"`{cfg.corpus.text_field}`). Fix: check corpus.text_field")
+    provenance = {"model": plan.spec.name, "model_revision": plan.spec.revision,
+                  "chunker": plan.settings.fingerprint()}
+    done, pending = parts_to_embed(plan.out, manifest, stats, provenance)
 
-    # The manifest: the one already there (resume) or a new one; parts are fixed by the first run.
+    t_embed = time.perf_counter()
+    written = embed_parts(plan, actors, chunks, pending, manifest, stats, provenance)
+    embed_seconds = time.perf_counter() - t_embed
+    return finish_manifest(plan, manifest, stats, done=done, pending=pending, written=written,
+                           actors=min(actors.actors, max(len(pending), 1)), t_start=t_start,
+                           embed_seconds=embed_seconds)
+
+
+def finished_summary(plan: Plan) -> EmbedSummary | None:
+    """The summary of a finished run of this config whose parts are all still there, else None (work to do)."""
+    prev = plan.previous
+    if (prev is None or prev.state != "done" or plan.cfg.output.overwrite or not prev.stats
+            or not all(exists(plan.out.join(rec.file)) for rec in prev.parts.values())):
+        return None
+    return EmbedSummary(**{**prev.stats, "parts_written": 0, "parts_skipped": len(prev.parts)})
+
+
+def open_manifest(plan: Plan, actors: int) -> EmbeddingManifest:
+    """The manifest to fill: the one already there (a resume) or a new one (``--overwrite`` deletes the old
+    outputs first); the number of parts is fixed by the first run. Temporaries of a killed run are removed."""
+    cfg, out = plan.cfg, plan.out
     makedirs(out)
     if cfg.output.overwrite:
         _delete_outputs(out)
@@ -326,29 +348,32 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
         manifest = plan.previous
         manifest.state = "running"
         manifest.config = cfg.model_dump(mode="json")
-    else:
-        num_parts = cfg.output.num_parts or default_num_parts(plan.corpus.total_bytes, cfg.output.part_size_mb,
-                                                              actors.actors)
-        manifest = _new_manifest(cfg, plan.spec, plan.settings, plan.corpus, num_parts)
-    num_parts = manifest.num_parts
+        return manifest
+    num_parts = cfg.output.num_parts or default_num_parts(plan.corpus.total_bytes, cfg.output.part_size_mb, actors)
+    return _new_manifest(cfg, plan.spec, plan.settings, plan.corpus, num_parts)
 
-    # Read and chunk everything (cheap next to embedding); materialised so that it is counted once.
-    chunks = (read_documents(plan.corpus, cfg)
-              .map_batches(_chunk_batch, batch_format="pyarrow", batch_size=256,
-                           fn_kwargs={"tokenizer_path": plan.spec.path, "settings": plan.settings.to_dict(),
-                                      "num_parts": num_parts})
-              .materialize())
-    stats = chunk_stats(chunks, num_parts)
-    if stats.chunks == 0:
-        raise RagtuneError(f"the corpus has {stats.docs} documents and all of them are empty (no text in "
-                           f"`{cfg.corpus.text_field}`). Fix: check corpus.text_field")
-    # A part is done when the manifest lists it with the rows this corpus gives it and its file is there;
-    # a part written by a run that died before recording it is recognised by its footer and kept.
+
+def read_and_chunk(plan: Plan, num_parts: int):
+    """Every chunk of the corpus with its id and part, read and chunked by Ray Data tasks; materialised (cheap
+    next to embedding) so that it is counted once and embedded without reading the corpus again."""
+    return (read_documents(plan.corpus, plan.cfg)
+            .map_batches(_chunk_batch, batch_format="pyarrow", batch_size=256,
+                         fn_kwargs={"tokenizer_path": plan.spec.path, "settings": plan.settings.to_dict(),
+                                    "num_parts": num_parts})
+            .materialize())
+
+
+def parts_to_embed(out: Location, manifest: EmbeddingManifest, stats: ChunkStats,
+                   provenance: dict[str, str]) -> tuple[set[int], list[int]]:
+    """(done, pending) parts; the manifest keeps only the done ones and is written.
+
+    A part is done when the manifest lists it with the rows this corpus gives it and its file is there; a part
+    written by a run that died before recording it is recognised by its footer and kept.
+    """
+    num_parts = manifest.num_parts
     manifest.parts = {k: rec for k, rec in manifest.parts.items()
                       if rec.rows == stats.rows_per_part[int(k)] and exists(out.join(rec.file))}
     done = {int(k) for k in manifest.parts}
-    provenance = {"model": plan.spec.name, "model_revision": plan.spec.revision,
-                  "chunker": plan.settings.fingerprint()}
     for p in range(num_parts):
         if p not in done and stats.rows_per_part[p] > 0:
             rec = recover_part(out, p, int(stats.rows_per_part[p]), provenance)
@@ -359,36 +384,52 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
     write_manifest(out, manifest)
     log.info("%d docs (%d empty) -> %d chunks, %d distinct texts; %d parts, %d already done, %d to embed",
              stats.docs, stats.empty_docs, stats.chunks, stats.unique_inputs, num_parts, len(done), len(pending))
+    return done, pending
 
-    t_embed = time.perf_counter()
+
+def embed_parts(plan: Plan, actors: EmbedActorPlan, chunks: Any, pending: list[int], manifest: EmbeddingManifest,
+                stats: ChunkStats, provenance: dict[str, str]) -> int:
+    """Embed the ``pending`` parts in an actor pool, each actor writing whole parts; each part is recorded in the
+    manifest as soon as it lands. Returns the number of parts written."""
+    import ray.data
+
+    if not pending:
+        return 0
+    cfg = plan.cfg
     written = 0
-    if pending:
-        rate = Rate(int(stats.rows_per_part[pending].sum()), "chunks")
-        results = (chunks
-                   .map_batches(_keep, batch_format="pyarrow", fn_kwargs={"column": "part", "values": pending})
-                   # twice as many shuffle partitions as parts: fewer parts share a block, so each part
-                   # is recorded in the manifest as soon as its block is done
-                   .groupby("part", num_partitions=2 * len(pending))
-                   .map_groups(PartEmbedder, batch_format="pyarrow",
-                               compute=ray.data.ActorPoolStrategy(size=min(actors.actors, len(pending))),
-                               num_cpus=actors.num_cpus, num_gpus=actors.num_gpus,
-                               fn_constructor_kwargs={
-                                   "spec": plan.spec.to_dict(), "device": actors.device, "fp16": actors.fp16,
-                                   "threads": actors.threads, "batch_size": actors.batch_size,
-                                   "normalize": cfg.embed.normalize, "prepend_title": cfg.chunk.prepend_title,
-                                   "out_uri": cfg.output.path, "provenance": provenance}))
-        for batch in results.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                record = PartRecord.model_validate_json(row["record"])
-                manifest.parts[f"{row['part']:05d}"] = record
-                write_manifest(out, manifest)
-                written += 1
-                rate.add(record.rows)
-                rate.log(log, f"{record.file} ({record.rows:,} chunks, {record.embedded:,} embedded, "
-                              f"{record.seconds:.1f}s) written; {written}/{len(pending)} parts, ")
-    embed_seconds = time.perf_counter() - t_embed
+    rate = Rate(int(stats.rows_per_part[pending].sum()), "chunks")
+    results = (chunks
+               .map_batches(_keep, batch_format="pyarrow", fn_kwargs={"column": "part", "values": pending})
+               # twice as many shuffle partitions as parts: fewer parts share a block, so each part
+               # is recorded in the manifest as soon as its block is done
+               .groupby("part", num_partitions=2 * len(pending))
+               .map_groups(PartEmbedder, batch_format="pyarrow",
+                           compute=ray.data.ActorPoolStrategy(size=min(actors.actors, len(pending))),
+                           num_cpus=actors.num_cpus, num_gpus=actors.num_gpus,
+                           fn_constructor_kwargs={
+                               "spec": plan.spec.to_dict(), "device": actors.device, "fp16": actors.fp16,
+                               "threads": actors.threads, "batch_size": actors.batch_size,
+                               "normalize": cfg.embed.normalize, "prepend_title": cfg.chunk.prepend_title,
+                               "out_uri": cfg.output.path, "provenance": provenance}))
+    for batch in results.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            record = PartRecord.model_validate_json(row["record"])
+            manifest.parts[f"{row['part']:05d}"] = record
+            write_manifest(plan.out, manifest)
+            written += 1
+            rate.add(record.rows)
+            rate.log(log, f"{record.file} ({record.rows:,} chunks, {record.embedded:,} embedded, "
+                          f"{record.seconds:.1f}s) written; {written}/{len(pending)} parts, ")
+    return written
 
-    missing = [p for p in range(num_parts) if stats.rows_per_part[p] > 0 and f"{p:05d}" not in manifest.parts]
+
+def finish_manifest(plan: Plan, manifest: EmbeddingManifest, stats: ChunkStats, *, done: set[int],
+                    pending: list[int], written: int, actors: int, t_start: float,
+                    embed_seconds: float) -> EmbedSummary:
+    """Check that every part with rows is recorded, then mark the manifest done with the run's summary (its
+    ``seconds`` counted from ``t_start``, a ``time.perf_counter()``)."""
+    out = plan.out
+    missing = [p for p in range(manifest.num_parts) if stats.rows_per_part[p] > 0 and f"{p:05d}" not in manifest.parts]
     if missing:
         raise RagtuneError(f"parts {missing[:10]} were not written; the manifest stays 'running'. "
                            "Fix: rerun the same command to finish them")
@@ -399,8 +440,7 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
         output=out.uri, model=plan.spec.name, dim=manifest.dim, docs=stats.docs, empty_docs=stats.empty_docs,
         chunks=stats.chunks, duplicates_skipped=stats.chunks - stats.unique_inputs,
         repeated_rows=stats.repeated_rows, parts=int(np.count_nonzero(stats.rows_per_part)),
-        parts_written=written, parts_skipped=len(done), actors=min(actors.actors, max(len(pending), 1)),
-        seconds=time.perf_counter() - t_start,
+        parts_written=written, parts_skipped=len(done), actors=actors, seconds=time.perf_counter() - t_start,
         rows_per_s=sum(manifest.parts[f"{p:05d}"].rows for p in pending) / embed_seconds if pending else 0.0,
     )
     manifest.state = "done"
@@ -428,7 +468,6 @@ def _delete_outputs(out: Location) -> None:
     for f in list_dir(out):
         if f.base_name == MANIFEST or (f.base_name.startswith("part-") and ".parquet" in f.base_name):
             delete_file(out.join(f.base_name))
-
 
 
 if __name__ == "__main__":  # python -m jobs.embed --config FILE [overrides] (what `ray job submit` calls)

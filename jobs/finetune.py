@@ -26,23 +26,46 @@ Rerunning the same ``run.name`` continues from its latest checkpoint (a stopped 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import resource
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
-from cluster.placement import plan_training
+from cluster.placement import TrainPlan, plan_training
+from cluster.runtime import alive_nodes, init_ray
 from configs import CONFIG_DIR
 from configs.errors import RagtuneError
 from configs.schema import FinetuneJobConfig
 from jobs.commands import job_main
+from jobs.plots import png, pyplot
+from jobs.progress import ensure_logging
+from models.generators import (
+    TinySpec,
+    absolute_model_name,
+    build_tiny,
+    linear_module_names,
+    load_model,
+    load_tokenizer,
+    local_model_dir,
+    lora_param_count,
+)
+from models.sft import Example, encode_record, is_validation, pack, pad_batch, to_messages
+from sharding.corpus import CorpusError, list_corpus
+from sharding.storage import Location, atomic_write_bytes, exists, resolve
+
+if TYPE_CHECKING:
+    from ray.train import Result, UserCallback
 
 log = logging.getLogger("ragtune.finetune")
 
@@ -50,7 +73,6 @@ DEEPSPEED_PRESETS = CONFIG_DIR / "deepspeed"
 # Keys the job config owns (STYLE 7: one source of truth); a preset that sets them is overwritten, with a warning.
 JOB_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
-CRASH_ENV = "RAGTUNE_TEST_CRASH_AT_STEP"  # test hook: the last rank exits at this step, on the first attempt only
 
 
 # --- 1. checks before any work ------------------------------------------------------------------------------------
@@ -119,25 +141,23 @@ def deepspeed_config(cfg: FinetuneJobConfig, world: int, precision: str, on_gpu:
 
 def check(cfg: FinetuneJobConfig) -> None:
     """Everything that can fail before work starts, without Ray or torch: preset, data files."""
-    from sharding.corpus import CorpusError, list_corpus
-
     if cfg.deepspeed.enabled:
         load_preset(cfg.deepspeed.preset)
-    for field, paths in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation)):
+    for key, paths in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation)):
         if paths is None:
             continue
         try:
             corpus = list_corpus(paths)
         except CorpusError as e:
-            raise RagtuneError(str(e).replace("corpus.path", field)) from None
+            raise RagtuneError(str(e).replace("corpus.path", key)) from None
         bad = [f.uri for f in corpus.files if f.kind == "text"]
         if bad:
-            raise RagtuneError(f"{field}: {bad[0]} is a text file; training data is JSONL or Parquet records "
+            raise RagtuneError(f"{key}: {bad[0]} is a text file; training data is JSONL or Parquet records "
                                "with `messages` or `prompt`/`completion`")
         for f in corpus.of_kind("jsonl"):
             first = _first_record(corpus.fs, f.path)
             if first is not None and "messages" not in first and not {"prompt", "completion"} <= set(first):
-                raise RagtuneError(f"{field}: {f.uri}: the first record has neither `messages` nor `prompt` and "
+                raise RagtuneError(f"{key}: {f.uri}: the first record has neither `messages` nor `prompt` and "
                                    f"`completion` (fields: {', '.join(first)}). Fix: convert the data")
 
 
@@ -158,8 +178,6 @@ def read_records(paths: str | list[str]):
     """A Ray Dataset of the records in JSONL/Parquet files."""
     import ray.data
 
-    from sharding.corpus import list_corpus
-
     corpus = list_corpus(paths)
     parts = []
     if jsonl := corpus.of_kind("jsonl"):
@@ -170,8 +188,6 @@ def read_records(paths: str | list[str]):
 
 
 def _record_text(r: dict[str, Any]) -> str:
-    from models.sft import to_messages
-
     return "\n".join(m["content"] for m in to_messages(r))
 
 
@@ -179,16 +195,7 @@ def resolve_base_model(cfg: FinetuneJobConfig, records) -> str:
     """The base model every worker loads: the configured one, or the tiny preset built into the run folder.
     A local folder is made absolute: Ray's workers do not run in this process's working directory."""
     if cfg.model.name != "tiny":
-        from models.generators import absolute_model_name
-
         return absolute_model_name(cfg.model.name)
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    from models.generators import TinySpec, build_tiny
-    from sharding.storage import exists, resolve
-
     dest = resolve(cfg.run.storage_path).join(cfg.run.name, "base_model")
     if exists(dest.join("config.json")):  # a rerun of the run keeps its base model (and tokenizer)
         return dest.portable
@@ -209,17 +216,12 @@ def hidden_size(base: str) -> int | None:
     """The model's hidden size, from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
-    from models.generators import local_model_dir
-
     config = AutoConfig.from_pretrained(local_model_dir(base))
     config = getattr(config, "text_config", None) or config
     return getattr(config, "hidden_size", None)
 
 
 def _tokenize(batch: pa.Table, base: str, max_len: int, template: str, packing: bool) -> dict[str, Any]:
-    from models.generators import load_tokenizer
-    from models.sft import encode_record, pack
-
     tok = _cached(load_tokenizer, base)
     examples = [encode_record(tok, r, max_len, template, where=f"record {r.get('id', i)}")
                 for i, r in enumerate(batch.to_pylist())]
@@ -245,8 +247,6 @@ def _cached(fn, key: str):
 
 
 def _split(batch: pa.Table, fraction: float, seed: int, validation: bool) -> pa.Table:
-    from models.sft import is_validation
-
     keep = [is_validation(json.dumps(r, sort_keys=True, default=str), fraction, seed) == validation
             for r in batch.to_pylist()]
     return batch.filter(pa.array(keep, pa.bool_()))
@@ -269,6 +269,9 @@ def prepare_datasets(cfg: FinetuneJobConfig, base: str, records):
 
 
 # --- 4. the training loop (every worker) ---------------------------------------------------------------------------
+#
+# train_loop reads as its phases: setup (setup_worker, setup_model, setup_optimizer) -> resume -> train (per step:
+# forward_backward over the micro batches, optimizer_step, evaluate, log_step, save_checkpoint) -> save_outputs.
 
 def lr_lambda(schedule: str, warmup: int, total: int):
     def f(step: int) -> float:
@@ -284,8 +287,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 def apply_lora(model: Any, cfg: FinetuneJobConfig) -> Any:
     """Wrap ``model`` with LoRA adapters; unknown targets and unexpected trainable counts are errors."""
     from peft import LoraConfig, get_peft_model
-
-    from models.generators import linear_module_names, lora_param_count
 
     names = linear_module_names(model)
     missing = [m for m in cfg.lora.target_modules if m not in names]
@@ -304,59 +305,87 @@ def apply_lora(model: Any, cfg: FinetuneJobConfig) -> Any:
     return peft_model
 
 
-def _collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
-    import torch
+@dataclass
+class TrainState:
+    """What one worker's phases share: the model and its optimizer, and where training stands."""
 
-    from models.sft import Example, pad_batch
+    cfg: FinetuneJobConfig
+    rank: int
+    world: int
+    device: Any  # torch.device
+    tok: Any
+    model: Any  # the (LoRA-wrapped) model; with plain torch, as Ray Train's prepare_model wrapped it
+    engine: Any  # the DeepSpeed engine around ``model``; None with plain torch
+    optimizer: Any
+    scheduler: Any
+    zero3_config: Any  # transformers' HfDeepSpeedConfig under ZeRO-3, else None; it keeps only a weak reference
+    #                    to it, so it lives here as long as the model
+    step: int = 0  # optimizer steps done
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per step done
 
-    padded = pad_batch([Example(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"],
-                                                                      strict=True)], pad_id)
-    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in padded.items()}
+    @property
+    def net(self) -> Any:
+        """What forward and backward go through: the DeepSpeed engine, or the model."""
+        return self.engine if self.engine is not None else self.model
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    import tempfile
-
-    import psutil
+def setup_worker(cfg: FinetuneJobConfig) -> tuple[int, int, Any]:
+    """This worker's (rank, world size, device); logging, progress bars and torch threads set for a worker."""
     import ray.data
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
-    from jobs.progress import ensure_logging
-    from models.generators import load_model, load_tokenizer
-
-    cfg = FinetuneJobConfig.model_validate(config["cfg"])  # typed config first (STYLE 5)
     ensure_logging()
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per eval pass is noise
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    on_gpu = device.type != "cpu"
-    if not on_gpu:  # as many torch threads as the CPUs the worker reserved (a fraction: one)
+    if device.type == "cpu":  # as many torch threads as the CPUs the worker reserved (a fraction: one)
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    t = cfg.train
+    return ctx.get_world_rank(), ctx.get_world_size(), device
 
-    # model: under ZeRO-3 transformers loads the weights straight into each rank's partition (zero.Init), so no
-    # worker ever holds the whole model; seed right before get_peft_model, so every rank starts alike
-    ds_config = config["deepspeed"]
-    zero3 = bool(ds_config) and ds_config["zero_optimization"].get("stage", 0) == 3
-    if zero3:
+
+def setup_model(cfg: FinetuneJobConfig, base: str, precision: str, backend: str,
+                ds_config: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, ZeRO-3 config): the base model in ``precision``, with LoRA for ``train.method = lora``.
+
+    Under ZeRO-3 transformers loads the weights straight into each rank's partition (zero.Init, switched on by
+    the returned HfDeepSpeedConfig, None otherwise), so no worker ever holds the whole model. The seed is set
+    right before get_peft_model, so every rank starts alike.
+    """
+    import torch
+
+    zero3_config = None
+    if ds_config and ds_config["zero_optimization"].get("stage", 0) == 3:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        deepspeed.init_distributed(dist_backend=config["backend"])  # reuses Ray Train's process group
-        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (a weak reference to it is what transformers checks)
-    tok = load_tokenizer(config["base"])
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"], torch.float32)
-    model = load_model(config["base"], dtype=dtype)
-    torch.manual_seed(t.seed)
-    model = apply_lora(model, cfg) if t.method == "lora" else model
+        deepspeed.init_distributed(dist_backend=backend)  # reuses Ray Train's process group
+        zero3_config = HfDeepSpeedConfig(ds_config)
+    tok = load_tokenizer(base)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = load_model(base, dtype=dtype)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.method == "lora":
+        model = apply_lora(model, cfg)
+    return model, tok, zero3_config
+
+
+def setup_optimizer(cfg: FinetuneJobConfig, model: Any, ds_config: dict[str, Any] | None,
+                    on_gpu: bool) -> tuple[Any, Any, Any, Any]:
+    """(model, engine, optimizer, scheduler): AdamW on the trainable parameters with the configured schedule.
+
+    With DeepSpeed, ``deepspeed.initialize`` builds the engine (DeepSpeed's fused AdamW on GPUs; on CPU a client
+    ``torch.optim.AdamW``, which needs no op compile); without it, plain torch and Ray Train's ``prepare_model``
+    (DDP), and the engine is None.
+    """
+    import ray.train.torch
+    import torch
+
+    t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(t.schedule, t.warmup_steps, t.steps)
-
-    if cfg.deepspeed.enabled:
+    if ds_config:
         import deepspeed
 
         client_opt = None if on_gpu else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -364,169 +393,199 @@ def train_loop(config: dict[str, Any]) -> None:
             model=model, model_parameters=params, optimizer=client_opt, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             dist_init_required=False)
-    else:
-        model = ray.train.torch.prepare_model(model)
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        engine = None
+        return model, engine, optimizer, scheduler
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return model, None, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    # resume: weights, optimizer, scheduler, RNG, step and metrics from the latest checkpoint
-    state: dict[str, Any] = {"step": 0, "metrics": []}
+
+def setup(cfg: FinetuneJobConfig, base: str, precision: str, backend: str,
+          ds_config: dict[str, Any] | None) -> TrainState:
+    """The worker, its model and its optimizer, at step 0."""
+    rank, world, device = setup_worker(cfg)
+    model, tok, zero3_config = setup_model(cfg, base, precision, backend, ds_config)
+    model, engine, optimizer, scheduler = setup_optimizer(cfg, model, ds_config, on_gpu=device.type != "cpu")
+    return TrainState(cfg=cfg, rank=rank, world=world, device=device, tok=tok, model=model, engine=engine,
+                      optimizer=optimizer, scheduler=scheduler, zero3_config=zero3_config)
+
+
+def resume(s: TrainState) -> None:
+    """Load the latest checkpoint, if there is one: weights, optimizer, scheduler, RNG, step and metrics."""
+    import ray.train
+    import torch
+
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            _load(Path(d), engine, model, optimizer, scheduler, rank)
-            state = json.loads((Path(d) / "trainer_state.json").read_text())
-        log.info("rank %d resumed at step %d", rank, state["step"])
-    step = state["step"]
-    metrics: list[dict[str, Any]] = state["metrics"]
-    stop_at = min(t.steps, t.stop_after_steps or t.steps)
-    if step >= stop_at:
-        log.info("run %s is already at step %d of %d: nothing to train", cfg.run.name, step, stop_at)
+    if not ckpt:
+        return
+    with ckpt.as_directory() as tmp:
+        d = Path(tmp)
+        if s.engine is not None:
+            s.engine.load_checkpoint(str(d), tag="state")
+        else:
+            state = torch.load(d / "state.pt", weights_only=False)
+            s.model.load_state_dict(state["model"])
+            s.optimizer.load_state_dict(state["optimizer"])
+            s.scheduler.load_state_dict(state["scheduler"])
+        rng = d / f"rng-rank{s.rank}.pt"
+        if rng.is_file():
+            torch.set_rng_state(torch.load(rng, weights_only=False))
+        trainer_state = json.loads((d / "trainer_state.json").read_text())
+    s.step, s.metrics = trainer_state["step"], trainer_state["metrics"]
+    log.info("rank %d resumed at step %d", s.rank, s.step)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
-    net = engine if engine is not None else model
 
-    def evaluate() -> float:
-        net.eval()
-        loss_sum, n_tok = 0.0, 0
-        with torch.no_grad():
-            for b in val_shard.iter_batches(batch_size=t.micro_batch, batch_format="numpy"):
-                batch = _collate(b, tok.pad_token_id, device)
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                loss_sum += float(net(**batch).loss) * n
-                n_tok += n
-        net.train()
-        return loss_sum / max(n_tok, 1)
+def _collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
+    import torch
 
-    def save_and_report(row: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            _save(Path(tmp), engine, model, optimizer, scheduler, rank)
-            if rank == 0:
-                (Path(tmp) / "trainer_state.json").write_text(json.dumps({"step": step, "metrics": metrics}))
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    padded = pad_batch([Example(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"],
+                                                                      strict=True)], pad_id)
+    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in padded.items()}
 
-    consumed = step * t.accumulation  # micro batches this worker already trained on
+
+def micro_batches(s: TrainState, shard: Any, skip: int) -> Iterator[dict[str, Any]]:
+    """This worker's micro batches on its device, epoch after epoch, without end.
+
+    The first ``skip`` (trained on before a resume) are streamed again and dropped without compute, so a resumed
+    run sees the same batches as an uninterrupted one.
+    """
     seen = 0
+    while True:
+        for b in shard.iter_batches(batch_size=s.cfg.train.micro_batch, batch_format="numpy"):
+            seen += 1
+            if seen > skip:
+                yield _collate(b, s.tok.pad_token_id, s.device)
+
+
+def forward_backward(s: TrainState, batch: dict[str, Any]) -> float:
+    """One micro batch's loss and gradients; DeepSpeed's engine also steps at its accumulation boundary."""
+    out = s.net(**batch).loss
+    loss = float(out)
+    if s.engine is not None:
+        s.engine.backward(out)
+        s.engine.step()
+    else:
+        (out / s.cfg.train.accumulation).backward()
+    return loss
+
+
+def optimizer_step(s: TrainState, micro_losses: list[float], tokens: int, lr: float, t_start: float) -> dict[str, Any]:
+    """Finish the optimizer step (plain torch: clip, step, schedule; DeepSpeed has stepped already) and return
+    its metrics row: the mean loss and the tokens/s of the global batch, summed over every worker, and the largest
+    resident memory of any worker, its peak so far and now (MiB). ``t_start``: when the step's first micro batch
+    started (``time.perf_counter()``)."""
+    import psutil
+    import torch
+    import torch.distributed as dist
+
+    t = s.cfg.train
+    if s.engine is None:
+        torch.nn.utils.clip_grad_norm_([p for p in s.model.parameters() if p.requires_grad], t.max_grad_norm)
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad()
+    s.step += 1
+    agg = torch.tensor([sum(micro_losses) / len(micro_losses), float(tokens)], dtype=torch.float64, device=s.device)
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        psutil.Process().memory_info().rss / 2**20], dtype=torch.float64, device=s.device)
+    if dist.is_initialized():
+        dist.all_reduce(agg)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    dt = time.perf_counter() - t_start
+    return {"step": s.step, "loss": float(agg[0]) / s.world, "lr": lr, "tokens_per_s": float(agg[1]) / dt,
+            "max_rss_mib": float(rss[0]), "rss_mib": float(rss[1]), "time": time.time()}
+
+
+def evaluate(s: TrainState, val_shard: Any) -> float:
+    """The mean loss per answer token over the validation set (every worker reads all of it)."""
+    import torch
+
+    s.net.eval()
+    loss_sum, n_tok = 0.0, 0
+    with torch.no_grad():
+        for b in val_shard.iter_batches(batch_size=s.cfg.train.micro_batch, batch_format="numpy"):
+            batch = _collate(b, s.tok.pad_token_id, s.device)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(s.net(**batch).loss) * n
+            n_tok += n
+    s.net.train()
+    return loss_sum / max(n_tok, 1)
+
+
+def log_step(s: TrainState, row: dict[str, Any], stop_at: int, t_run: float, step_run: int) -> None:
+    """Rank 0 logs the first steps, every eval step and ~50 lines a run in between, with an ETA from the rate of
+    this attempt (started at ``t_run``, at step ``step_run``)."""
+    t = s.cfg.train
+    log_every = max(1, t.steps // 50)
+    if s.rank != 0 or not (s.step <= 3 or s.step % log_every == 0 or "eval_loss" in row or s.step == stop_at):
+        return
+    eta = (time.perf_counter() - t_run) / (s.step - step_run) * (stop_at - s.step)
+    log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s, ETA %.0fs", s.step, t.steps, row["loss"],
+             f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "", row["lr"], row["tokens_per_s"], eta)
+
+
+def save_checkpoint(s: TrainState, row: dict[str, Any]) -> None:
+    """Report ``row`` with a checkpoint: every rank writes its DeepSpeed state (its ZeRO partition) or rank 0 the
+    torch state, every rank its RNG state, rank 0 the step and the metrics so far."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        if s.engine is not None:
+            s.engine.save_checkpoint(str(d), tag="state")
+        elif s.rank == 0:
+            torch.save({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                        "scheduler": s.scheduler.state_dict()}, d / "state.pt")
+        torch.save(torch.get_rng_state(), d / f"rng-rank{s.rank}.pt")
+        if s.rank == 0:
+            (d / "trainer_state.json").write_text(json.dumps({"step": s.step, "metrics": s.metrics}))
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train(s: TrainState, train_shard: Any, val_shard: Any, stop_at: int) -> None:
+    """Train from ``s.step`` to ``stop_at``: a metrics row per step, validation every ``train.eval_every`` steps,
+    and a checkpoint (validated) every ``train.checkpoint_every`` steps and at ``stop_at``."""
+    t = s.cfg.train
+    if s.step >= stop_at:
+        log.info("run %s is already at step %d of %d: nothing to train", s.cfg.run.name, s.step, stop_at)
+        return
     micro_losses: list[float] = []
     tokens, t_step, lr = 0, time.perf_counter(), 0.0
-    t_run, step_run = time.perf_counter(), step  # this attempt's start: the ETA's rate
-    log_every = max(1, t.steps // 50)  # ~50 progress lines a run, plus the first steps and every eval
-    net.train()
-    while step < stop_at:
-        for b in train_shard.iter_batches(batch_size=t.micro_batch, batch_format="numpy"):
-            seen += 1
-            if seen <= consumed:  # trained on before the resume: streamed again, skipped without compute
-                continue
-            batch = _collate(b, tok.pad_token_id, device)
-            if not micro_losses:
-                lr = scheduler.get_last_lr()[0]  # the rate this step trains with
-            tokens += int(batch["attention_mask"].sum())
-            loss = net(**batch).loss
-            micro_losses.append(float(loss))
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()
-            else:
-                (loss / t.accumulation).backward()
-            if len(micro_losses) < t.accumulation:
-                continue
-            if engine is None:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            step += 1
-            # (mean loss, tokens) summed over every worker: the numbers of the global batch; and the largest
-            # resident memory of any worker, its peak so far and now, after the step (MiB)
-            agg = torch.tensor([sum(micro_losses) / len(micro_losses), float(tokens)], dtype=torch.float64,
-                               device=device)
-            rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                psutil.Process().memory_info().rss / 2**20], dtype=torch.float64, device=device)
-            if dist.is_initialized():
-                dist.all_reduce(agg)
-                dist.all_reduce(rss, op=dist.ReduceOp.MAX)
-            micro_losses, dt = [], time.perf_counter() - t_step
-            row = {"step": step, "loss": float(agg[0]) / world, "lr": lr,
-                   "tokens_per_s": float(agg[1]) / dt, "max_rss_mib": float(rss[0]), "rss_mib": float(rss[1]),
-                   "time": time.time()}
-            tokens, t_step = 0, time.perf_counter()
-            if config.get("crash_at_step") == step and rank == world - 1:
-                marker = Path(config["crash_marker"])
-                if not marker.exists():
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.write_text(str(step))
-                    log.warning("test hook %s: rank %d exits at step %d", CRASH_ENV, rank, step)
-                    os._exit(1)
-            checkpoint_now = step % t.checkpoint_every == 0 or step == stop_at
-            if step % t.eval_every == 0 or checkpoint_now:
-                row["eval_loss"] = evaluate()
-            metrics.append(row)
-            if rank == 0 and (step <= 3 or step % log_every == 0 or "eval_loss" in row or step == stop_at):
-                eta = (time.perf_counter() - t_run) / (step - step_run) * (stop_at - step)
-                log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s, ETA %.0fs", step, t.steps, row["loss"],
-                         f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "", row["lr"],
-                         row["tokens_per_s"], eta)
-            if checkpoint_now:
-                save_and_report(row)
-            if step >= stop_at:
-                break
-
-    # outputs: the adapter (or the full model) in the format plain transformers/peft load
-    if step >= t.steps:
-        _save_model(config["outputs"], model, tok, rank, zero3, t.method)
-        if rank == 0:
-            from sharding.storage import atomic_write_bytes, resolve
-
-            body = "".join(json.dumps(m) + "\n" for m in metrics).encode()
-            atomic_write_bytes(resolve(config["outputs"]).join("metrics.jsonl"), body)
+    t_run, step_run = time.perf_counter(), s.step  # this attempt's start: the ETA's rate
+    s.net.train()
+    for batch in micro_batches(s, train_shard, skip=s.step * t.accumulation):
+        if not micro_losses:
+            lr = s.scheduler.get_last_lr()[0]  # the rate this step trains with
+        tokens += int(batch["attention_mask"].sum())
+        micro_losses.append(forward_backward(s, batch))
+        if len(micro_losses) < t.accumulation:
+            continue
+        row = optimizer_step(s, micro_losses, tokens, lr, t_step)
+        micro_losses, tokens, t_step = [], 0, time.perf_counter()
+        checkpoint_now = s.step % t.checkpoint_every == 0 or s.step == stop_at
+        if s.step % t.eval_every == 0 or checkpoint_now:
+            row["eval_loss"] = evaluate(s, val_shard)
+        s.metrics.append(row)
+        log_step(s, row, stop_at, t_run, step_run)
+        if checkpoint_now:
+            save_checkpoint(s, row)
+        if s.step >= stop_at:
+            return
 
 
-def _save(d: Path, engine: Any, model: Any, optimizer: Any, scheduler: Any, rank: int) -> None:
-    import torch
-
-    if engine is not None:
-        engine.save_checkpoint(str(d), tag="state")  # every rank writes its ZeRO partition
-    elif rank == 0:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict()}, d / "state.pt")
-    torch.save(torch.get_rng_state(), d / f"rng-rank{rank}.pt")
-
-
-def _load(d: Path, engine: Any, model: Any, optimizer: Any, scheduler: Any, rank: int) -> None:
-    import torch
-
-    if engine is not None:
-        engine.load_checkpoint(str(d), tag="state")
-    else:
-        s = torch.load(d / "state.pt", weights_only=False)
-        model.load_state_dict(s["model"])
-        optimizer.load_state_dict(s["optimizer"])
-        scheduler.load_state_dict(s["scheduler"])
-    rng = d / f"rng-rank{rank}.pt"
-    if rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=False))
-
-
-def _save_model(outputs: str, model: Any, tok: Any, rank: int, zero3: bool, method: str) -> None:
-    """Rank 0 writes the adapter (LoRA) or the model (full) to ``outputs``; ZeRO-3 gathers the weights first."""
-    import contextlib
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    from sharding.storage import resolve
-
-    inner = getattr(model, "module", model)
+def save_outputs(s: TrainState, outputs: str) -> None:
+    """Rank 0 writes the adapter (LoRA) or the model (full), in the format plain transformers/peft load, and the
+    metrics of every step; under ZeRO-3 every rank takes part in gathering the weights first."""
+    inner = getattr(s.model, "module", s.model)
+    method = s.cfg.train.method
     ctx: Any = contextlib.nullcontext()
-    if zero3:
+    if s.zero3_config is not None:
         import deepspeed
 
         wanted = [p for p in inner.parameters() if p.requires_grad] if method == "lora" else list(inner.parameters())
         ctx = deepspeed.zero.GatheredParameters(wanted, modifier_rank=None)
     with ctx:
-        if rank != 0:
+        if s.rank != 0:
             return
         out = resolve(outputs)
         with tempfile.TemporaryDirectory() as tmp:
@@ -535,10 +594,29 @@ def _save_model(outputs: str, model: Any, tok: Any, rank: int, zero3: bool, meth
                 inner.save_pretrained(Path(tmp) / name, save_embedding_layers=False)
             else:
                 inner.save_pretrained(Path(tmp) / name)
-            tok.save_pretrained(Path(tmp) / name)
+            s.tok.save_pretrained(Path(tmp) / name)
             out.fs.create_dir(out.join(name).path, recursive=True)
             pafs.copy_files(str(Path(tmp) / name), out.join(name).path, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=out.fs)
+    body = "".join(json.dumps(m) + "\n" for m in s.metrics).encode()
+    atomic_write_bytes(resolve(outputs).join("metrics.jsonl"), body)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Every worker: setup, resume from the latest checkpoint, train, and save the outputs once finished.
+
+    ``config`` is the ``train_loop_config`` that ``fit`` builds: the job config (JSON), the base model, the
+    plan's precision and backend, the DeepSpeed dict (None without DeepSpeed) and the outputs folder.
+    """
+    import ray.train
+
+    cfg = FinetuneJobConfig.model_validate(config["cfg"])  # typed config first (STYLE 5)
+    s = setup(cfg, config["base"], config["precision"], config["backend"], config["deepspeed"])
+    resume(s)
+    stop_at = min(cfg.train.steps, cfg.train.stop_after_steps or cfg.train.steps)
+    train(s, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"), stop_at)
+    if s.step >= cfg.train.steps:  # finished, not stopped early by train.stop_after_steps
+        save_outputs(s, config["outputs"])
 
 
 # --- the job -----------------------------------------------------------------------------------------------------
@@ -563,22 +641,25 @@ class FinetuneSummary:
                 + (f"; adapter at {self.outputs}" if self.finished else " (stopped early: rerun to continue)"))
 
 
-def run(cfg: FinetuneJobConfig) -> FinetuneSummary:
+def run(cfg: FinetuneJobConfig, callbacks: Sequence[UserCallback] = ()) -> FinetuneSummary:
+    """Fine-tune as ``cfg`` says: check, plan the workers, prepare the data, train on Ray Train, save the outputs.
+
+    Args:
+        cfg: The job config.
+        callbacks: Ray Train callbacks (``ray.train.UserCallback``) for this run, handed to
+            ``ray.train.RunConfig(callbacks=...)``: the controller calls them after every report (metrics and
+            checkpoint) and on a worker's exception, e.g. to follow the run from another system.
+
+    Returns:
+        The summary, also written to ``<storage_path>/<run.name>/outputs/summary.json``.
+    """
     t0 = time.perf_counter()
     check(cfg)
-
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from cluster.runtime import alive_nodes, init_ray
-    from sharding.storage import atomic_write_bytes, resolve
-
     init_ray(cfg.cluster)
     plan = plan_training(alive_nodes(), cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
                          cfg.train.precision)
     log.info("%s", plan.reason)
-    run_dir = resolve(cfg.run.storage_path).join(cfg.run.name)
-    outputs = run_dir.join("outputs")
+    outputs = resolve(cfg.run.storage_path).join(cfg.run.name, "outputs")
 
     records = read_records(cfg.data.train)
     base = resolve_base_model(cfg, records)
@@ -590,37 +671,54 @@ def run(cfg: FinetuneJobConfig) -> FinetuneSummary:
                            "or a smaller train.micro_batch / scaling.num_workers")
     log.info("base model %s; %d train / %d validation examples", base, n_train, n_val)
 
+    result = fit(cfg, plan, base, train_ds, val_ds, outputs, callbacks)
+    return finish(cfg, base, result, outputs, t0)
+
+
+def fit(cfg: FinetuneJobConfig, plan: TrainPlan, base: str, train_ds: Any, val_ds: Any, outputs: Location,
+        callbacks: Sequence[UserCallback]) -> Result:
+    """Run ``train_loop`` on the planned workers with Ray Train; a worker group that fails is restarted from the
+    latest checkpoint, up to ``train.max_failures`` times. Raises the run's error."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     train_config: dict[str, Any] = {
         "cfg": cfg.model_dump(mode="json"), "base": base, "precision": plan.precision, "backend": plan.backend,
         "deepspeed": deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu, hidden_size(base))
         if cfg.deepspeed.enabled else None,
         "outputs": outputs.portable,
     }
-    if os.environ.get(CRASH_ENV):
-        train_config["crash_at_step"] = int(os.environ[CRASH_ENV])
-        train_config["crash_marker"] = str(Path(run_dir.path) / f".test-crash-{os.environ[CRASH_ENV]}")
     env = {k: v for k, v in os.environ.items() if k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")}
     for ds in (train_ds, val_ds):  # the workers stream them every epoch and eval pass: a progress bar each is noise
         ds.context.enable_progress_bars = False
         ds.context.print_on_execution_start = False
+    # mypy sees ray.air's RunConfig, which `ray.train` replaces at import with Ray Train V2's (the default): that
+    # one takes worker_runtime_env and UserCallbacks
+    run_config = ray.train.RunConfig(  # type: ignore[call-arg]
+        name=cfg.run.name, storage_path=resolve(cfg.run.storage_path).portable,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
+                                                     checkpoint_score_attribute="eval_loss",
+                                                     checkpoint_score_order="min"),
+        worker_runtime_env={"env_vars": env} if env else None,
+        callbacks=list(callbacks))  # type: ignore[arg-type]
     trainer = TorchTrainer(
         train_loop, train_loop_config=train_config,
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=resolve(cfg.run.storage_path).portable,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
-                                                         checkpoint_score_attribute="eval_loss",
-                                                         checkpoint_score_order="min"),
-            worker_runtime_env={"env_vars": env} if env else None),
+        run_config=run_config,
         datasets={"train": train_ds, "validation": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
+    return result
 
+
+def finish(cfg: FinetuneJobConfig, base: str, result: Result, outputs: Location, t0: float) -> FinetuneSummary:
+    """The driver's outputs beside the workers' (adapter, metrics): the resolved config, the loss curve, the merged
+    model (``run.merge``, once finished) and the summary, from the run's latest checkpoint."""
     finished = False
     metrics: list[dict[str, Any]] = []
     if result.checkpoint is not None:
@@ -644,10 +742,7 @@ def run(cfg: FinetuneJobConfig) -> FinetuneSummary:
     return summary
 
 
-def _plot(metrics: list[dict[str, Any]], outputs: Any, name: str) -> None:
-    from jobs.plots import png, pyplot
-    from sharding.storage import atomic_write_bytes
-
+def _plot(metrics: list[dict[str, Any]], outputs: Location, name: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss")
@@ -663,13 +758,7 @@ def _plot(metrics: list[dict[str, Any]], outputs: Any, name: str) -> None:
 
 def merge_adapter(base: str, adapter: str, dest: str) -> None:
     """Save base + adapter merged into one model (on the driver, with plain transformers + peft)."""
-    import tempfile
-
-    import pyarrow.fs as pafs
     from peft import PeftModel
-
-    from models.generators import load_model, load_tokenizer, local_model_dir
-    from sharding.storage import resolve
 
     merged = PeftModel.from_pretrained(load_model(base), local_model_dir(adapter)).merge_and_unload()
     out = resolve(dest)
@@ -678,7 +767,6 @@ def merge_adapter(base: str, adapter: str, dest: str) -> None:
         load_tokenizer(base).save_pretrained(tmp)
         out.fs.create_dir(out.path, recursive=True)
         pafs.copy_files(tmp, out.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=out.fs)
-
 
 
 if __name__ == "__main__":  # python -m jobs.finetune --config FILE [overrides] (what `ray job submit` calls)

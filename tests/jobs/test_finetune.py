@@ -2,13 +2,14 @@
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from configs.schema import FinetuneJobConfig, load_config
-from jobs.finetune import CRASH_ENV, run
+from jobs.finetune import run
 from models.sft import encode_record
 from tests.conftest import REPO
 
@@ -129,29 +130,66 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(zero2, data, storag
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-4
 
 
+def worker_killer(at_step: int, record: Path):
+    """A Ray Train callback that SIGKILLs one training worker's process, once: after the first checkpoint at or
+    past ``at_step`` is reported, so the restart resumes from it and trains the next steps again. It writes to
+    ``record`` (JSON) the step and the pid it killed, and the training workers' pids at every later report.
+
+    The class is made here, so that Ray pickles it by value: the controller that runs it needs no import of
+    this test module. The pids come from the GCS actor table (``ray.util.state`` needs the dashboard, which the
+    test's Ray leaves out); the controller runs on this machine, so it kills with ``os.kill``.
+    """
+    from ray.train import UserCallback
+
+    def training_workers() -> list[int]:
+        import ray._private.state
+
+        return sorted(a["Pid"] for a in ray._private.state.actors().values()
+                      if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE")
+
+    class WorkerKiller(UserCallback):
+        def __init__(self):
+            self.killed: dict | None = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            step = metrics[0]["step"]
+            if self.killed is None:
+                if checkpoint is None or step < at_step:
+                    return
+                workers = training_workers()
+                self.killed = {"step": step, "pid": workers[-1], "workers": workers, "reports_after": []}
+                os.kill(workers[-1], signal.SIGKILL)
+            else:
+                self.killed["reports_after"].append({"step": step, "workers": training_workers()})
+            record.write_text(json.dumps(self.killed))
+
+    return WorkerKiller()
+
+
 @pytest.fixture(scope="module")
-def crashed(zero2, data, storage):
+def crashed(zero2, data, storage, tmp_path_factory):
+    """The zero2 run again, with one worker killed once the step-8 checkpoint is reported: (config, summary, what
+    the killer recorded)."""
     c = cfg(data, storage, "z2-crash", "deepspeed.preset=zero2")
-    os.environ[CRASH_ENV] = "12"
-    try:
-        summary = run(c)
-    finally:
-        del os.environ[CRASH_ENV]
-    return c, summary
+    record = tmp_path_factory.mktemp("killer") / "killed.json"
+    summary = run(c, callbacks=[worker_killer(8, record)])
+    return c, summary, json.loads(record.read_text())
 
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint(crashed, zero2):
-    c, summary = crashed
-    assert (Path(c.run.storage_path) / c.run.name / ".test-crash-12").is_file()  # the worker did exit
+    c, summary, killed = crashed
+    # the worker did die: killed after the step-8 checkpoint, and a new worker group made the later reports
+    assert killed["step"] == 8 and killed["pid"] in killed["workers"] and killed["reports_after"]
+    assert all(killed["pid"] not in r["workers"] and len(r["workers"]) == 2 for r in killed["reports_after"])
     assert summary.finished
     losses = [r["loss"] for r in metrics(c)]
     ref = [r["loss"] for r in metrics(zero2[0])]
-    assert len(losses) == 24  # steps 9-12 were redone from the step-8 checkpoint, not logged twice
+    assert len(losses) == 24  # the steps after 8 were redone from the step-8 checkpoint, not logged twice
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-4
 
 
 def test_finished_run_is_extended_by_more_steps(crashed, data, storage):
-    c, _ = crashed
+    c, _, _ = crashed
     before = metrics(c)
     more = cfg(data, storage, "z2-crash", "deepspeed.preset=zero2", "train.steps=32")
     assert run(more).finished
