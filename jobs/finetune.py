@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -473,7 +474,6 @@ def optimizer_step(s: TrainState, micro_losses: list[float], tokens: int, lr: fl
     its metrics row: the mean loss and the tokens/s of the global batch, summed over every worker, and the largest
     resident memory of any worker, its peak so far and now (MiB). ``t_start``: when the step's first micro batch
     started (``time.perf_counter()``)."""
-    import psutil
     import torch
     import torch.distributed as dist
 
