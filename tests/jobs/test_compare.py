@@ -211,3 +211,44 @@ def test_raft_passages_are_cut_to_the_training_length_as_the_serving_app_cuts_th
         assert len(re.findall(r"^\[\d\] ", user, re.M)) == r["raft"]["gold"] + len(r["raft"]["distractors"])
     with pytest.raises(RagtuneError, match="finetune.max_length = 4"):
         passage_fit(base, prompt, 4)(qs[0].question, [], qs[0].answers[0])
+
+
+def test_results_json_is_the_typed_results_key_for_key():
+    """results.json as a run with an update stage writes it (the demo's shape, numbers made up): the typed results
+    read it and write it back byte for byte, measurements that were not made left out rather than null."""
+    from jobs.compare_results import CompareResults
+
+    def split(em, recall=None):
+        return {"n": 24, "em": em, "f1": em, "errors": 0, "latency_p50_s": 0.21, "latency_p95_s": 0.4,
+                **({"recall_at_k": recall} if recall is not None else {})}
+
+    def system(retrieves, update, text):
+        r = 1.0 if retrieves else None
+        return {"seen": split(0.5, r), "held_out": split(0.25, r), "latency": {"p50_s": 0.2, "p95_s": 0.5},
+                "examples": [{"question": "Where was Ana born?", "answers": ["Ophir"], "said": "Ophir"}],
+                "update": update, "data_needed": text, "cost_text": "12 s (24 CPU-s)", "maintenance": "-"}
+
+    results = {
+        "config": {"systems": ["base", "finetuned", "rag", "raft"], "output": {"path": "/runs/demo/compare"}},
+        "questions": {"total": 96, "seen": 48, "held_out": 48, "update": 40},
+        "stages": {
+            "index": {"seconds": 9.5, "embed_s": 7.0, "index_s": 2.5, "docs": 34, "chunks": 38, "cpu_seconds": 19.0},
+            "finetuned": {"seconds": 80.0, "records": 88, "loss_first": 3.2, "loss_last": 0.4, "cpu_seconds": 160.0},
+            "raft": {"seconds": 90.0, "records": 88, "replay": 264, "with_gold": 88, "loss_first": 2.0,
+                     "loss_last": None, "gpu_seconds": 90.0},
+            "index_add": {"seconds": 0.27, "add": {"version": "v-00002", "docs_added": 4, "embedded_by": "this"},
+                          "reload": {"version": "v-00002", "previous": "v-00001", "changed": True}}},
+        "systems": {
+            "base": system(False, {"before": split(0.0), "after": split(0.0)}, "nothing"),
+            "finetuned": system(False, {"before": split(0.0), "after": split(0.75), "how": "retraining",
+                                        "time_to_knowledge_s": 95.5,
+                                        "retrain": {"seconds": 78.0, "records": 128, "cpu_seconds": 78.0}}, "QA"),
+            "rag": system(True, {"before": split(0.1, 1.0), "after": split(0.9, 1.0), "how": "index add + reload",
+                                 "time_to_knowledge_s": 0.5}, "the corpus"),
+        },
+        "seconds": 330.5,
+    }
+    text = json.dumps(results, indent=2)
+    typed_results = CompareResults.model_validate_json(text)
+    assert typed_results.to_json() == text
+    assert typed_results.systems["base"].score("after").em == 0.0 and typed_results.stages.raft.cpu_seconds is None
