@@ -117,7 +117,13 @@ def free_port() -> int:
 
 
 async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], int, float]:
-    """Send every body once from ``concurrency`` workers: (latencies of the 200s, failures, wall seconds)."""
+    """Send every body once from ``concurrency`` workers: (latencies of the 200s, failures, wall seconds).
+
+    Raw HTTP (aiohttp) rather than ragtune's client (``serving.client``): this measures the server's requests/s
+    with the load generator on the same cores, so a request should cost the client as little as it can (an
+    answer counted by its status, never parsed). The openai client's request building and response models, and
+    its synchronous form's thread per request in flight, would take a share of those cores from the server.
+    """
     import aiohttp
 
     queue: asyncio.Queue = asyncio.Queue()

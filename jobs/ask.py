@@ -15,100 +15,40 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
-from configs.errors import RagtuneError
+from configs.schema import ServeJobConfig, load_config
 from jobs.commands import guarded
+from serving.client import Citation, RagtuneClient, Retrieval
+from serving.rag import RagPipeline
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def unreachable(url: str, e: Exception) -> RagtuneError:
-    return RagtuneError(f"{url}: cannot connect ({getattr(e, 'reason', e)}). Fix: start the server with "
-                        "`ragtune serve -c configs/serve/<x>.yaml`, or pass --url, or --config to answer in this "
-                        "process")
-
-
-def _post(url: str, body: dict[str, Any], key: str | None, timeout: float) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {key}"} if key else {})})
-    try:
-        return urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = e.reason
-        fix = " Fix: pass --api-key or set RAGTUNE_API_KEY" if e.code == 401 else ""
-        raise RagtuneError(f"{url}: HTTP {e.code}: {msg}.{fix}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise unreachable(url, e) from None
-
-
-def _sse(resp: Any) -> Iterator[dict[str, Any]]:
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: "):
-            continue
-        data = line[len("data: "):]
-        if data == "[DONE]":
-            return
-        event = json.loads(data)
-        if "error" in event:
-            raise RagtuneError(f"the server ended the stream: {event['error']['message']}")
-        yield event
-
-
-def base_model(url: str, key: str | None, timeout: float) -> str:
-    """The base model's name, from GET /v1/models."""
-    req = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            models = json.loads(r.read())["data"]
-    except urllib.error.HTTPError as e:
-        fix = " Fix: pass --api-key or set RAGTUNE_API_KEY" if e.code == 401 else ""
-        raise RagtuneError(f"{url}/v1/models: HTTP {e.code}.{fix}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise unreachable(url, e) from None
-    return next(m["id"] for m in models if m.get("kind") == "base")
-
-
 def ask_http(args: argparse.Namespace) -> dict[str, Any]:
-    url = args.url.rstrip("/")
-    model = args.model or base_model(url, args.api_key, args.timeout)
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": args.question}],
-                            "stream": args.stream,
-                            "retrieval": {"enabled": not args.no_retrieval, **({"k": args.k} if args.k else {}),
-                                          **({"mode": args.mode} if args.mode else {})}}
-    if args.max_tokens:
-        body["max_tokens"] = args.max_tokens
-    if args.temperature is not None:
-        body["temperature"] = args.temperature
-    resp = _post(f"{url}/v1/chat/completions", body, args.api_key, args.timeout)
-    if not args.stream:
-        out = json.loads(resp.read())
-        return {"text": out["choices"][0]["message"]["content"], "citations": out.get("citations", []),
-                "finish_reason": out["choices"][0]["finish_reason"]}
-    text, citations, finish = "", [], None
-    for event in _sse(resp):
-        citations = event.get("citations", citations)
-        for choice in event.get("choices", []):
-            piece = choice.get("delta", {}).get("content") or ""
-            text += piece
-            print(piece, end="", flush=True)
-            finish = choice.get("finish_reason") or finish
-    print()
-    return {"text": text, "citations": citations, "finish_reason": finish, "streamed": True}
+    # one attempt: --timeout bounds the whole wait
+    with RagtuneClient(args.url, api_key=args.api_key, timeout=args.timeout, max_retries=0) as client:
+        model = args.model or client.base_model()
+        messages = [{"role": "user", "content": args.question}]
+        retrieval = False if args.no_retrieval else Retrieval(k=args.k, mode=args.mode)
+        max_tokens = args.max_tokens or None
+        if not args.stream:
+            reply = client.chat(messages, model=model, retrieval=retrieval, max_tokens=max_tokens,
+                                temperature=args.temperature)
+            return {"text": reply.text, "citations": reply.citations, "finish_reason": reply.finish_reason}
+        text, finish = "", None
+        citations: list[Citation] = []
+        for delta in client.chat_stream(messages, model=model, retrieval=retrieval, max_tokens=max_tokens,
+                                        temperature=args.temperature):
+            citations = delta.citations if delta.citations is not None else citations
+            text += delta.text
+            print(delta.text, end="", flush=True)
+            finish = delta.finish_reason or finish
+        print()
+        return {"text": text, "citations": citations, "finish_reason": finish, "streamed": True}
 
 
 def ask_local(args: argparse.Namespace) -> dict[str, Any]:
-    from configs.schema import ServeJobConfig, load_config
-    from serving.rag import RagPipeline
-
     cfg = load_config(ServeJobConfig, args.config, args.overrides or [])
     pipeline = RagPipeline(cfg)
     return pipeline.answer([{"role": "user", "content": args.question}], model=args.model,

@@ -25,30 +25,37 @@ from its last checkpoint) and rebuilds the rest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from cluster.runtime import init_ray
 from configs.errors import RagtuneError
+from configs.schema import FinetuneJobConfig
+from configs.schema.compare import CompareJobConfig
 from configs.schema.demo import DemoJobConfig
 from configs.schema.serve import PromptConfig
+from jobs import compare, finetune
 from jobs.commands import job_main
-from jobs.world import PERSON_ATTRIBUTES, Doc, Question, World, make_world, more_people, update_world
+from jobs.compare_results import Split, SystemResult, read_results
+from jobs.jsonl import write_jsonl
+from jobs.world import PERSON_ATTRIBUTES, Doc, Question, Update, World, make_world, more_people, update_world
+from models.prompt import rag_messages
+from sharding.storage import atomic_write_bytes, resolve
 
 log = logging.getLogger("ragtune.demo")
 
 # --- 1. the world --------------------------------------------------------------------------------------------------
 
-def write_world(out: Path, world: World, update: Any) -> dict[str, str]:
+def write_world(out: Path, world: World, update: Update) -> dict[str, str]:
     """The measured world as the compare job's inputs: corpus (every document), questions about its people,
     update corpus, update questions."""
-    from jobs.compare import write_jsonl
-
     return {
         "corpus": write_jsonl(out / "corpus.jsonl", [d.record() for d in world.docs()]),
         "questions": write_jsonl(out / "questions.jsonl",
@@ -64,8 +71,6 @@ def reader_records(practice: World, prompt: PromptConfig, per_passage: int, seed
     """Chat records that teach reading: a person's document as passage [1] in the serving app's prompt, a
     question about it, its answer; then up to ``per_passage - 1`` more questions about the same document as
     further turns (more answers to learn from per token of passage). One record per person."""
-    from models.prompt import rag_messages
-
     rng = random.Random(seed)
     records = []
     docs = {d.id: d for d in practice.docs()}
@@ -97,8 +102,6 @@ def _one_per_attribute(qs: Sequence[Question], rng: random.Random) -> list[Quest
 def reader_stamp(cfg: DemoJobConfig, exclude: set[str]) -> str:
     """What the reader is made from: its settings, the prompt it reads in, the world's geography and the names
     it must not see. A reader is reused only for the same."""
-    import hashlib
-
     geography = {k: v for k, v in cfg.world.model_dump().items() if k in ("seed", "orgs", "places")}
     reader = cfg.reader.model_dump(mode="json")
     reader["train"].pop("stop_after_steps", None)  # when to pause, not what is learned: a paused reader resumes
@@ -111,13 +114,6 @@ def train_reader(cfg: DemoJobConfig, out: Path, world: World, exclude: set[str])
     """The base generator's folder: the tiny model trained to read on other people of ``world`` (none of its
     people, nor any name in ``exclude``), reused when that run already finished for the same settings, resumed
     from its last checkpoint when it was interrupted (the finetune job's resume), trained afresh otherwise."""
-    import shutil
-
-    from configs.schema import FinetuneJobConfig
-    from jobs import finetune
-    from jobs.compare import write_jsonl
-    from sharding.storage import atomic_write_bytes, resolve
-
     r = cfg.reader
     run_dir = out / "runs" / "reader"
     model, stamp = run_dir / "outputs" / "model", run_dir / "made-from.json"
@@ -158,19 +154,17 @@ class Claim:
     evidence: str
 
 
-def _em(results: Mapping[str, Any], system: str, split: str) -> float | None:
-    s = results["systems"].get(system)
-    if s is None:
-        return None
-    m = (s.get("update") or {}).get(split) if split in ("before", "after") else s.get(split)
-    return None if m is None else float(m["em"])
+def _em(systems: Mapping[str, SystemResult], system: str, split: Split) -> float | None:
+    s = systems.get(system)
+    m = None if s is None else s.score(split)
+    return None if m is None else m.em
 
 
-def check_claims(results: Mapping[str, Any]) -> list[Claim]:
+def check_claims(systems: Mapping[str, SystemResult]) -> list[Claim]:
     """What the comparison claims, against the numbers it measured. A claim whose systems were not run, or
     whose update stage was skipped, is left out."""
-    em = lambda s, split: _em(results, s, split)  # noqa: E731
-    ttk = {n: (s.get("update") or {}).get("time_to_knowledge_s") for n, s in results["systems"].items()}
+    em = lambda s, split: _em(systems, s, split)  # noqa: E731
+    ttk = {n: s.update.time_to_knowledge_s if s.update else None for n, s in systems.items()}
     out = []
     ft_seen, ft_held, base_seen = em("finetuned", "seen"), em("finetuned", "held_out"), em("base", "seen")
     if ft_seen is not None and base_seen is not None and ft_held is not None:
@@ -184,18 +178,20 @@ def check_claims(results: Mapping[str, Any]) -> list[Claim]:
                          f"fine-tuned EM on held-out facts {ft_held:.0%}{new}"))
     rag_before, rag_after = em("rag", "before"), em("rag", "after")
     if rag_before is not None and rag_after is not None:
-        faster = ttk.get("rag") is not None and (ttk.get("finetuned") is None or ttk["rag"] < ttk["finetuned"])
-        ft = f"; fine-tuned {ttk['finetuned']:.0f} s by retraining" if ttk.get("finetuned") is not None else ""
+        rag_ttk, ft_ttk = ttk.get("rag"), ttk.get("finetuned")
+        faster = rag_ttk is not None and (ft_ttk is None or rag_ttk < ft_ttk)
+        ft = f"; fine-tuned {ft_ttk:.0f} s by retraining" if ft_ttk is not None else ""
         out.append(Claim("RAG answers new facts as soon as they are indexed",
                          rag_after >= 0.5 and rag_after >= rag_before + 0.3 and faster,
                          f"RAG EM on the update's facts {rag_before:.0%} before -> {rag_after:.0%} "
-                         f"{ttk.get('rag') or 0:.1f} s after they arrived{ft}"))
-    splits = [s for s in ("seen", "held_out", "after") if em("raft", s) is not None and em("rag", s) is not None]
-    if splits:
-        raft = sum(em("raft", s) for s in splits) / len(splits)  # type: ignore[misc]
-        rag = sum(em("rag", s) for s in splits) / len(splits)  # type: ignore[misc]
-        detail = ", ".join(f"{x.replace('_', '-').replace('after', 'new')} {em('raft', x):.0%} vs {em('rag', x):.0%}"
-                           for x in splits)
+                         f"{rag_ttk or 0:.1f} s after they arrived{ft}"))
+    pairs = {x: (raft_em, rag_em) for x in ("seen", "held_out", "after")
+             if (raft_em := em("raft", x)) is not None and (rag_em := em("rag", x)) is not None}
+    if pairs:
+        raft = sum(a for a, _ in pairs.values()) / len(pairs)
+        rag = sum(b for _, b in pairs.values()) / len(pairs)
+        detail = ", ".join(f"{x.replace('_', '-').replace('after', 'new')} {a:.0%} vs {b:.0%}"
+                           for x, (a, b) in pairs.items())
         out.append(Claim("RAFT is at least as good as RAG", raft >= rag,
                          f"RAFT vs RAG EM: {detail} (mean {raft:.0%} vs {rag:.0%})"))
     return out
@@ -236,9 +232,7 @@ class Stages:
         log.info("[demo %d/%d, %.0fs] %s", self.i, total, time.perf_counter() - self.t0, name)
 
 
-def compare_config(cfg: DemoJobConfig, inputs: Mapping[str, str], base: str) -> Any:
-    from configs.schema.compare import CompareJobConfig
-
+def compare_config(cfg: DemoJobConfig, inputs: Mapping[str, str], base: str) -> CompareJobConfig:
     out = Path(cfg.output.path)
     raft = cfg.raft.model_copy(update={"replay": str(out / "world" / "reader.jsonl")}) if cfg.raft_replay \
         else cfg.raft
@@ -253,9 +247,6 @@ def compare_config(cfg: DemoJobConfig, inputs: Mapping[str, str], base: str) -> 
 
 def run(cfg: DemoJobConfig) -> DemoSummary:
     t0 = time.perf_counter()
-    from cluster.runtime import init_ray
-    from jobs import compare
-
     out = Path(cfg.output.path).resolve()  # absolute: Ray's workers load the reader from it in their own cwd
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": str(out)})})
     stages = Stages(["the world", "teach the base to read", "embed + index", "fine-tune", "RAFT", "serve + answer",
@@ -275,11 +266,8 @@ def run(cfg: DemoJobConfig) -> DemoSummary:
     summary = compare.run(compare_config(cfg, inputs, base), on_stage=stages)
 
     stages("the claims")
-    results = json.loads((out / "compare" / "results.json").read_text())
-    claims = check_claims(results)
+    claims = check_claims(read_results(out / "compare" / "results.json").systems)
     text = print_claims(claims)
-    from sharding.storage import atomic_write_bytes, resolve
-
     report = resolve(str(out / "compare" / "report.md"))
     atomic_write_bytes(report, (Path(report.path).read_text() + text + "\n").encode())
     return DemoSummary(str(out), summary.report, sum(c.holds for c in claims), len(claims), time.perf_counter() - t0)

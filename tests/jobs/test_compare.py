@@ -9,22 +9,21 @@ import pytest
 from configs.errors import RagtuneError
 from configs.schema.compare import CompareJobConfig, RaftConfig
 from configs.schema.serve import PromptConfig
-from jobs.compare import (
-    QA,
-    Answer,
-    qa_records,
-    raft_records,
-    read_questions,
-    render_table,
-    sample,
-    score,
-    split_questions,
-)
+from jobs.compare_questions import QA, read_questions, sample, split_questions
+from jobs.compare_report import render_table
+from jobs.compare_results import SystemResult
+from jobs.compare_scoring import Answer, score
+from models.raft import passage_fit, qa_records, raft_records
 
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def typed(results):
+    """The systems of a results dict as the typed results the report and the claims read."""
+    return {name: SystemResult.model_validate(s) for name, s in results["systems"].items()}
 
 
 def qas(n, docs=None):
@@ -99,27 +98,28 @@ def test_scores_are_squad_em_f1_recall_of_the_cited_gold_and_latency():
     qs = qas(4)
     answers = [Answer("q0", "Answer 0.", 0.1, ["d0"]), Answer("q1", "ans 1 more", 0.2, ["x", "d1"]),
                Answer("q2", "nothing", 0.3, ["x"]), Answer("q3", "", 0.4, [], error="HTTP 500: boom")]
-    s = score(qs, answers, k=2)
+    s = score(qs, answers, k=2).model_dump()  # as results.json holds it
     assert s["n"] == 4 and s["em"] == 0.25 and s["errors"] == 1
     assert s["f1"] == pytest.approx((1 + 0.8 + 0 + 0) / 4)  # "ans 1 more" vs "ans 1": P 2/3, R 1
     assert s["recall_at_k"] == 0.5 and s["latency_p50_s"] in (0.2, 0.3) and s["latency_p95_s"] == 0.4
-    assert "recall_at_k" not in score(qs, answers, k=None)
+    assert "recall_at_k" not in score(qs, answers, k=None).model_dump()
 
 
 def test_the_table_has_a_row_per_system_and_the_columns_people_decide_with():
     def split(em):
-        return {"em": em, "f1": em, "n": 10, "recall_at_k": 0.9}
+        return {"em": em, "f1": em, "n": 10, "recall_at_k": 0.9, "errors": 0, "latency_p50_s": 0.1,
+                "latency_p95_s": 0.2}
 
     results = {"systems": {
         "base": {"seen": split(0.0), "held_out": split(0.0), "data_needed": "nothing", "cost_text": "-",
-                 "maintenance": "none", "latency": {"p50_s": 0.1, "p95_s": 0.2},
+                 "maintenance": "none", "latency": {"p50_s": 0.1, "p95_s": 0.2}, "examples": [],
                  "update": {"before": split(0.0), "after": split(0.0)}},
         "rag": {"seen": split(0.9), "held_out": split(0.85), "data_needed": "the corpus", "cost_text": "30 s",
-                "maintenance": "index add", "latency": {"p50_s": 0.3, "p95_s": 0.5},
+                "maintenance": "index add", "latency": {"p50_s": 0.3, "p95_s": 0.5}, "examples": [],
                 "update": {"before": split(0.1), "after": split(0.9), "time_to_knowledge_s": 4.2,
                            "how": "index add + reload"}},
     }}
-    table = render_table(results).splitlines()
+    table = render_table(typed(results)).splitlines()
     assert table[0].startswith("| approach | data it needs | seen facts EM / F1 | held-out facts EM / F1 |")
     assert len(table) == 4 and table[2].startswith("| base model | nothing |")
     assert "never (closed-book, not retrained)" in table[2]
@@ -162,22 +162,23 @@ def test_claims_follow_the_numbers():
     from jobs.demo import check_claims
 
     def split(em):
-        return {"em": em}
+        return {"em": em, "f1": em, "n": 24, "errors": 0, "latency_p50_s": 0.1, "latency_p95_s": 0.2}
 
     def system(seen, held, before, after, ttk):
-        return {"seen": split(seen), "held_out": split(held),
+        return {"seen": split(seen), "held_out": split(held), "latency": {"p50_s": 0.1, "p95_s": 0.2},
+                "examples": [], "data_needed": "", "cost_text": "", "maintenance": "",
                 "update": {"before": split(before), "after": split(after), "time_to_knowledge_s": ttk}}
 
     results = {"systems": {"base": system(0.02, 0.02, 0.0, 0.0, None),
                            "finetuned": system(0.9, 0.05, 0.05, 0.8, 60.0),
                            "rag": system(0.8, 0.8, 0.1, 0.8, 5.0), "raft": system(0.85, 0.8, 0.1, 0.85, 5.0)}}
-    claims = check_claims(results)
+    claims = check_claims(typed(results))
     assert [c.holds for c in claims] == [True, True, True, True]
     results["systems"]["finetuned"]["held_out"] = split(0.6)  # fine-tuning "knew" facts it never saw: suspicious
     results["systems"]["raft"]["after"] = split(0.1)
     results["systems"]["raft"]["update"]["after"] = split(0.1)
     results["systems"]["rag"]["update"]["time_to_knowledge_s"] = 90.0  # slower than retraining
-    got = {c.text: c.holds for c in check_claims(results)}
+    got = {c.text: c.holds for c in check_claims(typed(results))}
     assert got == {"fine-tuning answers the facts it was trained on, closed-book": True,
                    "... but not facts it was not trained on": False,
                    "RAG answers new facts as soon as they are indexed": False,
@@ -185,7 +186,6 @@ def test_claims_follow_the_numbers():
 
 
 def test_raft_passages_are_cut_to_the_training_length_as_the_serving_app_cuts_them(tmp_path):
-    from jobs.compare import passage_fit
     from models.generators import TinySpec, build_tiny, load_tokenizer
     from models.sft import encode_record
 
@@ -211,3 +211,44 @@ def test_raft_passages_are_cut_to_the_training_length_as_the_serving_app_cuts_th
         assert len(re.findall(r"^\[\d\] ", user, re.M)) == r["raft"]["gold"] + len(r["raft"]["distractors"])
     with pytest.raises(RagtuneError, match="finetune.max_length = 4"):
         passage_fit(base, prompt, 4)(qs[0].question, [], qs[0].answers[0])
+
+
+def test_results_json_is_the_typed_results_key_for_key():
+    """results.json as a run with an update stage writes it (the demo's shape, numbers made up): the typed results
+    read it and write it back byte for byte, measurements that were not made left out rather than null."""
+    from jobs.compare_results import CompareResults
+
+    def split(em, recall=None):
+        return {"n": 24, "em": em, "f1": em, "errors": 0, "latency_p50_s": 0.21, "latency_p95_s": 0.4,
+                **({"recall_at_k": recall} if recall is not None else {})}
+
+    def system(retrieves, update, text):
+        r = 1.0 if retrieves else None
+        return {"seen": split(0.5, r), "held_out": split(0.25, r), "latency": {"p50_s": 0.2, "p95_s": 0.5},
+                "examples": [{"question": "Where was Ana born?", "answers": ["Ophir"], "said": "Ophir"}],
+                "update": update, "data_needed": text, "cost_text": "12 s (24 CPU-s)", "maintenance": "-"}
+
+    results = {
+        "config": {"systems": ["base", "finetuned", "rag", "raft"], "output": {"path": "/runs/demo/compare"}},
+        "questions": {"total": 96, "seen": 48, "held_out": 48, "update": 40},
+        "stages": {
+            "index": {"seconds": 9.5, "embed_s": 7.0, "index_s": 2.5, "docs": 34, "chunks": 38, "cpu_seconds": 19.0},
+            "finetuned": {"seconds": 80.0, "records": 88, "loss_first": 3.2, "loss_last": 0.4, "cpu_seconds": 160.0},
+            "raft": {"seconds": 90.0, "records": 88, "replay": 264, "with_gold": 88, "loss_first": 2.0,
+                     "loss_last": None, "gpu_seconds": 90.0},
+            "index_add": {"seconds": 0.27, "add": {"version": "v-00002", "docs_added": 4, "embedded_by": "this"},
+                          "reload": {"version": "v-00002", "previous": "v-00001", "changed": True}}},
+        "systems": {
+            "base": system(False, {"before": split(0.0), "after": split(0.0)}, "nothing"),
+            "finetuned": system(False, {"before": split(0.0), "after": split(0.75), "how": "retraining",
+                                        "time_to_knowledge_s": 95.5,
+                                        "retrain": {"seconds": 78.0, "records": 128, "cpu_seconds": 78.0}}, "QA"),
+            "rag": system(True, {"before": split(0.1, 1.0), "after": split(0.9, 1.0), "how": "index add + reload",
+                                 "time_to_knowledge_s": 0.5}, "the corpus"),
+        },
+        "seconds": 330.5,
+    }
+    text = json.dumps(results, indent=2)
+    typed_results = CompareResults.model_validate_json(text)
+    assert typed_results.to_json() == text
+    assert typed_results.systems["base"].score("after").em == 0.0 and typed_results.stages.raft.cpu_seconds is None
