@@ -285,12 +285,12 @@ def gold_and_retrieved(index_path: str, qas: Sequence[QA], cfg: CompareJobConfig
     retrieved: dict[str, list[dict[str, Any]]] = {}
     gold: dict[str, dict[str, Any] | None] = {}
     for q in qas:
-        hits = retriever.search(q.question, cfg.raft.candidates)
+        hits = [h.model_dump() for h in retriever.search(q.question, cfg.raft.candidates)]
         retrieved[q.id] = hits
-        g = next((h for h in hits if q.doc_id is not None and h.get("doc_id") == q.doc_id), None)
+        g = next((h for h in hits if q.doc_id is not None and h["doc_id"] == q.doc_id), None)
         if g is None and q.doc_id is not None:
             found = retriever.search(q.question, 1, {"doc_id": q.doc_id})
-            g = found[0] if found else None
+            g = found[0].model_dump() if found else None
         gold[q.id] = g
     return retrieved, gold
 
