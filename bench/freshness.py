@@ -35,6 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from models.embedders import QueryEncoder  # noqa: E402
+from sharding.search import ShardedIndex  # noqa: E402
+
 EDIT = " In 2031 the archive noted that {title} was revisited by the Zorvex commission."
 
 
@@ -211,9 +214,6 @@ def main() -> None:
           f"embedding {med([x['embed'] for x in warm]):.2f}s; repeats {', '.join(f'{x}' for x in walls)}s")
 
     # Does a search of the updated index see the update, and never the old text?
-    from models.embedders import QueryEncoder
-    from sharding.search import ShardedIndex
-
     index = ShardedIndex.open(str(work / "update-0" / "index"))
     rebuilt = ShardedIndex.open(str(work / "rebuild-0" / "index"))
     enc = QueryEncoder(index.manifest)

@@ -34,9 +34,35 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from configs.schema.index import parse_bytes  # noqa: E402
+from models.embedders import EmbedderSpec, load_sentence_transformer  # noqa: E402
+from sharding.choice import choose_index, estimate_bytes, explicit_choice, nlist_for  # noqa: E402
+from sharding.embeddings import EmbedderRecord, EmbeddingManifest, read_manifest, vectors_from_arrow  # noqa: E402
+from sharding.faiss_index import (  # noqa: E402
+    ShardBuilder,
+    effective_factory,
+    new_index,
+    serialize,
+    train_index,
+    write_index_file,
+)
+from sharding.layout import plan_shards, shard_name  # noqa: E402
+from sharding.manifest import (  # noqa: E402
+    IndexManifest,
+    ShardRecord,
+    TrainedRecord,
+    switch_latest,
+    write_index_manifest,
+)
+from sharding.metrics import read_queries  # noqa: E402
+from sharding.search import ShardedIndex  # noqa: E402
+from sharding.storage import makedirs, resolve  # noqa: E402
+from sharding.tuning import TuneRow, candidate_params, exact_knn, recall_at_k, tune  # noqa: E402
 
 K = 10
 TUNE_QUERIES = 1000
@@ -45,25 +71,22 @@ SINGLE_QUERIES = 200
 
 # --- data ---------------------------------------------------------------------------------------------------------
 
-def load_embeddings(path: Path) -> tuple[np.ndarray, dict]:
-    import pyarrow.parquet as pq
-
-    from sharding.embeddings import vectors_from_arrow
-
+def load_embeddings(path: Path) -> tuple[np.ndarray, EmbeddingManifest]:
     parts = sorted(path.glob("part-*.parquet"))
     if not parts:
         sys.exit(f"no embedding parts in {path}. Make them first: python -m jobs.embed --config "
                  "configs/embed/squad-beir.yaml corpus.path=../shared/data/squad/retrieval-v1.1/corpus.jsonl "
                  f"output.path={path}")
     xb = np.concatenate([vectors_from_arrow(pq.read_table(p, columns=["vector"])["vector"]) for p in parts])
-    return xb, json.loads((path / "_manifest.json").read_text())
+    manifest = read_manifest(resolve(str(path)))
+    if manifest is None:
+        sys.exit(f"{path}: no embeddings manifest. Make the embeddings with `ragtune embed` (see above)")
+    return xb, manifest
 
 
 def repeat_with_noise(xr: np.ndarray, n: int, seed: int) -> np.ndarray:
     """``n`` normalised copies of the rows of ``xr`` with noise that follows their covariance, scaled so that a copy
     is as close to its source as a real row is to its nearest other row (mean cosine)."""
-    from sharding.search import exact_knn
-
     rng = np.random.default_rng(seed)
     mu = xr.mean(0)
     evals, evecs = np.linalg.eigh(np.cov(xr - mu, rowvar=False))
@@ -90,14 +113,11 @@ def repeat_with_noise(xr: np.ndarray, n: int, seed: int) -> np.ndarray:
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def real_questions(manifest: dict, n: int) -> np.ndarray:
+def real_questions(manifest: EmbeddingManifest, n: int) -> np.ndarray:
     """``n`` SQuAD questions drawn at random, embedded with the embeddings' model."""
-    from models.embedders import EmbedderSpec, load_sentence_transformer
-    from sharding.metrics import read_queries
-
     qs = list(read_queries(REPO.parent / "shared/data/squad/retrieval-v1.1/queries.jsonl").values())
     qs = [qs[i] for i in np.random.default_rng(0).choice(len(qs), n, replace=False)]
-    model = load_sentence_transformer(EmbedderSpec(**manifest["model"]))
+    model = load_sentence_transformer(EmbedderSpec(**manifest.model.model_dump()))
     return model.encode(qs, batch_size=256, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
 
 
@@ -106,26 +126,6 @@ def real_questions(manifest: dict, n: int) -> np.ndarray:
 def worker(args: argparse.Namespace) -> None:
     import faiss
     import psutil
-
-    from sharding.faiss_index import (
-        ShardBuilder,
-        effective_factory,
-        new_index,
-        serialize,
-        train_index,
-        write_index_file,
-    )
-    from sharding.layout import plan_shards, shard_name
-    from sharding.manifest import IndexManifest, ShardRecord, switch_latest, write_index_manifest
-    from sharding.search import (
-        ShardedIndex,
-        TuneRow,
-        candidate_params,
-        exact_knn,
-        recall_at_k,
-        tune,
-    )
-    from sharding.storage import makedirs, resolve
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     data = Path(args.data)
@@ -161,8 +161,8 @@ def worker(args: argparse.Namespace) -> None:
     build_s = time.perf_counter() - t0
     rss_build = proc.memory_info().rss - rss0  # the index as built (the held-out rows, 0.5%, join later)
     manifest = IndexManifest(version="v-00001", factory=factory, kind="bench", reason="bench", metric="inner_product",
-                             dim=d, normalize=True, ntotal=nb, shards=[], model={},
-                             trained={"sha256": "-"} if "IVF" in factory else None)
+                             dim=d, normalize=True, ntotal=nb, shards=[], model=EmbedderRecord(name="bench"),
+                             trained=TrainedRecord(sha256="-") if "IVF" in factory else None)
     xt_q = np.load(data / "xq_tune.npy")
     kept = np.flatnonzero(~out_of_index)
     tunings = {"vectors": (ShardedIndex(resolve(str(data)), manifest, built), xb[held],
@@ -215,8 +215,6 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure(index, xq: np.ndarray, gt: np.ndarray, ids_file: Path) -> dict:
     """Recall@10 against exact search, batched and single-query QPS (medians of 3); the ids go to a file."""
-    from sharding.search import recall_at_k
-
     batch, single = [], []
     for _ in range(3):
         t = time.perf_counter()
@@ -259,10 +257,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-
-    from configs.schema.index import parse_bytes
-    from sharding.choice import choose_index, explicit_choice
-    from sharding.search import exact_knn
 
     xr, manifest = load_embeddings(Path(args.squad))
     budget = parse_bytes(args.max_memory)
@@ -314,8 +308,6 @@ def main() -> None:
 
 def estimate_pq_budget(nb: int, d: int) -> float:
     """A budget where IVF-Flat does not fit but IVF-PQ with refinement does: what a big corpus meets."""
-    from sharding.choice import estimate_bytes, nlist_for
-
     return 0.8 * estimate_bytes("ivf_flat", nb, d, nlist=nlist_for(nb))
 
 

@@ -29,35 +29,91 @@ search parameters as the index job does; gc deletes old versions that no reader 
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
+import gc as pygc
 import json
 import logging
+import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from configs.errors import RagtuneError
+from configs.schema import EmbedJobConfig, IndexJobConfig
+from configs.schema.embed import CorpusConfig
+from configs.schema.index import IndexConfig
 from jobs.commands import ADD_RAY_ABOVE, guarded, index_ops_parser
-from sharding.embeddings import read_manifest
-from sharding.freshness import COMPACT_MAX_DELTAS, COMPACT_THRESHOLD
-from sharding.layout import DOCSTORE_DIR, MANIFEST, docstore_name, shard_name
-from sharding.manifest import HistoryEntry, IndexManifest, ShardRecord, read_latest, switch_latest, write_index_manifest
-from sharding.metrics import read_query_texts
-from sharding.search import RECALL_K as K
+from jobs.embed import run as embed_run
+from models.embedders import EmbedderSpec, QueryEncoder, load_tokenizer, resolve_embedder
+from sharding.chunking import Chunker, ChunkerSettings, embed_input
+from sharding.corpus import read_documents_local
+from sharding.docstore import write_docstore
+from sharding.embeddings import chunk_documents, read_manifest, read_part_table, recipe_differences, vectors_from_arrow
+from sharding.faiss_index import deserialize, read_index_file, write_index_file
+from sharding.filters import matches, parse_where
+from sharding.freshness import (
+    COMPACT_MAX_DELTAS,
+    COMPACT_THRESHOLD,
+    DOC_COLUMNS,
+    AddPlan,
+    assign_shards,
+    by_segment,
+    compaction_reason,
+    fold_segments,
+    live_ids,
+    masked_ids,
+    new_segment,
+    plan_add,
+    read_stats,
+    recall_measurable,
+    rows_of,
+    segment_files,
+    set_tombstones,
+    stats_of,
+    trained_index,
+    tune_compacted,
+    version_recall,
+    with_stats,
+    with_trained_file,
+    write_delta,
+    write_lexical,
+)
+from sharding.layout import DOCSTORE_DIR, LATEST, MANIFEST, docstore_name, shard_name
+from sharding.lexical import LEXICAL_DIR, CorpusStats, LexicalManifest, lexical_delta_name, lexical_name
+from sharding.manifest import (
+    HistoryEntry,
+    IndexManifest,
+    Operation,
+    RecallRecord,
+    ShardRecord,
+    carried_manifest,
+    read_index_manifest,
+    read_latest,
+    switch_latest,
+    write_index_manifest,
+)
+from sharding.search import shard_segments
 from sharding.storage import Location, exists, makedirs, resolve
-from sharding.versions import next_version
+from sharding.tuning import RECALL_K as K
+from sharding.tuning import TuneRow, held_out_count
+from sharding.versions import GRACE_S, WriterLock, gc_versions, next_version, read_leases, version_states
 
 log = logging.getLogger("ragtune.index")
 
 
+# --- the version written from LATEST ------------------------------------------------------------------------------
 
 def _root(index_path: str) -> Location:
     """The index root of ``-i``: it must hold LATEST (writes start from the latest version)."""
-    from sharding.layout import LATEST
-
     root = resolve(index_path)
     if exists(root.join(MANIFEST)):
         raise RagtuneError(f"-i {index_path}: a version folder, not an index root. Fix: pass the folder that holds "
@@ -69,29 +125,25 @@ def _root(index_path: str) -> Location:
 
 
 def _latest(root: Location) -> tuple[Location, IndexManifest]:
-    from sharding.manifest import read_index_manifest
-
     vloc = root.join(read_latest(root) or "")
     return vloc, read_index_manifest(vloc)
 
 
-def _finish(root: Location, vdir: Location, nm: IndexManifest, base: IndexManifest, operation: str,
-            t0: float, counts: dict[str, int]) -> None:
-    """Write the new version's manifest (with its history) and switch LATEST to it: the last two steps."""
-    nm.ntotal = sum(r.live for r in nm.shards)
-    nm.operation, nm.parent, nm.created_at = operation, base.version, time.time()  # type: ignore[assignment]
-    nm.history = base.entries() + [HistoryEntry(version=nm.version, operation=operation,  # type: ignore[arg-type]
-                                                parent=base.version, at=nm.created_at,
-                                                seconds=time.perf_counter() - t0, ntotal=nm.ntotal, counts=counts)]
-    write_index_manifest(vdir, nm)
-    switch_latest(root, nm.version)  # a crash before this line leaves LATEST (and every reader) on the old one
+def _built_with(m: IndexManifest) -> IndexConfig:
+    """The ``index`` section of the config the version was built with (its manifest's ``config``, read through the
+    job's schema); the schema's defaults for a manifest that records no config (written with the sharding
+    functions alone)."""
+    if not m.config:
+        return IndexConfig(path="")
+    try:
+        return IndexJobConfig.model_validate(m.config).index
+    except ValidationError as e:
+        raise RagtuneError(f"version {m.version}: the index config recorded in its manifest does not validate "
+                           f"({str(e).splitlines()[0]}). Fix: rebuild the index with `ragtune index`") from None
 
 
 def _new_version(root: Location, base_dir: Location, m: IndexManifest) -> tuple[Location, IndexManifest, bytes]:
     """Start the next version beside `m`'s: its folder, a manifest carrying m's shards, and m's trained index."""
-    from sharding.freshness import trained_index, with_trained_file
-    from sharding.manifest import carried_manifest
-
     version = next_version(root)
     vdir = root.join(version)
     makedirs(vdir.join(DOCSTORE_DIR))
@@ -102,32 +154,43 @@ def _new_version(root: Location, base_dir: Location, m: IndexManifest) -> tuple[
     return vdir, nm, trained
 
 
-def _keep_versions(m: IndexManifest, keep: int | None) -> int | None:
-    if keep is not None:
-        return keep
-    return (m.config.get("index") or {}).get("keep_versions")
+def _finish(root: Location, vdir: Location, nm: IndexManifest, base: IndexManifest, operation: Operation,
+            t0: float, counts: dict[str, int]) -> None:
+    """Write the new version's manifest (with its history) and switch LATEST to it: the last two steps."""
+    nm.ntotal = sum(r.live for r in nm.shards)
+    nm.operation, nm.parent, nm.created_at = operation, base.version, time.time()
+    nm.history = base.entries() + [HistoryEntry(version=nm.version, operation=operation,
+                                                parent=base.version, at=nm.created_at,
+                                                seconds=time.perf_counter() - t0, ntotal=nm.ntotal, counts=counts)]
+    write_index_manifest(vdir, nm)
+    switch_latest(root, nm.version)  # a crash before this line leaves LATEST (and every reader) on the old one
 
 
-def _check_chunker(m: IndexManifest) -> Any:
+def _gc_after(index_path: str, m: IndexManifest, keep_versions: int | None) -> None:
+    """``--gc-keep N``, else the index's ``index.keep_versions``: gc after a write."""
+    keep = keep_versions if keep_versions is not None else _built_with(m).keep_versions
+    if keep:
+        gc(index_path, keep=keep)
+
+
+# --- add: the new chunks and their vectors -------------------------------------------------------------------------
+
+def _check_chunker(m: IndexManifest) -> tuple[EmbedderSpec, ChunkerSettings]:
     """The chunker settings the index was built with (its manifest), and the model's spec, checked: the
     embedding model named in the manifest must resolve here to the same revision."""
-    from models.embedders import resolve_embedder
-    from sharding.chunking import ChunkerSettings
-
-    name, built = m.model.get("name", ""), m.model.get("revision")
+    name, built = m.model.name, m.model.revision
     spec = resolve_embedder(name)
     if built and spec.revision != built:
         raise RagtuneError(f"the index was built with {name} revision {built} but {name} resolves here to revision "
                            f"{spec.revision}: new chunks would be embedded by another model. Fix: install the same "
                            "model revision, or rebuild the whole index with `ragtune embed` + `ragtune index`")
     c = m.chunker
-    if not c.get("fingerprint"):
+    if c is None:
         raise RagtuneError("the index manifest records no chunker settings, so new documents cannot be chunked as "
                            "the index was. Fix: embed them with `ragtune embed` and pass --embeddings")
-    settings = ChunkerSettings(size=c["size"], overlap=c["overlap"], prepend_title=c["prepend_title"],
-                               tokenizer=c["tokenizer"], version=c.get("version", 1))
-    if settings.fingerprint() != c["fingerprint"]:
-        raise RagtuneError(f"the index's chunker (version {c.get('version')}) is not the chunker of this ragtune. "
+    settings = c.settings()
+    if settings.fingerprint() != c.fingerprint:
+        raise RagtuneError(f"the index's chunker (version {c.version}) is not the chunker of this ragtune. "
                            "Fix: rebuild the index with `ragtune embed` + `ragtune index`")
     return spec, settings
 
@@ -135,25 +198,21 @@ def _check_chunker(m: IndexManifest) -> Any:
 def _corpus_fields(m: IndexManifest, text_field: str | None, id_field: str | None,
                    title_field: str | None) -> tuple[str, str, str]:
     """The corpus fields: as given, else as the embed job that made the index read them, else the defaults."""
-    from configs.schema.embed import CorpusConfig
-
-    recorded: dict[str, Any] = {}
+    recorded: CorpusConfig | None = None
     try:
-        em = read_manifest(resolve(m.embeddings.get("path", ""))) if m.embeddings.get("path") else None
-        recorded = (em.config.get("corpus") or {}) if em else {}
-    except RagtuneError:
+        em = read_manifest(resolve(m.embeddings.path)) if m.embeddings else None
+        recorded = EmbedJobConfig.model_validate(em.config).corpus if em and em.config else None
+    except (RagtuneError, ValidationError):  # the embeddings moved or were made otherwise: the defaults
         pass
     d = CorpusConfig.model_fields
-    return (text_field or recorded.get("text_field") or d["text_field"].default,
-            id_field or recorded.get("id_field") or d["id_field"].default,
-            title_field or recorded.get("title_field") or d["title_field"].default)
+    return (text_field or (recorded.text_field if recorded else d["text_field"].default),
+            id_field or (recorded.id_field if recorded else d["id_field"].default),
+            title_field or (recorded.title_field if recorded else d["title_field"].default))
 
 
 def _unique_chunks(t: pa.Table) -> pa.Table:
     """Chunk rows with each chunk id once; two different texts under one id (a document listed twice with
     different text) are refused, as the embed job refuses them."""
-    import pyarrow.compute as pc
-
     t = t.filter(pc.greater_equal(t["chunk_index"], 0)).sort_by("chunk_id")
     ids = t["chunk_id"].to_numpy()
     same = np.zeros(len(ids), dtype=bool)
@@ -173,13 +232,9 @@ def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: st
                 fields: tuple[str, str, str]) -> tuple[pa.Table, int]:
     """The chunks of the new corpus (DOC_COLUMNS; with ``vector`` when they come from --embeddings), and the
     number of documents read."""
-    from sharding.embeddings import chunk_documents, read_part_table, recipe_differences
-    from sharding.embeddings import read_manifest as read_emb
-    from sharding.freshness import DOC_COLUMNS
-
     if embeddings is not None:
         emb = resolve(embeddings)
-        em = read_emb(emb)
+        em = read_manifest(emb)
         if em is None or em.state != "done":
             raise RagtuneError(f"--embeddings {embeddings}: no complete embeddings here (manifest "
                                f"{'missing' if em is None else em.state!r}). Fix: run `ragtune embed` to the end first")
@@ -193,10 +248,6 @@ def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: st
         parts = [read_part_table(emb, rec, [*DOC_COLUMNS, "vector"]) for _, rec in sorted(em.parts.items())]
         t = pa.concat_tables(parts) if parts else pa.table({})
         return _unique_chunks(t), len(set(t["doc_id"].to_pylist())) if parts else 0
-    from models.embedders import load_tokenizer
-    from sharding.chunking import Chunker
-    from sharding.corpus import read_documents_local
-
     spec, settings = _check_chunker(m)
     docs = read_documents_local(corpus if isinstance(corpus, str) else list(corpus or []), *fields)
     chunker = Chunker(load_tokenizer(spec.path), settings.size, settings.overlap, settings.prepend_title)
@@ -204,13 +255,26 @@ def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: st
     return _unique_chunks(chunks.select(DOC_COLUMNS)), docs.num_rows
 
 
+def _given_chunks(chunks: pa.Table) -> tuple[pa.Table, int]:
+    """Chunk rows made by the caller (``add(chunks=...)``), checked, and the number of their documents."""
+    missing = [c for c in (*DOC_COLUMNS, "vector") if c not in chunks.column_names]
+    if missing:
+        raise RagtuneError(f"chunks: columns {missing} are missing. Fix: give chunk_id, doc_id, chunk_index, "
+                           "title, text, metadata, n_tokens and vector")
+    return _unique_chunks(chunks), len(set(chunks["doc_id"].to_pylist()))
+
+
+def _plan(base_dir: Location, m: IndexManifest, new: pa.Table) -> AddPlan:
+    """The new chunks against the live rows of the same doc ids: what to add, what to mask."""
+    where = live_ids(base_dir, m)
+    docs = pa.array(sorted(set(new["doc_id"].to_pylist())), pa.string())
+    return plan_add(new, rows_of(base_dir, m, where.filter(pc.is_in(where["doc_id"], value_set=docs))))
+
+
 def _embed_local(m: IndexManifest, rows: pa.Table, batch_size: int) -> np.ndarray:
     """Embed chunk rows in this process with the index's model, as the embed job's actors do: the model input
     is title + text, normalised as the index is (``models.embedders.QueryEncoder``: loaded once per process)."""
-    from models.embedders import QueryEncoder
-    from sharding.chunking import embed_input
-
-    prepend = bool(m.chunker.get("prepend_title", True))
+    prepend = m.chunker.prepend_title if m.chunker else True
     inputs = [embed_input(ti, te, prepend) for ti, te in zip(rows["title"].to_pylist(), rows["text"].to_pylist(),
                                                               strict=True)]
     return QueryEncoder(m, batch_size=batch_size).encode(inputs)
@@ -220,28 +284,22 @@ def _embed_ray(m: IndexManifest, root: Location, corpus: str | list[str], fields
                ids: np.ndarray, address: str | None) -> np.ndarray:
     """Embed through the embed job (Ray Data) into a staging folder under the index root, then take the
     vectors of ``ids``. The whole given corpus is embedded: this path is for large adds."""
-    import shutil
-    import uuid
-
-    from configs.schema import EmbedJobConfig
-    from jobs.embed import run as embed_run
-    from sharding.embeddings import read_manifest as read_emb
-    from sharding.embeddings import read_part_table, vectors_from_arrow
-
-    stage = root.join("_staging", f"embed-{uuid.uuid4().hex[:8]}")
     c = m.chunker
+    assert c is not None  # the corpus was chunked with it (_check_chunker)
+    stage = root.join("_staging", f"embed-{uuid.uuid4().hex[:8]}")
     cfg = EmbedJobConfig.model_validate({
         "corpus": {"path": corpus, "text_field": fields[0], "id_field": fields[1], "title_field": fields[2]},
-        "chunk": {"size": c["size"], "overlap": c["overlap"], "prepend_title": c["prepend_title"]},
-        "embed": {"model": m.model["name"], "metric": m.metric},
+        "chunk": {"size": c.size, "overlap": c.overlap, "prepend_title": c.prepend_title},
+        "embed": {"model": m.model.name, "metric": m.metric},
         "output": {"path": stage.uri}, "cluster": {"address": address}})
     try:
         embed_run(cfg)
-        em = read_emb(stage)
+        em = read_manifest(stage)
         assert em is not None
-        if em.chunker.get("fingerprint") != c.get("fingerprint"):
+        if em.chunker is None or em.chunker.fingerprint != c.fingerprint:
             raise RagtuneError("the embed job chunked the new corpus differently from the index (chunker "
-                               f"{em.chunker} vs {c}). Fix: rebuild the index with this ragtune")
+                               f"{em.chunker.model_dump() if em.chunker else {}} vs {c.model_dump()}). Fix: rebuild "
+                               "the index with this ragtune")
         t = pa.concat_tables([read_part_table(stage, rec, ["chunk_id", "vector"]) for rec in em.parts.values()])
         pos = {cid: i for i, cid in enumerate(t["chunk_id"].to_pylist())}
         xb = vectors_from_arrow(t["vector"])
@@ -250,6 +308,46 @@ def _embed_ray(m: IndexManifest, root: Location, corpus: str | list[str], fields
         if stage.is_local:
             shutil.rmtree(stage.path, ignore_errors=True)
 
+
+def _embed(m: IndexManifest, root: Location, rows: pa.Table, ids: np.ndarray, corpus: str | list[str] | None,
+           embeddings: str | None, fields: tuple[str, str, str], ray_above: int, batch_size: int,
+           address: str | None) -> tuple[np.ndarray, str]:
+    """The vectors of the chunks to add (given with them, or embedded here or on Ray Data), and who made them."""
+    if "vector" in rows.column_names:
+        xb, by = vectors_from_arrow(rows["vector"]), "--embeddings" if embeddings else "the caller"
+    elif len(ids) > ray_above:
+        assert corpus is not None
+        xb, by = _embed_ray(m, root, corpus, fields, ids, address), "ray data (the embed job)"
+    else:
+        xb, by = _embed_local(m, rows, batch_size), "this process"
+    if xb.shape[1:] != (m.dim,):
+        raise RagtuneError(f"the new vectors have dimension {xb.shape[1:]} but the index {m.dim}. Fix: embed with "
+                           f"the index's model {m.model.name}")
+    return xb, by
+
+
+def _write_deltas(base_dir: Location, m: IndexManifest, vdir: Location, nm: IndexManifest, trained: bytes,
+                  plan: AddPlan, ids: np.ndarray, xb: np.ndarray, stats: CorpusStats | None) -> None:
+    """One delta segment per shard that gets chunks (shard ``chunk_id % shards``), scored for BM25 with ``stats``
+    (the statistics after the add), and the tombstones of the old copies of updated chunks."""
+    lexical = (nm.lexical.params, stats) if nm.lexical is not None and stats is not None else None
+    target = assign_shards(ids, len(m.shards))
+    rows = plan.add.select(DOC_COLUMNS)
+    masked = dict(by_segment(plan.dead))
+    for n, rec in enumerate(nm.shards):
+        dead, touched = masked_ids(base_dir, m, n, masked)
+        sel = target == n
+        if sel.any():
+            rec.deltas.append(write_delta(vdir, nm.version, n, len(rec.deltas),
+                                          new_segment(trained, ids[sel], xb[sel]), rows.filter(pa.array(sel)),
+                                          lexical))
+            dead.append(np.zeros(0, np.int64))
+            touched = touched or rec.tombstones is not None
+        if touched:
+            set_tombstones(vdir, rec, n, dead)
+
+
+# --- add: the new version ---------------------------------------------------------------------------------------
 
 @dataclass
 class AddSummary:
@@ -292,24 +390,6 @@ def add(index_path: str, corpus: str | list[str] | None = None, embeddings: str 
     made by the caller: chunk_id, doc_id, chunk_index, title, text, metadata, n_tokens, and ``vector`` from the
     index's model).
     """
-    from sharding.embeddings import vectors_from_arrow
-    from sharding.freshness import (
-        DOC_COLUMNS,
-        assign_shards,
-        by_segment,
-        live_ids,
-        new_segment,
-        plan_add,
-        read_stats,
-        rows_of,
-        set_tombstones,
-        stats_of,
-        write_delta,
-        write_stats,
-    )
-    from sharding.search import shard_segments
-    from sharding.versions import WriterLock
-
     t0 = time.perf_counter()
     if sum(x is not None for x in (corpus, embeddings, chunks)) != 1:
         raise RagtuneError("give the new documents as exactly one of --corpus (files) and --embeddings (a folder by "
@@ -318,80 +398,37 @@ def add(index_path: str, corpus: str | list[str] | None = None, embeddings: str 
     with WriterLock(root, f"ragtune index add {corpus or embeddings or 'chunks'}"):
         base_dir, m = _latest(root)
         fields = _corpus_fields(m, text_field, id_field, title_field)
-        if chunks is not None:
-            missing = [c for c in (*DOC_COLUMNS, "vector") if c not in chunks.column_names]
-            if missing:
-                raise RagtuneError(f"chunks: columns {missing} are missing. Fix: give chunk_id, doc_id, chunk_index, "
-                                   "title, text, metadata, n_tokens and vector")
-            new, docs = _unique_chunks(chunks), len(set(chunks["doc_id"].to_pylist()))
-        else:
-            new, docs = _new_chunks(m, corpus, embeddings, fields)
-        import pyarrow.compute as pc
-
-        where = live_ids(base_dir, m)
-        where = where.filter(pc.is_in(where["doc_id"], value_set=pa.array(sorted(set(new["doc_id"].to_pylist())),
-                                                                             pa.string())))
-        plan = plan_add(new, rows_of(base_dir, m, where))
+        new, docs = _given_chunks(chunks) if chunks is not None else _new_chunks(m, corpus, embeddings, fields)
+        plan = _plan(base_dir, m, new)
         if plan.add.num_rows == 0 and plan.dead.num_rows == 0:
             return AddSummary(root.uri, m.version, m.version, False, docs, 0, 0, plan.docs_skipped, 0, 0, m.ntotal,
                               "-", 0.0, time.perf_counter() - t0)
         ids = plan.add["chunk_id"].to_numpy().astype(np.int64)
         t_embed = time.perf_counter()
-        if "vector" in plan.add.column_names:
-            xb, by = vectors_from_arrow(plan.add["vector"]), "--embeddings" if embeddings else "the caller"
-        elif len(ids) > ray_above:
-            assert corpus is not None
-            xb, by = _embed_ray(m, root, corpus, fields, ids, address), "ray data (the embed job)"
-        else:
-            xb, by = _embed_local(m, plan.add, batch_size), "this process"
+        xb, by = _embed(m, root, plan.add, ids, corpus, embeddings, fields, ray_above, batch_size, address)
         embed_seconds = time.perf_counter() - t_embed
-        if xb.shape[1:] != (m.dim,):
-            raise RagtuneError(f"the new vectors have dimension {xb.shape[1:]} but the index {m.dim}. Fix: embed with "
-                               f"the index's model {m.model.get('name')}")
 
         vdir, nm, trained = _new_version(root, base_dir, m)
-        version = nm.version
-        lexical = None
-        if nm.lexical is not None:
+        stats = None
+        if nm.lexical is not None:  # the live chunks' BM25 statistics after the add: the masked leave, the new come
             lparams = nm.lexical.params
             stats = read_stats(base_dir, m).minus(stats_of(plan.removed, lparams)).merge(stats_of(plan.add, lparams))
-            lexical = (lparams, stats)
-        target = assign_shards(ids, len(m.shards))
-        rows = plan.add.select(DOC_COLUMNS)
-        dead_new = {key: group for key, group in by_segment(plan.dead)}
-        for n, rec in enumerate(nm.shards):
-            dead = [g.dead for g in shard_segments(base_dir, m, n)]
-            touched = False
-            for pos in range(len(dead)):
-                if (n, pos) in dead_new:
-                    dead[pos] = np.union1d(dead[pos], dead_new[(n, pos)])
-                    touched = True
-            sel = target == n
-            if sel.any():
-                pos = len(rec.deltas)
-                rec.deltas.append(write_delta(vdir, version, n, pos, new_segment(trained, ids[sel], xb[sel]),
-                                              rows.filter(pa.array(sel)), lexical))
-                dead.append(np.zeros(0, np.int64))
-                touched = touched or rec.tombstones is not None
-            if touched:
-                set_tombstones(vdir, rec, n, dead)
-        if lexical is not None and nm.lexical is not None:
-            stats = lexical[1]
-            nm.lexical.stats = write_stats(vdir, stats)
-            nm.lexical.n_docs, nm.lexical.avg_len, nm.lexical.terms = stats.n_docs, stats.avg_len, len(stats.df)
+        _write_deltas(base_dir, m, vdir, nm, trained, plan, ids, xb, stats)
+        if nm.lexical is not None and stats is not None:
+            nm.lexical = with_stats(vdir, nm.lexical, stats)
         counts = {"docs_added": plan.docs_added, "docs_updated": plan.docs_updated,
                   "docs_skipped": plan.docs_skipped, "chunks_added": len(ids), "chunks_masked": plan.dead.num_rows}
         _finish(root, vdir, nm, m, "add", t0, counts)
         if nm.ntotal != m.ntotal + len(ids) - plan.dead.num_rows:  # never: each id lives in one segment
-            log.warning("%s holds %d vectors, expected %d", version, nm.ntotal,
+            log.warning("%s holds %d vectors, expected %d", nm.version, nm.ntotal,
                         m.ntotal + len(ids) - plan.dead.num_rows)
-    keep = _keep_versions(m, keep_versions)
-    if keep:
-        gc(index_path, keep=keep)
-    return AddSummary(root.uri, version, m.version, True, docs, plan.docs_added, plan.docs_updated,
+    _gc_after(index_path, m, keep_versions)
+    return AddSummary(root.uri, nm.version, m.version, True, docs, plan.docs_added, plan.docs_updated,
                       plan.docs_skipped, len(ids), plan.dead.num_rows, nm.ntotal, by, embed_seconds,
                       time.perf_counter() - t0)
 
+
+# --- delete ------------------------------------------------------------------------------------------------------
 
 @dataclass
 class DeleteSummary:
@@ -408,27 +445,32 @@ class DeleteSummary:
                 f"{self.ntotal:,} vectors; {self.seconds:.1f}s; LATEST {self.parent} -> {self.version}")
 
 
+def _rows_to_delete(base_dir: Location, m: IndexManifest, where_of: str, doc_ids: list[str] | None,
+                    cond: dict[str, list[Any]] | None, where: list[str] | None) -> pa.Table:
+    """The live rows (chunk_id, doc_id, shard, seg) of the documents to delete; none found is an error."""
+    if doc_ids:
+        t = live_ids(base_dir, m)
+        t = t.filter(pc.is_in(t["doc_id"], value_set=pa.array(sorted(set(doc_ids)), pa.string())))
+        unknown = sorted(set(doc_ids) - set(t["doc_id"].to_pylist()))
+        if unknown:
+            raise RagtuneError(f"--doc-id: {len(unknown)} of {len(set(doc_ids))} doc ids are not in {where_of}: "
+                               f"{unknown[:5]}. Fix: check the ids (`ragtune search` prints them); nothing was deleted")
+        return t
+    assert cond is not None
+    t = live_ids(base_dir, m, ("chunk_id", "doc_id", "title", "metadata"))
+    keep = [matches(r, cond) for r in t.select(["doc_id", "title", "metadata"]).to_pylist()]
+    t = t.filter(pa.array(keep, pa.bool_()))
+    if t.num_rows == 0:
+        raise RagtuneError(f"--where {' '.join(where or [])!r} matches no chunk of {where_of} (fields: doc_id, "
+                           "title, or a metadata key). Fix: check the field names and values; nothing was deleted")
+    return t
+
+
 def delete(index_path: str, doc_ids: list[str] | None = None, where: list[str] | None = None, *,
            keep_versions: int | None = None) -> DeleteSummary:
     """Delete documents (``doc_ids``, or every document whose chunks match ``where``, see
     ``sharding.filters.parse_where``) as a new version: their chunks are masked by tombstones in the segments
     that hold them, so no search mode, docstore lookup or evaluation returns them; compaction drops them."""
-    import pyarrow.compute as pc
-
-    from sharding.filters import matches, parse_where
-    from sharding.freshness import (
-        by_segment,
-        live_ids,
-        read_stats,
-        rows_of,
-        set_tombstones,
-        stats_of,
-    )
-    from sharding.freshness import write_stats as write_lex_stats
-    from sharding.manifest import carried_manifest
-    from sharding.search import shard_segments
-    from sharding.versions import WriterLock
-
     t0 = time.perf_counter()
     if bool(doc_ids) == bool(where):
         raise RagtuneError("say what to delete with exactly one of --doc-id ID [ID ...] and --where FILTER")
@@ -436,45 +478,26 @@ def delete(index_path: str, doc_ids: list[str] | None = None, where: list[str] |
     root = _root(index_path)
     with WriterLock(root, f"ragtune index delete {' '.join(doc_ids or where or [])[:80]}"):
         base_dir, m = _latest(root)
-        if doc_ids:
-            t = live_ids(base_dir, m)
-            t = t.filter(pc.is_in(t["doc_id"], value_set=pa.array(sorted(set(doc_ids)), pa.string())))
-            unknown = sorted(set(doc_ids) - set(t["doc_id"].to_pylist()))
-            if unknown:
-                raise RagtuneError(f"--doc-id: {len(unknown)} of {len(set(doc_ids))} doc ids are not in {root.uri}/"
-                                   f"{m.version}: {unknown[:5]}. Fix: check the ids (`ragtune search` prints them); "
-                                   "nothing was deleted")
-        else:
-            assert cond is not None
-            t = live_ids(base_dir, m, ("chunk_id", "doc_id", "title", "metadata"))
-            keep = [matches(r, cond) for r in t.select(["doc_id", "title", "metadata"]).to_pylist()]
-            t = t.filter(pa.array(keep, pa.bool_()))
-            if t.num_rows == 0:
-                raise RagtuneError(f"--where {' '.join(where or [])!r} matches no chunk of {root.uri}/{m.version} "
-                                   f"(fields: doc_id, title, or a metadata key). Fix: check the field names and "
-                                   "values; nothing was deleted")
+        t = _rows_to_delete(base_dir, m, f"{root.uri}/{m.version}", doc_ids, cond, where)
         version = next_version(root)
         vdir = root.join(version)
         nm = carried_manifest(m, version)
-        new_dead = dict(by_segment(t.select(["chunk_id", "shard", "seg"])))
-        for n in sorted({key[0] for key in new_dead}):
-            dead = [g.dead for g in shard_segments(base_dir, m, n)]
-            for pos in range(len(dead)):
-                if (n, pos) in new_dead:
-                    dead[pos] = np.union1d(dead[pos], new_dead[(n, pos)])
+        segments = t.select(["chunk_id", "shard", "seg"])
+        masked = dict(by_segment(segments))
+        for n in sorted({key[0] for key in masked}):
+            dead, _ = masked_ids(base_dir, m, n, masked)
             set_tombstones(vdir, nm.shards[n], n, dead)
-        if nm.lexical is not None:
-            removed = rows_of(base_dir, m, t.select(["chunk_id", "shard", "seg"]), ["chunk_id", "title", "text"])
-            stats = read_stats(base_dir, m).minus(stats_of(removed, nm.lexical.params))
-            nm.lexical.stats = write_lex_stats(vdir, stats)
-            nm.lexical.n_docs, nm.lexical.avg_len, nm.lexical.terms = stats.n_docs, stats.avg_len, len(stats.df)
+        if nm.lexical is not None:  # the deleted chunks' statistics leave the BM25 corpus
+            removed = rows_of(base_dir, m, segments, ["chunk_id", "title", "text"])
+            nm.lexical = with_stats(vdir, nm.lexical,
+                                    read_stats(base_dir, m).minus(stats_of(removed, nm.lexical.params)))
         docs = len(set(t["doc_id"].to_pylist()))
         _finish(root, vdir, nm, m, "delete", t0, {"docs_deleted": docs, "chunks_deleted": t.num_rows})
-    keep = _keep_versions(m, keep_versions)
-    if keep:
-        gc(index_path, keep=keep)
+    _gc_after(index_path, m, keep_versions)
     return DeleteSummary(root.uri, version, m.version, docs, t.num_rows, nm.ntotal, time.perf_counter() - t0)
 
+
+# --- compact -----------------------------------------------------------------------------------------------------
 
 @dataclass
 class CompactSummary:
@@ -510,175 +533,144 @@ def compact(index_path: str, *, force: bool = False, threshold: float = COMPACT_
     when ``check_recall`` measures the current version below its target recall) into one base file per shard,
     as a new version; rebuild every BM25 file with fresh statistics; re-measure recall@10 and re-tune the search
     parameters as the index job does (approximate kinds)."""
-    from sharding.docstore import write_docstore
-    from sharding.faiss_index import deserialize, read_index_file, write_index_file
-    from sharding.freshness import (
-        compaction_reason,
-        exact_storage,
-        fold_segments,
-        live_ids,
-        live_vectors,
-        segment_files,
-        segment_vectors,
-        stats_of,
-        write_lexical,
-        write_stats,
-    )
-    from sharding.lexical import CorpusStats, lexical_delta_name, lexical_name
-    from sharding.search import candidate_params, shard_segments
-    from sharding.versions import WriterLock
-
     t0 = time.perf_counter()
     if not 0 < threshold:
         raise RagtuneError(f"--threshold {threshold}: must be positive, e.g. 0.1 (10% of a shard's base)")
     root = _root(index_path)
     with WriterLock(root, "ragtune index compact"):
         base_dir, m = _latest(root)
-        reasons = {n: "--force" if force else compaction_reason(rec, threshold, max_deltas)
-                   for n, rec in enumerate(m.shards)}
-        ix_cfg = (m.config.get("index") or {})
-        target = float(m.recall.get("target") or ix_cfg.get("target_recall") or 0.95)
+        built = _built_with(m)
+        target = m.recall.target if m.recall else built.target_recall
         before = current_recall(base_dir, m) if check_recall and not force else None
-        if before is not None and before < target:  # recall drifted: every shard, re-tuned
-            reasons = {n: f"recall@{K} {before:.3f} < target {target}" for n in range(len(m.shards))}
-        todo = {n: r for n, r in reasons.items() if r}
+        todo = _shards_to_compact(m, force, threshold, max_deltas, before, target)
         if not todo:
             return CompactSummary(root.uri, m.version, m.version, False, 0, {}, 0, m.ntotal, m.search_params,
                                   None, None, time.perf_counter() - t0, before)
+
         vdir, nm, trained = _new_version(root, base_dir, m)
-        version = nm.version
         live = live_ids(base_dir, m, ("chunk_id", "doc_id"))
-        sample = deserialize(trained)  # an empty index of the same kind
-        measure = candidate_params(sample) != [{}] and exact_storage(sample) and live.num_rows > 20
         k = min(K, live.num_rows - 1)
-        qids = np.zeros(0, np.int64)
-        if measure:  # held-out live vectors of the compacted shards, as the index job holds them out
-            in_todo = np.isin(live["shard"].to_numpy(), list(todo))
-            pool = live["chunk_id"].to_numpy()[in_todo]
-            nq = min(int(ix_cfg.get("tune_queries") or 1000), max(1, live.num_rows // 10), len(pool))
-            qids = np.sort(np.random.default_rng(int(ix_cfg.get("seed") or 0)).choice(pool, nq, replace=False))
-        folded, held, dropped = {}, {}, 0
-        for n in todo:
-            rec = m.shards[n]
-            segs = shard_segments(base_dir, m, n)
-            shas = [rec.sha256] + [d.sha256 for d in rec.deltas]
-            indexes = [read_index_file(base_dir.join(f), sha, 0) for (f, _, _), sha in zip(segment_files(rec), shas,
-                                                                                           strict=True)]
-            dropped += sum(len(g.dead) for g in segs)
-            folded[n], held[n] = fold_segments(indexes, [g.dead for g in segs], trained,
-                                               qids if measure else None)
-            rows = live.filter(pa.array(live["shard"].to_numpy() == n))
-            doc_rows = _live_rows(base_dir, m, n)
-            dsha, dsize = write_docstore(doc_rows, vdir.join(docstore_name(n)))
-            nm.shards[n] = ShardRecord(file=shard_name(n), ntotal=0, sha256="", bytes=0, docstore=docstore_name(n),
-                                       docstore_sha256=dsha, docstore_bytes=dsize, pieces=[])
-            assert doc_rows.num_rows == rows.num_rows
-        recall_row, tuning_rows = None, []
-        if measure and len(qids):
-            recall_row, tuning_rows = _tune_compacted(base_dir, m, folded, held, qids, k, target, live_vectors,
-                                                      segment_vectors)
-            nm.search_params = recall_row.params
-            nm.recall = {"k": k, "recall": recall_row.recall, "target": target, "reached": recall_row.recall >= target,
-                         "queries": len(qids), "queries_from": "held-out database vectors (at compaction)",
-                         "qps": recall_row.qps}
-            nm.tuning = [{"params": r.params, "recall": r.recall, "qps": r.qps} for r in tuning_rows]
-        for n in todo:
-            index = folded[n]
-            if held[n] is not None and len(held[n][0]):
-                index.add_with_ids(held[n][1], held[n][0])  # the held-out rows go back in, as at build time
-            sha, size = write_index_file(index, vdir.join(shard_name(n)))
-            r = nm.shards[n]
-            r.ntotal, r.sha256, r.bytes = int(index.ntotal), sha, size
-        if nm.lexical is not None:  # every BM25 file again, with the statistics of the live chunks
-            makedirs(vdir.join("lexical"))
-            lparams = nm.lexical.params
-            per_seg = {}
-            for n, rec in enumerate(nm.shards):
-                if n in todo:
-                    per_seg[(n, 0)] = _live_rows(vdir, nm, n)
-                else:
-                    for pos in range(1 + len(rec.deltas)):
-                        per_seg[(n, pos)] = _live_rows(base_dir, m, n, pos)
-            stats = CorpusStats()
-            for t in per_seg.values():
-                stats = stats.merge(stats_of(t, lparams))
-            for (n, pos), t in per_seg.items():
-                if pos == 0:
-                    nm.lexical.shards[n] = write_lexical(vdir, lexical_name(n), t, lparams, stats)
-                else:
-                    nm.shards[n].deltas[pos - 1].lexical = write_lexical(vdir, lexical_delta_name(n, pos - 1), t,
-                                                                         lparams, stats)
-            nm.lexical.stats = write_stats(vdir, stats)
-            nm.lexical.n_docs, nm.lexical.avg_len, nm.lexical.terms = stats.n_docs, stats.avg_len, len(stats.df)
-        counts = {"shards_compacted": len(todo), "vectors_dropped": dropped}
-        _finish(root, vdir, nm, m, "compact", t0, counts)
+        qids = _held_out(trained, live, todo, built)
+        folded, held, dropped = _fold(base_dir, m, vdir, nm, todo, trained, qids, live)
+        chosen = None
+        if qids is not None and len(qids):
+            chosen = _retune(base_dir, m, nm, folded, held, k, target, len(qids))
+        _write_folded(vdir, nm, folded, held)
+        if nm.lexical is not None:
+            nm.lexical = _rescored_lexical(base_dir, m, vdir, nm, nm.lexical, todo)
+        _finish(root, vdir, nm, m, "compact", t0, {"shards_compacted": len(todo), "vectors_dropped": dropped})
         if nm.ntotal != m.ntotal:
             raise RagtuneError(f"compaction changed the live vectors ({m.ntotal} -> {nm.ntotal}); LATEST now names "
-                               f"{version}: reopen {m.version} by its folder and report this")
-    keep = _keep_versions(m, keep_versions)
-    if keep:
-        gc(index_path, keep=keep)
-    return CompactSummary(root.uri, version, m.version, True, len(todo), {str(n): r for n, r in todo.items()},
-                          dropped, nm.ntotal, nm.search_params, recall_row.recall if recall_row else None,
-                          target if recall_row else None, time.perf_counter() - t0, before)
+                               f"{nm.version}: reopen {m.version} by its folder and report this")
+    _gc_after(index_path, m, keep_versions)
+    return CompactSummary(root.uri, nm.version, m.version, True, len(todo), {str(n): r for n, r in todo.items()},
+                          dropped, nm.ntotal, nm.search_params, chosen.recall if chosen else None,
+                          target if chosen else None, time.perf_counter() - t0, before)
+
+
+def _shards_to_compact(m: IndexManifest, force: bool, threshold: float, max_deltas: int, before: float | None,
+                       target: float) -> dict[int, str]:
+    """Shard number -> why it is compacted: ``--force``, the thresholds, or (every shard) recall below target."""
+    if before is not None and before < target:  # recall drifted: every shard, re-tuned
+        return {n: f"recall@{K} {before:.3f} < target {target}" for n in range(len(m.shards))}
+    reasons = {n: "--force" if force else compaction_reason(rec, threshold, max_deltas)
+               for n, rec in enumerate(m.shards)}
+    return {n: r for n, r in reasons.items() if r}
+
+
+def _held_out(trained: bytes, live: pa.Table, todo: dict[int, str], built: IndexConfig) -> np.ndarray | None:
+    """The live vectors of the compacted shards held out as recall queries, as the index job holds them out
+    (``index.tune_queries``, at most a tenth); None when recall is not measured (exact kinds, kinds that keep
+    only codes, tiny versions)."""
+    if not (recall_measurable(deserialize(trained)) and live.num_rows > 20):
+        return None
+    pool = live["chunk_id"].to_numpy()[np.isin(live["shard"].to_numpy(), list(todo))]
+    nq = min(held_out_count(built.tune_queries, live.num_rows), len(pool))
+    return np.sort(np.random.default_rng(built.seed).choice(pool, nq, replace=False))
+
+
+def _fold(base_dir: Location, m: IndexManifest, vdir: Location, nm: IndexManifest, todo: dict[int, str],
+          trained: bytes, qids: np.ndarray | None,
+          live: pa.Table) -> tuple[dict[int, Any], dict[int, tuple[np.ndarray, np.ndarray] | None], int]:
+    """Fold each shard to compact into one index (``qids`` held out of it), and write its live docstore rows as one
+    file. Returns the folded indexes, the held-out (ids, xb) of each, and the masked vectors dropped."""
+    folded, held, dropped = {}, {}, 0
+    for n in todo:
+        rec = m.shards[n]
+        segs = shard_segments(base_dir, m, n)
+        shas = [rec.sha256] + [d.sha256 for d in rec.deltas]
+        indexes = [read_index_file(base_dir.join(f), sha, 0)
+                   for (f, _, _), sha in zip(segment_files(rec), shas, strict=True)]
+        dropped += sum(len(g.dead) for g in segs)
+        folded[n], held[n] = fold_segments(indexes, [g.dead for g in segs], trained, qids)
+        doc_rows = _live_rows(base_dir, m, n)
+        dsha, dsize = write_docstore(doc_rows, vdir.join(docstore_name(n)))
+        nm.shards[n] = ShardRecord(file=shard_name(n), ntotal=0, sha256="", bytes=0, docstore=docstore_name(n),
+                                   docstore_sha256=dsha, docstore_bytes=dsize, pieces=[])
+        assert doc_rows.num_rows == int((live["shard"].to_numpy() == n).sum())
+    return folded, held, dropped
+
+
+def _retune(base_dir: Location, m: IndexManifest, nm: IndexManifest, folded: dict[int, Any],
+            held: dict[int, tuple[np.ndarray, np.ndarray] | None], k: int, target: float, nq: int) -> TuneRow:
+    """Re-measure recall on the held-out vectors and keep the cheapest setting that reaches the target, in the
+    new manifest (``search_params``, ``recall``, ``tuning``)."""
+    chosen, rows, reached = tune_compacted(base_dir, m, folded, held, k, target)
+    if not reached:
+        log.warning("after compaction no setting reached recall@%d >= %s (best %.3f at %s)", k, target, chosen.recall,
+                    chosen.label())
+    nm.search_params = chosen.params
+    nm.recall = RecallRecord.measured(chosen, k, target, nq, "held-out database vectors (at compaction)")
+    nm.tuning = rows
+    return chosen
+
+
+def _write_folded(vdir: Location, nm: IndexManifest, folded: dict[int, Any],
+                  held: dict[int, tuple[np.ndarray, np.ndarray] | None]) -> None:
+    """Write each folded shard as the new base, its held-out rows back in (as at build time)."""
+    for n, index in folded.items():
+        h = held[n]
+        if h is not None and len(h[0]):
+            index.add_with_ids(h[1], h[0])
+        sha, size = write_index_file(index, vdir.join(shard_name(n)))
+        r = nm.shards[n]
+        r.ntotal, r.sha256, r.bytes = int(index.ntotal), sha, size
+
+
+def _rescored_lexical(base_dir: Location, m: IndexManifest, vdir: Location, nm: IndexManifest,
+                      lexical: LexicalManifest, todo: dict[int, str]) -> LexicalManifest:
+    """Every BM25 file again, scored with the statistics of the live chunks (a compacted shard's one file, the
+    other shards' segments each), so that scores equal a fresh build's."""
+    makedirs(vdir.join(LEXICAL_DIR))
+    per_seg = {}
+    for n, rec in enumerate(nm.shards):
+        if n in todo:
+            per_seg[(n, 0)] = _live_rows(vdir, nm, n)
+        else:
+            for pos in range(1 + len(rec.deltas)):
+                per_seg[(n, pos)] = _live_rows(base_dir, m, n, pos)
+    stats = CorpusStats()
+    for t in per_seg.values():
+        stats = stats.merge(stats_of(t, lexical.params))
+    for (n, pos), t in per_seg.items():
+        if pos == 0:
+            lexical.shards[n] = write_lexical(vdir, lexical_name(n), t, lexical.params, stats)
+        else:
+            nm.shards[n].deltas[pos - 1].lexical = write_lexical(vdir, lexical_delta_name(n, pos - 1), t,
+                                                                 lexical.params, stats)
+    return with_stats(vdir, lexical, stats)
 
 
 def current_recall(vloc: Location, m: IndexManifest, seed: int = 0) -> float | None:
-    """Recall@10 of a version at its tuned setting, re-measured as the index job measured it: on the real
-    queries it was tuned on (``recall.queries_from``, when that file is still there), else on held-out live
-    vectors (masked from every segment while searched; for HNSW they still sit in the graph, which makes this
-    optimistic), against exact search over the other live vectors. None for exact kinds and kinds that keep
-    only codes (no exact vectors to measure against)."""
-    from pathlib import Path
-
-    from models.embedders import QueryEncoder
-    from sharding.faiss_index import deserialize
-    from sharding.freshness import exact_storage, live_vectors, trained_index
-    from sharding.search import ShardedIndex, candidate_params, drop_self, exact_knn, merge_topk, recall_at_k
-
-    trained, _ = trained_index(vloc, m)
-    sample = deserialize(trained)
-    if candidate_params(sample) == [{}] or not exact_storage(sample):
-        return None
-    vecs = [live_vectors(vloc, m, n) for n in range(len(m.shards))]
-    ids = np.concatenate([v[0] for v in vecs])
-    if len(ids) < 20:
-        return None
-    rng = np.random.default_rng(seed)
-    n_queries = int((m.config.get("index") or {}).get("tune_queries") or 1000)
-    qfile = str(m.recall.get("queries_from") or "")
-    k = min(K, len(ids) - 1)
-    if qfile and Path(qfile).is_file():
-        texts = read_query_texts(qfile)
-        texts = [texts[i] for i in np.sort(rng.choice(len(texts), min(n_queries, len(texts)), replace=False))]
-        xq, qids = QueryEncoder(m, batch_size=64).encode(texts), np.full(len(texts), -1, np.int64)
-    else:
-        qids = np.sort(rng.choice(ids, min(n_queries, max(1, len(ids) // 10)), replace=False))
-        order = np.argsort(ids)
-        xq = np.concatenate([v[1] for v in vecs])[order][np.searchsorted(ids[order], qids)]
-    true_D, true_I = np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-    for sid, sxb in vecs:
-        keep = ~np.isin(sid, qids)
-        D, I = exact_knn(xq, sxb[keep], k + 1, m.metric)
-        true_D, true_I = merge_topk([true_D, D], [true_I, np.where(I >= 0, sid[keep][np.maximum(I, 0)], -1)], k + 1,
-                                    m.metric)
-    _, true_I = drop_self(true_D, true_I, qids, k)
-    index = ShardedIndex.open(vloc.uri, verify=False, mmap=False)
-    for seg in index.segments:  # the held-out vectors are masked too, as if they were not in the index
-        seg.dead, seg._selector = np.union1d(seg.dead, qids[qids >= 0]), None
-    D, I = index.search(xq, k + 1)
-    _, I = drop_self(D, I, qids, k)
-    return recall_at_k(I, true_I, k)
+    """Recall@10 of a version at its tuned setting, re-measured as the index job measured it
+    (``sharding.freshness.version_recall``: on the real queries it was tuned on, embedded here with the index's
+    model, else on held-out live vectors). None for exact kinds and kinds that keep only codes."""
+    return version_recall(vloc, m, _built_with(m).tune_queries,
+                          lambda texts: QueryEncoder(m, batch_size=64).encode(texts), seed)
 
 
 def _live_rows(vloc: Location, m: IndexManifest, n: int, pos: int | None = None) -> pa.Table:
     """The live docstore rows of shard ``n`` (every segment, or only segment ``pos``), sorted by chunk id."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from sharding.freshness import DOC_COLUMNS, segment_files
-    from sharding.search import shard_segments
-
     segs = shard_segments(vloc, m, n)
     out = []
     for i, (_, doc, _) in enumerate(segment_files(m.shards[n])):
@@ -692,67 +684,7 @@ def _live_rows(vloc: Location, m: IndexManifest, n: int, pos: int | None = None)
     return pa.concat_tables(out, promote_options="default").sort_by("chunk_id")
 
 
-def _tune_compacted(base_dir: Location, m: IndexManifest, folded: dict[int, Any],
-                    held: dict[int, tuple[np.ndarray, np.ndarray] | None], qids: np.ndarray, k: int, target: float,
-                    live_vectors: Any, segment_vectors: Any) -> tuple[Any, list[Any]]:
-    """Recall@k of the compacted version on held-out vectors, for each candidate setting, as the index job
-    measures it: the held-out rows are out of the compacted shards while they are searched, the true
-    neighbours are exact search over every other live vector, results are merged across shards."""
-    from sharding.search import (
-        Segment,
-        ShardedIndex,
-        TuneRow,
-        candidate_params,
-        drop_self,
-        exact_knn,
-        merge_topk,
-        recall_at_k,
-        shard_segments,
-        tune,
-    )
-
-    xq = np.concatenate([h[1] for h in held.values() if h is not None and len(h[0])])
-    hq = np.concatenate([h[0] for h in held.values() if h is not None and len(h[0])])
-    order = np.argsort(hq)
-    xq, hq = xq[order], hq[order]
-    indexes, segments = [], []
-    true_D, true_I = np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-    for n, rec in enumerate(m.shards):
-        if n in folded:
-            ids, xb = segment_vectors(folded[n])
-            indexes.append(folded[n])
-            segments.append(Segment(n, 0, np.zeros(0, np.int64)))
-        else:
-            ids, xb = live_vectors(base_dir, m, n)
-            for (f, _, _), seg in zip([(rec.file, "", 0)] + [(d.file, "", 0) for d in rec.deltas],
-                                      shard_segments(base_dir, m, n), strict=True):
-                from sharding.faiss_index import read_index_file
-
-                indexes.append(read_index_file(base_dir.join(f), None, 0))
-                segments.append(seg)
-        D, I = exact_knn(xq, xb, k + 1, m.metric)
-        true_D, true_I = merge_topk([true_D, D], [true_I, np.where(I >= 0, ids[np.maximum(I, 0)], -1)], k + 1,
-                                    m.metric)
-    _, true_I = drop_self(true_D, true_I, hq, k)
-    view = ShardedIndex(base_dir, m, indexes, segments=segments)
-    rows = []
-    for params in candidate_params(indexes[0]):
-        view.set_params(params)
-        t = time.perf_counter()
-        D, I = view.search(xq, k + 1)
-        seconds = time.perf_counter() - t
-        _, I = drop_self(D, I, hq, k)
-        rows.append(TuneRow(params, recall_at_k(I, true_I, k), len(xq) / seconds if seconds > 0 else 0.0))
-    chosen, reached = tune(rows, target)
-    if not reached:
-        log.warning("after compaction no setting reached recall@%d >= %s (best %.3f at %s)", k, target, chosen.recall,
-                    chosen.label())
-    for index in folded.values():  # leave the compacted shards with the chosen setting applied
-        from sharding.search import apply_params
-
-        apply_params(index, chosen.params)
-    return chosen, rows
-
+# --- gc and history ----------------------------------------------------------------------------------------------
 
 @dataclass
 class GcSummary:
@@ -774,8 +706,6 @@ class GcSummary:
 def gc(index_path: str, keep: int = 3, *, grace_s: float | None = None, dry_run: bool = False) -> GcSummary:
     """Delete old versions: all but the ``keep`` newest complete ones, LATEST, leased ones and those superseded
     less than ``grace_s`` ago (``sharding.versions``); only files no kept version shares."""
-    from sharding.versions import GRACE_S, gc_versions
-
     t0 = time.perf_counter()
     root = _root(index_path)
     plan = gc_versions(root, keep, GRACE_S if grace_s is None else grace_s, dry_run)
@@ -802,8 +732,6 @@ class HistorySummary:
 
 def history(index_path: str) -> HistorySummary:
     """The versions of an index: the history recorded in LATEST's manifest, and what is on disk of each."""
-    from sharding.versions import read_leases, version_states
-
     root = _root(index_path)
     latest = read_latest(root) or ""
     _, m = _latest(root)
@@ -835,10 +763,6 @@ def _state(v: str, states: dict[str, str], latest: str, leased: dict[str, int]) 
 
 def ops_main(argv: list[str]) -> int:
     """``ragtune index <op> ...``: run one operation, print its line and (writes) the JSON summary."""
-    import atexit
-    import dataclasses
-    import gc as pygc
-
     args = index_ops_parser().parse_args(argv)
     # The process ends after the operation: at exit, the garbage collector's last walk over the ~1M objects that
     # torch and transformers leave behind took 1 s of a 9 s add here. Frozen objects are skipped (their memory

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,17 +42,85 @@ import numpy as np
 import pyarrow as pa
 
 from cluster.placement import IndexTaskPlan, plan_index_tasks
+from cluster.runtime import alive_nodes, init_ray
 from configs.errors import RagtuneError
 from configs.schema import IndexJobConfig
 from jobs.commands import job_main
+from jobs.plots import png, pyplot
+from jobs.progress import Rate, ensure_logging
+from models.embedders import EmbedderSpec, load_sentence_transformer
 from sharding.choice import IndexChoice, choose_index, default_num_shards, explicit_choice, human_bytes
-from sharding.embeddings import EmbeddingManifest, PartRecord, read_manifest
-from sharding.layout import DOCSTORE_DIR, MANIFEST, TRAINED, Piece, docstore_name, plan_shards, sample_rows, shard_name
-from sharding.manifest import HistoryEntry, IndexManifest, ShardRecord, read_latest, switch_latest, write_index_manifest
-from sharding.metrics import read_query_texts
-from sharding.search import RECALL_K as K  # recall@K is what index.target_recall means
-from sharding.storage import Location, atomic_write_bytes, exists, makedirs, resolve
-from sharding.versions import next_version
+from sharding.docstore import write_docstore
+from sharding.embeddings import (
+    EmbedderRecord,
+    EmbeddingManifest,
+    PartRecord,
+    read_manifest,
+    read_part_table,
+    vectors_from_arrow,
+)
+from sharding.faiss_index import (
+    ShardBuilder,
+    deserialize,
+    effective_factory,
+    new_index,
+    serialize,
+    train_index,
+    write_index_file,
+)
+from sharding.freshness import with_stats
+from sharding.layout import (
+    DOCSTORE_DIR,
+    MANIFEST,
+    TRAINED,
+    Piece,
+    docstore_name,
+    plan_shards,
+    sample_rows,
+    shard_name,
+)
+from sharding.lexical import (
+    LEXICAL_DIR,
+    CorpusStats,
+    LexicalManifest,
+    LexicalParams,
+    LexicalRecord,
+    chunk_texts,
+    lexical_name,
+    tokenizer,
+    write_lexical_file,
+)
+from sharding.lexical import build_shard as build_lexical_shard
+from sharding.manifest import (
+    BuildRecord,
+    EmbeddingsRecord,
+    HistoryEntry,
+    IndexManifest,
+    RecallRecord,
+    ShardRecord,
+    TrainedRecord,
+    read_index_manifest,
+    read_latest,
+    switch_latest,
+    write_index_manifest,
+)
+from sharding.search import merge_topk
+from sharding.storage import Location, atomic_write_bytes, exists, makedirs, resolve, sha256_hex
+from sharding.tuning import RECALL_K as K  # recall@K is what index.target_recall means
+from sharding.tuning import (
+    GroundTruth,
+    TuneRow,
+    candidate_params,
+    drop_self,
+    held_out_count,
+    queries_per_second,
+    recall_at_k,
+    sample_query_texts,
+    search_candidates,
+    tune,
+    tuning_table,
+)
+from sharding.versions import WriterLock, gc_versions, next_version
 
 log = logging.getLogger("ragtune.index")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # four lines per process about CPU builds
@@ -99,8 +168,6 @@ def check(cfg: IndexJobConfig, use_gpu: bool | None = None) -> Plan:
         raise RagtuneError(f"index.tune_queries_path = {ix.tune_queries_path!r}: no such file. Fix: give a local BEIR "
                            "queries.jsonl or a text file with one query per line, or null to tune on held-out vectors")
     if ix.lexical.enabled:  # an unknown stemmer or a missing PyStemmer fails here, not after the FAISS build
-        from sharding.lexical import tokenizer
-
         tokenizer(lexical_params(cfg))
     root = resolve(ix.path)
     if exists(root.join(MANIFEST)):
@@ -109,27 +176,79 @@ def check(cfg: IndexJobConfig, use_gpu: bool | None = None) -> Plan:
     return Plan(cfg, emb, m, parts, nb, m.dim, choice, root)
 
 
-def lexical_params(cfg: IndexJobConfig):
-    """index.lexical as the parameters stored in the manifest (sharding.lexical.LexicalParams)."""
-    from sharding.lexical import LexicalParams
-
+def lexical_params(cfg: IndexJobConfig) -> LexicalParams:
+    """index.lexical as the parameters stored in the manifest."""
     return LexicalParams(**cfg.index.lexical.model_dump(exclude={"enabled"}))
+
+
+# --- 2. where and how: the tasks, the shards, the index string ----------------------------------------------------
+
+@dataclass
+class Layout:
+    """How the build runs on this cluster."""
+
+    plan: Plan  # preflight's, checked again when the GPUs found change the automatic choice
+    tasks: IndexTaskPlan
+    shards: list[list[Piece]]  # the embedding rows of each shard
+    factory: str  # what faiss.index_factory builds
+    needs_training: bool
+
+    @property
+    def gpu(self) -> int | None:
+        return 0 if self.tasks.use_gpu else None  # inside a task given one GPU, it is device 0
+
+    @property
+    def hardware(self) -> str:
+        return "GPU" if self.tasks.use_gpu else f"CPU ({self.tasks.reason})"
+
+
+def _layout(cfg: IndexJobConfig, plan: Plan) -> Layout:
+    """Plan the tasks from the cluster (one GPU per task when there are GPUs, else the cores) and the shards."""
+    import ray
+
+    ix = cfg.index
+    nodes = alive_nodes()
+    use_gpu = plan_index_tasks(nodes, 1, ix.device).use_gpu
+    gpu_memory = None
+    if use_gpu:
+        gpu_memory = ix.max_gpu_memory_bytes or int(0.8 * ray.get(ray.remote(num_gpus=1)(_gpu_memory).remote()))
+    if use_gpu != (ix.device == "gpu"):
+        plan = check(cfg, use_gpu=use_gpu)  # the choice depends on where it is built
+    choice = plan.choice
+    num_shards = ix.shards or default_num_shards(plan.nb, choice.est_bytes, gpu_memory)
+    if gpu_memory and choice.est_bytes and choice.est_bytes / num_shards > gpu_memory:
+        raise RagtuneError(f"index.shards = {num_shards}: each shard of {choice.factory} needs about "
+                           f"{human_bytes(choice.est_bytes / num_shards)} on one GPU but index.max_gpu_memory is "
+                           f"{human_bytes(gpu_memory)}. Fix: set index.shards >= "
+                           f"{-(-choice.est_bytes // gpu_memory)} or null")
+    shards = plan_shards(plan.parts, num_shards)
+    tasks = plan_index_tasks(nodes, len(shards), ix.device)
+    factory = effective_factory(choice.factory, plan.d, plan.embeddings.metric)  # a bad string fails here
+    needs_training = not new_index(factory, plan.d, plan.embeddings.metric).is_trained
+    log.info("index: %s (%s)%s", choice.factory, choice.reason, "" if choice.est_bytes is None else
+             f"; about {human_bytes(choice.est_bytes)} in memory")
+    log.info("%d vectors of d=%d (%s) from %d parts -> %d shard(s); %s", plan.nb, plan.d, plan.embeddings.metric,
+             len(plan.parts), len(shards), tasks.reason)
+    return Layout(plan, tasks, shards, factory, needs_training)
+
+
+def _gpu_memory() -> int:
+    """Total memory of the GPU this task was given (run as a Ray task with one GPU)."""
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
 # --- 3. sample and train (one Ray task) ---------------------------------------------------------------------------
 
 def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str, np.ndarray, np.ndarray]],
             factory: str, d: int, metric: str, threads: int, gpu: int | None,
-            tune_texts: list[str] | None = None, model: dict[str, Any] | None = None,
+            tune_texts: list[str] | None = None, model: EmbedderRecord | None = None,
             normalize: bool = True) -> dict[str, Any]:
     """Read the sampled rows, train the index once; returns the trained empty index and the tuning queries:
     held-out database vectors (with their ids, to be dropped from their own results), or ``tune_texts``
     embedded with the embeddings' model (ids -1)."""
     import faiss
-
-    from jobs.progress import ensure_logging
-    from sharding.embeddings import read_part_table, vectors_from_arrow
-    from sharding.faiss_index import new_index, serialize, train_index
 
     ensure_logging()
     faiss.omp_set_num_threads(threads)
@@ -143,10 +262,8 @@ def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str
         xt.append(x[t_rows])
         xq.append(x[q_rows])
         qids.append(ids[q_rows])
-    if tune_texts:
-        from models.embedders import EmbedderSpec, load_sentence_transformer
-
-        st = load_sentence_transformer(EmbedderSpec(**(model or {})))
+    if tune_texts and model is not None:
+        st = load_sentence_transformer(EmbedderSpec(**model.model_dump()))
         xq = [st.encode(tune_texts, batch_size=256, convert_to_numpy=True, normalize_embeddings=normalize,
                         show_progress_bar=False).astype(np.float32)]
         qids = [np.full(len(tune_texts), -1, dtype=np.int64)]
@@ -162,6 +279,27 @@ def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str
             "seconds": time.perf_counter() - t0}
 
 
+def _train(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], k: int) -> dict[str, Any]:
+    """Choose the training sample and the tuning queries (real queries, else held-out vectors: at most a tenth
+    of the index, so that it stays the same index), and train once in one task (``prepare``)."""
+    import ray
+
+    ix, plan, tasks = cfg.index, layout.plan, layout.tasks
+    tune_texts = None
+    if ix.tune_queries_path and k >= 1:  # real queries: recall for queries of another kind than the documents
+        tune_texts = sample_query_texts(ix.tune_queries_path, ix.tune_queries, np.random.default_rng(ix.seed))
+    n_queries = held_out_count(ix.tune_queries, plan.nb) if k >= 1 and not tune_texts else 0
+    sample = sample_rows(plan.parts, plan.choice.train_size if layout.needs_training else 0, n_queries, ix.seed)
+    prepare_task = ray.remote(prepare).options(num_cpus=tasks.train_threads if not tasks.use_gpu else 1,
+                                               num_gpus=tasks.num_gpus)
+    prep = ray.get(prepare_task.remote(plan.emb.uri, records, sample, layout.factory, plan.d,
+                                       plan.embeddings.metric, tasks.train_threads, layout.gpu, tune_texts,
+                                       plan.embeddings.model, plan.embeddings.normalize))
+    if layout.needs_training:
+        log.info("trained on %d vectors in %.1fs", prep["train_rows"], prep["seconds"])
+    return prep
+
+
 # --- 4. build one shard (one Ray task per shard) -----------------------------------------------------------------
 
 def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord], trained: bytes,
@@ -172,24 +310,17 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
 
     Held-out database vectors (``qids`` >= 0) are queries the index must not contain while it is searched
     (else a query finds itself and its graph or cell neighbours too easily): their rows are added after the
-    tuning searches, just before the shard is written.
+    tuning searches, just before the shard is written. The exact neighbours of the queries among the other rows
+    are found part by part as the rows are read (``GroundTruth``: memory stays that of one part).
     """
     import faiss
-
-    from jobs.progress import ensure_logging
-    from sharding.docstore import write_docstore
-    from sharding.embeddings import read_part_table, vectors_from_arrow
-    from sharding.faiss_index import ShardBuilder, deserialize, write_index_file
-    from sharding.search import candidate_params, exact_knn, merge_topk, search_candidates
 
     ensure_logging()
     faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
     emb, out = resolve(emb_uri), resolve(version_uri)
     builder = ShardBuilder(deserialize(trained), gpu)
-    nq = len(xq)
-    true_D = np.zeros((nq, 0), np.float32)
-    true_I = np.zeros((nq, 0), np.int64)
+    truth = GroundTruth(xq, k, metric) if len(xq) else None
     rows: list[pa.Table] = []
     later: list[tuple[np.ndarray, np.ndarray]] = []  # held-out rows, added after the tuning searches
     for piece in pieces:
@@ -200,15 +331,12 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
         builder.add(ids[~held], xb[~held])
         if held.any():
             later.append((ids[held], xb[held]))
-        if nq:  # exact neighbours of the tuning queries among the rows searched, merged as rows arrive
-            D, I = exact_knn(xq, xb[~held], k, metric)
-            kept = ids[~held]
-            true_D, true_I = merge_topk([true_D, D], [true_I, np.where(I >= 0, kept[np.maximum(I, 0)], -1)], k,
-                                        metric)
+        if truth is not None:
+            truth.add(ids[~held], xb[~held])
         rows.append(table.drop_columns(["vector"]))
     index = builder.finish()
     candidates = candidate_params(index)
-    searched = search_candidates(index, xq, k, candidates) if nq else []
+    searched = search_candidates(index, xq, k, candidates) if truth is not None else []
     for ids, xb in later:
         index.add_with_ids(xb, ids)
     sha, size = write_index_file(index, out.join(shard_name(shard)))
@@ -216,16 +344,45 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
     record = ShardRecord(file=shard_name(shard), ntotal=int(index.ntotal), sha256=sha, bytes=size,
                          docstore=docstore_name(shard), docstore_sha256=dsha, docstore_bytes=dsize, pieces=pieces,
                          seconds=time.perf_counter() - t0)
+    no_truth = (np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64))
     return {"record": record.model_dump(), "candidates": candidates, "searched": searched,
-            "truth": (true_D, true_I)}
+            "truth": truth.result() if truth is not None else no_truth}
+
+
+def _build_shards(layout: Layout, records: dict[str, PartRecord], prep: dict[str, Any], k: int,
+                  vdir: Location) -> list[dict[str, Any]]:
+    """One task per shard (``build_shard``), each logged as it finishes; their results in shard order."""
+    import ray
+
+    plan, tasks = layout.plan, layout.tasks
+    remote: Any = ray.remote  # build_shard takes more arguments than ray's typed overloads of remote() spell out
+    shard_task = remote(build_shard).options(num_cpus=tasks.num_cpus, num_gpus=tasks.num_gpus)
+    trained_ref, xq_ref, qids_ref = ray.put(prep["index"]), ray.put(prep["xq"]), ray.put(prep["qids"])
+    pending = {shard_task.remote(i, pieces, plan.emb.uri, records, trained_ref, xq_ref, qids_ref, k + 1 if k else 0,
+                                 plan.embeddings.metric, vdir.uri, tasks.threads, layout.gpu): i
+               for i, pieces in enumerate(layout.shards)}
+    return _gather(pending, plan.nb, len(layout.shards))
+
+
+def _gather(pending: dict[Any, int], nb: int, n: int) -> list[dict[str, Any]]:
+    import ray
+
+    rate = Rate(nb, "vectors")
+    results: dict[int, dict[str, Any]] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done[0])
+        results[i] = ray.get(done[0])
+        rec = results[i]["record"]
+        rate.add(rec["ntotal"])
+        rate.log(log, f"{rec['file']} ({rec['ntotal']:,} vectors, {rec['seconds']:.1f}s) written; "
+                      f"{len(results)}/{n} shards, ")
+    return [results[i] for i in range(n)]
 
 
 # --- 4b. lexical shards: corpus statistics, then one BM25 shard per FAISS shard (Ray tasks) ----------------------
 
 def _lexical_rows(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord]) -> tuple[np.ndarray, list[str]]:
-    from sharding.embeddings import read_part_table
-    from sharding.lexical import chunk_texts
-
     emb = resolve(emb_uri)
     ids, texts = [], []
     for piece in pieces:
@@ -235,57 +392,78 @@ def _lexical_rows(pieces: list[Piece], emb_uri: str, records: dict[str, PartReco
     return np.concatenate(ids).astype(np.int64), texts
 
 
-def lexical_stats(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord], params: Any) -> Any:
+def lexical_stats(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord],
+                  params: LexicalParams) -> CorpusStats:
     """First pass: the BM25 statistics of one shard's chunks (documents, length, document frequencies)."""
-    from sharding.lexical import CorpusStats, tokenizer
-
     _, texts = _lexical_rows(pieces, emb_uri, records)
     return CorpusStats.of(tokenizer(params)(texts))
 
 
-def build_lexical(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord], stats: Any,
-                  params: Any, version_uri: str) -> dict[str, Any]:
+def build_lexical(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord],
+                  stats: CorpusStats, params: LexicalParams, version_uri: str) -> dict[str, Any]:
     """Second pass: this shard's BM25 scores with the whole corpus' statistics, written atomically."""
-    from sharding.lexical import LexicalRecord, build_shard, lexical_name, tokenizer, write_lexical_file
-
     t0 = time.perf_counter()
     ids, texts = _lexical_rows(pieces, emb_uri, records)
-    lex = build_shard(tokenizer(params)(texts), ids, stats, params)
+    lex = build_lexical_shard(tokenizer(params)(texts), ids, stats, params)
     sha, size = write_lexical_file(lex, params, resolve(version_uri).join(lexical_name(shard)))
     return LexicalRecord(file=lexical_name(shard), ntotal=lex.ntotal, terms=len(lex.model.vocab_dict) - 1,
                          sha256=sha, bytes=size, seconds=time.perf_counter() - t0).model_dump()
 
 
-def _gpu_memory() -> int:
-    """Total memory of the GPU this task was given (run as a Ray task with one GPU)."""
-    import torch
+def _lexical_stats_tasks(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord]) -> list[Any]:
+    """The first pass, one task per shard, queued beside the FAISS shard tasks."""
+    import ray
 
-    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    stats_task = ray.remote(lexical_stats).options(num_cpus=1)
+    return [stats_task.remote(pieces, layout.plan.emb.uri, records, lexical_params(cfg)) for pieces in layout.shards]
+
+
+def _build_lexical(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], stats_refs: list[Any],
+                   vdir: Location) -> LexicalManifest:
+    """The corpus statistics merged, then the second pass; the statistics file beside the shards (what later adds
+    score their deltas with)."""
+    import bm25s
+    import ray
+
+    t_lex = time.perf_counter()
+    stats = CorpusStats()
+    for part in ray.get(stats_refs):
+        stats = stats.merge(part)
+    stats_ref = ray.put(stats)
+    lparams = lexical_params(cfg)
+    lex_task = ray.remote(build_lexical).options(num_cpus=1)
+    refs = [lex_task.remote(i, pieces, layout.plan.emb.uri, records, stats_ref, lparams, vdir.uri)
+            for i, pieces in enumerate(layout.shards)]
+    lex_records = [LexicalRecord.model_validate(r) for r in ray.get(refs)]
+    lexical = with_stats(vdir, LexicalManifest(library_version=bm25s.__version__, params=lparams, n_docs=0,
+                                               avg_len=0.0, terms=0, shards=lex_records), stats)  # the counts too
+    log.info("lexical (BM25) shards: %d chunks, %d terms, %d shard(s) in %.1fs after the vector shards",
+             stats.n_docs, len(stats.df), len(lex_records), time.perf_counter() - t_lex)
+    return lexical
 
 
 # --- 5. tuning, plot, manifest -------------------------------------------------------------------------------------
 
-def merge_tuning(results: list[dict[str, Any]], qids: np.ndarray, k: int, metric: str, target: float):
+def merge_tuning(results: list[dict[str, Any]], xq: np.ndarray, qids: np.ndarray, k: int, metric: str,
+                 target: float) -> tuple[list[TuneRow], TuneRow, bool]:
     """Per-shard candidate searches -> one TuneRow per candidate (recall@k of the merged results, QPS)."""
-    from sharding.search import TuneRow, drop_self, merge_topk, recall_at_k, tune
-
-    truth = merge_topk([r["truth"][0] for r in results], [r["truth"][1] for r in results], k + 1, metric)
-    _, true_I = drop_self(*truth, qids, k)
+    truth = GroundTruth(xq, k + 1, metric)
+    for r in results:
+        truth.add_result(*r["truth"])
+    _, true_I = drop_self(*truth.result(), qids, k)
     rows = []
     for c, params in enumerate(results[0]["candidates"]):
         D, I = merge_topk([r["searched"][c][0] for r in results], [r["searched"][c][1] for r in results], k + 1,
                           metric)
         _, I = drop_self(D, I, qids, k)
         seconds = sum(r["searched"][c][2] for r in results)
-        rows.append(TuneRow(params, recall_at_k(I, true_I, k), len(qids) / seconds if seconds > 0 else 0.0))
+        rows.append(TuneRow(params, recall_at_k(I, true_I, k), queries_per_second(len(qids), seconds)))
     chosen, reached = tune(rows, target)
     return rows, chosen, reached
 
 
-def plot_tuning(rows, chosen, target: float, title: str) -> bytes:
+def plot_tuning(rows: Sequence[TuneRow], chosen: TuneRow, target: float, title: str) -> bytes:
     """Recall@10 against batched QPS of every setting tried, the chosen one marked (PNG bytes)."""
-    from jobs.plots import png, pyplot
-
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -301,6 +479,100 @@ def plot_tuning(rows, chosen, target: float, title: str) -> bytes:
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     return png(fig, dpi=120)
+
+
+@dataclass
+class Tuned:
+    """What tuning found: every setting tried, the one kept (None: nothing to tune), and the queries."""
+
+    rows: list[TuneRow]
+    chosen: TuneRow | None
+    reached: bool
+    queries: int
+    queries_from: str
+
+
+def _tune(cfg: IndexJobConfig, layout: Layout, results: list[dict[str, Any]], prep: dict[str, Any], k: int,
+          vdir: Location) -> Tuned:
+    """Merge the shards' candidate searches, measure recall@k against exact search, keep the cheapest setting
+    that reaches ``index.target_recall``; print the table and write the recall-vs-QPS plot."""
+    ix, plan = cfg.index, layout.plan
+    qids = prep["qids"]
+    queries_from = ix.tune_queries_path or "held-out database vectors"
+    if not (len(qids) and k):
+        return Tuned([], None, False, len(qids), queries_from)
+    rows, chosen, reached = merge_tuning(results, prep["xq"], qids, k, plan.embeddings.metric, ix.target_recall)
+    print(f"recall@{k} vs QPS on {len(qids)} queries from {queries_from} ({len(layout.shards)} shard(s), "
+          f"{layout.factory}):")
+    print(tuning_table(rows, chosen, k))
+    title = f"{layout.factory}, {plan.nb:,} vectors, {len(layout.shards)} shard(s)"
+    atomic_write_bytes(vdir.join("tuning.png"), plot_tuning(rows, chosen, ix.target_recall, title))
+    if not reached:
+        log.warning("no setting reached recall@%d >= %s (best %.3f at %s). Fix: raise index.max_memory or set "
+                    "index.kind to a more exact kind", k, ix.target_recall, chosen.recall, chosen.label())
+    return Tuned(rows, chosen, reached, len(qids), queries_from)
+
+
+def _manifest(cfg: IndexJobConfig, layout: Layout, version: str, vdir: Location, results: list[dict[str, Any]],
+              prep: dict[str, Any], lexical: LexicalManifest | None, tuned: Tuned, k: int,
+              t_start: float) -> IndexManifest:
+    """The new version's manifest, with the trained empty index written beside the shards (deltas of later adds
+    start from it)."""
+    import faiss
+
+    plan = layout.plan
+    trained = prep["index"]
+    atomic_write_bytes(vdir.join(TRAINED), trained)
+    shard_records = [ShardRecord.model_validate(r["record"]) for r in results]
+    training = ({"sha256": sha256_hex(trained), "rows": prep["train_rows"], "seconds": prep["seconds"]}
+                if layout.needs_training else {})
+    return IndexManifest(
+        version=version, factory=layout.factory, kind=plan.choice.kind, reason=plan.choice.reason,
+        metric=plan.embeddings.metric, dim=plan.d, normalize=plan.embeddings.normalize,
+        ntotal=sum(s.ntotal for s in shard_records), est_bytes=plan.choice.est_bytes, model=plan.embeddings.model,
+        chunker=plan.embeddings.chunker,
+        embeddings=EmbeddingsRecord(path=plan.emb.uri, rows=plan.nb, parts=len(plan.parts),
+                                    updated_at=plan.embeddings.updated_at),
+        shards=shard_records,
+        trained=TrainedRecord(**training, file=TRAINED, file_sha256=sha256_hex(trained)),
+        search_params=tuned.chosen.params if tuned.chosen else {},
+        recall=RecallRecord.measured(tuned.chosen, k, cfg.index.target_recall, tuned.queries, tuned.queries_from)
+        if tuned.chosen else None,
+        tuning=tuned.rows,
+        build=BuildRecord(seconds=time.perf_counter() - t_start, hardware=layout.hardware, faiss=faiss.__version__,
+                          threads_per_task=layout.tasks.threads),
+        config=cfg.model_dump(mode="json"),
+        lexical=lexical,
+    )
+
+
+def _publish(root: Location, vdir: Location, manifest: IndexManifest, nb: int, t_start: float) -> None:
+    """Check the version is whole, record it in the history, write the manifest and switch LATEST to it."""
+    version = manifest.version
+    if manifest.lexical is not None and ([r.ntotal for r in manifest.lexical.shards]
+                                         != [r.ntotal for r in manifest.shards]):
+        raise RagtuneError(f"the lexical shards hold {[r.ntotal for r in manifest.lexical.shards]} chunks but the "
+                           f"vector shards {[r.ntotal for r in manifest.shards]}; {version} is left incomplete and "
+                           "LATEST unchanged. Fix: rerun the same command")
+    if manifest.ntotal != nb:
+        raise RagtuneError(f"the shards hold {manifest.ntotal} vectors but the embeddings have {nb}; "
+                           f"{version} is left incomplete and LATEST unchanged. Fix: rerun the same command")
+    manifest.history = previous_history(root) + [HistoryEntry(
+        version=version, operation="build", at=manifest.created_at, seconds=time.perf_counter() - t_start,
+        ntotal=manifest.ntotal, counts={"vectors": manifest.ntotal, "shards": len(manifest.shards)})]
+    write_index_manifest(vdir, manifest)
+    switch_latest(root, version)
+
+
+def previous_history(root: Location) -> list[HistoryEntry]:
+    """The history of the version LATEST names now (empty when there is none, or it cannot be read)."""
+    latest = read_latest(root)
+    if latest is None:
+        return []
+    try:
+        return read_index_manifest(root.join(latest)).entries()
+    except RagtuneError:
+        return []
 
 
 @dataclass
@@ -336,8 +608,6 @@ class IndexSummary:
 def run(cfg: IndexJobConfig) -> IndexSummary:
     t_start = time.perf_counter()
     plan = check(cfg)
-    from sharding.versions import WriterLock, gc_versions
-
     makedirs(plan.root)
     with WriterLock(plan.root, f"ragtune index -c ... (index.path={cfg.index.path})"):  # one writer at a time
         summary = _build(cfg, plan, t_start)
@@ -347,190 +617,31 @@ def run(cfg: IndexJobConfig) -> IndexSummary:
 
 
 def _build(cfg: IndexJobConfig, plan: Plan, t_start: float) -> IndexSummary:
-    ix = cfg.index
-
-    import ray
-
-    from cluster.runtime import alive_nodes, init_ray
-    from jobs.progress import Rate
-    from sharding.faiss_index import effective_factory, new_index
-
+    """The build, under the writer lock: the steps 2 to 5 of the module docstring, in order."""
     init_ray(cfg.cluster)
-    nodes = alive_nodes()
-    use_gpu = plan_index_tasks(nodes, 1, ix.device).use_gpu
-    gpu_memory = None
-    if use_gpu:
-        gpu_memory = ix.max_gpu_memory_bytes or int(0.8 * ray.get(ray.remote(num_gpus=1)(_gpu_memory).remote()))
-    if use_gpu != (ix.device == "gpu"):
-        plan = check(cfg, use_gpu=use_gpu)  # the choice depends on where it is built
-    choice = plan.choice
-    num_shards = ix.shards or default_num_shards(plan.nb, choice.est_bytes, gpu_memory)
-    if gpu_memory and choice.est_bytes and choice.est_bytes / num_shards > gpu_memory:
-        raise RagtuneError(f"index.shards = {num_shards}: each shard of {choice.factory} needs about "
-                           f"{human_bytes(choice.est_bytes / num_shards)} on one GPU but index.max_gpu_memory is "
-                           f"{human_bytes(gpu_memory)}. Fix: set index.shards >= "
-                           f"{-(-choice.est_bytes // gpu_memory)} or null")
-    shards = plan_shards(plan.parts, num_shards)
-    tasks: IndexTaskPlan = plan_index_tasks(nodes, len(shards), ix.device)
-    factory = effective_factory(choice.factory, plan.d, plan.embeddings.metric)  # a bad string fails here
-    needs_training = not new_index(factory, plan.d, plan.embeddings.metric).is_trained
-    log.info("index: %s (%s)%s", choice.factory, choice.reason, "" if choice.est_bytes is None else
-             f"; about {human_bytes(choice.est_bytes)} in memory")
-    log.info("%d vectors of d=%d (%s) from %d parts -> %d shard(s); %s", plan.nb, plan.d, plan.embeddings.metric,
-             len(plan.parts), len(shards), tasks.reason)
-
+    layout = _layout(cfg, plan)
+    plan = layout.plan
     version = next_version(plan.root)
     vdir = plan.root.join(version)
     makedirs(vdir.join(DOCSTORE_DIR))
-    if ix.lexical.enabled:
-        from sharding.lexical import LEXICAL_DIR
-
+    if cfg.index.lexical.enabled:
         makedirs(vdir.join(LEXICAL_DIR))
-
-    # Sample and train once.
     records = {rec.file: rec for rec in plan.embeddings.parts.values()}
     k = min(K, plan.nb - 1)
-    tune_texts = None
-    if ix.tune_queries_path and k >= 1:  # real queries: recall for queries of another kind than the documents
-        texts = read_query_texts(ix.tune_queries_path)
-        pick = np.random.default_rng(ix.seed).choice(len(texts), min(ix.tune_queries, len(texts)), replace=False)
-        tune_texts = [texts[i] for i in np.sort(pick)]
-    # held-out vectors leave the index while it is tuned: at most a tenth of it, so that it stays the same index
-    n_queries = min(ix.tune_queries, max(1, plan.nb // 10)) if k >= 1 and not tune_texts else 0
-    sample = sample_rows(plan.parts, choice.train_size if needs_training else 0, n_queries, ix.seed)
-    gpu = 0 if tasks.use_gpu else None  # inside a task given one GPU, it is device 0
-    prepare_task = ray.remote(prepare).options(num_cpus=tasks.train_threads if not tasks.use_gpu else 1,
-                                               num_gpus=tasks.num_gpus)
-    prep = ray.get(prepare_task.remote(plan.emb.uri, records, sample, factory, plan.d,
-                                       plan.embeddings.metric, tasks.train_threads, gpu, tune_texts,
-                                       plan.embeddings.model, plan.embeddings.normalize))
-    if needs_training:
-        log.info("trained on %d vectors in %.1fs", prep["train_rows"], prep["seconds"])
-    trained = prep["index"]
-    trained_ref, xq_ref = ray.put(trained), ray.put(prep["xq"])
-    qids = prep["qids"]
-
-    # One task per shard.
-    shard_task = ray.remote(build_shard).options(num_cpus=tasks.num_cpus, num_gpus=tasks.num_gpus)
-    qids_ref = ray.put(qids)
-    pending = {shard_task.remote(i, pieces, plan.emb.uri, records, trained_ref, xq_ref, qids_ref, k + 1 if k else 0,
-                                 plan.embeddings.metric, vdir.uri, tasks.threads, gpu): i
-               for i, pieces in enumerate(shards)}
-    stats_refs: list[Any] = []
-    if ix.lexical.enabled:  # queued beside the FAISS shard tasks: statistics first, then the BM25 shards
-        lparams = lexical_params(cfg)
-        stats_task = ray.remote(lexical_stats).options(num_cpus=1)
-        stats_refs = [stats_task.remote(pieces, plan.emb.uri, records, lparams) for pieces in shards]
-    rate = Rate(plan.nb, "vectors")
-    results: dict[int, dict[str, Any]] = {}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(done[0])
-        results[i] = ray.get(done[0])
-        rec = results[i]["record"]
-        rate.add(rec["ntotal"])
-        rate.log(log, f"{rec['file']} ({rec['ntotal']:,} vectors, {rec['seconds']:.1f}s) written; "
-                      f"{len(results)}/{len(shards)} shards, ")
-    ordered = [results[i] for i in range(len(shards))]
-    lexical = None
-    if ix.lexical.enabled:
-        import bm25s
-
-        from sharding.lexical import CorpusStats, LexicalManifest, LexicalRecord
-
-        t_lex = time.perf_counter()
-        stats = CorpusStats()
-        for part in ray.get(stats_refs):
-            stats = stats.merge(part)
-        stats_ref = ray.put(stats)
-        lex_task = ray.remote(build_lexical).options(num_cpus=1)
-        lexical_refs = [lex_task.remote(i, pieces, plan.emb.uri, records, stats_ref, lparams, vdir.uri)
-                        for i, pieces in enumerate(shards)]
-        lex_records = [LexicalRecord.model_validate(r) for r in ray.get(lexical_refs)]
-        from sharding.freshness import write_stats
-
-        lexical = LexicalManifest(library_version=bm25s.__version__, params=lparams, n_docs=stats.n_docs,
-                                  avg_len=stats.avg_len, terms=len(stats.df), shards=lex_records,
-                                  stats=write_stats(vdir, stats))  # what later adds score their deltas with
-        log.info("lexical (BM25) shards: %d chunks, %d terms, %d shard(s) in %.1fs after the vector shards",
-                 stats.n_docs, len(stats.df), len(lex_records), time.perf_counter() - t_lex)
-
-    # Tune the search parameters on the merged results.
-    from sharding.search import tuning_table
-
-    tuning_rows, chosen, reached = [], None, False
-    queries_from = ix.tune_queries_path or "held-out database vectors"
-    if len(qids) and k:
-        tuning_rows, chosen, reached = merge_tuning(ordered, qids, k, plan.embeddings.metric, ix.target_recall)
-        print(f"recall@{k} vs QPS on {len(qids)} queries from {queries_from} ({len(shards)} shard(s), {factory}):")
-        print(tuning_table(tuning_rows, chosen, k))
-        title = f"{factory}, {plan.nb:,} vectors, {len(shards)} shard(s)"
-        atomic_write_bytes(vdir.join("tuning.png"), plot_tuning(tuning_rows, chosen, ix.target_recall, title))
-        if not reached:
-            log.warning("no setting reached recall@%d >= %s (best %.3f at %s). Fix: raise index.max_memory or set "
-                        "index.kind to a more exact kind", k, ix.target_recall, chosen.recall, chosen.label())
-
-    import faiss
-
-    hardware = "GPU" if tasks.use_gpu else f"CPU ({tasks.reason})"
-    shard_records = [ShardRecord.model_validate(r["record"]) for r in ordered]
-    atomic_write_bytes(vdir.join(TRAINED), trained)  # deltas of later adds start from it
-    trained_info = {"file": TRAINED, "file_sha256": _sha(trained)}
-    manifest = IndexManifest(
-        version=version, factory=factory, kind=choice.kind, reason=choice.reason, metric=plan.embeddings.metric,
-        dim=plan.d, normalize=plan.embeddings.normalize, ntotal=sum(s.ntotal for s in shard_records),
-        est_bytes=choice.est_bytes, model=plan.embeddings.model, chunker=plan.embeddings.chunker,
-        embeddings={"path": plan.emb.uri, "rows": plan.nb, "parts": len(plan.parts),
-                    "updated_at": plan.embeddings.updated_at},
-        shards=shard_records,
-        trained={"sha256": _sha(trained), "rows": prep["train_rows"], "seconds": prep["seconds"], **trained_info}
-        if needs_training else trained_info,
-        search_params=chosen.params if chosen else {},
-        recall={"k": k, "recall": chosen.recall, "target": ix.target_recall, "reached": reached,
-                "queries": len(qids), "queries_from": queries_from, "qps": chosen.qps} if chosen else {},
-        tuning=[{"params": r.params, "recall": r.recall, "qps": r.qps} for r in tuning_rows],
-        build={"seconds": time.perf_counter() - t_start, "hardware": hardware, "faiss": faiss.__version__,
-               "threads_per_task": tasks.threads},
-        config=cfg.model_dump(mode="json"),
-        lexical=lexical,
-    )
-    if lexical is not None and [r.ntotal for r in lexical.shards] != [r.ntotal for r in shard_records]:
-        raise RagtuneError(f"the lexical shards hold {[r.ntotal for r in lexical.shards]} chunks but the vector "
-                           f"shards {[r.ntotal for r in shard_records]}; {version} is left incomplete and LATEST "
-                           "unchanged. Fix: rerun the same command")
-    if manifest.ntotal != plan.nb:
-        raise RagtuneError(f"the shards hold {manifest.ntotal} vectors but the embeddings have {plan.nb}; "
-                           f"{version} is left incomplete and LATEST unchanged. Fix: rerun the same command")
-    manifest.history = previous_history(plan.root) + [HistoryEntry(
-        version=version, operation="build", at=manifest.created_at, seconds=time.perf_counter() - t_start,
-        ntotal=manifest.ntotal, counts={"vectors": manifest.ntotal, "shards": len(shard_records)})]
-    write_index_manifest(vdir, manifest)
-    switch_latest(plan.root, version)
+    prep = _train(cfg, layout, records, k)
+    stats_refs = _lexical_stats_tasks(cfg, layout, records) if cfg.index.lexical.enabled else None
+    results = _build_shards(layout, records, prep, k, vdir)
+    lexical = _build_lexical(cfg, layout, records, stats_refs, vdir) if stats_refs is not None else None
+    tuned = _tune(cfg, layout, results, prep, k, vdir)
+    manifest = _manifest(cfg, layout, version, vdir, results, prep, lexical, tuned, k, t_start)
+    _publish(plan.root, vdir, manifest, plan.nb, t_start)
+    chosen = tuned.chosen
     return IndexSummary(
-        path=plan.root.uri, version=version, factory=factory, kind=choice.kind, reason=choice.reason,
-        ntotal=manifest.ntotal, dim=plan.d, metric=plan.embeddings.metric, shards=len(shards),
-        search_params=manifest.search_params, recall=chosen.recall if chosen else None,
-        target_recall=ix.target_recall, reached=reached, qps=chosen.qps if chosen else None,
-        seconds=time.perf_counter() - t_start, hardware=hardware)
-
-
-def previous_history(root: Location) -> list[HistoryEntry]:
-    """The history of the version LATEST names now (empty when there is none, or it cannot be read)."""
-    from sharding.manifest import read_index_manifest
-
-    latest = read_latest(root)
-    if latest is None:
-        return []
-    try:
-        return read_index_manifest(root.join(latest)).entries()
-    except RagtuneError:
-        return []
-
-
-def _sha(data: bytes) -> str:
-    from sharding.storage import sha256_hex
-
-    return sha256_hex(data)
+        path=plan.root.uri, version=version, factory=layout.factory, kind=plan.choice.kind,
+        reason=plan.choice.reason, ntotal=manifest.ntotal, dim=plan.d, metric=plan.embeddings.metric,
+        shards=len(layout.shards), search_params=manifest.search_params, recall=chosen.recall if chosen else None,
+        target_recall=cfg.index.target_recall, reached=tuned.reached, qps=chosen.qps if chosen else None,
+        seconds=time.perf_counter() - t_start, hardware=layout.hardware)
 
 
 if __name__ == "__main__":  # python -m jobs.index --config FILE [overrides] (what `ray job submit` calls)

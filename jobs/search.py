@@ -19,15 +19,16 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from configs.errors import RagtuneError
 from models.embedders import QueryEncoder
-
-if TYPE_CHECKING:
-    from sharding.search import Fusion, ShardedIndex
+from models.hardware import resolve_device
+from sharding.lexical import chunk_texts
+from sharding.metrics import evaluate, rank_documents, read_qrels, read_queries
+from sharding.search import Fusion, ShardedIndex, check_mode, ranked_hits, result_metric, search
 
 log = logging.getLogger("ragtune.search")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # four lines per process about CPU builds
@@ -45,8 +46,6 @@ def search_texts(index: ShardedIndex, encoder: QueryEncoder | None, queries: Seq
     ``mode`` is dense, lexical (no encoder needed) or hybrid (see ``sharding.search.search``); a ``reranker``
     re-scores the top ``reranker.depth`` candidates and keeps k.
     """
-    from sharding.search import ranked_hits, search
-
     depth = max(k, reranker.depth) if reranker else k
     xq = None if mode == "lexical" or encoder is None else encoder.encode(queries)
     D, I = search(index, xq, queries, depth, mode, fusion)
@@ -67,8 +66,6 @@ class Reranker:
                                "re-ranking off")
         from sentence_transformers import CrossEncoder
 
-        from models.hardware import resolve_device
-
         try:
             self.model = CrossEncoder(path, device=str(resolve_device(device)))  # type: ignore[arg-type]
         except (OSError, ValueError) as e:
@@ -82,8 +79,6 @@ class Reranker:
                k: int) -> tuple[np.ndarray, np.ndarray]:
         """Re-score each query's candidates (ids in I) against their docstore text; keep the top k (D = the
         cross-encoder's scores, higher is better)."""
-        from sharding.lexical import chunk_texts
-
         pairs, owner = [], []
         for q, ids in enumerate(I):
             for cid in ids[ids >= 0].tolist():
@@ -112,22 +107,18 @@ def _snippet(text: str, width: int) -> str:
 def describe(index: ShardedIndex) -> str:
     m = index.manifest
     params = ", ".join(f"{k}={v}" for k, v in index.params.items() if k != "k_factor_rf") or "exact"
-    recall = f", recall@{m.recall['k']} {m.recall['recall']:.3f}" if m.recall else ""
+    recall = f", recall@{m.recall.k} {m.recall.recall:.3f}" if m.recall else ""
     lexical = f", BM25 ({m.lexical.library} {m.lexical.library_version})" if m.lexical else ", no lexical part"
     return (f"{index.location.uri}: {m.factory}, {m.ntotal:,} vectors in {len(m.shards)} shard(s), {params}"
-            f"{recall}, model {m.model.get('name')}{lexical}")
+            f"{recall}, model {m.model.name}{lexical}")
 
 
 def _fusion(args: argparse.Namespace) -> Fusion:
-    from sharding.search import Fusion, check_mode
-
     check_mode(args.mode)
     return Fusion(method=args.fusion, weight=args.weight, rrf_k=args.rrf_k, depth=args.depth)
 
 
 def search_main(args: argparse.Namespace) -> int:
-    from sharding.search import ShardedIndex
-
     fusion = _fusion(args)
     reranker = Reranker(args.rerank, args.rerank_depth) if args.rerank else None
     index = ShardedIndex.open(args.index, verify=not args.no_verify, params=_params(args.param))
@@ -168,9 +159,6 @@ def evaluate_index(index: ShardedIndex, xq: np.ndarray | None, qids: Sequence[st
     as at least ``max(ks)`` distinct documents appear among them (the count of queries short of that is
     returned as ``queries_short``). ``mode`` lexical and hybrid need the query ``texts`` (in ``qids`` order).
     """
-    from sharding.metrics import evaluate, rank_documents
-    from sharding.search import result_metric, search
-
     chunk_ids, doc_ids = index.docstore().column("doc_id")
     doc_of = dict(zip(chunk_ids.tolist(), doc_ids.tolist(), strict=True))
     k_docs = max(ks)
@@ -192,9 +180,6 @@ def evaluate_index(index: ShardedIndex, xq: np.ndarray | None, qids: Sequence[st
 
 
 def eval_main(args: argparse.Namespace) -> int:
-    from sharding.metrics import read_qrels, read_queries
-    from sharding.search import ShardedIndex
-
     fusion = _fusion(args)
     index = ShardedIndex.open(args.index, verify=not args.no_verify, params=_params(args.param))
     if args.mode != "dense":

@@ -161,8 +161,8 @@ def load_sentence_transformer(spec: EmbedderSpec, device: str = "cpu", fp16: boo
 
 def check_query_model(manifest: IndexManifest, spec: EmbedderSpec, dim: int | None = None) -> None:
     """Refuse a query model that would not give the index's vectors: another revision or another dimension."""
-    name = manifest.model.get("name", "?")
-    built = manifest.model.get("revision")
+    name = manifest.model.name
+    built = manifest.model.revision
     if built and spec.revision != built:
         raise RagtuneError(f"the index was built with {name} revision {built} but {spec.name} resolves here to "
                            f"revision {spec.revision}: the query vectors would not match the index. Fix: install "
@@ -217,14 +217,13 @@ class QueryEncoder:
     """
 
     def __init__(self, manifest: IndexManifest, batch_size: int = 512, device: str = "cpu"):
-        name = manifest.model.get("name", "")
         try:
-            spec = resolve_embedder(name)
+            spec = resolve_embedder(manifest.model.name)
         except RagtuneError:  # a local folder that moved: the manifest also records where it was
-            path = manifest.model.get("path")
-            spec = EmbedderSpec(**manifest.model) if path and Path(path).is_dir() else None
-            if spec is None:
+            path = manifest.model.path
+            if not (path and Path(path).is_dir()):
                 raise
+            spec = EmbedderSpec(**manifest.model.model_dump())
         check_query_model(manifest, spec)
         self.spec, self.batch_size, self.device = spec, batch_size, device
         plan = plain_pipeline(Path(spec.path))

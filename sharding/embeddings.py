@@ -16,16 +16,16 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from configs.errors import RagtuneError
-from sharding.chunking import Chunker, embed_input
+from sharding.chunking import CHUNKER_VERSION, Chunker, ChunkerSettings, embed_input
 from sharding.ids import chunk_id, hash64
 from sharding.storage import Location, atomic_write_bytes, exists, read_bytes, sha256_hex
 
@@ -166,16 +166,46 @@ def verify_part(out: Location, record: PartRecord) -> None:
                            "`ragtune embed` with --overwrite")
 
 
+EMPTY_IS_NONE = BeforeValidator(lambda v: None if v == {} else v)
+"""On a record field that may be None: an empty object in a manifest means the record is absent, as null does."""
+
+
+class EmbedderRecord(BaseModel):
+    """The embedding model that made the vectors (``models.embedders.EmbedderSpec``, as recorded in the embeddings'
+    manifest and copied into every index built from them): queries and new chunks are embedded with it."""
+
+    name: str  # as the user named it: a bundled name, a hub id or a folder
+    path: str | None = None  # the folder it was loaded from; the embed job records all four fields
+    revision: str | None = None  # hub commit, or a content hash of the folder; None: not checked
+    max_seq_length: int | None = None  # tokens per input, special tokens included
+
+
+class ChunkerRecord(BaseModel):
+    """The chunker settings (``sharding.chunking.ChunkerSettings``) with their fingerprint, which is part of every
+    chunk id: new documents chunked with the same settings get the same ids."""
+
+    size: int
+    overlap: int
+    prepend_title: bool
+    tokenizer: str  # the revision of the model the tokenizer comes from
+    version: int = CHUNKER_VERSION
+    fingerprint: str
+
+    def settings(self) -> ChunkerSettings:
+        return ChunkerSettings(size=self.size, overlap=self.overlap, prepend_title=self.prepend_title,
+                               tokenizer=self.tokenizer, version=self.version)
+
+
 class EmbeddingManifest(BaseModel):
     """``_manifest.json``: how the embeddings in a folder were made and which parts are complete."""
 
     format: str = FORMAT
     state: Literal["running", "done"] = "running"
-    model: dict[str, Any]  # name, path, revision, max_seq_length
+    model: EmbedderRecord
     dim: int | None = None
     normalize: bool
     metric: str
-    chunker: dict[str, Any]  # ChunkerSettings.to_dict()
+    chunker: Annotated[ChunkerRecord | None, EMPTY_IS_NONE]  # ChunkerSettings.to_dict()
     corpus: dict[str, Any]  # paths, fingerprint, files, bytes
     num_parts: int
     parts: dict[str, PartRecord] = Field(default_factory=dict)  # "00003" -> record
@@ -194,18 +224,23 @@ class EmbeddingManifest(BaseModel):
 
 
 def recipe_differences(ours: Any, theirs: Any, theirs_name: str = "") -> list[str]:
-    """How two manifests (embeddings' or an index's: anything with ``model``, ``chunker`` and ``normalize``) embed
-    text differently: model and revision, chunker settings, normalisation; each a phrase "ours vs theirs", the
-    second side named ``theirs_name`` ("the index's") when given."""
+    """How two manifests (embeddings' or an index's: anything with a ``model`` (EmbedderRecord), a ``chunker``
+    (ChunkerRecord or None) and ``normalize``) embed text differently: model and revision, chunker settings,
+    normalisation; each a phrase "ours vs theirs", the second side named ``theirs_name`` ("the index's") when
+    given."""
     of = f"{theirs_name} " if theirs_name else ""
     diffs = []
-    if (ours.model.get("name"), ours.model.get("revision")) != (theirs.model.get("name"), theirs.model.get("revision")):
-        diffs.append(f"model {ours.model.get('name')} ({ours.model.get('revision')}) vs "
-                     f"{of}{theirs.model.get('name')} ({theirs.model.get('revision')})")
-    if ours.chunker.get("fingerprint") != theirs.chunker.get("fingerprint"):
+    a, b = ours.model, theirs.model
+    if (a.name, a.revision) != (b.name, b.revision):
+        diffs.append(f"model {a.name} ({a.revision}) vs {of}{b.name} ({b.revision})")
+
+    def chunker(m: Any, key: str) -> Any:
+        return getattr(m.chunker, key) if m.chunker is not None else None
+
+    if chunker(ours, "fingerprint") != chunker(theirs, "fingerprint"):
         keys = ("size", "overlap", "prepend_title", "version")
-        diffs.append("chunker " + ", ".join(f"{k} {ours.chunker.get(k)} vs {of}{theirs.chunker.get(k)}"
-                                            for k in keys if ours.chunker.get(k) != theirs.chunker.get(k)))
+        diffs.append("chunker " + ", ".join(f"{k} {chunker(ours, k)} vs {of}{chunker(theirs, k)}"
+                                            for k in keys if chunker(ours, k) != chunker(theirs, k)))
     if ours.normalize != theirs.normalize:
         diffs.append(f"normalize {ours.normalize} vs {of}{theirs.normalize}")
     return diffs

@@ -1,4 +1,5 @@
-"""Index freshness without Ray: new chunks into delta segments, deletes as tombstones, compaction.
+"""Index freshness without Ray: new chunks into delta segments, deletes as tombstones, compaction, and the
+recall of a version (re-measured and re-tuned at compaction, ``sharding.tuning``'s maths on its segments).
 
 What a version written by ``ragtune index add|delete|compact`` holds, per shard (docs/index.md, "Freshness"):
 
@@ -18,8 +19,9 @@ one shard. FAISS vocabulary as in ``sharding.faiss_index``: ``xb`` vectors, ``id
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ from sharding.layout import MANIFEST, TRAINED, delta_docstore_name, delta_name, 
 from sharding.lexical import (
     STATS_NAME,
     CorpusStats,
+    LexicalManifest,
     LexicalRecord,
     LexicalStatsRecord,
     build_shard,
@@ -42,9 +45,28 @@ from sharding.lexical import (
     tokenizer,
     write_lexical_file,
 )
-from sharding.manifest import DeltaRecord, IndexManifest, ShardRecord, TombstoneRecord, write_tombstones
-from sharding.search import shard_segments
+from sharding.manifest import (
+    DeltaRecord,
+    IndexManifest,
+    ShardRecord,
+    TombstoneRecord,
+    TrainedRecord,
+    write_tombstones,
+)
+from sharding.search import Segment, ShardedIndex, shard_segments
 from sharding.storage import Location, atomic_write_bytes, exists, read_bytes, sha256_hex
+from sharding.tuning import (
+    RECALL_K,
+    GroundTruth,
+    TuneRow,
+    candidate_params,
+    drop_self,
+    held_out_count,
+    measured_recall,
+    sample_query_texts,
+    tune,
+    tune_settings,
+)
 
 log = logging.getLogger("ragtune.index")
 
@@ -171,12 +193,13 @@ def plan_add(new: pa.Table, old: pa.Table) -> AddPlan:
 def trained_index(vloc: Location, m: IndexManifest) -> tuple[bytes, bool]:
     """The trained empty index every delta starts from (serialized), and whether it had to be derived.
 
-    Versions built by this ragtune keep it as ``trained.faiss``; for older ones it is derived once from base
-    shard 0 (read, then ``reset()``: the vectors go, the trained quantizer and codebooks stay)."""
-    if m.trained and m.trained.get("file"):
-        loc = vloc.join(m.trained["file"])
+    ``ragtune index`` keeps it as ``trained.faiss``; a version that names no such file (written with the sharding
+    functions alone) gets it derived from base shard 0 (read, then ``reset()``: the vectors go, the trained
+    quantizer and codebooks stay), and the version written from it keeps the file."""
+    if m.trained and m.trained.file:
+        loc = vloc.join(m.trained.file)
         data = read_bytes(loc)
-        if m.trained.get("file_sha256") and sha256_hex(data) != m.trained["file_sha256"]:
+        if m.trained.file_sha256 and sha256_hex(data) != m.trained.file_sha256:
             raise RagtuneError(f"{loc.uri}: checksum mismatch (the trained index was changed). Fix: rebuild the "
                                "index with `ragtune index`")
         return data, False
@@ -189,7 +212,7 @@ def trained_index(vloc: Location, m: IndexManifest) -> tuple[bytes, bool]:
 def with_trained_file(m: IndexManifest, vdir: Location, data: bytes) -> None:
     """Write the trained empty index into the new version ``vdir`` and record it in ``m`` (when derived)."""
     atomic_write_bytes(vdir.join(TRAINED), data)
-    m.trained = {**(m.trained or {}), "file": TRAINED, "file_sha256": sha256_hex(data)}
+    m.trained = (m.trained or TrainedRecord()).model_copy(update={"file": TRAINED, "file_sha256": sha256_hex(data)})
 
 
 # --- writing segments ---------------------------------------------------------------------------------------------
@@ -227,6 +250,19 @@ def write_lexical(vdir: Location, name: str, rows: pa.Table, params: Any, stats:
                          bytes=size)
 
 
+def masked_ids(vloc: Location, m: IndexManifest, n: int,
+               more: Mapping[tuple[int, int], np.ndarray]) -> tuple[list[np.ndarray], bool]:
+    """The masked ids of each segment of shard ``n`` of version (``vloc``, ``m``), with ``more`` ((shard,
+    segment) -> chunk ids, from :func:`by_segment`) added; and whether ``more`` had any for this shard."""
+    dead = [g.dead for g in shard_segments(vloc, m, n)]
+    added = False
+    for pos in range(len(dead)):
+        if (n, pos) in more:
+            dead[pos] = np.union1d(dead[pos], more[(n, pos)])
+            added = True
+    return dead, added
+
+
 def set_tombstones(vdir: Location, rec: ShardRecord, shard: int, dead: list[np.ndarray]) -> None:
     """Write a shard's masked ids per segment (one array per segment) into the version; update its record."""
     if not any(len(d) for d in dead):
@@ -240,8 +276,9 @@ def set_tombstones(vdir: Location, rec: ShardRecord, shard: int, dead: list[np.n
 # --- lexical statistics ---------------------------------------------------------------------------------------
 
 def read_stats(vloc: Location, m: IndexManifest, verify: bool = True) -> CorpusStats:
-    """The BM25 statistics of the version's live chunks: its stats file, or (a version written before stats
-    files existed) counted again from the docstore texts, once."""
+    """The BM25 statistics of the version's live chunks: its stats file, or, for a lexical part that names none
+    (written with the sharding functions alone), counted from the docstore texts; the version an add or delete
+    writes from it keeps a stats file."""
     assert m.lexical is not None
     rec = m.lexical.stats
     if rec is not None:
@@ -262,10 +299,15 @@ def stats_of(rows: pa.Table, params: Any) -> CorpusStats:
     return CorpusStats.of(tokenizer(params)(chunk_texts(rows["title"].to_pylist(), rows["text"].to_pylist())))
 
 
-def write_stats(vdir: Location, stats: CorpusStats) -> LexicalStatsRecord:
+def with_stats(vdir: Location, lexical: LexicalManifest, stats: CorpusStats) -> LexicalManifest:
+    """The lexical part of a new version whose live chunks have the BM25 statistics ``stats`` (what later adds
+    score their deltas with): writes the stats file into ``vdir`` and returns ``lexical`` with its record and the
+    counts. Every writer of a lexical part goes through here: the index job, add, delete, compact."""
     data = stats.to_bytes()
     atomic_write_bytes(vdir.join(STATS_NAME), data)
-    return LexicalStatsRecord(file=STATS_NAME, sha256=sha256_hex(data), bytes=len(data))
+    record = LexicalStatsRecord(file=STATS_NAME, sha256=sha256_hex(data), bytes=len(data))
+    return lexical.model_copy(update={"stats": record, "n_docs": stats.n_docs, "avg_len": stats.avg_len,
+                                      "terms": len(stats.df)})
 
 
 # --- compaction -------------------------------------------------------------------------------------------------
@@ -386,6 +428,92 @@ def live_vectors(vloc: Location, m: IndexManifest, n: int, verify: bool = True) 
         out_ids.append(ids[live])
         out_xb.append(xb[live])
     return np.concatenate(out_ids), np.concatenate(out_xb)
+
+
+# --- recall of a version -------------------------------------------------------------------------------------
+
+def recall_measurable(index: Any) -> bool:
+    """Whether recall can be measured (and tuned) for indexes of this kind: it has search settings to tune, and
+    it keeps the exact vectors that exact search over the live chunks needs (``exact_storage``)."""
+    return candidate_params(index) != [{}] and exact_storage(index)
+
+
+def tune_compacted(base_dir: Location, m: IndexManifest, folded: Mapping[int, Any],
+                   held: Mapping[int, tuple[np.ndarray, np.ndarray] | None], k: int,
+                   target: float) -> tuple[TuneRow, list[TuneRow], bool]:
+    """Recall@k of a compacted version at each candidate setting, as the index job measures a new one.
+
+    Args:
+        base_dir, m: the version compaction started from (the shards it leaves as they are are read from it).
+        folded: shard number -> its compacted index, without the held-out vectors.
+        held: shard number -> the (ids, xb) held out of it (``fold_segments``): the queries. They are out of
+            the compacted shards while searched; the true neighbours are exact search over every other live
+            vector; results merge across shards.
+        k: recall@k; target: the recall to reach.
+
+    Returns:
+        (chosen row, every row, whether the target was reached); the chosen setting is left applied to the
+        compacted indexes.
+    """
+    xq = np.concatenate([h[1] for h in held.values() if h is not None and len(h[0])])
+    qids = np.concatenate([h[0] for h in held.values() if h is not None and len(h[0])])
+    order = np.argsort(qids)
+    xq, qids = xq[order], qids[order]
+    indexes, segments = [], []
+    truth = GroundTruth(xq, k + 1, m.metric)
+    for n, rec in enumerate(m.shards):
+        if n in folded:
+            truth.add(*segment_vectors(folded[n]))
+            indexes.append(folded[n])
+            segments.append(Segment(n, 0, np.zeros(0, np.int64)))
+        else:
+            truth.add(*live_vectors(base_dir, m, n))
+            for (name, _, _), seg in zip(segment_files(rec), shard_segments(base_dir, m, n), strict=True):
+                indexes.append(read_index_file(base_dir.join(name), None, 0))
+                segments.append(seg)
+    _, true_I = drop_self(*truth.result(), qids, k)
+    view = ShardedIndex(base_dir, m, indexes, segments=segments)
+    rows = tune_settings(view, candidate_params(indexes[0]), xq, qids, true_I, k)
+    chosen, reached = tune(rows, target)
+    view.set_params(chosen.params)
+    return chosen, rows, reached
+
+
+def version_recall(vloc: Location, m: IndexManifest, n_queries: int, encode: Callable[[list[str]], np.ndarray],
+                   seed: int = 0) -> float | None:
+    """Recall@RECALL_K of a version at its tuned setting, measured as the index job measured it.
+
+    The queries: ``n_queries`` of the real queries it was tuned on (``recall.queries_from``, when that file is
+    still there), embedded by ``encode`` (the index's model); else held-out live vectors, masked from every
+    segment while searched (for HNSW they still sit in the graph, which makes this optimistic). The truth: exact
+    search over the other live vectors. None for exact kinds and kinds that keep only codes (no exact vectors to
+    measure against), and for versions of fewer than 20 vectors.
+    """
+    trained, _ = trained_index(vloc, m)
+    if not recall_measurable(deserialize(trained)):
+        return None
+    vecs = [live_vectors(vloc, m, n) for n in range(len(m.shards))]
+    ids = np.concatenate([v[0] for v in vecs])
+    if len(ids) < 20:
+        return None
+    rng = np.random.default_rng(seed)
+    qfile = m.recall.queries_from if m.recall else ""
+    k = min(RECALL_K, len(ids) - 1)
+    if qfile and Path(qfile).is_file():
+        texts = sample_query_texts(qfile, n_queries, rng)
+        xq, qids = encode(texts), np.full(len(texts), -1, np.int64)
+    else:
+        qids = np.sort(rng.choice(ids, held_out_count(n_queries, len(ids)), replace=False))
+        order = np.argsort(ids)
+        xq = np.concatenate([v[1] for v in vecs])[order][np.searchsorted(ids[order], qids)]
+    truth = GroundTruth(xq, k + 1, m.metric, exclude=qids)
+    for sid, sxb in vecs:
+        truth.add(sid, sxb)
+    _, true_I = drop_self(*truth.result(), qids, k)
+    index = ShardedIndex.open(vloc.uri, verify=False, mmap=False)
+    for seg in index.segments:  # the held-out vectors are masked too, as if they were not in the index
+        seg.mask(qids[qids >= 0])
+    return measured_recall(index, xq, qids, true_I, k)[0]
 
 
 def check_complete(vdir: Location) -> None:

@@ -306,4 +306,4 @@ class LexicalManifest(BaseModel):
     avg_len: float
     terms: int  # distinct terms in the whole corpus
     shards: list[LexicalRecord] = Field(default_factory=list)
-    stats: LexicalStatsRecord | None = None  # None: written before freshness (rebuilt from the docstore once)
+    stats: LexicalStatsRecord | None = None  # None: no stats file (counted from the docstore when an add needs them)

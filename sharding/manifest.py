@@ -11,12 +11,13 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from configs.errors import RagtuneError
+from sharding.embeddings import EMPTY_IS_NONE, ChunkerRecord, EmbedderRecord
 from sharding.layout import LATEST, MANIFEST, PUBLISHED, Piece, carry
 from sharding.lexical import LexicalManifest, LexicalRecord
 from sharding.storage import (
@@ -28,9 +29,11 @@ from sharding.storage import (
     resolve,
     sha256_hex,
 )
+from sharding.tuning import TuneRow
 
 FORMAT = "ragtune.index/1"
 Metric = Literal["inner_product", "l2"]
+Operation = Literal["build", "add", "delete", "compact"]  # what wrote a version
 
 
 class DeltaRecord(BaseModel):
@@ -87,7 +90,7 @@ class HistoryEntry(BaseModel):
     """One write of the index: what it did, to which version, from which."""
 
     version: str
-    operation: Literal["build", "add", "delete", "compact"]
+    operation: Operation
     parent: str | None = None  # the version it started from (None for a build)
     at: float  # when the manifest was written (epoch seconds)
     seconds: float = 0.0  # how long the operation took
@@ -95,8 +98,57 @@ class HistoryEntry(BaseModel):
     counts: dict[str, int] = Field(default_factory=dict)  # e.g. added, updated, skipped, deleted, compacted
 
 
+class EmbeddingsRecord(BaseModel):
+    """The embeddings an index was built from (their folder's ``_manifest.json``, as it was then)."""
+
+    path: str
+    rows: int
+    parts: int
+    updated_at: float
+
+
+class TrainedRecord(BaseModel):
+    """The trained empty index every shard of the version (and every delta of a later add) starts from."""
+
+    sha256: str | None = None  # of the trained index, for kinds that train (IVF, PQ, SQ)
+    rows: int | None = None  # vectors it was trained on
+    seconds: float | None = None  # training time
+    file: str | None = None  # trained.faiss, relative to the version folder; None: derived from shard 0 when needed
+    file_sha256: str | None = None
+
+
+class RecallRecord(BaseModel):
+    """Recall@k of the version at its chosen search setting, against exact search."""
+
+    k: int
+    recall: float
+    target: float
+    reached: bool
+    queries: int
+    queries_from: str  # a queries file, or held-out database vectors
+    qps: float  # batched, all shards
+
+    @classmethod
+    def measured(cls, chosen: TuneRow, k: int, target: float, queries: int, queries_from: str) -> RecallRecord:
+        """The record of the setting tuning chose."""
+        return cls(k=k, recall=chosen.recall, target=target, reached=chosen.recall >= target, queries=queries,
+                   queries_from=queries_from, qps=chosen.qps)
+
+
+class BuildRecord(BaseModel):
+    """How the index job built the version."""
+
+    seconds: float
+    hardware: str  # "GPU", or "CPU (...)" with the task plan's reason
+    faiss: str  # faiss.__version__
+    threads_per_task: int
+
+
 class IndexManifest(BaseModel):
-    """``manifest.json`` of one index version: how it was built, what it holds, how to search it."""
+    """``manifest.json`` of one index version: how it was built, what it holds, how to search it.
+
+    Records that a version may lack are None (written as ``null``; an empty object reads the same).
+    """
 
     format: str = FORMAT
     version: str
@@ -108,28 +160,30 @@ class IndexManifest(BaseModel):
     normalize: bool
     ntotal: int
     est_bytes: int | None = None
-    model: dict[str, Any]  # the embedding model (name, path, revision, max_seq_length)
-    chunker: dict[str, Any] = Field(default_factory=dict)
-    embeddings: dict[str, Any] = Field(default_factory=dict)  # path, rows, parts, updated_at
+    model: EmbedderRecord  # the embedding model of the vectors: queries and new chunks are embedded with it
+    chunker: Annotated[ChunkerRecord | None, EMPTY_IS_NONE] = None  # how new documents are chunked as these were
+    embeddings: Annotated[EmbeddingsRecord | None, EMPTY_IS_NONE] = None
     shards: list[ShardRecord]
-    trained: dict[str, Any] | None = None  # sha256 of the trained empty index all shards share; rows; seconds
+    trained: TrainedRecord | None = None
     search_params: dict[str, int] = Field(default_factory=dict)
-    recall: dict[str, Any] = Field(default_factory=dict)  # k, recall, target, reached, queries, qps
-    tuning: list[dict[str, Any]] = Field(default_factory=list)  # params, recall, qps of each candidate tried
-    build: dict[str, Any] = Field(default_factory=dict)  # seconds, hardware, faiss version
-    config: dict[str, Any] = Field(default_factory=dict)
+    recall: Annotated[RecallRecord | None, EMPTY_IS_NONE] = None  # None: exact kinds, nothing to tune
+    tuning: list[TuneRow] = Field(default_factory=list)  # each candidate setting tried, cheapest first
+    build: Annotated[BuildRecord | None, EMPTY_IS_NONE] = None
+    config: dict[str, Any] = Field(default_factory=dict)  # the index job's resolved config (IndexJobConfig)
     created_at: float = Field(default_factory=time.time)
     lexical: LexicalManifest | None = None  # BM25 shards beside the FAISS shards; None: dense search only
-    operation: Literal["build", "add", "delete", "compact"] = "build"
+    operation: Operation = "build"
     parent: str | None = None  # the version this one was written from (add, delete, compact)
     history: list[HistoryEntry] = Field(default_factory=list)  # every write up to this version, oldest first
 
     def entries(self) -> list[HistoryEntry]:
-        """The history, with one entry made up for a manifest written before histories existed."""
+        """The history. A manifest that records none (one written with the sharding functions alone, as tests and
+        benchmarks write them: ``ragtune index`` and every freshness operation record theirs) reads as one entry
+        for its own version."""
         if self.history:
             return self.history
         return [HistoryEntry(version=self.version, operation=self.operation, at=self.created_at,
-                             seconds=float(self.build.get("seconds", 0.0)), ntotal=self.ntotal,
+                             seconds=self.build.seconds if self.build else 0.0, ntotal=self.ntotal,
                              counts={"vectors": self.ntotal})]
 
 
@@ -235,8 +289,8 @@ def manifest_files(m: IndexManifest) -> list[str]:
             out += [d.file, d.docstore] + ([d.lexical.file] if d.lexical else [])
     if m.lexical:
         out += [r.file for r in m.lexical.shards] + ([m.lexical.stats.file] if m.lexical.stats else [])
-    if m.trained and m.trained.get("file"):
-        out.append(m.trained["file"])
+    if m.trained and m.trained.file:
+        out.append(m.trained.file)
     return out
 
 
@@ -259,6 +313,6 @@ def carried_manifest(m: IndexManifest, version: str) -> IndexManifest:
             r.file = carry(r.file, old)
         if c.lexical.stats:
             c.lexical.stats.file = carry(c.lexical.stats.file, old)
-    if c.trained and c.trained.get("file"):
-        c.trained = {**c.trained, "file": carry(c.trained["file"], old)}
+    if c.trained and c.trained.file:
+        c.trained.file = carry(c.trained.file, old)
     return c

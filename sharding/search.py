@@ -1,4 +1,4 @@
-"""Searching sharded indexes: exact top-k merge, the opened index version, recall and search-parameter tuning.
+"""Searching sharded indexes: exact top-k merge, rank fusion, and the opened index version (segments, docstore).
 
 Shards hold disjoint vectors with global ids (chunk ids), so the top-k of the union is the top-k of the per-shard
 top-k lists: merging is exact, and exact shards give the results of one exact index over the same vectors. For
@@ -8,7 +8,7 @@ results, ``D``/``I`` distances and ids (nq, k); a missing result has id -1.
 
 from __future__ import annotations
 
-import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +20,11 @@ from sharding.docstore import Docstore
 from sharding.faiss_index import index_layers, mmap_flags, read_index_file
 from sharding.layout import MANIFEST
 from sharding.lexical import LexicalShard, read_lexical_file, tokenizer
-from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
+from sharding.manifest import IndexManifest, read_index_manifest, read_tombstones, resolve_index
 from sharding.storage import Location
+from sharding.tuning import apply_params
+from sharding.versions import hold_lease
 
-REFINE_K_FACTOR = 16  # IVF-PQ + refine: re-rank k x 16 candidates on SQ8 codes (cheap next to the IVF scan)
-
-HNSW_EF = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
-RECALL_K = 10  # recall@RECALL_K is what index.target_recall means: the index job tunes on it, compaction re-measures it
 MODES = ("dense", "lexical", "hybrid")
 FUSIONS = ("weighted", "rrf")
 
@@ -143,52 +141,6 @@ def ranked_hits(d: np.ndarray, i: np.ndarray, rows: dict[int, dict[str, Any]],
     return hits
 
 
-def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k of ``xq`` in ``xb`` (row numbers as ids), by FAISS's own kernels."""
-    import faiss
-
-    from sharding.faiss_index import faiss_metric
-
-    k = min(k, len(xb))
-    if k == 0:
-        return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-    return faiss.knn(np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32), k,
-                     metric=faiss_metric(metric))
-
-
-# --- search parameters -------------------------------------------------------------------------------------------
-
-def candidate_params(index: Any) -> list[dict[str, int]]:
-    """Search settings to try, cheapest first: ``nprobe`` for IVF, ``efSearch`` for HNSW, nothing for Flat."""
-    import faiss
-
-    layers = index_layers(index)
-    refine = {"k_factor_rf": REFINE_K_FACTOR} if any(isinstance(x, faiss.IndexRefine) for x in layers) else {}
-    for x in layers:
-        if isinstance(x, faiss.IndexIVF):
-            probes = [p for p in (2 ** i for i in range(20)) if p < x.nlist] + [x.nlist]
-            hnsw_q = isinstance(faiss.downcast_index(x.quantizer), faiss.IndexHNSW)
-            return [{"nprobe": p, **({"quantizer_efSearch": max(2 * p, 64)} if hnsw_q else {}), **refine}
-                    for p in probes]
-        if isinstance(x, faiss.IndexHNSW):
-            return [{"efSearch": ef, **refine} for ef in HNSW_EF]
-    return [dict(refine)] if refine else [{}]
-
-
-def apply_params(index: Any, params: dict[str, int]) -> None:
-    """Set search parameters through FAISS's ParameterSpace (it walks IDMap2, Refine and PreTransform)."""
-    import faiss
-
-    ps = faiss.ParameterSpace()
-    for name, value in params.items():
-        try:
-            ps.set_index_parameter(index, name, value)
-        except RuntimeError:
-            raise RagtuneError(f"search parameter {name}={value} does not apply to this index "
-                               f"({type(faiss.downcast_index(index)).__name__}). Fix: use nprobe for IVF indexes, "
-                               "efSearch for HNSW, none for Flat") from None
-
-
 # --- an opened index version --------------------------------------------------------------------------------------
 
 def check_queries(xq: np.ndarray, manifest: IndexManifest, where: str = "the index") -> np.ndarray:
@@ -196,7 +148,7 @@ def check_queries(xq: np.ndarray, manifest: IndexManifest, where: str = "the ind
     xq = np.asarray(xq, dtype=np.float32)
     if xq.ndim == 1:
         xq = xq[None, :]
-    model = manifest.model.get("name", "?")
+    model = manifest.model.name
     if xq.ndim != 2 or xq.shape[1] != manifest.dim:
         raise RagtuneError(f"query vectors have dimension {xq.shape[-1]} but {where} holds vectors of dimension "
                            f"{manifest.dim} from {model}. Fix: embed the queries with {model}, the model named in "
@@ -285,6 +237,10 @@ class Segment:
             self._selector = (faiss.IDSelectorNot(batch), batch)  # IDSelectorNot does not own the batch
         return self._selector[0]
 
+    def mask(self, ids: np.ndarray) -> None:
+        """Mask ``ids`` too (ids this segment does not hold are let through anyway)."""
+        self.dead, self._selector = np.union1d(self.dead, ids), None
+
 
 def _without(D: np.ndarray, I: np.ndarray, dead: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """The top-k of results searched ``k + len(dead)`` deep, the ``dead`` ids left out: exactly what a search
@@ -297,8 +253,6 @@ def _without(D: np.ndarray, I: np.ndarray, dead: np.ndarray, k: int, metric: str
 
 def shard_segments(location: Location, manifest: IndexManifest, n: int, verify: bool = True) -> list[Segment]:
     """The segments of shard ``n`` (base, then deltas) with their tombstones read from disk."""
-    from sharding.manifest import read_tombstones
-
     rec = manifest.shards[n]
     if rec.tombstones is None:
         dead = [np.zeros(0, np.int64)] * (1 + len(rec.deltas))
@@ -316,16 +270,12 @@ def open_docstore(location: Location, manifest: IndexManifest, verify: bool = Tr
     returns each chunk's live row (a deleted chunk never; an updated one's new text, never its old).
     ``lease`` (an owner name) holds a reader lease on the version while the returned object lives."""
     if lease:
-        from sharding.versions import hold_lease
-
         held = hold_lease(location, lease)
         try:
             store = open_docstore(location, manifest, verify)
         except BaseException:
             held.release()
             raise
-        import weakref
-
         weakref.finalize(store, held.release)
         return store
     locs, sizes, dead = [], [], []
@@ -378,10 +328,6 @@ class ShardedIndex:
         loc = resolve_index(path)
         if not lease:
             return cls._open(loc, mmap, verify, params, merge, only, None)
-        import weakref
-
-        from sharding.versions import hold_lease
-
         held = hold_lease(loc, lease)  # before reading, so that a gc starting meanwhile sees it
         try:
             index = cls._open(loc, mmap, verify, params, merge, only, held)
@@ -474,8 +420,8 @@ class ShardedIndex:
         with its segment's tombstones masked."""
         lex = self.manifest.lexical
         if lex is None:
-            raise RagtuneError(f"{self.location.uri}: this index version has no lexical (BM25) part: it was built "
-                               "before hybrid search existed, or with index.lexical.enabled false. Fix: rebuild it "
+            raise RagtuneError(f"{self.location.uri}: this index version has no lexical (BM25) part (it was built "
+                               "with index.lexical.enabled false, or by a writer that builds none). Fix: rebuild it "
                                "with `ragtune index` (index.lexical.enabled: true, the default), or search with "
                                "--mode dense")
         if self._lexical is None:
@@ -586,67 +532,3 @@ def fuse(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.nda
     if fusion.method == "rrf":
         return rrf_fusion([Id, Il], k, fusion.rrf_k)
     return weighted_fusion([Dd, Dl], [Id, Il], [metric, "inner_product"], k, [fusion.weight, 1 - fusion.weight])
-
-
-# --- recall and tuning --------------------------------------------------------------------------------------------
-
-def drop_self(D: np.ndarray, I: np.ndarray, qids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query's own id from its results (queries are database vectors) and keep k."""
-    keep = I != np.asarray(qids, dtype=np.int64)[:, None]
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
-    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
-
-
-def recall_at_k(I: np.ndarray, I_true: np.ndarray, k: int = 10) -> float:
-    """Mean over queries of |top-k found ∩ true top-k| / k (the k-recall@k of ANN benchmarks)."""
-    hits = 0
-    n = 0
-    for found, true in zip(I[:, :k], I_true[:, :k], strict=True):
-        t = set(true[true >= 0].tolist())
-        if t:
-            hits += len(t.intersection(found.tolist()))
-            n += len(t)
-    return hits / n if n else 1.0
-
-
-def search_candidates(index: Any, xq: np.ndarray, k: int,
-                      candidates: Sequence[dict[str, int]]) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Search ``xq`` once per candidate setting: [(D, I, seconds)], the last setting left applied."""
-    out = []
-    for params in candidates:
-        apply_params(index, params)
-        t0 = time.perf_counter()
-        D, I = index.search(xq, k)
-        out.append((D, I, time.perf_counter() - t0))
-    return out
-
-
-@dataclass(frozen=True)
-class TuneRow:
-    params: dict[str, int]
-    recall: float  # recall@k against exact search
-    qps: float  # batched queries per second, all shards searched one after the other
-
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.params.items() if k != "k_factor_rf") or "exact"
-
-
-def tune(rows: Sequence[TuneRow], target: float) -> tuple[TuneRow, bool]:
-    """The cheapest setting that reaches ``target`` recall (rows come cheapest first), else the best recall.
-
-    Returns:
-        (chosen row, whether the target was reached).
-    """
-    for row in rows:
-        if row.recall >= target:
-            return row, True
-    return max(rows, key=lambda r: (r.recall, r.qps)), False
-
-
-def tuning_table(rows: Sequence[TuneRow], chosen: TuneRow | None = None, k: int = 10) -> str:
-    """Markdown table: setting, recall@k, QPS, the chosen row marked."""
-    lines = [f"| search setting | recall@{k} | QPS (batched) |", "|---|---|---|"]
-    for r in rows:
-        mark = " **(chosen)**" if chosen is not None and r == chosen else ""
-        lines.append(f"| {r.label()}{mark} | {r.recall:.4f} | {r.qps:,.0f} |")
-    return "\n".join(lines)

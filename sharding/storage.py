@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from configs.errors import RagtuneError
+
 TMP_MARK = ".tmp-"
 
 
@@ -68,8 +70,6 @@ def resolve(uri_or_path: str) -> Location:
 
 
 def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
-    from configs.errors import RagtuneError
-
     try:
         import fsspec
 

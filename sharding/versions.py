@@ -208,8 +208,10 @@ def version_states(root: Location) -> dict[str, str]:
     versions share are still there).
 
     LATEST once named a version when its folder holds ``PUBLISHED`` (``switch_latest`` writes it; writers also
-    write it for the version LATEST names when they start, which covers a LATEST edited by hand). Versions
-    written before freshness existed have no ``PUBLISHED`` and no history: they count as complete.
+    write it for the version LATEST names when they start, which covers a LATEST edited by hand). A manifest with
+    neither ``PUBLISHED`` nor a history (one written with the sharding functions alone, never through a writer
+    that records its history) shows no sign of a writer that died, so it counts as complete: gc never deletes a
+    version it cannot tell abandoned.
     """
 
     latest = read_latest(root)
@@ -224,10 +226,10 @@ def version_states(root: Location) -> dict[str, str]:
             out[name] = "complete"
         else:
             try:
-                written_by_freshness = bool(read_index_manifest(root.join(name)).history)
+                has_history = bool(read_index_manifest(root.join(name)).history)
             except RagtuneError:
-                written_by_freshness = True  # unreadable: never a version to keep
-            out[name] = "abandoned" if written_by_freshness else "complete"
+                has_history = True  # unreadable: never a version to keep
+            out[name] = "abandoned" if has_history else "complete"
     return out
 
 

@@ -91,7 +91,7 @@ def test_plain_transformers_encoder_gives_the_sentence_transformers_vectors(squa
     root, docs, encoder = squad_index
     m = ShardedIndex.open(str(root)).manifest
     texts = [f"{d['title']}\n{d['text']}" for d in docs[:16]] + ["x", "word " * 400]  # one cut at 256 tokens
-    st = load_sentence_transformer(resolve_embedder(m.model["name"]))  # the embed job's actors' model
+    st = load_sentence_transformer(resolve_embedder(m.model.name))  # the embed job's actors' model
     want = st.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=m.normalize)
     np.testing.assert_allclose(QueryEncoder(m, batch_size=64).encode(texts), want, atol=1e-5)
 

@@ -20,8 +20,10 @@ from jobs.cli import main
 from jobs.index import check, run
 from jobs.search import evaluate_index
 from sharding.embeddings import EmbeddingManifest, write_manifest
-from sharding.search import ShardedIndex, recall_at_k
+from sharding.search import ShardedIndex
 from sharding.storage import resolve
+from sharding.tuning import recall_at_k
+from tests.conftest import REPO
 
 REFERENCE = {"ndcg@10": 0.772, "recall@10": 0.917, "recall@100": 0.991, "mrr@10": 0.725}
 QUESTION = "Which NFL team won Super Bowl 50?"  # its paragraph is sq00p000 (ranked 2nd, after sq00p001)
@@ -46,8 +48,6 @@ def test_missing_or_unfinished_embeddings_are_refused(tmp_path):
 def test_validate_checks_the_embeddings_without_importing_faiss_ray_or_torch(tmp_path):
     import subprocess
     import sys
-
-    from tests.conftest import REPO
 
     cfg = tmp_path / "index.yaml"
     cfg.write_text(f"embeddings:\n  path: {tmp_path}/emb\nindex:\n  path: {tmp_path}/index\n")

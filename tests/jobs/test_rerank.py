@@ -5,6 +5,7 @@ import pytest
 
 from configs.errors import RagtuneError
 from jobs.search import Reranker, search_texts
+from models.embedders import resolve_embedder
 from sharding.search import ShardedIndex
 from tests.sharding.test_lexical import build_with_texts, texts_for
 
@@ -14,8 +15,6 @@ def tiny_cross_encoder(tmp_path_factory):
     """A randomly initialised one-layer BERT cross-encoder with the bundled MiniLM tokenizer: nothing downloaded."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from models.embedders import resolve_embedder
 
     tok = AutoTokenizer.from_pretrained(resolve_embedder("all-MiniLM-L6-v2").path)
     torch.manual_seed(0)

@@ -24,11 +24,21 @@ import jobs.freshness as job
 from configs.errors import RagtuneError
 from jobs.cli import main
 from sharding.docstore import write_docstore
+from sharding.embeddings import EmbedderRecord, vectors_to_arrow
 from sharding.filters import parse_where
-from sharding.manifest import read_index_manifest, write_index_manifest
-from sharding.search import Fusion, ShardedIndex, exact_knn, recall_at_k, search, search_parameters
+from sharding.freshness import live_vectors
+from sharding.manifest import read_index_manifest, switch_latest, write_index_manifest
+from sharding.search import (
+    Fusion,
+    ShardedIndex,
+    _without,  # the path of GPU copies, which take no selector
+    search,
+    search_parameters,
+)
 from sharding.storage import resolve
+from sharding.tuning import apply_params, exact_knn, recall_at_k
 from sharding.versions import LEASES, LOCK, WriterLock, hold_lease
+from tests.conftest import REPO
 from tests.sharding.test_index import build_version, chunk_ids, normalized
 from tests.sharding.test_lexical import add_lexical, texts_for
 
@@ -44,8 +54,6 @@ def docs_table(ids, doc_ids, texts, xb=None, metadata=None):
             "metadata": pa.array(metadata or ["{}"] * n, pa.string()), "n_tokens": pa.array(np.ones(n, np.int32))}
     t = pa.table(cols)
     if xb is not None:
-        from sharding.embeddings import vectors_to_arrow
-
         t = t.append_column("vector", vectors_to_arrow(xb))
     return t
 
@@ -107,8 +115,6 @@ def test_selectors_mask_ids_for_every_kind_the_index_job_builds(factory):
     index = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
     index.train(normalized(ds.get_train()))
     index.add_with_ids(xb, ids)
-    from sharding.search import apply_params
-
     apply_params(index, {"nprobe": 16} if "IVF" in factory else {"efSearch": 64} if "HNSW" in factory else {})
     dead = ids[::3]
     keep: list = []
@@ -122,8 +128,6 @@ def test_selectors_mask_ids_for_every_kind_the_index_job_builds(factory):
         ref = faiss.clone_index(index)
         ref.remove_ids(faiss.IDSelectorBatch(dead))
         assert (ref.search(xq, 10)[1] == I).all()
-        from sharding.search import _without  # the path of GPU copies, which take no selector
-
         D2, I2 = index.search(xq, 10 + len(dead))
         assert (_without(D2, I2, dead, 10, "inner_product")[1] == I).all()
 
@@ -271,8 +275,6 @@ def fresh_equivalent(tmp, root, factory="Flat", shards=3):
     t = index.docstore().table(["doc_id", "text", "metadata"])
     cids = t["chunk_id"].to_numpy()
     # the vectors: from a full exact search of each id's own vector is circular; take them from the segments
-    from sharding.freshness import live_vectors
-
     vecs = {}
     for n in range(len(index.manifest.shards)):
         i, x = live_vectors(index.location, index.manifest, n)
@@ -344,12 +346,10 @@ def test_compaction_of_approximate_kinds_keeps_recall_and_retunes(tmp_path, fact
     s = job.compact(root, force=True)
     assert s.recall is not None and s.recall >= 0.95 and params in s.search_params
     index = ShardedIndex.open(root)
-    assert index.manifest.recall["queries_from"].startswith("held-out") and index.ntotal == 2400 - 150 + 60
+    assert index.manifest.recall.queries_from.startswith("held-out") and index.ntotal == 2400 - 150 + 60
     assert all(not r.deltas and r.tombstones is None for r in index.manifest.shards)
     t = index.docstore().table(["doc_id"])
     cids = t["chunk_id"].to_numpy()
-    from sharding.freshness import live_vectors
-
     vecs = {}
     for n in range(2):
         i, x = live_vectors(index.location, index.manifest, n)
@@ -409,8 +409,6 @@ def test_a_crash_between_writing_a_version_and_switching_latest_leaves_the_previ
 
 def test_a_version_latest_named_once_is_never_taken_for_abandoned(flat):
     """Rolling LATEST back by hand (switch_latest, or editing the file) keeps the newer version complete."""
-    from sharding.manifest import switch_latest
-
     root = flat["root"]
     job.add(root, chunks=new_docs(3)[0])  # v-00002
     switch_latest(resolve(root), "v-00001")  # roll back
@@ -509,7 +507,7 @@ def test_old_manifests_without_deltas_still_open_and_take_adds(tmp_path):
     rows, ids, xb = new_docs(4)
     job.add(root, chunks=rows)
     index = ShardedIndex.open(root)
-    assert index.manifest.trained["file"] == "trained.faiss"  # derived once from the base (reset)
+    assert index.manifest.trained.file == "trained.faiss"  # derived once from the base (reset)
     assert (index.search(xb, 1)[1][:, 0] == ids).all()
     with pytest.raises(RagtuneError, match="no lexical"):
         index.search_lexical(["x"], 1)
@@ -519,7 +517,7 @@ def test_a_corpus_for_another_model_revision_is_refused(flat, tmp_path):
     root = flat["root"]
     vdir = resolve(root).join("v-00001")
     m = read_index_manifest(vdir)
-    m.model = {"name": "all-MiniLM-L6-v2", "revision": "sha256:0000000000000000"}
+    m.model = EmbedderRecord(name="all-MiniLM-L6-v2", revision="sha256:0000000000000000")
     write_index_manifest(vdir, m)
     corpus = tmp_path / "new.jsonl"
     corpus.write_text(json.dumps({"id": "n1", "text": "hello"}) + "\n")
@@ -553,8 +551,6 @@ def test_cli_commands_and_errors(flat, capsys, tmp_path):
 
 
 def test_ragtune_help_stays_light():
-    from tests.conftest import REPO
-
     code = ("import sys; from jobs.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = ('torch', 'faiss', 'ray', 'transformers', 'deepspeed')\n"

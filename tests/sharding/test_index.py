@@ -30,19 +30,18 @@ from sharding.manifest import (
     switch_latest,
     write_index_manifest,
 )
-from sharding.search import (
-    ShardedIndex,
+from sharding.search import ShardedIndex, check_queries, merge_topk
+from sharding.storage import makedirs, resolve, sha256_hex
+from sharding.tuning import (
     TuneRow,
+    apply_params,
     candidate_params,
-    check_queries,
     drop_self,
     exact_knn,
-    merge_topk,
     recall_at_k,
     search_candidates,
     tune,
 )
-from sharding.storage import makedirs, resolve, sha256_hex
 
 GiB = 2**30
 
@@ -269,8 +268,6 @@ def test_recall_floor_after_tuning(factory):
     """faiss's SyntheticDataset: 'not completely random but still challenging'. Tune as the job does (held-out
     database vectors, left out of the index while it is searched), then check the recall on the dataset's own
     queries at the chosen setting."""
-    from sharding.search import apply_params
-
     ds = SyntheticDataset(32, 5000, 20000, 200, metric="IP")
     xb, xq = normalized(ds.get_database()), normalized(ds.get_queries())
     ids = chunk_ids(len(xb))

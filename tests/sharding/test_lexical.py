@@ -8,6 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.errors import RagtuneError
+from configs.schema import IndexJobConfig
+from jobs.index import lexical_params
+from sharding.docstore import write_docstore
 from sharding.lexical import (
     CorpusStats,
     LexicalManifest,
@@ -73,8 +76,6 @@ def add_lexical(vdir, params=None):
 def build_with_texts(root, texts, num_shards, seed=0):
     """A Flat version whose docstore holds ``texts`` (build_version writes "text {i}": overwrite it)."""
     import pyarrow as pa
-
-    from sharding.docstore import write_docstore
 
     n = len(texts)
     xb = normalized(np.random.default_rng(seed).normal(size=(n, 16)))
@@ -271,9 +272,6 @@ def test_mode_and_fusion_errors(corpus):
 
 
 def test_index_config_lexical_section():
-    from configs.schema import IndexJobConfig
-    from jobs.index import lexical_params
-
     base = {"embeddings": {"path": "e"}, "index": {"path": "i"}}
     cfg = IndexJobConfig.model_validate(base)
     assert cfg.index.lexical.enabled and lexical_params(cfg) == LexicalParams()
