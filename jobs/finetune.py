@@ -71,7 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ragtune.finetune")
 
 DEEPSPEED_PRESETS = CONFIG_DIR / "deepspeed"
-# Keys the job config owns (STYLE 7: one source of truth); a preset that sets them is overwritten, with a warning.
+# Keys the job config owns (one source of truth: DeepSpeed reads them from the job config); a preset that sets
+# them is overwritten, with a warning.
 JOB_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
@@ -610,7 +611,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """
     import ray.train
 
-    cfg = FinetuneJobConfig.model_validate(config["cfg"])  # typed config first (STYLE 5)
+    cfg = FinetuneJobConfig.model_validate(config["cfg"])  # the typed config first: nothing below reads the raw dict
     s = setup(cfg, config["base"], config["precision"], config["backend"], config["deepspeed"])
     resume(s)
     stop_at = min(cfg.train.steps, cfg.train.stop_after_steps or cfg.train.steps)

@@ -122,7 +122,7 @@ class Embedder:
         torch.set_num_threads(resources.threads)
         manifest = read_index_manifest(resolve_index(index.path))
         self.encoder = QueryEncoder(manifest, batch_size=cfg.max_batch_size)
-        self.name: str = manifest.model.get("name", "")
+        self.name: str = manifest.model.name
         self.batching = cfg.batching
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         _configure_batching(self._batched, cfg.max_batch_size, cfg.batch_wait_timeout_s)
@@ -403,7 +403,7 @@ class Retriever:
     def info(self) -> RetrieverInfo:
         m = self.manifests[self.version]
         return RetrieverInfo(version=self.version, shards=len(m.shards), ntotal=m.ntotal, factory=m.factory,
-                             model=m.model.get("name"), lexical=m.lexical is not None,
+                             model=m.model.name, lexical=m.lexical is not None,
                              mode=resolve_mode(self.retrieval.mode, m, self.version))
 
 

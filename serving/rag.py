@@ -3,7 +3,7 @@
 The Serve deployments call these functions (the ShardSearchers: ``group_rankings``; the Retriever:
 ``resolve_mode``, ``search_k``, ``combine``, ``passages_from``; the Ingress: ``sampling_params``; the Generator:
 ``rag_prompt`` and ``serving.generation``), and :class:`RagPipeline` chains the same functions in one process
-without Serve (``ragtune ask --config``, the compare job), so what is measured is what is served (DESIGN.md).
+without Serve (``ragtune ask --config``, the compare job), so what is measured is what is served.
 The prompt itself, and how it is fitted to the model's context, is ``models.prompt``.
 """
 

@@ -104,7 +104,7 @@ def test_the_manifests_are_all_there():
 @pytest.mark.parametrize("path", [*KUBERAY, LAUNCHER], ids=lambda p: p.name)
 def test_every_manifest_fits_the_jobs_it_runs(path):
     assert cm.check(path) == []
-    head = path.read_text().splitlines()[0]  # headed by the command that applies it (STYLE 6)
+    head = path.read_text().splitlines()[0]  # headed by the command that applies it
     assert head.startswith(("# kubectl apply -f cluster/kuberay/", "# ray up cluster/launcher/")) and path.name in head
 
 

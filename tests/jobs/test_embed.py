@@ -125,7 +125,7 @@ def test_squad_corpus_end_to_end(squad_embeddings, squad_retrieval, minilm):
     assert sum(r.rows for r in m.parts.values()) == len(ids)
     for rec in m.parts.values():
         verify_part(resolve(str(out)), rec)
-    assert m.model["revision"] == spec.revision and m.chunker["size"] == 254
+    assert m.model.revision == spec.revision and m.chunker.size == 254
     xb = vectors_from_arrow(t["vector"])
     np.testing.assert_allclose(np.linalg.norm(xb, axis=1), 1.0, atol=1e-4)
 

@@ -29,7 +29,8 @@ from serving.schemas import (
     check_search,
 )
 from sharding.filters import matches
-from sharding.search import exact_knn, merge_topk
+from sharding.search import merge_topk
+from sharding.tuning import exact_knn
 
 CFG = PromptConfig()
 

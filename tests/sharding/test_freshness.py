@@ -60,8 +60,8 @@ def docs_table(ids, doc_ids, texts, xb=None, metadata=None):
 
 def build_index(root, n=600, shards=3, factory="Flat", seed=0, xb=None, xt=None, lexical=True):
     """An index version v-00001 whose docstore holds full rows (doc ids d0.., texts ``texts_for``, a metadata
-    ``source`` of a/b) and, by default, BM25 shards over them. Written like a version of before freshness: no
-    history, no trained file, no statistics file."""
+    ``source`` of a/b) and, by default, BM25 shards over them. Written by the sharding functions alone: no
+    history, no trained file, no statistics file (the freshness operations must take such a version too)."""
     rng = np.random.default_rng(seed)
     xb = normalized(rng.normal(size=(n, D))) if xb is None else xb
     ids = chunk_ids(len(xb), seed)
