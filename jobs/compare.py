@@ -75,6 +75,7 @@ from jobs.jsonl import write_jsonl
 from jobs.serve import wait_ready
 from models.generators import TinySpec, absolute_model_name, build_tiny
 from models.raft import ChatRecord, corpus_records, passage_fit, qa_records, raft_records, replay_records
+from serving.app import ServeAppArgs, build_app
 from serving.client import RagtuneClient, Retrieval
 from serving.rag import LocalRetriever
 from sharding.corpus import list_corpus
@@ -349,8 +350,6 @@ class App:
 
     def __init__(self, serve_cfg: ServeJobConfig):
         from ray import serve
-
-        from serving.app import ServeAppArgs, build_app
 
         self.cfg = serve_cfg
         self.started_serve = not _serve_running()

@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypedDict, cast
-
-import httpx2
-import openai
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable
+
+if TYPE_CHECKING:  # openai is imported where a client is made: a third of a second that `ragtune --help` skips
+    import httpx2
+    import openai
 
 # The openai client refuses to start without a key; a server without keys gets none (see RagtuneClient.headers).
 NO_KEY = "none"
@@ -111,6 +112,8 @@ class RagtuneClient:
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 120.0, max_retries: int = 0,
                  http_client: httpx2.Client | None = None):
+        import openai
+
         self.url = url.rstrip("/")
         # api_key is always given, so that the openai client never falls back on OPENAI_API_KEY: a key for
         # OpenAI must not be sent to this server
@@ -214,12 +217,16 @@ class RagtuneClient:
     @contextmanager
     def _errors(self, path: str) -> Iterator[None]:
         """openai's exceptions of a request to ``path`` as RagtuneErrors: the URL, what the server said, the fix."""
+        import openai
+
         try:
             yield
         except openai.APIError as e:
             raise self._error(e, path) from None
 
     def _error(self, e: openai.APIError, path: str) -> RagtuneError:
+        import openai
+
         if isinstance(e, openai.APIConnectionError):  # refused, unreachable, timed out (APITimeoutError)
             reason = e.__cause__ or e.message  # the socket's words, e.g. "[Errno 111] Connection refused"
             return RagtuneError(f"{self.url}: cannot connect ({reason}). {FIX_SERVER}")
