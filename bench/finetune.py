@@ -30,6 +30,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models.generators import TinySpec, build_tiny, load_model  # noqa: E402
 
 PLAIN = r"""
 import json, resource, sys, time, torch
@@ -96,8 +99,6 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     cores = os.cpu_count() or 1
-
-    from models.generators import TinySpec, build_tiny, load_model
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -38,6 +38,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from cluster.placement import NodeResources, plan_serving  # noqa: E402
+from configs.schema import EmbedJobConfig, IndexJobConfig, ServeJobConfig  # noqa: E402
+from jobs.embed import run as embed  # noqa: E402
+from jobs.index import run as index  # noqa: E402
+from jobs.plots import pyplot  # noqa: E402
+from jobs.serve import wait_ready  # noqa: E402
+from models.embedders import QueryEncoder  # noqa: E402
+from models.generators import TinySpec, build_tiny  # noqa: E402
+from serving.app import ServeAppArgs, build_app  # noqa: E402
+from sharding.manifest import read_index_manifest, resolve_index  # noqa: E402
+
 SQUAD = REPO.parent / "shared" / "data" / "squad" / "retrieval-v1.1"
 
 
@@ -68,10 +80,6 @@ def encode_ceiling(index_path: str, queries: list[str], seconds: float = 3.0) ->
     """Queries/s of the index's embedding model in this process at batch 1 and 32, with the threads the
     Embedder replica gets (``cluster.placement.plan_serving``)."""
     import torch
-
-    from cluster.placement import NodeResources, plan_serving
-    from models.embedders import QueryEncoder
-    from sharding.manifest import read_index_manifest, resolve_index
 
     manifest = read_index_manifest(resolve_index(index_path))
     threads = plan_serving([NodeResources(cpus=float(os.cpu_count() or 1), gpus=0.0)],
@@ -215,12 +223,6 @@ def main() -> None:
 
     from ray import serve
 
-    from configs.schema import EmbedJobConfig, IndexJobConfig, ServeJobConfig
-    from jobs.embed import run as embed
-    from jobs.index import run as index
-    from jobs.serve import wait_ready
-    from models.generators import TinySpec, build_tiny
-    from serving.app import ServeAppArgs, build_app
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     corpus, queries = corpus_and_queries(args.paragraphs, work)
@@ -313,7 +315,6 @@ def main() -> None:
         print(f"  {name:10s} requests/s x{med(name, 'on', 'rps') / med(name, 'off', 'rps'):.2f}   "
               f"p99 x{med(name, 'on', 'p99') / med(name, 'off', 'p99'):.2f}")
 
-    from jobs.plots import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
