@@ -30,9 +30,7 @@ search parameters as the index job does; gc deletes old versions that no reader 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import gc as pygc
-import json
 import logging
 import shutil
 import sys
@@ -51,7 +49,7 @@ from configs.errors import RagtuneError
 from configs.schema import EmbedJobConfig, IndexJobConfig
 from configs.schema.embed import CorpusConfig
 from configs.schema.index import IndexConfig
-from jobs.commands import ADD_RAY_ABOVE, guarded, index_ops_parser
+from jobs.commands import ADD_RAY_ABOVE, guarded, index_ops_parser, print_summary
 from jobs.embed import run as embed_run
 from models.embedders import EmbedderSpec, QueryEncoder, load_tokenizer, resolve_embedder
 from sharding.chunking import Chunker, ChunkerSettings, embed_input
@@ -783,9 +781,9 @@ def ops_main(argv: list[str]) -> int:
     else:
         print(history(args.index).line())
         return 0
-    print(summary.line())
-    print(json.dumps(dataclasses.asdict(summary)))  # the last line: machine-readable
+    print_summary(summary)
     return 0
+
 
 if __name__ == "__main__":  # python -m jobs.freshness add -i INDEX ... (what `ray job submit` calls)
     sys.exit(guarded(lambda: ops_main(sys.argv[1:])))
