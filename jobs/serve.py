@@ -13,11 +13,8 @@ until interrupted -> delete the app. See docs/serving.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from configs.schema.serve import LOOPBACK, ServeJobConfig, is_loopback
 from jobs.commands import job_main
 from serving.app import ServeAppArgs, build_app, check_retrieval, serve_config
 from serving.auth import api_key_hashes
+from serving.client import RagtuneClient
 from serving.schemas import Health
 from sharding.manifest import read_index_manifest, resolve_index
 from sharding.storage import exists, resolve
@@ -94,13 +92,13 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> Health:
     """Poll /healthz until every shard is loaded (it answers 503 until then)."""
     deadline = time.monotonic() + timeout_s
     last: object = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
-                return Health.model_validate(json.loads(r.read()))
-        except (urllib.error.URLError, OSError) as e:
-            last = e
-        time.sleep(0.5)
+    with RagtuneClient(url, timeout=10, max_retries=0) as client:
+        while time.monotonic() < deadline:
+            try:
+                return Health.model_validate(client.health())
+            except RagtuneError as e:  # not listening yet, or a 503 while shards load
+                last = e
+            time.sleep(0.5)
     raise RagtuneError(f"{url}/healthz did not report ready within {timeout_s:.0f}s ({last}). Fix: see the Serve "
                        "logs (ray logs, or /tmp/ray/session_latest/logs/serve/)")
 

@@ -204,6 +204,12 @@ class RagtuneClient:
         with self._errors("/admin/reload"):  # outside /v1: the absolute URL
             return self.openai.post(f"{self.url}/admin/reload", cast_to=dict, options=cast(Any, options))
 
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: the server's readiness once every shard of the current version is loaded; before that
+        the server answers 503, raised as :class:`Unavailable`."""
+        with self._errors("/healthz"):  # outside /v1: the absolute URL
+            return self.openai.get(f"{self.url}/healthz", cast_to=dict, options={"headers": self.headers})
+
     # --- plumbing -------------------------------------------------------------------------------------------------
 
     def _chat_args(self, messages: Sequence[Mapping[str, str]], model: str, retrieval: Retrieval | bool,

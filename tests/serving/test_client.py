@@ -189,6 +189,14 @@ def test_models_search_and_reload():
     assert stub.requests[-1].url == f"{URL}/admin/reload"  # beside /v1, not below it
     assert stub.requests[-1].headers["authorization"] == "Bearer k"
 
+    health = {"status": "loading", "ready": False, "version": "v-00002", "shards": 2, "loaded": [0]}
+    stub.routes["GET /ragtune/healthz"] = lambda r: httpx2.Response(503, json=health)
+    with pytest.raises(Unavailable, match="/healthz: HTTP 503"):
+        client.health()
+    stub.routes["GET /ragtune/healthz"] = lambda r: httpx2.Response(200, json={**health, "status": "ok",
+                                                                                "ready": True, "loaded": [0, 1]})
+    assert client.health()["ready"] is True and stub.requests[-1].url == f"{URL}/healthz"
+
     no_base = Stub({"GET /ragtune/v1/models": lambda r: httpx2.Response(200, json={"object": "list", "data": [
         MODELS["data"][0]]})})
     with pytest.raises(RagtuneError, match="lists no model of kind 'base'"):
