@@ -603,21 +603,30 @@ def save_outputs(s: TrainState, outputs: str) -> None:
     atomic_write_bytes(resolve(outputs).join("metrics.jsonl"), body)
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Every worker: setup, resume from the latest checkpoint, train, and save the outputs once finished.
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What ``fit`` hands every worker (Ray Train's ``train_loop_config`` is ``{"worker": WorkerConfig}``)."""
 
-    ``config`` is the ``train_loop_config`` that ``fit`` builds: the job config (JSON), the base model, the
-    plan's precision and backend, the DeepSpeed dict (None without DeepSpeed) and the outputs folder.
-    """
+    cfg: FinetuneJobConfig
+    base: str  # the base model every worker loads
+    precision: str  # the plan's: fp32, bf16 or fp16
+    backend: str  # the process group's backend: gloo or nccl
+    deepspeed: dict[str, Any] | None  # DeepSpeed's own config dict (deepspeed_config); None without DeepSpeed
+    outputs: str  # where rank 0 writes the adapter (or model) and the metrics
+
+
+def train_loop(config: dict[str, WorkerConfig]) -> None:
+    """Every worker: setup, resume from the latest checkpoint, train, and save the outputs once finished."""
     import ray.train
 
-    cfg = FinetuneJobConfig.model_validate(config["cfg"])  # the typed config first: nothing below reads the raw dict
-    s = setup(cfg, config["base"], config["precision"], config["backend"], config["deepspeed"])
+    w = config["worker"]
+    cfg = w.cfg
+    s = setup(cfg, w.base, w.precision, w.backend, w.deepspeed)
     resume(s)
     stop_at = min(cfg.train.steps, cfg.train.stop_after_steps or cfg.train.steps)
     train(s, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"), stop_at)
     if s.step >= cfg.train.steps:  # finished, not stopped early by train.stop_after_steps
-        save_outputs(s, config["outputs"])
+        save_outputs(s, w.outputs)
 
 
 # --- the job -----------------------------------------------------------------------------------------------------
@@ -683,12 +692,11 @@ def fit(cfg: FinetuneJobConfig, plan: TrainPlan, base: str, train_ds: Any, val_d
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    train_config: dict[str, Any] = {
-        "cfg": cfg.model_dump(mode="json"), "base": base, "precision": plan.precision, "backend": plan.backend,
-        "deepspeed": deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu, hidden_size(base))
+    worker = WorkerConfig(
+        cfg=cfg, base=base, precision=plan.precision, backend=plan.backend,
+        deepspeed=deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu, hidden_size(base))
         if cfg.deepspeed.enabled else None,
-        "outputs": outputs.portable,
-    }
+        outputs=outputs.portable)
     env = {k: v for k, v in os.environ.items() if k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")}
     for ds in (train_ds, val_ds):  # the workers stream them every epoch and eval pass: a progress bar each is noise
         ds.context.enable_progress_bars = False
@@ -704,7 +712,7 @@ def fit(cfg: FinetuneJobConfig, plan: TrainPlan, base: str, train_ds: Any, val_d
         worker_runtime_env={"env_vars": env} if env else None,
         callbacks=list(callbacks))  # type: ignore[arg-type]
     trainer = TorchTrainer(
-        train_loop, train_loop_config=train_config,
+        train_loop, train_loop_config={"worker": worker},
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=run_config,

@@ -241,10 +241,21 @@ def _gpu_memory() -> int:
 
 # --- 3. sample and train (one Ray task) ---------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Prepared:
+    """What the training task hands every shard task: the trained empty index and the tuning queries."""
+
+    index: bytes  # the trained empty index, serialized
+    xq: np.ndarray  # (nq, d) tuning queries: held-out database vectors, or real query texts embedded
+    qids: np.ndarray  # (nq,) their chunk ids (-1 for query texts): each is dropped from its own results
+    train_rows: int  # vectors trained on (0: the kind needs no training)
+    seconds: float
+
+
 def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str, np.ndarray, np.ndarray]],
             factory: str, d: int, metric: str, threads: int, gpu: int | None,
             tune_texts: list[str] | None = None, model: EmbedderRecord | None = None,
-            normalize: bool = True) -> dict[str, Any]:
+            normalize: bool = True) -> Prepared:
     """Read the sampled rows, train the index once; returns the trained empty index and the tuning queries:
     held-out database vectors (with their ids, to be dropped from their own results), or ``tune_texts``
     embedded with the embeddings' model (ids -1)."""
@@ -274,12 +285,11 @@ def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str
         nt = len(xt_all)
         log.info("training %s on %d vectors%s", factory, nt, f" on GPU {gpu}" if gpu is not None else "")
         train_index(index, xt_all, gpu)
-    return {"index": serialize(index), "xq": np.concatenate(xq) if xq else np.zeros((0, d), np.float32),
-            "qids": np.concatenate(qids) if qids else np.zeros(0, np.int64), "train_rows": nt,
-            "seconds": time.perf_counter() - t0}
+    return Prepared(serialize(index), np.concatenate(xq) if xq else np.zeros((0, d), np.float32),
+                    np.concatenate(qids) if qids else np.zeros(0, np.int64), nt, time.perf_counter() - t0)
 
 
-def _train(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], k: int) -> dict[str, Any]:
+def _train(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], k: int) -> Prepared:
     """Choose the training sample and the tuning queries (real queries, else held-out vectors: at most a tenth
     of the index, so that it stays the same index), and train once in one task (``prepare``)."""
     import ray
@@ -296,15 +306,26 @@ def _train(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], 
                                        plan.embeddings.metric, tasks.train_threads, layout.gpu, tune_texts,
                                        plan.embeddings.model, plan.embeddings.normalize))
     if layout.needs_training:
-        log.info("trained on %d vectors in %.1fs", prep["train_rows"], prep["seconds"])
+        log.info("trained on %d vectors in %.1fs", prep.train_rows, prep.seconds)
     return prep
 
 
 # --- 4. build one shard (one Ray task per shard) -----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class BuiltShard:
+    """A shard task's result: the shard it wrote, and its part of the tuning (merged across shards by the
+    driver, ``merge_tuning``)."""
+
+    record: ShardRecord
+    candidates: list[dict[str, int]]  # the search settings tried, the same for every shard
+    searched: list[tuple[np.ndarray, np.ndarray, float]]  # per candidate: (D, I) of the tuning queries, seconds
+    truth: tuple[np.ndarray, np.ndarray]  # the queries' exact (D, I) among this shard's rows
+
+
 def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord], trained: bytes,
                 xq: np.ndarray, qids: np.ndarray, k: int, metric: str, version_uri: str, threads: int,
-                gpu: int | None) -> dict[str, Any]:
+                gpu: int | None) -> BuiltShard:
     """Add this shard's rows to the trained index, search the tuning queries with each candidate setting, and
     write the shard and its docstore.
 
@@ -345,37 +366,36 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
                          docstore=docstore_name(shard), docstore_sha256=dsha, docstore_bytes=dsize, pieces=pieces,
                          seconds=time.perf_counter() - t0)
     no_truth = (np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64))
-    return {"record": record.model_dump(), "candidates": candidates, "searched": searched,
-            "truth": truth.result() if truth is not None else no_truth}
+    return BuiltShard(record, candidates, searched, truth.result() if truth is not None else no_truth)
 
 
-def _build_shards(layout: Layout, records: dict[str, PartRecord], prep: dict[str, Any], k: int,
-                  vdir: Location) -> list[dict[str, Any]]:
+def _build_shards(layout: Layout, records: dict[str, PartRecord], prep: Prepared, k: int,
+                  vdir: Location) -> list[BuiltShard]:
     """One task per shard (``build_shard``), each logged as it finishes; their results in shard order."""
     import ray
 
     plan, tasks = layout.plan, layout.tasks
     remote: Any = ray.remote  # build_shard takes more arguments than ray's typed overloads of remote() spell out
     shard_task = remote(build_shard).options(num_cpus=tasks.num_cpus, num_gpus=tasks.num_gpus)
-    trained_ref, xq_ref, qids_ref = ray.put(prep["index"]), ray.put(prep["xq"]), ray.put(prep["qids"])
+    trained_ref, xq_ref, qids_ref = ray.put(prep.index), ray.put(prep.xq), ray.put(prep.qids)
     pending = {shard_task.remote(i, pieces, plan.emb.uri, records, trained_ref, xq_ref, qids_ref, k + 1 if k else 0,
                                  plan.embeddings.metric, vdir.uri, tasks.threads, layout.gpu): i
                for i, pieces in enumerate(layout.shards)}
     return _gather(pending, plan.nb, len(layout.shards))
 
 
-def _gather(pending: dict[Any, int], nb: int, n: int) -> list[dict[str, Any]]:
+def _gather(pending: dict[Any, int], nb: int, n: int) -> list[BuiltShard]:
     import ray
 
     rate = Rate(nb, "vectors")
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, BuiltShard] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(done[0])
         results[i] = ray.get(done[0])
-        rec = results[i]["record"]
-        rate.add(rec["ntotal"])
-        rate.log(log, f"{rec['file']} ({rec['ntotal']:,} vectors, {rec['seconds']:.1f}s) written; "
+        rec = results[i].record
+        rate.add(rec.ntotal)
+        rate.log(log, f"{rec.file} ({rec.ntotal:,} vectors, {rec.seconds:.1f}s) written; "
                       f"{len(results)}/{n} shards, ")
     return [results[i] for i in range(n)]
 
@@ -400,14 +420,14 @@ def lexical_stats(pieces: list[Piece], emb_uri: str, records: dict[str, PartReco
 
 
 def build_lexical(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord],
-                  stats: CorpusStats, params: LexicalParams, version_uri: str) -> dict[str, Any]:
+                  stats: CorpusStats, params: LexicalParams, version_uri: str) -> LexicalRecord:
     """Second pass: this shard's BM25 scores with the whole corpus' statistics, written atomically."""
     t0 = time.perf_counter()
     ids, texts = _lexical_rows(pieces, emb_uri, records)
     lex = build_lexical_shard(tokenizer(params)(texts), ids, stats, params)
     sha, size = write_lexical_file(lex, params, resolve(version_uri).join(lexical_name(shard)))
     return LexicalRecord(file=lexical_name(shard), ntotal=lex.ntotal, terms=len(lex.model.vocab_dict) - 1,
-                         sha256=sha, bytes=size, seconds=time.perf_counter() - t0).model_dump()
+                         sha256=sha, bytes=size, seconds=time.perf_counter() - t0)
 
 
 def _lexical_stats_tasks(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord]) -> list[Any]:
@@ -434,7 +454,7 @@ def _build_lexical(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartR
     lex_task = ray.remote(build_lexical).options(num_cpus=1)
     refs = [lex_task.remote(i, pieces, layout.plan.emb.uri, records, stats_ref, lparams, vdir.uri)
             for i, pieces in enumerate(layout.shards)]
-    lex_records = [LexicalRecord.model_validate(r) for r in ray.get(refs)]
+    lex_records: list[LexicalRecord] = ray.get(refs)
     lexical = with_stats(vdir, LexicalManifest(library_version=bm25s.__version__, params=lparams, n_docs=0,
                                                avg_len=0.0, terms=0, shards=lex_records), stats)  # the counts too
     log.info("lexical (BM25) shards: %d chunks, %d terms, %d shard(s) in %.1fs after the vector shards",
@@ -444,19 +464,18 @@ def _build_lexical(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartR
 
 # --- 5. tuning, plot, manifest -------------------------------------------------------------------------------------
 
-def merge_tuning(results: list[dict[str, Any]], xq: np.ndarray, qids: np.ndarray, k: int, metric: str,
+def merge_tuning(results: list[BuiltShard], xq: np.ndarray, qids: np.ndarray, k: int, metric: str,
                  target: float) -> tuple[list[TuneRow], TuneRow, bool]:
     """Per-shard candidate searches -> one TuneRow per candidate (recall@k of the merged results, QPS)."""
     truth = GroundTruth(xq, k + 1, metric)
     for r in results:
-        truth.add_result(*r["truth"])
+        truth.add_result(*r.truth)
     _, true_I = drop_self(*truth.result(), qids, k)
     rows = []
-    for c, params in enumerate(results[0]["candidates"]):
-        D, I = merge_topk([r["searched"][c][0] for r in results], [r["searched"][c][1] for r in results], k + 1,
-                          metric)
+    for c, params in enumerate(results[0].candidates):
+        D, I = merge_topk([r.searched[c][0] for r in results], [r.searched[c][1] for r in results], k + 1, metric)
         _, I = drop_self(D, I, qids, k)
-        seconds = sum(r["searched"][c][2] for r in results)
+        seconds = sum(r.searched[c][2] for r in results)
         rows.append(TuneRow(params, recall_at_k(I, true_I, k), queries_per_second(len(qids), seconds)))
     chosen, reached = tune(rows, target)
     return rows, chosen, reached
@@ -492,16 +511,16 @@ class Tuned:
     queries_from: str
 
 
-def _tune(cfg: IndexJobConfig, layout: Layout, results: list[dict[str, Any]], prep: dict[str, Any], k: int,
+def _tune(cfg: IndexJobConfig, layout: Layout, results: list[BuiltShard], prep: Prepared, k: int,
           vdir: Location) -> Tuned:
     """Merge the shards' candidate searches, measure recall@k against exact search, keep the cheapest setting
     that reaches ``index.target_recall``; print the table and write the recall-vs-QPS plot."""
     ix, plan = cfg.index, layout.plan
-    qids = prep["qids"]
+    qids = prep.qids
     queries_from = ix.tune_queries_path or "held-out database vectors"
     if not (len(qids) and k):
         return Tuned([], None, False, len(qids), queries_from)
-    rows, chosen, reached = merge_tuning(results, prep["xq"], qids, k, plan.embeddings.metric, ix.target_recall)
+    rows, chosen, reached = merge_tuning(results, prep.xq, qids, k, plan.embeddings.metric, ix.target_recall)
     print(f"recall@{k} vs QPS on {len(qids)} queries from {queries_from} ({len(layout.shards)} shard(s), "
           f"{layout.factory}):")
     print(tuning_table(rows, chosen, k))
@@ -513,18 +532,18 @@ def _tune(cfg: IndexJobConfig, layout: Layout, results: list[dict[str, Any]], pr
     return Tuned(rows, chosen, reached, len(qids), queries_from)
 
 
-def _manifest(cfg: IndexJobConfig, layout: Layout, version: str, vdir: Location, results: list[dict[str, Any]],
-              prep: dict[str, Any], lexical: LexicalManifest | None, tuned: Tuned, k: int,
+def _manifest(cfg: IndexJobConfig, layout: Layout, version: str, vdir: Location, results: list[BuiltShard],
+              prep: Prepared, lexical: LexicalManifest | None, tuned: Tuned, k: int,
               t_start: float) -> IndexManifest:
     """The new version's manifest, with the trained empty index written beside the shards (deltas of later adds
     start from it)."""
     import faiss
 
     plan = layout.plan
-    trained = prep["index"]
+    trained = prep.index
     atomic_write_bytes(vdir.join(TRAINED), trained)
-    shard_records = [ShardRecord.model_validate(r["record"]) for r in results]
-    training = ({"sha256": sha256_hex(trained), "rows": prep["train_rows"], "seconds": prep["seconds"]}
+    shard_records = [r.record for r in results]
+    training = ({"sha256": sha256_hex(trained), "rows": prep.train_rows, "seconds": prep.seconds}
                 if layout.needs_training else {})
     return IndexManifest(
         version=version, factory=layout.factory, kind=plan.choice.kind, reason=plan.choice.reason,
