@@ -92,15 +92,6 @@ def build_tiny(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinyS
     return out
 
 
-def tiny_key(texts: list[str], spec: TinySpec) -> str:
-    """A cache key for a tiny build: its shape and the text its tokenizer is trained on."""
-    h = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode())
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
 def absolute_model_name(name: str) -> str:
     """``name`` as every process can read it: an existing local folder as an absolute path (Ray's workers and
     replicas run in their own working directories, where a relative folder would be taken for a hub id); hub ids

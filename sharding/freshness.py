@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from configs.errors import RagtuneError
 from sharding.docstore import Docstore, write_docstore
 from sharding.faiss_index import deserialize, index_layers, read_index_file, serialize, write_index_file
-from sharding.layout import MANIFEST, TRAINED, delta_docstore_name, delta_name, tombstone_name
+from sharding.layout import TRAINED, delta_docstore_name, delta_name, tombstone_name
 from sharding.lexical import (
     STATS_NAME,
     CorpusStats,
@@ -54,7 +54,7 @@ from sharding.manifest import (
     write_tombstones,
 )
 from sharding.search import Segment, ShardedIndex, shard_segments
-from sharding.storage import Location, atomic_write_bytes, exists, read_bytes, sha256_hex
+from sharding.storage import Location, atomic_write_bytes, read_bytes, sha256_hex
 from sharding.tuning import (
     RECALL_K,
     GroundTruth,
@@ -514,9 +514,3 @@ def version_recall(vloc: Location, m: IndexManifest, n_queries: int, encode: Cal
     for seg in index.segments:  # the held-out vectors are masked too, as if they were not in the index
         seg.mask(qids[qids >= 0])
     return measured_recall(index, xq, qids, true_I, k)[0]
-
-
-def check_complete(vdir: Location) -> None:
-    """Refuse a version folder that has a manifest already (versions are never changed once complete)."""
-    if exists(vdir.join(MANIFEST)):
-        raise RagtuneError(f"{vdir.uri}: already a complete version. Fix: rerun; the next number is taken")
