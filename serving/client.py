@@ -36,7 +36,8 @@ KINDS: dict[int, type[RagtuneError]] = {400: InvalidRequest, 404: NotFound, 409:
 
 
 class Citation(TypedDict):
-    """A passage that was in the prompt, numbered ``n`` as the answer cites it (``serving.rag.citation``)."""
+    """A passage that was in the prompt, numbered ``n`` as the answer cites it: the JSON of the server's
+    ``serving.schemas.Citation``, kept as the plain dict it arrives as (what ``ragtune ask --json`` prints)."""
 
     n: int | None
     rank: int
