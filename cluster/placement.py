@@ -100,11 +100,6 @@ def plan_embed_actors(
     )
 
 
-def default_num_parts(corpus_bytes: int, part_size_mb: float, actors: int) -> int:
-    """Parts to split a corpus into: enough to keep every actor busy, each about ``part_size_mb`` of text."""
-    return max(actors, math.ceil(corpus_bytes / (part_size_mb * 2**20)), 1)
-
-
 @dataclass(frozen=True)
 class IndexTaskPlan:
     """What each index task (training, one shard) reserves, and the FAISS threads it runs."""

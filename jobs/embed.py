@@ -12,28 +12,32 @@ Cluster::
 The flow, top to bottom:
 1. check everything that can be checked before work starts (model, chunk size, corpus files, output folder);
 2. join or start Ray and plan the embedding actors from the cluster's CPUs and GPUs;
-3. read and chunk the corpus with Ray Data tasks; every chunk gets a stable id and a part chosen by a hash of
-   its text, so identical chunks meet in one part and the parts are the same on every run;
-4. embed each unfinished part in an actor pool (the model loads once per actor; GPUs and fp16 when present),
-   each actor writing its part atomically; the driver records each part in ``_manifest.json`` as it lands;
-5. mark the manifest done and print a summary.
+3. plan the parts where the input is read (``sharding.inputs``: byte ranges of JSON Lines, runs of Parquet row
+   groups, whole small files; several parts per actor) and fix that plan in ``_manifest.json``;
+4. embed each unfinished part in a Ray Data actor pool (the model loads once per actor; GPUs and fp16 when
+   present): an actor reads its part's slices, chunks them (every chunk gets a stable id), embeds and writes the
+   part atomically, then a record of it in ``_parts/`` (O(1) per part), and takes the next part;
+5. keep every chunk id in one part (a document listed twice), fold the records into the manifest, mark it done
+   and print a summary.
 
-A rerun of the same config skips the parts already recorded, so a killed run resumes where it stopped; a rerun
-with a different model, chunker or corpus into the same folder is refused unless ``--overwrite`` is given.
+A rerun of the same config skips the parts already recorded without reading their input, so a killed run resumes
+where it stopped; a rerun with a different model, chunker or corpus into the same folder is refused unless
+``--overwrite`` is given.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from cluster.placement import EmbedActorPlan, default_num_parts, plan_embed_actors
+from cluster.placement import EmbedActorPlan, plan_embed_actors
 from cluster.runtime import alive_nodes, init_ray
 from configs.errors import RagtuneError
 from configs.schema import EmbedJobConfig
@@ -41,22 +45,33 @@ from jobs.commands import job_main
 from jobs.progress import Rate, ensure_logging
 from models.embedders import EmbedderSpec, load_sentence_transformer, load_tokenizer, resolve_embedder
 from models.hardware import resolve_device
+from sharding.choice import human_bytes
 from sharding.chunking import Chunker, ChunkerSettings, count_special_tokens
-from sharding.corpus import DOC_SCHEMA, Corpus, list_corpus, preflight, text_file_document, to_documents
+from sharding.corpus import Corpus, list_corpus, preflight
 from sharding.embeddings import (
     MANIFEST,
+    PARTS_DIR,
     EmbeddingManifest,
+    IdClash,
+    PartCounts,
     PartRecord,
     chunk_documents,
+    drop_ids,
+    id_clash,
     part_name,
     part_table,
     prepare_part,
     read_manifest,
+    read_part_records,
     recover_part,
+    repeated_ids,
+    rows_of,
     write_manifest,
     write_part,
+    write_part_record,
 )
-from sharding.storage import TMP_MARK, Location, delete_file, exists, list_dir, makedirs, resolve
+from sharding.inputs import PartInput, plan_parts, read_part_documents, target_part_bytes
+from sharding.storage import TMP_MARK, Location, delete_dir_if_empty, delete_file, exists, list_dir, makedirs, resolve
 
 log = logging.getLogger("ragtune.embed")
 
@@ -95,9 +110,12 @@ def check(cfg: EmbedJobConfig) -> Plan:
     settings = ChunkerSettings(size=size, overlap=cfg.chunk.overlap, prepend_title=cfg.chunk.prepend_title,
                                tokenizer=spec.revision)
     corpus = list_corpus(cfg.corpus.path)
-    rows = preflight(corpus, cfg.corpus.text_field)
     out = resolve(cfg.output.path)
     previous = read_manifest(out)
+    resuming = (previous is not None and previous.inputs and not cfg.output.overwrite
+                and previous.corpus.get("fingerprint") == corpus.fingerprint())
+    # a resume reads no input it has finished: the first run checked these files, unchanged since (size, mtime)
+    rows = None if resuming else preflight(corpus, cfg.corpus.text_field)
     if previous is None and not cfg.output.overwrite:
         strays = [f.base_name for f in list_dir(out) if f.base_name.startswith("part-")]
         if strays:
@@ -114,6 +132,11 @@ def check(cfg: EmbedJobConfig) -> Plan:
                 "choose another output.path, or pass --overwrite to delete them and embed again "
                 "(for new documents in an existing index, use `ragtune index add`)"
             )
+        if previous.state == "running" and not previous.inputs:
+            raise RagtuneError(
+                f"output.path {out.uri} holds a run started by an earlier ragtune, whose parts were chosen by a "
+                "hash of the text and cannot be resumed by input. Fix: pass --overwrite to embed again"
+            )
     return Plan(cfg, spec, settings, corpus, out, previous, rows)
 
 
@@ -128,118 +151,67 @@ def _new_manifest(cfg: EmbedJobConfig, spec: EmbedderSpec, settings: ChunkerSett
     )
 
 
-# --- 3. read and chunk (Ray Data tasks) -------------------------------------------------------------------------
-
-def _docs_from_records(batch: pa.Table, text_field: str, id_field: str, title_field: str) -> pa.Table:
-    return to_documents(batch, text_field, id_field, title_field)
-
-
-def _docs_from_text_files(batch: pa.Table, rel_of: dict[str, str]) -> pa.Table:
-    rows = [text_file_document(rel_of[p], b) for p, b in zip(batch["path"].to_pylist(),
-                                                              batch["bytes"].to_pylist(), strict=True)]
-    return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
-
-
-def _chunk_batch(docs: pa.Table, tokenizer_path: str, settings: dict[str, Any], num_parts: int) -> pa.Table:
-    chunker = Chunker(load_tokenizer(tokenizer_path), settings["size"], settings["overlap"],
-                      settings["prepend_title"])
-    return chunk_documents(docs, chunker, settings["fingerprint"], num_parts)
-
-
-def read_documents(corpus: Corpus, cfg: EmbedJobConfig):
-    """One Ray Dataset of documents (corpus.DOC_SCHEMA) from every file of the corpus."""
-    import ray.data
-
-    fields = {"text_field": cfg.corpus.text_field, "id_field": cfg.corpus.id_field,
-              "title_field": cfg.corpus.title_field}
-    from_records = functools.partial(_docs_from_records, **fields)
-    parts = []
-    if jsonl := corpus.of_kind("jsonl"):
-        parts.append(ray.data.read_json([f.path for f in jsonl], filesystem=corpus.fs, file_extensions=None)
-                     .map_batches(from_records, batch_format="pyarrow"))
-    if parquet := corpus.of_kind("parquet"):
-        parts.append(ray.data.read_parquet([f.path for f in parquet], filesystem=corpus.fs, file_extensions=None)
-                     .map_batches(from_records, batch_format="pyarrow"))
-    if text := corpus.of_kind("text"):
-        rel_of = {f.path: f.rel for f in text}
-        parts.append(ray.data.read_binary_files([f.path for f in text], filesystem=corpus.fs, include_paths=True)
-                     .map_batches(functools.partial(_docs_from_text_files, rel_of=rel_of), batch_format="pyarrow"))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-@dataclass
-class ChunkStats:
-    docs: int
-    empty_docs: int
-    chunks: int  # unique (doc, chunk) rows
-    repeated_rows: int  # rows dropped because the same document was listed more than once
-    unique_inputs: int  # distinct texts to embed
-    rows_per_part: np.ndarray
-
-
-def chunk_stats(chunks, num_parts: int) -> ChunkStats:
-    """Count documents and chunks, and refuse ids that name two different texts (before any embedding)."""
-    import ray
-
-    cols = chunks.select_columns(["chunk_id", "chunk_index", "part", "key"]).to_arrow_refs()
-    t = pa.concat_tables(ray.get(cols))
-    cid, idx, part, key = (t[c].to_numpy() for c in ("chunk_id", "chunk_index", "part", "key"))
-    docs = int(np.count_nonzero(idx <= 0))
-    empty = int(np.count_nonzero(idx < 0))
-    real = idx >= 0
-    cid, part, key = cid[real], part[real], key[real]
-    order = np.lexsort((key, cid))
-    cid, part, key = cid[order], part[order], key[order]
-    same_id = np.zeros(len(cid), dtype=bool)
-    same_id[1:] = cid[1:] == cid[:-1]
-    clash = same_id.copy()
-    clash[1:] &= key[1:] != key[:-1]
-    if clash.any():
-        bad = np.unique(cid[clash])[:5].tolist()
-        rows = chunks.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"column": "chunk_id", "values": bad})\
-            .select_columns(["doc_id"]).take_all()
-        ids = sorted({r["doc_id"] for r in rows})
-        raise RagtuneError(
-            f"{int(clash.sum())} chunk ids name two different texts: documents {ids} appear more than once "
-            "with different text. Fix: give every document a unique id (corpus.id_field), or drop the id "
-            "column so that ids come from the content"
-        )
-    keep = ~same_id
-    return ChunkStats(docs=docs, empty_docs=empty, chunks=int(keep.sum()), repeated_rows=int(same_id.sum()),
-                      unique_inputs=len(np.unique(key[keep])),
-                      rows_per_part=np.bincount(part[keep], minlength=num_parts))
-
-
-# --- 4. embed parts (Ray Data actor pool) -----------------------------------------------------------------------
+# --- 4. read, chunk and embed parts (Ray Data actor pool) --------------------------------------------------------
 
 class PartEmbedder:
-    """One per actor: loads the model once, then embeds and writes whole parts."""
+    """One per actor: loads the model and tokenizer once, then turns whole parts into part files: reads the part's
+    slices of the corpus, chunks them, embeds the chunks and writes the part and its record."""
 
     def __init__(self, spec: dict[str, Any], device: str, fp16: bool, threads: int, batch_size: int,
-                 normalize: bool, prepend_title: bool, out_uri: str, provenance: dict[str, str]):
+                 normalize: bool, settings: dict[str, Any], fields: dict[str, str], corpus_fs: Any, out_uri: str,
+                 provenance: dict[str, str]):
+        import ray
         import torch
 
         ensure_logging()
         torch.set_num_threads(threads)
         self.device = resolve_device("gpu" if device == "cuda" else "cpu")
-        self.model = load_sentence_transformer(EmbedderSpec(**spec), str(self.device), fp16)
+        spec_ = EmbedderSpec(**spec)
+        self.model = load_sentence_transformer(spec_, str(self.device), fp16)
+        self.chunker = Chunker(load_tokenizer(spec_.path), settings["size"], settings["overlap"],
+                               settings["prepend_title"])
+        self.fingerprint = settings["fingerprint"]
         self.batch_size = batch_size
         self.normalize = normalize
-        self.prepend_title = prepend_title
+        self.fields = fields
+        self.fs = corpus_fs
         self.out = resolve(out_uri)
         self.provenance = provenance
+        self.worker = f"{ray.get_runtime_context().get_actor_id() or 'driver'}"
 
-    def __call__(self, group: pa.Table) -> pa.Table:
-        part = int(group["part"][0].as_py())
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.embed_part(PartInput.model_validate_json(s)) for s in batch["input"].to_pylist()]
+        return pa.table({"part": [r[0] for r in rows], "record": [r[1] for r in rows],
+                         "clash": [r[2] for r in rows]})
+
+    def embed_part(self, part: PartInput) -> tuple[int, str, str]:
+        """(part, its record as JSON, "") or (part, "", the message) when a document id names two texts."""
         t0 = time.perf_counter()
         try:
-            rows, inputs, inverse = prepare_part(group, self.prepend_title)
-            xb = self._encode(inputs, part)[inverse]
-            record = write_part(part_table(rows, xb, self.provenance), self.out, part, embedded=len(inputs))
+            docs = pa.concat_tables(list(read_part_documents(self.fs, part, **self.fields)))
+            chunks = chunk_documents(docs, self.chunker, self.fingerprint, part=part.part)
+            real = int(np.count_nonzero(chunks["chunk_index"].to_numpy() >= 0))
+            counts = PartCounts(docs=docs.num_rows, empty_docs=chunks.num_rows - real)
+            try:
+                rows, inputs, inverse = prepare_part(chunks, self.chunker.prepend_title)
+            except IdClash as e:
+                return part.part, "", e.message
+            counts.repeated_rows = real - rows.num_rows
+            if rows.num_rows:
+                xb = self._encode(inputs, part.part)[inverse]
+                record = write_part(part_table(rows, xb, self.provenance), self.out, part.part,
+                                    embedded=len(inputs), inputs=part.fingerprint(), counts=counts)
+            else:  # only empty documents: nothing to write, but the input is done
+                record = PartRecord(file="", rows=0, embedded=0, sha256="", bytes=0, inputs=part.fingerprint(),
+                                    **counts.model_dump())
+        except RagtuneError:
+            raise
         except Exception as e:
-            raise RagtuneError(f"embedding {part_name(part)} failed: {type(e).__name__}: {e}") from e
+            raise RagtuneError(f"embedding {part_name(part.part)} failed: {type(e).__name__}: {e}") from e
         record.seconds = time.perf_counter() - t0
-        return pa.table({"part": [part], "record": [record.model_dump_json()]})
+        record.worker = self.worker
+        write_part_record(self.out, part.part, record)
+        return part.part, record.model_dump_json(), ""
 
     def _encode(self, texts: list[str], part: int) -> np.ndarray:
         rate, last = Rate(len(texts), "chunks"), time.perf_counter()
@@ -255,13 +227,6 @@ class PartEmbedder:
         if not out:
             return np.zeros((0, self.model.get_embedding_dimension()), dtype=np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def _keep(batch: pa.Table, column: str, values: list[int]) -> pa.Table:
-    """The rows whose ``column`` is one of ``values``."""
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.is_in(batch[column], value_set=pa.array(values, batch.schema.field(column).type)))
 
 
 # --- the job ------------------------------------------------------------------------------------------------------
@@ -282,17 +247,20 @@ class EmbedSummary:
     actors: int
     seconds: float
     rows_per_s: float  # chunks written per second of the embedding stage
+    parts_per_actor: list[int] = field(default_factory=list)  # parts written by each actor of this run, most first
 
     def line(self) -> str:
         return (f"embedded {self.docs:,} docs -> {self.chunks:,} chunks ({self.duplicates_skipped:,} duplicates "
                 f"embedded once, {self.empty_docs:,} empty docs) into {self.parts} parts "
                 f"({self.parts_written} written, {self.parts_skipped} already done) at {self.output}; "
-                f"{self.seconds:.1f}s, {self.rows_per_s:,.1f} chunks/s")
+                f"{self.seconds:.1f}s, {self.rows_per_s:,.1f} chunks/s"
+                + (f"; parts per actor {'/'.join(map(str, self.parts_per_actor))}" if self.parts_per_actor else ""))
 
 
 def run(cfg: EmbedJobConfig) -> EmbedSummary:
-    """Embed the corpus as ``cfg`` says: check, plan the actors, open the manifest, read and chunk, embed the parts
-    not done yet, and mark the manifest done. Returns the summary, also kept in the manifest."""
+    """Embed the corpus as ``cfg`` says: check, plan the actors, open the manifest (which fixes each part's input
+    on the first run), embed the parts not done yet, keep each chunk id in one part, and mark the manifest done.
+    Returns the summary, also kept in the manifest."""
     t_start = time.perf_counter()
     plan = check(cfg)
     finished = finished_summary(plan)
@@ -309,20 +277,20 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
              plan.spec.revision, plan.spec.max_seq_length, plan.settings.size, plan.settings.overlap,
              actors.reason)
     manifest = open_manifest(plan, actors.actors)
-    chunks = read_and_chunk(plan, manifest.num_parts)
-    stats = chunk_stats(chunks, manifest.num_parts)
-    if stats.chunks == 0:
-        raise RagtuneError(f"the corpus has {stats.docs} documents and all of them are empty (no text in "
-                           f"`{cfg.corpus.text_field}`). Fix: check corpus.text_field")
     provenance = {"model": plan.spec.name, "model_revision": plan.spec.revision,
                   "chunker": plan.settings.fingerprint()}
-    done, pending = parts_to_embed(plan.out, manifest, stats, provenance)
+    done = finished_parts(plan.out, manifest, provenance)
+    pending = [p for p in manifest.inputs if p.part not in done]
+    log.info("%d parts of about %s of input each: %d already done, %d to embed", manifest.num_parts,
+             human_bytes(max((p.bytes for p in manifest.inputs), default=0)), len(done), len(pending))
 
     t_embed = time.perf_counter()
-    written = embed_parts(plan, actors, chunks, pending, manifest, stats, provenance)
+    written = embed_parts(plan, actors, pending, provenance)
     embed_seconds = time.perf_counter() - t_embed
-    return finish_manifest(plan, manifest, stats, done=done, pending=pending, written=written,
-                           actors=min(actors.actors, max(len(pending), 1)), t_start=t_start,
+    records = finished_parts(plan.out, manifest, provenance)
+    records = keep_each_id_once(plan.out, records)
+    return finish_manifest(plan, manifest, records, done=set(done), pending=[p.part for p in pending],
+                           written=written, actors=min(actors.actors, max(len(pending), 1)), t_start=t_start,
                            embed_seconds=embed_seconds)
 
 
@@ -336,8 +304,9 @@ def finished_summary(plan: Plan) -> EmbedSummary | None:
 
 
 def open_manifest(plan: Plan, actors: int) -> EmbeddingManifest:
-    """The manifest to fill: the one already there (a resume) or a new one (``--overwrite`` deletes the old
-    outputs first); the number of parts is fixed by the first run. Temporaries of a killed run are removed."""
+    """The manifest to fill: the one already there (a resume) or a new one whose parts' inputs are planned here
+    from file sizes and Parquet footers (``--overwrite`` deletes the old outputs first). The parts are fixed by
+    the first run. Temporaries of a killed run are removed."""
     cfg, out = plan.cfg, plan.out
     makedirs(out)
     if cfg.output.overwrite:
@@ -348,104 +317,163 @@ def open_manifest(plan: Plan, actors: int) -> EmbeddingManifest:
         manifest = plan.previous
         manifest.state = "running"
         manifest.config = cfg.model_dump(mode="json")
+        write_manifest(out, manifest)
         return manifest
-    num_parts = cfg.output.num_parts or default_num_parts(plan.corpus.total_bytes, cfg.output.part_size_mb, actors)
-    return _new_manifest(cfg, plan.spec, plan.settings, plan.corpus, num_parts)
+    target = target_part_bytes(plan.corpus.total_bytes, part_size_mb=cfg.output.part_size_mb, actors=actors,
+                               num_parts=cfg.output.num_parts)
+    inputs = plan_parts(plan.corpus, target)
+    manifest = _new_manifest(cfg, plan.spec, plan.settings, plan.corpus, num_parts=len(inputs))
+    manifest.inputs = inputs
+    write_manifest(out, manifest)  # the plan is fixed from here on: a resume embeds exactly these parts
+    return manifest
 
 
-def read_and_chunk(plan: Plan, num_parts: int):
-    """Every chunk of the corpus with its id and part, read and chunked by Ray Data tasks; materialised (cheap
-    next to embedding) so that it is counted once and embedded without reading the corpus again."""
-    return (read_documents(plan.corpus, plan.cfg)
-            .map_batches(_chunk_batch, batch_format="pyarrow", batch_size=256,
-                         fn_kwargs={"tokenizer_path": plan.spec.path, "settings": plan.settings.to_dict(),
-                                    "num_parts": num_parts})
-            .materialize())
+def finished_parts(out: Location, manifest: EmbeddingManifest, provenance: dict[str, str]) -> dict[int, PartRecord]:
+    """The parts already done, found without reading any input: a record in ``_parts/`` made from this part's
+    input whose file is there, or a part file that was written but not recorded (its actor died in between),
+    recognised by its footer (same model, chunker and input) and recorded now."""
+    records = read_part_records(out)
+    names = {f.base_name for f in list_dir(out)}
+    done: dict[int, PartRecord] = {}
+    for p in manifest.inputs:
+        fp = p.fingerprint()
+        rec = records.get(p.part)
+        if rec is not None and rec.inputs == fp and (rec.rows == 0 or rec.file in names):
+            done[p.part] = rec
+        elif part_name(p.part) in names:
+            found = recover_part(out, p.part, provenance, inputs=fp)
+            if found is not None:
+                write_part_record(out, p.part, found)
+                done[p.part] = found
+    return done
 
 
-def parts_to_embed(out: Location, manifest: EmbeddingManifest, stats: ChunkStats,
-                   provenance: dict[str, str]) -> tuple[set[int], list[int]]:
-    """(done, pending) parts; the manifest keeps only the done ones and is written.
-
-    A part is done when the manifest lists it with the rows this corpus gives it and its file is there; a part
-    written by a run that died before recording it is recognised by its footer and kept.
-    """
-    num_parts = manifest.num_parts
-    manifest.parts = {k: rec for k, rec in manifest.parts.items()
-                      if rec.rows == stats.rows_per_part[int(k)] and exists(out.join(rec.file))}
-    done = {int(k) for k in manifest.parts}
-    for p in range(num_parts):
-        if p not in done and stats.rows_per_part[p] > 0:
-            rec = recover_part(out, p, int(stats.rows_per_part[p]), provenance)
-            if rec is not None:
-                manifest.parts[f"{p:05d}"] = rec
-                done.add(p)
-    pending = [p for p in range(num_parts) if p not in done and stats.rows_per_part[p] > 0]
-    write_manifest(out, manifest)
-    log.info("%d docs (%d empty) -> %d chunks, %d distinct texts; %d parts, %d already done, %d to embed",
-             stats.docs, stats.empty_docs, stats.chunks, stats.unique_inputs, num_parts, len(done), len(pending))
-    return done, pending
-
-
-def embed_parts(plan: Plan, actors: EmbedActorPlan, chunks: Any, pending: list[int], manifest: EmbeddingManifest,
-                stats: ChunkStats, provenance: dict[str, str]) -> int:
-    """Embed the ``pending`` parts in an actor pool, each actor writing whole parts; each part is recorded in the
-    manifest as soon as it lands. Returns the number of parts written."""
+def embed_parts(plan: Plan, actors: EmbedActorPlan, pending: list[PartInput], provenance: dict[str, str]) -> int:
+    """Embed the ``pending`` parts in an actor pool, each actor reading, chunking, embedding and writing whole
+    parts, one at a time: an actor that is done takes the next part, so no actor idles while parts remain. The
+    largest parts go first. Returns the number of parts written."""
     import ray.data
 
     if not pending:
         return 0
     cfg = plan.cfg
+    order = sorted(pending, key=lambda p: -p.bytes)
+    rate = Rate(sum(p.bytes for p in order) // 1024, "KiB of input")
     written = 0
-    rate = Rate(int(stats.rows_per_part[pending].sum()), "chunks")
-    results = (chunks
-               .map_batches(_keep, batch_format="pyarrow", fn_kwargs={"column": "part", "values": pending})
-               # twice as many shuffle partitions as parts: fewer parts share a block, so each part
-               # is recorded in the manifest as soon as its block is done
-               .groupby("part", num_partitions=2 * len(pending))
-               .map_groups(PartEmbedder, batch_format="pyarrow",
-                           compute=ray.data.ActorPoolStrategy(size=min(actors.actors, len(pending))),
-                           num_cpus=actors.num_cpus, num_gpus=actors.num_gpus,
-                           fn_constructor_kwargs={
-                               "spec": plan.spec.to_dict(), "device": actors.device, "fp16": actors.fp16,
-                               "threads": actors.threads, "batch_size": actors.batch_size,
-                               "normalize": cfg.embed.normalize, "prepend_title": cfg.chunk.prepend_title,
-                               "out_uri": cfg.output.path, "provenance": provenance}))
+    items = [{"input": p.model_dump_json()} for p in order]
+    results = (ray.data.from_items(items, override_num_blocks=len(items))
+               .map_batches(PartEmbedder, batch_size=1, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=min(actors.actors, len(order)),
+                                                               max_tasks_in_flight_per_actor=1),
+                            num_cpus=actors.num_cpus, num_gpus=actors.num_gpus,
+                            fn_constructor_kwargs={
+                                "spec": plan.spec.to_dict(), "device": actors.device, "fp16": actors.fp16,
+                                "threads": actors.threads, "batch_size": actors.batch_size,
+                                "normalize": cfg.embed.normalize, "settings": plan.settings.to_dict(),
+                                "fields": {"text_field": cfg.corpus.text_field, "id_field": cfg.corpus.id_field,
+                                           "title_field": cfg.corpus.title_field},
+                                "corpus_fs": plan.corpus.fs, "out_uri": cfg.output.path,
+                                "provenance": provenance}))
+    by_part = {p.part: p for p in order}
     for batch in results.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"):
-        for row in batch.to_pylist():
+        for row in cast(pa.Table, batch).to_pylist():
+            if row["clash"]:
+                raise RagtuneError(f"{part_name(row['part'])}: {row['clash']}", param="corpus.id_field")
             record = PartRecord.model_validate_json(row["record"])
-            manifest.parts[f"{row['part']:05d}"] = record
-            write_manifest(plan.out, manifest)
             written += 1
-            rate.add(record.rows)
-            rate.log(log, f"{record.file} ({record.rows:,} chunks, {record.embedded:,} embedded, "
-                          f"{record.seconds:.1f}s) written; {written}/{len(pending)} parts, ")
+            rate.add(by_part[row["part"]].bytes // 1024)
+            rate.log(log, f"{part_name(row['part'])} ({record.rows:,} chunks, {record.embedded:,} embedded, "
+                          f"{record.seconds:.1f}s) written; {written}/{len(order)} parts, ")
     return written
 
 
-def finish_manifest(plan: Plan, manifest: EmbeddingManifest, stats: ChunkStats, *, done: set[int],
+IDS_PER_TASK = 4_000_000  # chunk ids one repeat-finding task holds (32 MB), whatever the corpus size
+
+
+def keep_each_id_once(out: Location, records: dict[int, PartRecord]) -> dict[int, PartRecord]:
+    """A document listed twice may land in two parts: keep its chunks in the first part only (the copies are the
+    same text) or refuse (different texts under one id). The id space is split into ranges of about
+    ``IDS_PER_TASK`` ids, each searched by a Ray task that reads only the chunk_id column of the parts (row groups
+    outside its range are skipped), so no process holds every id."""
+    import ray
+
+    full = {f"{i:05d}": rec for i, rec in records.items() if rec.rows > 0}
+    if len(full) < 2:
+        return records
+    total = sum(rec.rows for rec in full.values())
+    n = max(1, -(-total // IDS_PER_TASK))
+    bounds = [(2**63 - 1) * i // n for i in range(n + 1)]
+    bounds[-1] = 2**63 - 1
+    task = ray.remote(repeated_ids).options(num_cpus=1, memory=max(64 * 2**20, 3 * 8 * (total // n)))
+    found: dict[int, list[str]] = {}
+    for part in ray.get([task.remote(out, full, lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]):
+        found.update(part)
+    if not found:
+        return records
+    by_part: dict[str, list[int]] = {}
+    for cid, keys in found.items():
+        for k in keys:
+            by_part.setdefault(k, []).append(cid)
+    copies = pa.concat_tables([rows_of(out, full[k], ids, ["chunk_id", "doc_id", "title", "text"])
+                               for k, ids in by_part.items()])
+    distinct = copies.group_by("chunk_id").aggregate([("text", "count_distinct"), ("title", "count_distinct")])
+    clash = distinct.filter(pc.or_(pc.greater(distinct["text_count_distinct"], 1),
+                                   pc.greater(distinct["title_count_distinct"], 1)))
+    if clash.num_rows:
+        bad = set(clash["chunk_id"].to_pylist())
+        docs = sorted({d for c, d in zip(copies["chunk_id"].to_pylist(), copies["doc_id"].to_pylist(), strict=True)
+                       if c in bad})[:5]
+        raise id_clash(docs, clash.num_rows)
+    drop: dict[str, list[int]] = {}
+    for cid, keys in found.items():
+        for k in keys[1:]:
+            drop.setdefault(k, []).append(cid)
+    log.info("%d chunk ids were in more than one part (documents listed twice): kept in the first, dropped from "
+             "%d parts", len(found), len(drop))
+    out_records = dict(records)
+    for k, ids in drop.items():
+        new = drop_ids(out, int(k), full[k], ids)
+        write_part_record(out, int(k), new)
+        out_records[int(k)] = new
+    return out_records
+
+
+def finish_manifest(plan: Plan, manifest: EmbeddingManifest, records: dict[int, PartRecord], *, done: set[int],
                     pending: list[int], written: int, actors: int, t_start: float,
                     embed_seconds: float) -> EmbedSummary:
-    """Check that every part with rows is recorded, then mark the manifest done with the run's summary (its
-    ``seconds`` counted from ``t_start``, a ``time.perf_counter()``)."""
+    """Check that every part is done, fold the part records into the manifest (once, at the end) and mark it done
+    with the run's summary (its ``seconds`` counted from ``t_start``, a ``time.perf_counter()``)."""
     out = plan.out
-    missing = [p for p in range(manifest.num_parts) if stats.rows_per_part[p] > 0 and f"{p:05d}" not in manifest.parts]
+    missing = [p.part for p in manifest.inputs if p.part not in records]
     if missing:
         raise RagtuneError(f"parts {missing[:10]} were not written; the manifest stays 'running'. "
                            "Fix: rerun the same command to finish them")
+    chunks = sum(r.rows for r in records.values())
+    docs = sum(r.docs for r in records.values())
+    if chunks == 0:
+        raise RagtuneError(f"the corpus has {docs} documents and all of them are empty (no text in "
+                           f"`{plan.cfg.corpus.text_field}`). Fix: check corpus.text_field",
+                           param="corpus.text_field")
+    manifest.parts = {f"{i:05d}": rec for i, rec in sorted(records.items()) if rec.rows > 0}
     if manifest.dim is None:
         manifest.dim = _dim_of(out, next(iter(manifest.parts.values())))
     _delete_temporaries(out)  # of an actor lost with its node while writing (its part was embedded again)
+    embedded = sum(min(r.embedded, r.rows) for r in records.values())
     summary = EmbedSummary(
-        output=out.uri, model=plan.spec.name, dim=manifest.dim, docs=stats.docs, empty_docs=stats.empty_docs,
-        chunks=stats.chunks, duplicates_skipped=stats.chunks - stats.unique_inputs,
-        repeated_rows=stats.repeated_rows, parts=int(np.count_nonzero(stats.rows_per_part)),
-        parts_written=written, parts_skipped=len(done), actors=actors, seconds=time.perf_counter() - t_start,
-        rows_per_s=sum(manifest.parts[f"{p:05d}"].rows for p in pending) / embed_seconds if pending else 0.0,
+        output=out.uri, model=plan.spec.name, dim=manifest.dim, docs=docs,
+        empty_docs=sum(r.empty_docs for r in records.values()), chunks=chunks,
+        duplicates_skipped=chunks - embedded, repeated_rows=sum(r.repeated_rows for r in records.values()),
+        parts=len(manifest.parts), parts_written=written, parts_skipped=len(done), actors=actors,
+        seconds=time.perf_counter() - t_start,
+        rows_per_s=sum(records[p].rows for p in pending) / embed_seconds if pending else 0.0,
+        parts_per_actor=sorted(Counter(records[p].worker for p in pending).values(), reverse=True),
     )
     manifest.state = "done"
     manifest.stats = asdict(summary)
     write_manifest(out, manifest)
+    for f in list_dir(out.join(PARTS_DIR)):  # folded into the manifest
+        delete_file(out.join(f"{PARTS_DIR}/{f.base_name}"))
+    delete_dir_if_empty(out.join(PARTS_DIR))
     return summary
 
 
@@ -458,13 +486,16 @@ def _dim_of(out: Location, record: PartRecord) -> int:
 
 def _delete_temporaries(out: Location) -> None:
     """Remove the temporary files of part writers that died before their rename."""
-    for f in list_dir(out):
-        if TMP_MARK in f.base_name:
-            delete_file(out.join(f.base_name))
+    for folder in ("", PARTS_DIR):
+        for f in list_dir(out.join(folder) if folder else out):
+            if TMP_MARK in f.base_name:
+                delete_file(out.join(f"{folder}/{f.base_name}" if folder else f.base_name))
 
 
 def _delete_outputs(out: Location) -> None:
-    """Remove what ragtune embed writes (parts, manifest, temporaries) and nothing else."""
+    """Remove what ragtune embed writes (parts, their records, manifest, temporaries) and nothing else."""
+    for f in list_dir(out.join(PARTS_DIR)):
+        delete_file(out.join(f"{PARTS_DIR}/{f.base_name}"))
     for f in list_dir(out):
         if f.base_name == MANIFEST or (f.base_name.startswith("part-") and ".parquet" in f.base_name):
             delete_file(out.join(f.base_name))

@@ -249,7 +249,7 @@ def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: st
     spec, settings = _check_chunker(m)
     docs = read_documents_local(corpus if isinstance(corpus, str) else list(corpus or []), *fields)
     chunker = Chunker(load_tokenizer(spec.path), settings.size, settings.overlap, settings.prepend_title)
-    chunks = chunk_documents(docs, chunker, settings.fingerprint(), 1)
+    chunks = chunk_documents(docs, chunker, settings.fingerprint())
     return _unique_chunks(chunks.select(DOC_COLUMNS)), docs.num_rows
 
 

@@ -4,11 +4,13 @@ On disk (DESIGN.md, "Data flow and formats" 3)::
 
     embeddings/part-00000.parquet   chunk_id:int64, doc_id, chunk_index:int32, title, text, metadata (JSON),
                                     n_tokens:int32, vector: fixed_size_list<float32>[d]
-    embeddings/_manifest.json       model, dimension, normalisation, chunker, corpus, parts with rows and
-                                    sha256, state (running | done)
+    embeddings/_parts/part-00000.json   the record of a finished part, written by its actor (while running)
+    embeddings/_manifest.json       model, dimension, normalisation, chunker, corpus, the input of every part
+                                    (``sharding.inputs``), parts with rows and sha256, state (running | done)
 
-A chunk goes to the part chosen by a hash of the text the model sees, so identical chunks meet in one part
-and are embedded once there; parts are fixed by the first run, which is what lets a rerun skip finished ones.
+A part is a fixed slice of the input (planned by the first run), so a rerun skips finished parts without reading
+their input. Identical chunks within a part are embedded once; a chunk id found in two parts (a document listed
+twice) is kept in the first part only (``repeated_ids``, ``drop_ids``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pydantic import BaseModel, BeforeValidator, Field
 from configs.errors import RagtuneError
 from sharding.chunking import CHUNKER_VERSION, Chunker, ChunkerSettings, embed_input
 from sharding.ids import chunk_id, hash64
-from sharding.storage import Location, atomic_write_bytes, exists, read_bytes, sha256_hex
+from sharding.inputs import PartInput
+from sharding.storage import Location, atomic_write_bytes, exists, list_dir, read_bytes, sha256_hex
 
 MANIFEST = "_manifest.json"
 FORMAT = "ragtune.embeddings/1"
@@ -36,16 +39,28 @@ CHUNK_SCHEMA = pa.schema([
     ("chunk_id", pa.int64()), ("doc_id", pa.string()), ("chunk_index", pa.int32()), ("title", pa.string()),
     ("text", pa.string()), ("metadata", pa.string()), ("n_tokens", pa.int32()),
     ("key", pa.int64()),  # hash of the text the model sees: equal keys are embedded once
-    ("part", pa.int32()),  # key % num_parts
+    ("part", pa.int32()),  # the part the chunk's input belongs to (-1: a document without chunks)
 ])
+PARTS_DIR = "_parts"  # per-part records of a running job: one small file per finished part
+ROW_GROUP_ROWS = 16384  # rows per Parquet row group of a part: id ranges skip row groups by their statistics
+
+
+class IdClash(RagtuneError):
+    """One chunk id names two different texts: a document id used for two documents."""
+
+
+def id_clash(doc_ids: list[str], count: int) -> IdClash:
+    return IdClash(f"{count} chunk ids name two different texts: documents {doc_ids} appear more than once with "
+                   "different text. Fix: give every document a unique id (corpus.id_field), or drop the id column "
+                   "so that ids come from the content", param="corpus.id_field")
 
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def chunk_documents(docs: pa.Table, chunker: Chunker, fingerprint: str, num_parts: int) -> pa.Table:
-    """Documents (corpus.DOC_SCHEMA) -> chunks (CHUNK_SCHEMA).
+def chunk_documents(docs: pa.Table, chunker: Chunker, fingerprint: str, *, part: int = 0) -> pa.Table:
+    """Documents (corpus.DOC_SCHEMA) of one part -> chunks (CHUNK_SCHEMA).
 
     A document without chunks (empty text) leaves one row with ``chunk_index = -1`` and ``part = -1``, so
     that it is counted and reported; those rows are dropped before embedding.
@@ -61,7 +76,7 @@ def chunk_documents(docs: pa.Table, chunker: Chunker, fingerprint: str, num_part
         for ch in chunks:
             key = hash64(embed_input(title, ch.text, chunker.prepend_title))
             row = (chunk_id(doc_id, ch.index, fingerprint), doc_id, ch.index, title, ch.text, meta, ch.n_tokens,
-                   key, key % num_parts)
+                   key, part)
             for name, v in zip(CHUNK_SCHEMA.names, row, strict=True):
                 cols[name].append(v)
     return pa.table(cols, schema=CHUNK_SCHEMA)
@@ -71,12 +86,19 @@ def prepare_part(chunks: pa.Table, prepend_title: bool) -> tuple[pa.Table, list[
     """One part's chunks -> (rows sorted by chunk_id, unique model inputs, row -> unique input index).
 
     Rows with the same chunk_id (the same document listed twice) are kept once; rows with the same model
-    input (identical chunks of different documents) share one embedding.
+    input (identical chunks of different documents) share one embedding. One chunk_id with two different inputs
+    raises IdClash.
     """
-    t = chunks.filter(pc.greater_equal(chunks["chunk_index"], 0)).sort_by("chunk_id")
-    ids = t["chunk_id"].to_numpy()
+    t = chunks.filter(pc.greater_equal(chunks["chunk_index"], 0)).sort_by([("chunk_id", "ascending"),
+                                                                          ("key", "ascending")])
+    ids, keys = t["chunk_id"].to_numpy(), t["key"].to_numpy()
     keep = np.ones(len(ids), dtype=bool)
     keep[1:] = ids[1:] != ids[:-1]
+    clash = ~keep
+    clash[1:] &= keys[1:] != keys[:-1]
+    if clash.any():
+        raise id_clash(sorted(set(t.filter(pa.array(clash))["doc_id"].to_pylist()))[:5],
+                       len(np.unique(ids[clash])))
     if not keep.all():
         t = t.filter(pa.array(keep))
     inputs = [embed_input(ti, te, prepend_title) for ti, te in zip(t["title"].to_pylist(), t["text"].to_pylist(),
@@ -106,37 +128,61 @@ def part_table(rows: pa.Table, xb: np.ndarray, provenance: dict[str, str]) -> pa
     return t.replace_schema_metadata(meta)
 
 
-class PartRecord(BaseModel):
+class PartCounts(BaseModel):
+    """What one part's input held: documents, empty ones, rows dropped as repeats of a document."""
+
+    docs: int = 0
+    empty_docs: int = 0
+    repeated_rows: int = 0  # rows of a document listed twice (in this part, or found later in an earlier part)
+
+
+class PartRecord(PartCounts):
     file: str
     rows: int
     embedded: int  # rows whose vector was computed; the rest share an identical chunk's vector
     sha256: str
     bytes: int
-    seconds: float = 0.0  # the actor's time on this part: prepare, embed, write
+    seconds: float = 0.0  # the actor's time on this part: read, chunk, embed, write
+    inputs: str | None = None  # ``PartInput.fingerprint()`` of the input it was made from
+    worker: str | None = None  # the actor that embedded it (how parts were spread over the actors)
 
 
-def write_part(table: pa.Table, out: Location, index: int, embedded: int) -> PartRecord:
+_COUNTS = ("docs", "empty_docs", "repeated_rows")
+
+
+def write_part(table: pa.Table, out: Location, index: int, embedded: int, *, inputs: str | None = None,
+               counts: PartCounts | None = None) -> PartRecord:
     """Write one part atomically and return what the manifest records of it.
 
-    The part also describes itself in its Parquet footer (``ragtune.*`` keys: model, chunker, embedded), so a
-    part that was written but never recorded (the driver died in between) can be recognised and kept.
+    The part also describes itself in its Parquet footer (``ragtune.*`` keys: model, chunker, embedded, the
+    fingerprint of its input and its counts), so a part that was written but never recorded (its actor died in
+    between) can be recognised and kept.
     """
+    counts = counts or PartCounts()
     meta = dict(table.schema.metadata or {})
     meta[b"ragtune.embedded"] = str(embedded).encode()
+    if inputs is not None:
+        meta[b"ragtune.inputs"] = inputs.encode()
+    for k in _COUNTS:
+        meta[f"ragtune.{k}".encode()] = str(getattr(counts, k)).encode()
     table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", use_dictionary=["doc_id", "title", "metadata"])
+    pq.write_table(table, buf, compression="zstd", use_dictionary=["doc_id", "title", "metadata"],
+                   row_group_size=ROW_GROUP_ROWS)
     data = buf.getvalue()
     name = part_name(index)
     atomic_write_bytes(out.join(name), data)
-    return PartRecord(file=name, rows=table.num_rows, embedded=embedded, sha256=sha256_hex(data), bytes=len(data))
+    return PartRecord(file=name, rows=table.num_rows, embedded=embedded, sha256=sha256_hex(data), bytes=len(data),
+                      inputs=inputs, **counts.model_dump())
 
 
-def recover_part(out: Location, index: int, rows: int, provenance: dict[str, str]) -> PartRecord | None:
-    """A part file that is on disk but not in the manifest, if it is complete and made the same way.
+def recover_part(out: Location, index: int, provenance: dict[str, str], *, inputs: str | None = None,
+                 rows: int | None = None) -> PartRecord | None:
+    """A part file that is on disk but not recorded, if it is complete and made the same way from the same input.
 
-    Complete means: a readable footer, the expected number of rows, and the same model and chunker in its
-    ``ragtune.*`` metadata. Anything else returns None and the part is embedded again.
+    Complete means: a readable footer, the same model and chunker in its ``ragtune.*`` metadata, and the same
+    input fingerprint (``inputs``) or, for parts of the first format, the expected number of ``rows``. Anything
+    else returns None and the part is embedded again.
     """
     loc = out.join(part_name(index))
     if not exists(loc):
@@ -147,11 +193,83 @@ def recover_part(out: Location, index: int, rows: int, provenance: dict[str, str
     except (OSError, pa.ArrowException):
         return None
     kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items() if k.startswith(b"ragtune.")}
-    if md.num_rows != rows or any(kv.get(f"ragtune.{k}") != v for k, v in provenance.items()):
+    if any(kv.get(f"ragtune.{k}") != v for k, v in provenance.items()):
         return None
-    embedded = int(kv.get("ragtune.embedded", rows))
-    return PartRecord(file=loc.path.rsplit("/", 1)[-1], rows=rows, embedded=embedded, sha256=sha256_hex(data),
-                      bytes=len(data))
+    if (inputs is not None and kv.get("ragtune.inputs") != inputs) or (rows is not None and md.num_rows != rows):
+        return None
+    embedded = int(kv.get("ragtune.embedded", md.num_rows))
+    counts = {k: int(kv[f"ragtune.{k}"]) for k in _COUNTS if f"ragtune.{k}" in kv}
+    return PartRecord(file=loc.path.rsplit("/", 1)[-1], rows=md.num_rows, embedded=embedded,
+                      sha256=sha256_hex(data), bytes=len(data), inputs=kv.get("ragtune.inputs"), **counts)
+
+
+def record_name(index: int) -> str:
+    return f"{PARTS_DIR}/part-{index:05d}.json"
+
+
+def write_part_record(out: Location, index: int, record: PartRecord) -> None:
+    """Record a finished part in a file of its own (atomic): O(1) per part, whatever the number of parts."""
+    atomic_write_bytes(out.join(record_name(index)), record.model_dump_json().encode())
+
+
+def read_part_records(out: Location) -> dict[int, PartRecord]:
+    """The records of ``_parts/`` (part index -> record); an unreadable one is skipped (its part is redone)."""
+    found: dict[int, PartRecord] = {}
+    for f in list_dir(out.join(PARTS_DIR)):
+        name = f.base_name
+        if not (name.startswith("part-") and name.endswith(".json")):
+            continue
+        try:
+            found[int(name[5:-5])] = PartRecord.model_validate_json(read_bytes(out.join(f"{PARTS_DIR}/{name}")))
+        except (ValueError, OSError):
+            continue
+    return found
+
+
+# --- chunk ids found in more than one part ------------------------------------------------------------------------
+
+def part_ids(emb: Location, record: PartRecord, lo: int, hi: int) -> np.ndarray:
+    """The chunk ids in ``[lo, hi)`` of one part; row groups outside the range are skipped by their statistics."""
+    t = pq.read_table(emb.join(record.file).path, filesystem=emb.fs, columns=["chunk_id"],
+                      filters=[("chunk_id", ">=", lo), ("chunk_id", "<", hi)])
+    return t["chunk_id"].to_numpy()
+
+
+def repeated_ids(emb: Location, records: dict[str, PartRecord], lo: int, hi: int) -> dict[int, list[str]]:
+    """Chunk ids in ``[lo, hi)`` that are in more than one part -> the parts holding them, in part order.
+
+    Memory is that of the ids in the range: the caller splits the id space so a range holds a bounded number.
+    """
+    keys = sorted(records)
+    ids = [part_ids(emb, records[k], lo, hi) for k in keys]
+    if not ids:
+        return {}
+    flat = np.concatenate(ids)
+    owner = np.repeat(np.arange(len(keys)), [len(a) for a in ids])
+    uniq, counts = np.unique(flat, return_counts=True)
+    repeated = uniq[counts > 1]
+    out: dict[int, list[str]] = {}
+    for cid, k in zip(flat[np.isin(flat, repeated)].tolist(), owner[np.isin(flat, repeated)].tolist(), strict=True):
+        out.setdefault(cid, []).append(keys[k])
+    return out
+
+
+def rows_of(emb: Location, record: PartRecord, ids: list[int], columns: list[str]) -> pa.Table:
+    return pq.read_table(emb.join(record.file).path, filesystem=emb.fs, columns=columns,
+                         filters=[("chunk_id", "in", ids)])
+
+
+def drop_ids(emb: Location, index: int, record: PartRecord, ids: list[int]) -> PartRecord:
+    """Rewrite one part without the rows of ``ids`` (atomically); returns its new record."""
+    t = read_part_table(emb, record)
+    keep = pc.invert(pc.is_in(t["chunk_id"], value_set=pa.array(ids, pa.int64())))
+    kept = t.filter(keep)
+    # rows dropped here were embedded in this part: they stay counted in ``embedded``, not in ``rows``
+    counts = PartCounts(docs=record.docs, empty_docs=record.empty_docs,
+                        repeated_rows=record.repeated_rows + t.num_rows - kept.num_rows)
+    new = write_part(kept, emb, index, embedded=record.embedded, inputs=record.inputs, counts=counts)
+    new.seconds = record.seconds
+    return new
 
 
 def verify_part(out: Location, record: PartRecord) -> None:
@@ -208,6 +326,7 @@ class EmbeddingManifest(BaseModel):
     chunker: Annotated[ChunkerRecord | None, EMPTY_IS_NONE]  # ChunkerSettings.to_dict()
     corpus: dict[str, Any]  # paths, fingerprint, files, bytes
     num_parts: int
+    inputs: list[PartInput] = Field(default_factory=list)  # what each part reads (empty: a first-format folder)
     parts: dict[str, PartRecord] = Field(default_factory=dict)  # "00003" -> record
     stats: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved job config

@@ -82,7 +82,8 @@ class OutputConfig(Section):
                       json_schema_extra={"storage": "output"})
     num_parts: int | None = Field(
         None, ge=1, le=100000,
-        description="parts to split chunks into, fixed at the first run; null = from corpus size and actors",
+        description="about this many parts (cut at line, row group or file boundaries), fixed at the first run; "
+                    "null = ~part_size_mb each and at least 8 per actor",
     )
     part_size_mb: float = Field(64.0, gt=0, description="target input text per part (MiB) when num_parts is null")
     overwrite: bool = Field(False, description="delete embeddings already in output.path made differently")

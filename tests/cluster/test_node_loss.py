@@ -89,6 +89,7 @@ def test_embed_survives_losing_a_node_and_writes_every_chunk_exactly_once(squad_
     assert "error" not in run, (run.get("traceback"), r.get("rerun"))  # the rerun says whether rerunning helps
     summary = run["summary"]
     assert summary["parts_written"] == 8 and summary["parts_skipped"] == 0
+    assert len(summary["parts_per_actor"]) == 2  # both actors wrote parts
 
     # every chunk exactly once, the same set a clean run writes
     out = Path(r["output"])

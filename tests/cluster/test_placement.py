@@ -1,6 +1,6 @@
 import pytest
 
-from cluster.placement import NodeResources, default_num_parts, plan_embed_actors
+from cluster.placement import NodeResources, plan_embed_actors
 from configs.errors import RagtuneError
 
 
@@ -46,12 +46,6 @@ def test_hardware_mismatches_fail_early_with_the_setting_named():
 def test_explicit_choices_are_kept():
     plan = plan_embed_actors([NodeResources(cpus=16)], threads=4, actors=2, batch_size=16)
     assert (plan.actors, plan.threads, plan.num_cpus, plan.batch_size) == (2, 4, 4, 16)
-
-
-def test_default_parts_keep_every_actor_busy_and_bound_part_size():
-    assert default_num_parts(10, 64, actors=1) == 1
-    assert default_num_parts(10, 64, actors=8) == 8
-    assert default_num_parts(1000 * 2**20, 64, actors=2) == 16
 
 
 # --- ragtune index ------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def expected_chunk_ids(corpus_file, cfg: EmbedJobConfig, spec, tok) -> set[int]:
     size = cfg.chunk.size or spec.max_seq_length - 2
     settings = ChunkerSettings(size, cfg.chunk.overlap, cfg.chunk.prepend_title, spec.revision)
     docs = to_documents(pajson.read_json(corpus_file), "text", cfg.corpus.id_field, "title")
-    t = chunk_documents(docs, Chunker(tok, size, cfg.chunk.overlap), settings.fingerprint(), 1)
+    t = chunk_documents(docs, Chunker(tok, size, cfg.chunk.overlap), settings.fingerprint())
     return {c for c, i in zip(t["chunk_id"].to_pylist(), t["chunk_index"].to_pylist(), strict=True) if i >= 0}
 
 
@@ -101,6 +101,7 @@ def _touch(p):
 
 
 def _write(p, data):
+    p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
     return p
 
@@ -122,6 +123,7 @@ def test_squad_corpus_end_to_end(squad_embeddings, squad_retrieval, minilm):
     assert t.schema.field("vector").type == pa.list_(pa.float32(), 384)
     m = read_manifest(resolve(str(out)))
     assert m.state == "done" and m.dim == 384 and m.normalize and m.num_parts == 4
+    assert len(summary.parts_per_actor) == 2  # one input file, 4 byte ranges: both actors embedded parts
     assert sum(r.rows for r in m.parts.values()) == len(ids)
     for rec in m.parts.values():
         verify_part(resolve(str(out)), rec)
@@ -157,25 +159,40 @@ def test_duplicates_are_embedded_once_and_empty_docs_counted(ray_2_cpus, tmp_pat
         {"_id": "e", "title": "Empty", "text": ""},
         {"title": "No id", "text": "This document has no id; it gets one from its content."},
     ]
-    corpus = _write(tmp_path / "c.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    summary = run(config(corpus, tmp_path / "out", output={"num_parts": 2}))
-    assert (summary.docs, summary.empty_docs, summary.chunks) == (6, 1, 4)
-    assert summary.duplicates_skipped == 1 and summary.repeated_rows == 1
+    src = tmp_path / "corpus"
+    _write(src / "a.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    # b.jsonl is padded (in metadata) to be cut in two byte ranges, its records all in the first: a.jsonl is one part
+    _write(src / "b.jsonl", json.dumps(records[2]) + "\n" + json.dumps({"_id": "f", "text": "Only in b.",
+                                                                          "pad": "x" * 3000}) + "\n")
+    summary = run(config(src, tmp_path / "out", output={"num_parts": 2}))
+    assert summary.parts == 2  # a part per file (and an empty third, the second range of b.jsonl)
+    assert (summary.docs, summary.empty_docs, summary.chunks) == (8, 1, 5)
+    # "c" three times: twice in a.jsonl (dropped in its part), once more in b.jsonl (dropped after embedding)
+    assert summary.duplicates_skipped == 1 and summary.repeated_rows == 2
     t = read_parts(tmp_path / "out")
+    assert sorted(t["doc_id"].to_pylist())[:4] == ["a", "b", "c", "f"] and t.num_rows == 5
     by_doc = {d: v for d, v in zip(t["doc_id"].to_pylist(), vectors_from_arrow(t["vector"]), strict=True)}
-    assert sorted(by_doc)[:3] == ["a", "b", "c"] and any(d.startswith("h") for d in by_doc)
     np.testing.assert_array_equal(by_doc["a"], by_doc["b"])
-    embedded = sum(r.embedded for r in read_manifest(resolve(str(tmp_path / "out"))).parts.values())
-    assert embedded == 3
+    m = read_manifest(resolve(str(tmp_path / "out")))
+    assert sum(r.rows for r in m.parts.values()) == 5 and not (tmp_path / "out" / "_parts").exists()
+    for rec in m.parts.values():
+        verify_part(resolve(str(tmp_path / "out")), rec)
 
 
 @pytest.mark.integration
-def test_one_id_for_two_different_texts_is_refused_before_embedding(ray_2_cpus, tmp_path):
+def test_one_id_for_two_different_texts_is_refused_in_a_part_and_across_parts(ray_2_cpus, tmp_path):
     corpus = _write(tmp_path / "c.jsonl", '{"_id": "x", "text": "first text"}\n{"_id": "x", "text": "second"}\n'
                                           '{"_id": "y", "text": "fine"}\n')
-    with pytest.raises(RagtuneError, match=r"documents \['x'\] appear more than once with different text"):
+    with pytest.raises(RagtuneError, match=r"documents \['x'\] appear more than once with different text") as e:
         run(config(corpus, tmp_path / "out"))
-    assert not list((tmp_path / "out").glob("part-*"))
+    assert e.value.param == "corpus.id_field"
+    assert not list((tmp_path / "out").glob("part-*"))  # refused before its part is written
+    src = tmp_path / "two"
+    _write(src / "a.jsonl", '{"_id": "x", "text": "first text"}\n')
+    _write(src / "b.jsonl", '{"_id": "x", "text": "second"}\n')
+    with pytest.raises(RagtuneError, match=r"documents \['x'\] appear more than once with different text"):
+        run(config(src, tmp_path / "out2", output={"num_parts": 2}))
+    assert read_manifest(resolve(str(tmp_path / "out2"))).state == "running"
 
 
 @pytest.mark.integration
@@ -194,8 +211,10 @@ def test_rerun_refuses_another_chunker_and_overwrite_replaces(ray_2_cpus, squad_
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_killed_run_resumes_and_writes_every_chunk_exactly_once(ray_2_cpus, squad_retrieval, tmp_path, minilm):
+def test_killed_run_resumes_without_reading_finished_input_and_writes_every_chunk_once(ray_2_cpus, squad_retrieval,
+                                                                                        tmp_path, minilm):
     corpus = head(squad_retrieval / "corpus.jsonl", tmp_path / "c.jsonl", 400)
+    pristine = corpus.read_bytes()
     out = tmp_path / "out"
     args = [sys.executable, "-m", "jobs.embed", "--config", str(REPO / "configs/embed/squad-beir.yaml"),
             f"corpus.path={corpus}", f"output.path={out}", "output.num_parts=6", "chunk.size=128"]
@@ -204,8 +223,7 @@ def test_killed_run_resumes_and_writes_every_chunk_exactly_once(ray_2_cpus, squa
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # kill it as soon as a part is recorded, well before the last
-            m = read_manifest(resolve(str(out))) if (out / "_manifest.json").exists() else None
-            if m is not None and m.parts:
+            if list((out / "_parts").glob("part-*.json")):
                 break
             assert proc.poll() is None, "the job ended before it could be killed"
             time.sleep(0.05)
@@ -215,16 +233,31 @@ def test_killed_run_resumes_and_writes_every_chunk_exactly_once(ray_2_cpus, squa
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     killed = read_manifest(resolve(str(out)))
-    assert killed.state == "running" and 1 <= len(killed.parts) < 6
+    finished = {int(p.stem[5:]) for p in (out / "_parts").glob("part-*.json")}
+    assert killed.state == "running" and killed.num_parts == 6 and 1 <= len(finished) < 6
+
+    # the lines of the finished parts (those that start in their byte ranges) are overwritten with bytes that are
+    # not text, newlines kept, same size and modification time (the corpus looks unchanged): the resume succeeds
+    # only if it never reads them
+    stat = corpus.stat()
+    data = bytearray(pristine)
+    for p in finished:
+        for s in killed.inputs[p].slices:
+            begin = 0 if s.start == 0 else pristine.index(b"\n", s.start - 1) + 1
+            end = pristine.index(b"\n", s.stop - 1) + 1 if s.stop < len(pristine) else len(pristine)
+            for i in range(begin, end):
+                if pristine[i] != ord("\n"):
+                    data[i] = 0xFF
+    corpus.write_bytes(bytes(data))
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
     cfg = config(corpus, out, chunk={"size": 128}, output={"num_parts": 6})
-    cfg.corpus.id_field = "_id"
     summary = run(cfg)
-    assert summary.parts_skipped >= len(killed.parts) and summary.parts_written >= 1
-    assert summary.parts_skipped + summary.parts_written == summary.parts
+    assert summary.parts_skipped == len(finished) and summary.parts_written == 6 - len(finished)
     t = read_parts(out)
     ids = t["chunk_id"].to_pylist()
     assert len(ids) == len(set(ids)) == summary.chunks
+    corpus.write_bytes(pristine)
     assert set(ids) == expected_chunk_ids(corpus, cfg, *minilm)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
