@@ -292,6 +292,9 @@ class Retriever:
         self.fusion = make_fusion(retrieval.fusion)
         resolve_mode(retrieval.mode, self.manifests[self.version], self.version, "retrieval.mode")
         self.docstores: OrderedDict[str, Docstore] = OrderedDict()
+        # docstore files are opened and read in this one thread, never on the event loop: a lookup reads row groups
+        # (disk or object store), and one thread owns the open Parquet readers and the cache above
+        self.docstore_pool = ThreadPoolExecutor(1, thread_name_prefix="docstore")
         self.poller: asyncio.Task[None] | None = None
         self.switching = asyncio.Lock()
         self.retry_errors: tuple[type[BaseException], ...] = _replica_errors()
@@ -331,10 +334,13 @@ class Retriever:
                 raise Conflict(f"{new}: has {len(manifest.shards)} shards but the shard groups serve {covered}: "
                                "a version with another shard count needs a new deployment (ragtune serve)",
                                code="shard_count_changed")
-            self._docstore_for(new, manifest)
+            await asyncio.get_running_loop().run_in_executor(self.docstore_pool, self._docstore_for, new, manifest)
             self.version = new
             log.info("index version %s -> %s", old, new)
             return Reloaded(version=new, previous=old, changed=True)
+
+    def _passages(self, version: str, d: np.ndarray, i: np.ndarray, k: int, filter: Filter | None) -> list[Passage]:
+        return passages_from(d, i, self._docstore(version), k, filter)
 
     def _docstore_for(self, version: str, manifest: IndexManifest) -> None:
         self.manifests[version] = manifest
@@ -381,7 +387,8 @@ class Retriever:
             results = await asyncio.gather(*(self._call(h, "rank", deadline, version, xq, [query], depth,
                                                         RANKINGS[mode]) for h in self.searchers))
             D, I = combine(results, mode, kk, manifest.metric, fused)
-            passages = passages_from(D[0], I[0], self._docstore(version), k, filter)
+            passages = await asyncio.get_running_loop().run_in_executor(self.docstore_pool, self._passages,
+                                                                        version, D[0], I[0], k, filter)
             kk = widen_k(kk, k, len(passages), filter, manifest.ntotal, self.retrieval.filter_max_candidates)
         t2 = time.perf_counter()
         return SearchResult(passages=passages, version=version, mode=mode, embed_batch=batch,

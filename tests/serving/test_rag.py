@@ -467,3 +467,62 @@ def test_search_and_chat_requests_take_a_mode_and_fusion_overrides_within_limits
         check_chat(ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
                                                          "retrieval": {"fusion": {"depth": 201}}}), limits)
     assert e.value.param == "retrieval.fusion.depth"
+
+
+class _Handle:
+    """A Serve deployment handle stand-in: ``handle.method.remote(*args)`` awaits the method of an object."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __getattr__(self, name):
+        method = getattr(self.obj, name)
+
+        class _Remote:
+            @staticmethod
+            async def remote(*args):
+                return method(*args)
+        return _Remote
+
+
+class _Group:
+    def __init__(self, path):
+        from sharding.search import ShardedIndex
+
+        self.index = ShardedIndex.open(path)
+
+    def rank(self, version, xq, texts, depth, rankings):
+        from serving.rag import group_rankings
+
+        return group_rankings(self.index, xq, texts, depth, rankings)
+
+
+def test_retriever_reads_the_docstore_off_the_event_loop(texts_index, monkeypatch):
+    """The Serve Retriever (its class, with handle stand-ins): passages equal one search of the whole index, and
+    every docstore open and lookup runs in its docstore thread, never on the event loop's."""
+    import asyncio
+    import threading
+
+    import serving.deployments as dep
+    from configs.schema.serve import IndexSource, RetrievalConfig
+    from sharding.search import ShardedIndex, search
+
+    threads = []
+    real = dep.passages_from
+
+    def spy(*args, **kw):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dep, "passages_from", spy)
+    r = dep.Retriever.func_or_class(_Handle(object()), [_Handle(_Group(texts_index["path"]))],
+                                    IndexSource(path=texts_index["path"]), RetrievalConfig(mode="lexical"))
+    query = texts_index["queries"][0]
+
+    async def ask():
+        return await r.search(query, 4), threading.current_thread().name
+
+    result, loop_thread = asyncio.run(ask())
+    D, I = search(ShardedIndex.open(texts_index["path"]), None, [query], 4, "lexical")
+    assert [p.chunk_id for p in result.passages] == [c for c in I[0].tolist() if c >= 0]
+    assert threads and all(t.startswith("docstore") and t != loop_thread for t in threads)
