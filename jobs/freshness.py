@@ -40,6 +40,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,7 @@ from sharding.freshness import (
     select_live,
     set_tombstones,
     stats_of,
+    stats_of_all,
     trained_index,
     tune_compacted,
     version_recall,
@@ -485,12 +487,14 @@ def _rows_to_delete(base_dir: Location, m: IndexManifest, where_of: str, doc_ids
 
 def _removed_stats(base_dir: Location, m: IndexManifest, segments: pa.Table, params: Any) -> CorpusStats:
     """The BM25 statistics of the rows of ``segments`` (chunk_id, shard, seg), read a segment at a time."""
-    stats = CorpusStats()
-    for (n, pos), group in by_segment(segments):
-        one = pa.table({"chunk_id": pa.array(group, pa.int64()), "shard": pa.array(np.full(len(group), n, np.int32)),
-                        "seg": pa.array(np.full(len(group), pos, np.int32))})
-        stats = stats.merge(stats_of(rows_of(base_dir, m, one, ["chunk_id", "title", "text"]), params))
-    return stats
+    def per_segment() -> Iterator[pa.Table]:
+        for (n, pos), group in by_segment(segments):
+            one = pa.table({"chunk_id": pa.array(group, pa.int64()),
+                            "shard": pa.array(np.full(len(group), n, np.int32)),
+                            "seg": pa.array(np.full(len(group), pos, np.int32))})
+            yield rows_of(base_dir, m, one, ["chunk_id", "title", "text"])
+
+    return stats_of_all(per_segment(), params)
 
 
 def delete(index_path: str, doc_ids: list[str] | None = None, where: list[str] | None = None, *,
@@ -696,9 +700,7 @@ def _rescored_lexical(vdir: Location, nm: IndexManifest, lexical: LexicalManifes
     segments, one segment's rows in memory at a time: the statistics, then the files."""
     makedirs(vdir.join(LEXICAL_DIR))
     segments = [(n, pos) for n, rec in enumerate(nm.shards) for pos in range(1 + len(rec.deltas))]
-    stats = CorpusStats()
-    for n, pos in segments:
-        stats = stats.merge(stats_of(_live_rows(vdir, nm, n, pos), lexical.params))
+    stats = stats_of_all((_live_rows(vdir, nm, n, pos) for n, pos in segments), lexical.params)
     for n, pos in segments:
         t = _live_rows(vdir, nm, n, pos)
         if pos == 0:

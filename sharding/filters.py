@@ -113,8 +113,34 @@ def filter_mask(rows: pa.Table | pa.RecordBatch, filter: Filter) -> pa.Array:
     cols = [c for c in ("doc_id", "title", "metadata") if c in rows.column_names]
     subset = rows.select(cols).take(pa.array(candidates))
     out = mask.to_numpy(zero_copy_only=False).copy()
-    out[candidates] = [matches(r, filter) for r in subset.to_pylist()]
+    check = _row_matcher(filter)
+    out[candidates] = [check(r) for r in subset.to_pylist()]
     return pa.array(out, pa.bool_())
+
+
+def _row_matcher(filter: Filter) -> Any:
+    """:func:`matches` for many rows: each field's values as a set (``x in set`` is ``x in list`` for the
+    hashable values JSON and YAML give: equal values hash alike), the list kept for unhashable ones."""
+    wants = {k: (v, {h for h in v if _hashable(h)}) for k, v in ((k, _wanted(w)) for k, w in filter.items())}
+    need_meta = any(k not in COLUMNS for k in filter)
+
+    def check(row: Mapping[str, Any]) -> bool:
+        meta = metadata_of(row) if need_meta else {}
+        for key, (want, fast) in wants.items():
+            value = row.get(key) if key in COLUMNS else meta.get(key)
+            if not (value in fast if _hashable(value) else value in want):  # a scalar never equals a list/dict
+                return False
+        return True
+
+    return check
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 def parse_where(items: Sequence[str]) -> dict[str, list[Any]]:

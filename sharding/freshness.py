@@ -26,7 +26,7 @@ never the whole corpus at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,17 +353,26 @@ def read_stats(vloc: Location, m: IndexManifest, verify: bool = True) -> CorpusS
                                "`ragtune index compact --force`, which counts them again")
         return CorpusStats.from_bytes(data)
     log.info("%s has no BM25 statistics file: counting them from the docstore (once)", vloc.uri)
-    stats = CorpusStats()
-    for _, _, t in scan_live(vloc, m, ("chunk_id", "title", "text"), verify=verify):
-        stats = stats.merge(stats_of(t, m.lexical.params))
-    return stats
+    return stats_of_all((t for _, _, t in scan_live(vloc, m, ("chunk_id", "title", "text"), verify=verify)),
+                        m.lexical.params)
 
 
 def stats_of(rows: pa.Table, params: Any) -> CorpusStats:
     """BM25 statistics of some chunk rows (title, text)."""
-    if rows.num_rows == 0:
-        return CorpusStats()
-    return CorpusStats.of(tokenizer(params)(chunk_texts(rows["title"].to_pylist(), rows["text"].to_pylist())))
+    return stats_of_all([rows], params)
+
+
+def stats_of_all(tables: Iterable[pa.Table], params: Any) -> CorpusStats:
+    """BM25 statistics of the chunk rows (title, text) of ``tables``, tokenized one table at a time as they come
+    (a generator of docstore batches streams): one count, no merge of per-table vocabularies."""
+    tokenize = tokenizer(params)
+
+    def docs() -> Iterator[list[str]]:
+        for t in tables:
+            if t.num_rows:
+                yield from tokenize(chunk_texts(t["title"].to_pylist(), t["text"].to_pylist()))
+
+    return CorpusStats.of(docs())
 
 
 def with_stats(vdir: Location, lexical: LexicalManifest, stats: CorpusStats) -> LexicalManifest:

@@ -324,7 +324,8 @@ METADATA = ['{"source": "a", "n": 1}', '{"source":"wiki","n":2.0}', '{"n": true}
                                    {"source": "café"}, {"source": None}, {"source": [None, "a"]}, {"n": 2},
                                    {"tag": 'a"b'}, {"doc_id": ["d1", "d7"], "source": "wiki"}, {"doc_id": "d3"},
                                    {"title": None}, {"title": "T1"}, {"title": 5}, {"source": "wiki", "n": 2020},
-                                   {"doc_id": []}, {"missing": "x"}])
+                                   {"doc_id": []}, {"missing": "x"}, {"source": [["wiki"]], "n": [2020.0, "x"]},
+                                   {"source": [["wiki"]]}, {"n": [1, "a", None]}])
 def test_filter_mask_equals_the_row_by_row_filter(where):
     """The vectorised evaluator of delete --where (screens on the JSON text, parses what passes) selects exactly
     the rows ``matches`` selects, on metadata written every way: escapes, nesting, null, non-objects, bad JSON."""
