@@ -20,11 +20,15 @@ version keep working (docs/index.md, "Freshness"). The flow of an add, top to bo
    ones updated (old chunks masked, new ones added);
 3. embed the new chunks with the index's model: in this process (``models.embedders.QueryEncoder``; a Ray Data
    pipeline's start-up would be most of a small add's time), or above ``--ray-above`` chunks with the embed job;
-4. one delta segment per shard that gets chunks (shard ``chunk_id % shards``; the shard count never changes),
-   tombstones for the masked chunks, BM25 deltas and statistics, the manifest with its history; ``LATEST``;
+4. ``ceil(chunks / segment size)`` delta segments (one for any add up to a shard's size), each attached to a
+   shard with the fewest live vectors (``sharding.freshness.plan_segments``; the shard count never changes, other
+   shards' files are not touched), tombstones for the masked chunks, BM25 deltas and statistics, the manifest
+   with its history; ``LATEST``;
 5. optionally ``gc`` (``--gc-keep N`` or the index's ``index.keep_versions``).
 Delete masks chunks by tombstones; compact folds deltas and tombstones into one base per shard and re-tunes the
-search parameters as the index job does; gc deletes old versions that no reader leases.
+search parameters as the index job does; gc deletes old versions that no reader leases. Delete and compact
+stream the version a docstore batch or a shard at a time (one shard's data in memory, written before the next
+is read).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,26 +62,29 @@ from sharding.corpus import read_documents_local
 from sharding.docstore import write_docstore
 from sharding.embeddings import chunk_documents, read_manifest, read_part_table, recipe_differences, vectors_from_arrow
 from sharding.faiss_index import deserialize, read_index_file, write_index_file
-from sharding.filters import matches, parse_where
+from sharding.filters import filter_mask, parse_where
 from sharding.freshness import (
     COMPACT_MAX_DELTAS,
     COMPACT_THRESHOLD,
     DOC_COLUMNS,
     AddPlan,
-    assign_shards,
     by_segment,
     compaction_reason,
+    delta_segment_size,
     fold_segments,
-    live_ids,
     masked_ids,
     new_segment,
     plan_add,
+    plan_segments,
     read_stats,
     recall_measurable,
     rows_of,
+    scan_live,
     segment_files,
+    select_live,
     set_tombstones,
     stats_of,
+    stats_of_all,
     trained_index,
     tune_compacted,
     version_recall,
@@ -100,9 +108,9 @@ from sharding.manifest import (
     write_index_manifest,
 )
 from sharding.search import shard_segments
-from sharding.storage import Location, exists, makedirs, resolve
+from sharding.storage import Location, delete_file, exists, makedirs, resolve
 from sharding.tuning import RECALL_K as K
-from sharding.tuning import TuneRow, held_out_count
+from sharding.tuning import TuneRow, apply_params, held_out_count
 from sharding.versions import GRACE_S, WriterLock, gc_versions, next_version, read_leases, version_states
 
 log = logging.getLogger("ragtune.index")
@@ -264,9 +272,9 @@ def _given_chunks(chunks: pa.Table) -> tuple[pa.Table, int]:
 
 def _plan(base_dir: Location, m: IndexManifest, new: pa.Table) -> AddPlan:
     """The new chunks against the live rows of the same doc ids: what to add, what to mask."""
-    where = live_ids(base_dir, m)
     docs = pa.array(sorted(set(new["doc_id"].to_pylist())), pa.string())
-    return plan_add(new, rows_of(base_dir, m, where.filter(pc.is_in(where["doc_id"], value_set=docs))))
+    where = select_live(base_dir, m, ("chunk_id", "doc_id"), lambda t: pc.is_in(t["doc_id"], value_set=docs))
+    return plan_add(new, rows_of(base_dir, m, where))
 
 
 def _embed_local(m: IndexManifest, rows: pa.Table, batch_size: int) -> np.ndarray:
@@ -325,24 +333,29 @@ def _embed(m: IndexManifest, root: Location, rows: pa.Table, ids: np.ndarray, co
 
 
 def _write_deltas(base_dir: Location, m: IndexManifest, vdir: Location, nm: IndexManifest, trained: bytes,
-                  plan: AddPlan, ids: np.ndarray, xb: np.ndarray, stats: CorpusStats | None) -> None:
-    """One delta segment per shard that gets chunks (shard ``chunk_id % shards``), scored for BM25 with ``stats``
-    (the statistics after the add), and the tombstones of the old copies of updated chunks."""
+                  plan: AddPlan, ids: np.ndarray, xb: np.ndarray, stats: CorpusStats | None, size: int) -> list[int]:
+    """The new chunks as ``ceil(len(ids) / size)`` delta segments, each on a shard with few live vectors
+    (``plan_segments``), scored for BM25 with ``stats`` (the statistics after the add), and the tombstones of the
+    old copies of updated chunks. Only the shards named here get new files; returns them."""
     lexical = (nm.lexical.params, stats) if nm.lexical is not None and stats is not None else None
-    target = assign_shards(ids, len(m.shards))
     rows = plan.add.select(DOC_COLUMNS)
     masked = dict(by_segment(plan.dead))
-    for n, rec in enumerate(nm.shards):
+    segments: dict[int, list[np.ndarray]] = {}
+    for n, run in plan_segments(len(ids), m.shards, size):
+        segments.setdefault(n, []).append(run)
+    touched_shards = sorted({key[0] for key in masked} | set(segments))
+    for n in touched_shards:
+        rec = nm.shards[n]
         dead, touched = masked_ids(base_dir, m, n, masked)
-        sel = target == n
-        if sel.any():
+        for run in segments.get(n, []):
             rec.deltas.append(write_delta(vdir, nm.version, n, len(rec.deltas),
-                                          new_segment(trained, ids[sel], xb[sel]), rows.filter(pa.array(sel)),
+                                          new_segment(trained, ids[run], xb[run]), rows.take(pa.array(run)),
                                           lexical))
             dead.append(np.zeros(0, np.int64))
             touched = touched or rec.tombstones is not None
         if touched:
             set_tombstones(vdir, rec, n, dead)
+    return touched_shards
 
 
 # --- add: the new version ---------------------------------------------------------------------------------------
@@ -363,6 +376,8 @@ class AddSummary:
     embedded_by: str  # "this process", "ray data", "--embeddings"
     embed_seconds: float
     seconds: float
+    segments: int = 0  # delta segments written (ceil(chunks / segment size))
+    shards_touched: list[int] = field(default_factory=list)  # shards that got new files (deltas, tombstones)
 
     def line(self) -> str:
         if not self.changed:
@@ -370,20 +385,24 @@ class AddSummary:
                     f"{self.version} with the same text; {self.seconds:.1f}s")
         return (f"added {self.docs_added:,} docs, updated {self.docs_updated:,} ({self.chunks_masked:,} old chunks "
                 f"masked), skipped {self.docs_skipped:,} unchanged: {self.chunks_added:,} chunks embedded by "
-                f"{self.embedded_by} in {self.embed_seconds:.1f}s; {self.ntotal:,} vectors; {self.seconds:.1f}s; "
+                f"{self.embedded_by} in {self.embed_seconds:.1f}s, in {self.segments} delta segment(s) on shard(s) "
+                f"{self.shards_touched}; {self.ntotal:,} vectors; {self.seconds:.1f}s; "
                 f"LATEST {self.parent} -> {self.version}")
 
 
 def add(index_path: str, corpus: str | list[str] | None = None, embeddings: str | None = None, *,
         chunks: pa.Table | None = None, text_field: str | None = None, id_field: str | None = None,
         title_field: str | None = None, ray_above: int = ADD_RAY_ABOVE, batch_size: int = 64,
-        keep_versions: int | None = None, address: str | None = None) -> AddSummary:
+        keep_versions: int | None = None, address: str | None = None,
+        segment_size: int | None = None) -> AddSummary:
     """Add new and changed documents to the index at ``index_path`` as a new version.
 
     The new corpus is chunked with the index's chunker and model (its manifest); chunks of documents already
     present with the same chunks are skipped, those of new documents added, and a document whose chunks differ
-    is updated (its old chunks masked, its new ones added). New chunks go to delta segments of shard
-    ``chunk_id % shards``. Exactly one source gives the documents: ``corpus`` (files or URIs), ``embeddings`` (a
+    is updated (its old chunks masked, its new ones added). New chunks go to ``ceil(chunks / segment_size)``
+    delta segments (``segment_size`` default: a base shard's mean size, at least
+    ``sharding.freshness.SEGMENT_MIN``), each on one of the shards with the fewest live vectors; no other shard's
+    files change. Exactly one source gives the documents: ``corpus`` (files or URIs), ``embeddings`` (a
     folder by ``ragtune embed`` made with the index's model and chunker), or ``chunks`` (a table of chunk rows
     made by the caller: chunk_id, doc_id, chunk_index, title, text, metadata, n_tokens, and ``vector`` from the
     index's model).
@@ -411,11 +430,14 @@ def add(index_path: str, corpus: str | list[str] | None = None, embeddings: str 
         if nm.lexical is not None:  # the live chunks' BM25 statistics after the add: the masked leave, the new come
             lparams = nm.lexical.params
             stats = read_stats(base_dir, m).minus(stats_of(plan.removed, lparams)).merge(stats_of(plan.add, lparams))
-        _write_deltas(base_dir, m, vdir, nm, trained, plan, ids, xb, stats)
+        size = segment_size if segment_size is not None else delta_segment_size(m)
+        touched = _write_deltas(base_dir, m, vdir, nm, trained, plan, ids, xb, stats, size)
         if nm.lexical is not None and stats is not None:
             nm.lexical = with_stats(vdir, nm.lexical, stats)
+        segments = sum(len(r.deltas) for r in nm.shards) - sum(len(r.deltas) for r in m.shards)
         counts = {"docs_added": plan.docs_added, "docs_updated": plan.docs_updated,
-                  "docs_skipped": plan.docs_skipped, "chunks_added": len(ids), "chunks_masked": plan.dead.num_rows}
+                  "docs_skipped": plan.docs_skipped, "chunks_added": len(ids), "chunks_masked": plan.dead.num_rows,
+                  "segments": segments}
         _finish(root, vdir, nm, m, "add", t0, counts)
         if nm.ntotal != m.ntotal + len(ids) - plan.dead.num_rows:  # never: each id lives in one segment
             log.warning("%s holds %d vectors, expected %d", nm.version, nm.ntotal,
@@ -423,7 +445,7 @@ def add(index_path: str, corpus: str | list[str] | None = None, embeddings: str 
     _gc_after(index_path, m, keep_versions)
     return AddSummary(root.uri, nm.version, m.version, True, docs, plan.docs_added, plan.docs_updated,
                       plan.docs_skipped, len(ids), plan.dead.num_rows, nm.ntotal, by, embed_seconds,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, segments, touched)
 
 
 # --- delete ------------------------------------------------------------------------------------------------------
@@ -445,23 +467,34 @@ class DeleteSummary:
 
 def _rows_to_delete(base_dir: Location, m: IndexManifest, where_of: str, doc_ids: list[str] | None,
                     cond: dict[str, list[Any]] | None, where: list[str] | None) -> pa.Table:
-    """The live rows (chunk_id, doc_id, shard, seg) of the documents to delete; none found is an error."""
+    """The live rows (chunk_id, doc_id, shard, seg) of the documents to delete; none found is an error. The
+    docstore is streamed a batch at a time (``select_live``): only the rows to delete are kept."""
     if doc_ids:
-        t = live_ids(base_dir, m)
-        t = t.filter(pc.is_in(t["doc_id"], value_set=pa.array(sorted(set(doc_ids)), pa.string())))
+        wanted = pa.array(sorted(set(doc_ids)), pa.string())
+        t = select_live(base_dir, m, ("chunk_id", "doc_id"), lambda b: pc.is_in(b["doc_id"], value_set=wanted))
         unknown = sorted(set(doc_ids) - set(t["doc_id"].to_pylist()))
         if unknown:
             raise RagtuneError(f"--doc-id: {len(unknown)} of {len(set(doc_ids))} doc ids are not in {where_of}: "
                                f"{unknown[:5]}. Fix: check the ids (`ragtune search` prints them); nothing was deleted")
         return t
     assert cond is not None
-    t = live_ids(base_dir, m, ("chunk_id", "doc_id", "title", "metadata"))
-    keep = [matches(r, cond) for r in t.select(["doc_id", "title", "metadata"]).to_pylist()]
-    t = t.filter(pa.array(keep, pa.bool_()))
+    t = select_live(base_dir, m, ("chunk_id", "doc_id", "title", "metadata"), lambda b: filter_mask(b, cond))
     if t.num_rows == 0:
         raise RagtuneError(f"--where {' '.join(where or [])!r} matches no chunk of {where_of} (fields: doc_id, "
                            "title, or a metadata key). Fix: check the field names and values; nothing was deleted")
-    return t
+    return t.select(["chunk_id", "doc_id", "shard", "seg"])
+
+
+def _removed_stats(base_dir: Location, m: IndexManifest, segments: pa.Table, params: Any) -> CorpusStats:
+    """The BM25 statistics of the rows of ``segments`` (chunk_id, shard, seg), read a segment at a time."""
+    def per_segment() -> Iterator[pa.Table]:
+        for (n, pos), group in by_segment(segments):
+            one = pa.table({"chunk_id": pa.array(group, pa.int64()),
+                            "shard": pa.array(np.full(len(group), n, np.int32)),
+                            "seg": pa.array(np.full(len(group), pos, np.int32))})
+            yield rows_of(base_dir, m, one, ["chunk_id", "title", "text"])
+
+    return stats_of_all(per_segment(), params)
 
 
 def delete(index_path: str, doc_ids: list[str] | None = None, where: list[str] | None = None, *,
@@ -486,9 +519,8 @@ def delete(index_path: str, doc_ids: list[str] | None = None, where: list[str] |
             dead, _ = masked_ids(base_dir, m, n, masked)
             set_tombstones(vdir, nm.shards[n], n, dead)
         if nm.lexical is not None:  # the deleted chunks' statistics leave the BM25 corpus
-            removed = rows_of(base_dir, m, segments, ["chunk_id", "title", "text"])
-            nm.lexical = with_stats(vdir, nm.lexical,
-                                    read_stats(base_dir, m).minus(stats_of(removed, nm.lexical.params)))
+            removed = _removed_stats(base_dir, m, segments, nm.lexical.params)
+            nm.lexical = with_stats(vdir, nm.lexical, read_stats(base_dir, m).minus(removed))
         docs = len(set(t["doc_id"].to_pylist()))
         _finish(root, vdir, nm, m, "delete", t0, {"docs_deleted": docs, "chunks_deleted": t.num_rows})
     _gc_after(index_path, m, keep_versions)
@@ -546,16 +578,19 @@ def compact(index_path: str, *, force: bool = False, threshold: float = COMPACT_
                                   None, None, time.perf_counter() - t0, before)
 
         vdir, nm, trained = _new_version(root, base_dir, m)
-        live = live_ids(base_dir, m, ("chunk_id", "doc_id"))
-        k = min(K, live.num_rows - 1)
-        qids = _held_out(trained, live, todo, built)
-        folded, held, dropped = _fold(base_dir, m, vdir, nm, todo, trained, qids, live)
+        n_live = sum(r.live for r in m.shards)
+        k = min(K, n_live - 1)
+        qids = _held_out(base_dir, m, trained, todo, built, n_live)
+        held: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
+        dropped = 0
+        for n in sorted(todo):  # one shard at a time: its segments folded, its files written, then let go
+            held[n], d = _compact_shard(base_dir, m, vdir, nm, n, trained, qids)
+            dropped += d
         chosen = None
         if qids is not None and len(qids):
-            chosen = _retune(base_dir, m, nm, folded, held, k, target, len(qids))
-        _write_folded(vdir, nm, folded, held)
+            chosen = _retune(base_dir, m, vdir, nm, held, k, target, len(qids))
         if nm.lexical is not None:
-            nm.lexical = _rescored_lexical(base_dir, m, vdir, nm, nm.lexical, todo)
+            nm.lexical = _rescored_lexical(vdir, nm, nm.lexical)
         _finish(root, vdir, nm, m, "compact", t0, {"shards_compacted": len(todo), "vectors_dropped": dropped})
         if nm.ntotal != m.ntotal:
             raise RagtuneError(f"compaction changed the live vectors ({m.ntotal} -> {nm.ntotal}); LATEST now names "
@@ -576,81 +611,98 @@ def _shards_to_compact(m: IndexManifest, force: bool, threshold: float, max_delt
     return {n: r for n, r in reasons.items() if r}
 
 
-def _held_out(trained: bytes, live: pa.Table, todo: dict[int, str], built: IndexConfig) -> np.ndarray | None:
+def _held_out(base_dir: Location, m: IndexManifest, trained: bytes, todo: dict[int, str], built: IndexConfig,
+              n_live: int) -> np.ndarray | None:
     """The live vectors of the compacted shards held out as recall queries, as the index job holds them out
-    (``index.tune_queries``, at most a tenth); None when recall is not measured (exact kinds, kinds that keep
-    only codes, tiny versions)."""
-    if not (recall_measurable(deserialize(trained)) and live.num_rows > 20):
+    (``index.tune_queries``, at most a tenth): positions drawn among the compacted shards' live rows (shard,
+    segment and docstore order), their ids read a batch at a time. None when recall is not measured (exact kinds,
+    kinds that keep only codes, tiny versions)."""
+    if not (recall_measurable(deserialize(trained)) and n_live > 20):
         return None
-    pool = live["chunk_id"].to_numpy()[np.isin(live["shard"].to_numpy(), list(todo))]
-    nq = min(held_out_count(built.tune_queries, live.num_rows), len(pool))
-    return np.sort(np.random.default_rng(built.seed).choice(pool, nq, replace=False))
+    shards = sorted(todo)
+    pool = sum(m.shards[n].live for n in shards)
+    nq = min(held_out_count(built.tune_queries, n_live), pool)
+    pick = np.sort(np.random.default_rng(built.seed).choice(pool, nq, replace=False))
+    out, offset = [np.zeros(0, np.int64)], 0
+    for _, _, t in scan_live(base_dir, m, ("chunk_id",), shards):
+        ids = t["chunk_id"].to_numpy()
+        lo, hi = np.searchsorted(pick, [offset, offset + len(ids)])
+        out.append(ids[pick[lo:hi] - offset])
+        offset += len(ids)
+    if offset != pool:
+        raise RagtuneError(f"{base_dir.uri}: shards {shards} hold {offset} live docstore rows but the manifest says "
+                           f"{pool}. Fix: rebuild the index with `ragtune index`")
+    return np.sort(np.concatenate(out))
 
 
-def _fold(base_dir: Location, m: IndexManifest, vdir: Location, nm: IndexManifest, todo: dict[int, str],
-          trained: bytes, qids: np.ndarray | None,
-          live: pa.Table) -> tuple[dict[int, Any], dict[int, tuple[np.ndarray, np.ndarray] | None], int]:
-    """Fold each shard to compact into one index (``qids`` held out of it), and write its live docstore rows as one
-    file. Returns the folded indexes, the held-out (ids, xb) of each, and the masked vectors dropped."""
-    folded, held, dropped = {}, {}, 0
-    for n in todo:
-        rec = m.shards[n]
-        segs = shard_segments(base_dir, m, n)
-        shas = [rec.sha256] + [d.sha256 for d in rec.deltas]
-        indexes = [read_index_file(base_dir.join(f), sha, 0)
-                   for (f, _, _), sha in zip(segment_files(rec), shas, strict=True)]
-        dropped += sum(len(g.dead) for g in segs)
-        folded[n], held[n] = fold_segments(indexes, [g.dead for g in segs], trained, qids)
-        doc_rows = _live_rows(base_dir, m, n)
-        dsha, dsize = write_docstore(doc_rows, vdir.join(docstore_name(n)))
-        nm.shards[n] = ShardRecord(file=shard_name(n), ntotal=0, sha256="", bytes=0, docstore=docstore_name(n),
-                                   docstore_sha256=dsha, docstore_bytes=dsize, pieces=[])
-        assert doc_rows.num_rows == int((live["shard"].to_numpy() == n).sum())
-    return folded, held, dropped
+def _tuning_name(n: int) -> str:
+    """A compacted shard without its held-out vectors, searched while re-tuning; removed before the manifest."""
+    return shard_name(n).replace(".faiss", ".tune.faiss")
 
 
-def _retune(base_dir: Location, m: IndexManifest, nm: IndexManifest, folded: dict[int, Any],
+def _compact_shard(base_dir: Location, m: IndexManifest, vdir: Location, nm: IndexManifest, n: int, trained: bytes,
+                   qids: np.ndarray | None) -> tuple[tuple[np.ndarray, np.ndarray] | None, int]:
+    """Fold shard ``n``'s segments into one index and write it with its live docstore rows as the new base (with
+    ``qids``, also a copy without them for re-tuning, ``_tuning_name``). Only this shard is in memory.
+
+    Returns the held-out (ids, xb) of the shard (None when nothing is tuned) and the masked vectors dropped."""
+    rec = m.shards[n]
+    segs = shard_segments(base_dir, m, n)
+    shas = [rec.sha256] + [d.sha256 for d in rec.deltas]
+    indexes = [read_index_file(base_dir.join(f), sha, 0) for (f, _, _), sha in zip(segment_files(rec), shas,
+                                                                                     strict=True)]
+    tuning = qids is not None and len(qids) > 0
+    index, held = fold_segments(indexes, [g.dead for g in segs], trained, qids if tuning else None)
+    del indexes
+    if held is not None:
+        write_index_file(index, vdir.join(_tuning_name(n)))
+        if len(held[0]):
+            index.add_with_ids(held[1], held[0])  # back in after the tuning searches, as the index job adds them
+    sha, size = write_index_file(index, vdir.join(shard_name(n)))
+    ntotal = int(index.ntotal)
+    del index
+    doc_rows = _live_rows(base_dir, m, n)
+    if doc_rows.num_rows != rec.live:
+        raise RagtuneError(f"{base_dir.uri}: shard {n} holds {doc_rows.num_rows} live docstore rows but {rec.live} "
+                           "live vectors. Fix: rebuild the index with `ragtune index`")
+    dsha, dsize = write_docstore(doc_rows, vdir.join(docstore_name(n)))
+    nm.shards[n] = ShardRecord(file=shard_name(n), ntotal=ntotal, sha256=sha, bytes=size, docstore=docstore_name(n),
+                               docstore_sha256=dsha, docstore_bytes=dsize, pieces=[])
+    return held, sum(len(g.dead) for g in segs)
+
+
+def _retune(base_dir: Location, m: IndexManifest, vdir: Location, nm: IndexManifest,
             held: dict[int, tuple[np.ndarray, np.ndarray] | None], k: int, target: float, nq: int) -> TuneRow:
     """Re-measure recall on the held-out vectors and keep the cheapest setting that reaches the target, in the
-    new manifest (``search_params``, ``recall``, ``tuning``)."""
-    chosen, rows, reached = tune_compacted(base_dir, m, folded, held, k, target)
+    new manifest (``search_params``, ``recall``, ``tuning``) and in each compacted shard's file (read, set,
+    written again a shard at a time); the copies searched while tuning go."""
+    tuned = {n: vdir.join(_tuning_name(n)) for n in held}
+    chosen, rows, reached = tune_compacted(base_dir, m, tuned, held, k, target)
     if not reached:
         log.warning("after compaction no setting reached recall@%d >= %s (best %.3f at %s)", k, target, chosen.recall,
                     chosen.label())
+    for n, loc in tuned.items():
+        index = read_index_file(vdir.join(shard_name(n)))
+        apply_params(index, chosen.params)
+        r = nm.shards[n]
+        r.sha256, r.bytes = write_index_file(index, vdir.join(shard_name(n)))
+        del index
+        delete_file(loc)
     nm.search_params = chosen.params
     nm.recall = RecallRecord.measured(chosen, k, target, nq, "held-out database vectors (at compaction)")
     nm.tuning = rows
     return chosen
 
 
-def _write_folded(vdir: Location, nm: IndexManifest, folded: dict[int, Any],
-                  held: dict[int, tuple[np.ndarray, np.ndarray] | None]) -> None:
-    """Write each folded shard as the new base, its held-out rows back in (as at build time)."""
-    for n, index in folded.items():
-        h = held[n]
-        if h is not None and len(h[0]):
-            index.add_with_ids(h[1], h[0])
-        sha, size = write_index_file(index, vdir.join(shard_name(n)))
-        r = nm.shards[n]
-        r.ntotal, r.sha256, r.bytes = int(index.ntotal), sha, size
-
-
-def _rescored_lexical(base_dir: Location, m: IndexManifest, vdir: Location, nm: IndexManifest,
-                      lexical: LexicalManifest, todo: dict[int, str]) -> LexicalManifest:
+def _rescored_lexical(vdir: Location, nm: IndexManifest, lexical: LexicalManifest) -> LexicalManifest:
     """Every BM25 file again, scored with the statistics of the live chunks (a compacted shard's one file, the
-    other shards' segments each), so that scores equal a fresh build's."""
+    other shards' segments each), so that scores equal a fresh build's. Two passes over the new version's
+    segments, one segment's rows in memory at a time: the statistics, then the files."""
     makedirs(vdir.join(LEXICAL_DIR))
-    per_seg = {}
-    for n, rec in enumerate(nm.shards):
-        if n in todo:
-            per_seg[(n, 0)] = _live_rows(vdir, nm, n)
-        else:
-            for pos in range(1 + len(rec.deltas)):
-                per_seg[(n, pos)] = _live_rows(base_dir, m, n, pos)
-    stats = CorpusStats()
-    for t in per_seg.values():
-        stats = stats.merge(stats_of(t, lexical.params))
-    for (n, pos), t in per_seg.items():
+    segments = [(n, pos) for n, rec in enumerate(nm.shards) for pos in range(1 + len(rec.deltas))]
+    stats = stats_of_all((_live_rows(vdir, nm, n, pos) for n, pos in segments), lexical.params)
+    for n, pos in segments:
+        t = _live_rows(vdir, nm, n, pos)
         if pos == 0:
             lexical.shards[n] = write_lexical(vdir, lexical_name(n), t, lexical.params, stats)
         else:

@@ -4,22 +4,29 @@ recall of a version (re-measured and re-tuned at compaction, ``sharding.tuning``
 What a version written by ``ragtune index add|delete|compact`` holds, per shard (docs/index.md, "Freshness"):
 
 - the **base** segment (``shard-00000.faiss``, its docstore and BM25 files), as built or last compacted;
-- **deltas** (``shard-00000.d000.faiss`` ...): the chunks of later adds that went to this shard, each in an
-  index made from the same trained empty index as the base (IVF: the same coarse quantizer, so
-  ``merge_from`` folds it into the base exactly), with its own docstore and BM25 files;
+- **deltas** (``shard-00000.d000.faiss`` ...): the chunks of a later add, each in an index made from the same
+  trained empty index as the base (IVF: the same coarse quantizer, so ``merge_from`` folds it into the base
+  exactly), with its own docstore and BM25 files;
 - **tombstones** (``tombstones/shard-00000.npz``): per segment, the chunk ids masked in it. Chunk ids are a hash
   of (doc id, chunk index, chunker), so the new chunks of an updated document have the ids of its old ones:
   the old copy is masked in the segment that holds it, the new copy sits unmasked in the new delta.
 
-Rules: a new chunk goes to shard ``chunk_id % shards`` (ids are uniform hashes, so adds spread evenly; the
-shard count never changes, so serving's shard groups stay valid). A chunk id is live in at most one segment of
-one shard. FAISS vocabulary as in ``sharding.faiss_index``: ``xb`` vectors, ``ids`` chunk ids, ``d`` dimension.
+Rules: an add of ``n`` chunks writes ``ceil(n / segment_size)`` delta segments (:func:`plan_segments`; one for
+any add up to a shard's size), each attached to one of the shards that hold the fewest live vectors, so an add
+touches the files of those shards alone and each query searches that many more segments until compaction. The
+shard count never changes, so serving's shard groups stay valid and search whichever deltas their shards hold.
+A chunk id is live in at most one segment of one shard (any segment of any shard: searches merge exactly, so
+where a chunk lives changes no result). FAISS vocabulary as in ``sharding.faiss_index``: ``xb`` vectors,
+``ids`` chunk ids, ``d`` dimension.
+
+Memory: the operations read a version a docstore batch, a segment or a shard at a time (:func:`scan_live`),
+never the whole corpus at once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +38,14 @@ import pyarrow.parquet as pq
 
 from configs.errors import RagtuneError
 from sharding.docstore import Docstore, write_docstore
-from sharding.faiss_index import deserialize, index_layers, read_index_file, serialize, write_index_file
+from sharding.faiss_index import (
+    deserialize,
+    index_layers,
+    mmap_flags,
+    read_index_file,
+    serialize,
+    write_index_file,
+)
 from sharding.layout import TRAINED, delta_docstore_name, delta_name, tombstone_name
 from sharding.lexical import (
     STATS_NAME,
@@ -75,9 +89,29 @@ COMPACT_MAX_DELTAS = 16  # ... or that has more deltas than this (each is one mo
 DOC_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "metadata", "n_tokens"]
 
 
-def assign_shards(ids: np.ndarray, num_shards: int) -> np.ndarray:
-    """The shard each new chunk goes to: ``chunk_id % num_shards`` (stable, and even since ids are hashes)."""
-    return np.asarray(ids, dtype=np.int64) % num_shards
+SEGMENT_MIN = 100_000  # a delta segment holds up to max(this, a base shard's mean size) chunks
+SCAN_ROWS = 16_384  # docstore rows read per batch by scan_live
+
+
+def delta_segment_size(m: IndexManifest) -> int:
+    """The most chunks one delta segment of an add holds: a base shard's mean size (so a delta costs a search
+    no dearer than a shard's and compacts in a shard's memory), at least ``SEGMENT_MIN``."""
+    return max(SEGMENT_MIN, -(-sum(r.ntotal for r in m.shards) // max(len(m.shards), 1)))
+
+
+def plan_segments(n: int, shards: Sequence[ShardRecord], size: int) -> list[tuple[int, np.ndarray]]:
+    """Where the ``n`` new chunks of an add go: ``ceil(n / size)`` delta segments (none for ``n`` = 0) of nearly
+    equal size, as (shard, positions of its chunks among the ``n``), contiguous runs in order.
+
+    Segment ``j`` goes to the ``j``-th shard by fewest live vectors (ties: the lower number), round robin when
+    there are more segments than shards: adds keep the shards even, and a small add touches one shard."""
+    if n <= 0:
+        return []
+    if size < 1:
+        raise RagtuneError(f"segment_size {size}: must be at least 1 chunk per delta segment. Fix: e.g. 100000")
+    count = -(-n // size)
+    order = sorted(range(len(shards)), key=lambda s: (shards[s].live, s))
+    return [(order[j % len(order)], run) for j, run in enumerate(np.array_split(np.arange(n), count))]
 
 
 # --- what a version holds ---------------------------------------------------------------------------------------
@@ -88,26 +122,57 @@ def segment_files(rec: ShardRecord) -> list[tuple[str, str, int]]:
                                                              for d in rec.deltas]
 
 
+def scan_live(vloc: Location, m: IndexManifest, columns: Sequence[str], shards: Sequence[int] | None = None,
+              verify: bool = True, batch_rows: int | None = None) -> Iterator[tuple[int, int, pa.Table]]:
+    """The live rows of a version, a docstore batch at a time: (shard, segment position, rows with ``columns``),
+    shards in order (or ``shards``), segments base first, rows in file order, masked rows left out. A column a
+    docstore lacks (e.g. no titles) reads as nulls. At least one (possibly empty) table per segment; each holds
+    at most ``batch_rows`` (default ``SCAN_ROWS``) rows."""
+    if "chunk_id" not in columns:
+        raise ValueError("scan_live needs chunk_id among the columns (tombstones mask by it)")
+    for n in range(len(m.shards)) if shards is None else shards:
+        segs = shard_segments(vloc, m, n, verify)
+        for pos, (_, doc, _) in enumerate(segment_files(m.shards[n])):
+            pf = pq.ParquetFile(vloc.join(doc).path, filesystem=vloc.fs)
+            have = set(pf.schema_arrow.names)
+            dead = pa.array(segs[pos].dead, pa.int64()) if len(segs[pos].dead) else None
+            read = [c for c in columns if c in have]
+            batches = pf.iter_batches(batch_size=batch_rows or SCAN_ROWS, columns=read)
+            first = True
+            for batch in batches:
+                first = False
+                yield n, pos, _shaped(pa.Table.from_batches([batch]), columns, dead)
+            if first:  # no rows at all: one empty table, so that callers see the columns' types
+                yield n, pos, _shaped(pf.schema_arrow.empty_table().select(read), columns, dead)
+
+
+def _shaped(t: pa.Table, columns: Sequence[str], dead: pa.Array | None) -> pa.Table:
+    for c in columns:
+        if c not in t.column_names:
+            t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+    t = t.select(list(columns))
+    return t if dead is None else t.filter(pc.invert(pc.is_in(t["chunk_id"], value_set=dead)))
+
+
+def select_live(vloc: Location, m: IndexManifest, columns: Sequence[str] = ("chunk_id", "doc_id"),
+                keep: Callable[[pa.Table], pa.Array] | None = None, verify: bool = True) -> pa.Table:
+    """The live rows of the version (``columns``) that ``keep`` (a batch -> boolean mask; None: every row)
+    selects, with the ``shard`` and ``seg`` (segment position) that hold them. Streams the docstore batch by
+    batch (:func:`scan_live`): memory is a batch plus the rows kept."""
+    tables = []
+    for n, pos, t in scan_live(vloc, m, columns, verify=verify):
+        if keep is not None:
+            t = t.filter(keep(t))
+        tables.append(t.append_column("shard", pa.array(np.full(t.num_rows, n, np.int32)))
+                      .append_column("seg", pa.array(np.full(t.num_rows, pos, np.int32))))
+    return pa.concat_tables(tables, promote_options="default")
+
+
 def live_ids(vloc: Location, m: IndexManifest, columns: Sequence[str] = ("chunk_id", "doc_id"),
              verify: bool = True) -> pa.Table:
     """Every live row of the version (``columns`` of the docstore), with the ``shard`` and ``seg`` (segment
-    position) that hold it. Reads whole columns: ask for the short ones (ids), then :func:`rows_of`."""
-    tables = []
-    for n, rec in enumerate(m.shards):
-        segs = shard_segments(vloc, m, n, verify)
-        for pos, (_, doc, _) in enumerate(segment_files(rec)):
-            pf = pq.ParquetFile(vloc.join(doc).path, filesystem=vloc.fs)
-            have = set(pf.schema_arrow.names)
-            t = pf.read(columns=[c for c in columns if c in have])
-            for c in columns:  # a docstore written without a column (e.g. no titles): nulls
-                if c not in have:
-                    t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
-            t = t.select(list(columns))
-            if len(segs[pos].dead):
-                t = t.filter(pc.invert(pc.is_in(t["chunk_id"], value_set=pa.array(segs[pos].dead, pa.int64()))))
-            tables.append(t.append_column("shard", pa.array(np.full(t.num_rows, n, np.int32)))
-                          .append_column("seg", pa.array(np.full(t.num_rows, pos, np.int32))))
-    return pa.concat_tables(tables)
+    position) that hold it. Holds them all: ask for the short columns (ids), or stream with :func:`scan_live`."""
+    return select_live(vloc, m, columns, None, verify)
 
 
 def rows_of(vloc: Location, m: IndexManifest, where: pa.Table, columns: Sequence[str] = DOC_COLUMNS) -> pa.Table:
@@ -288,15 +353,26 @@ def read_stats(vloc: Location, m: IndexManifest, verify: bool = True) -> CorpusS
                                "`ragtune index compact --force`, which counts them again")
         return CorpusStats.from_bytes(data)
     log.info("%s has no BM25 statistics file: counting them from the docstore (once)", vloc.uri)
-    t = live_ids(vloc, m, ("chunk_id", "title", "text"), verify)
-    return CorpusStats.of(tokenizer(m.lexical.params)(chunk_texts(t["title"].to_pylist(), t["text"].to_pylist())))
+    return stats_of_all((t for _, _, t in scan_live(vloc, m, ("chunk_id", "title", "text"), verify=verify)),
+                        m.lexical.params)
 
 
 def stats_of(rows: pa.Table, params: Any) -> CorpusStats:
     """BM25 statistics of some chunk rows (title, text)."""
-    if rows.num_rows == 0:
-        return CorpusStats()
-    return CorpusStats.of(tokenizer(params)(chunk_texts(rows["title"].to_pylist(), rows["text"].to_pylist())))
+    return stats_of_all([rows], params)
+
+
+def stats_of_all(tables: Iterable[pa.Table], params: Any) -> CorpusStats:
+    """BM25 statistics of the chunk rows (title, text) of ``tables``, tokenized one table at a time as they come
+    (a generator of docstore batches streams): one count, no merge of per-table vocabularies."""
+    tokenize = tokenizer(params)
+
+    def docs() -> Iterator[list[str]]:
+        for t in tables:
+            if t.num_rows:
+                yield from tokenize(chunk_texts(t["title"].to_pylist(), t["text"].to_pylist()))
+
+    return CorpusStats.of(docs())
 
 
 def with_stats(vdir: Location, lexical: LexicalManifest, stats: CorpusStats) -> LexicalManifest:
@@ -438,44 +514,46 @@ def recall_measurable(index: Any) -> bool:
     return candidate_params(index) != [{}] and exact_storage(index)
 
 
-def tune_compacted(base_dir: Location, m: IndexManifest, folded: Mapping[int, Any],
+def tune_compacted(base_dir: Location, m: IndexManifest, folded: Mapping[int, Location],
                    held: Mapping[int, tuple[np.ndarray, np.ndarray] | None], k: int,
                    target: float) -> tuple[TuneRow, list[TuneRow], bool]:
     """Recall@k of a compacted version at each candidate setting, as the index job measures a new one.
 
     Args:
         base_dir, m: the version compaction started from (the shards it leaves as they are are read from it).
-        folded: shard number -> its compacted index, without the held-out vectors.
+        folded: shard number -> the file of its compacted index, written without the held-out vectors.
         held: shard number -> the (ids, xb) held out of it (``fold_segments``): the queries. They are out of
             the compacted shards while searched; the true neighbours are exact search over every other live
             vector; results merge across shards.
         k: recall@k; target: the recall to reach.
 
+    The true neighbours are gathered a shard at a time; the searches run over every segment memory-mapped
+    where the kind allows (``mmap_flags``), as serving maps them.
+
     Returns:
-        (chosen row, every row, whether the target was reached); the chosen setting is left applied to the
-        compacted indexes.
+        (chosen row, every row, whether the target was reached).
     """
     xq = np.concatenate([h[1] for h in held.values() if h is not None and len(h[0])])
     qids = np.concatenate([h[0] for h in held.values() if h is not None and len(h[0])])
     order = np.argsort(qids)
     xq, qids = xq[order], qids[order]
+    flags = mmap_flags(m.factory) if base_dir.is_local else 0
     indexes, segments = [], []
     truth = GroundTruth(xq, k + 1, m.metric)
     for n, rec in enumerate(m.shards):
         if n in folded:
-            truth.add(*segment_vectors(folded[n]))
-            indexes.append(folded[n])
+            truth.add(*segment_vectors(read_index_file(folded[n])))
+            indexes.append(read_index_file(folded[n], None, flags))
             segments.append(Segment(n, 0, np.zeros(0, np.int64)))
         else:
             truth.add(*live_vectors(base_dir, m, n))
             for (name, _, _), seg in zip(segment_files(rec), shard_segments(base_dir, m, n), strict=True):
-                indexes.append(read_index_file(base_dir.join(name), None, 0))
+                indexes.append(read_index_file(base_dir.join(name), None, flags))
                 segments.append(seg)
     _, true_I = drop_self(*truth.result(), qids, k)
     view = ShardedIndex(base_dir, m, indexes, segments=segments)
     rows = tune_settings(view, candidate_params(indexes[0]), xq, qids, true_I, k)
     chosen, reached = tune(rows, target)
-    view.set_params(chosen.params)
     return chosen, rows, reached
 
 

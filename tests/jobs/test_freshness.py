@@ -52,6 +52,8 @@ def test_add_update_delete_compact_on_squad_through_the_cli(squad_index, tmp_pat
     assert (s["docs_added"], s["docs_updated"], s["docs_skipped"], s["embedded_by"]) == (4, 3, 5, "this process")
     index = ShardedIndex.open(str(root))
     assert index.ntotal == 2257 + s["chunks_added"] - s["chunks_masked"]
+    # one delta segment for the whole add (on the smaller shard), not one per shard
+    assert s["segments"] == 1 and sum(len(r.deltas) for r in index.manifest.shards) == 1
     store = index.docstore()
     queries = ["Which commission renamed the trophy after Ilse Varnhagen?", "flumoxed gardening variant charlie"]
     for mode in ("dense", "lexical", "hybrid"):

@@ -16,7 +16,6 @@ import time
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from faiss.contrib.datasets import SyntheticDataset
 
@@ -25,6 +24,7 @@ from configs.errors import RagtuneError
 from jobs.cli import main
 from sharding.docstore import write_docstore
 from sharding.embeddings import EmbedderRecord, vectors_to_arrow
+from sharding.faiss_index import index_layers
 from sharding.filters import parse_where
 from sharding.freshness import live_vectors
 from sharding.manifest import read_index_manifest, switch_latest, write_index_manifest
@@ -134,20 +134,19 @@ def test_selectors_mask_ids_for_every_kind_the_index_job_builds(factory):
 
 # --- add -----------------------------------------------------------------------------------------------------------
 
-def test_add_then_every_mode_finds_the_new_chunks_in_every_shard(flat):
+def test_add_then_every_mode_finds_the_new_chunks(flat):
     root = flat["root"]
     before = ShardedIndex.open(root)
     rows, ids, xb = new_docs(30)
     s = job.add(root, chunks=rows)
     assert (s.version, s.parent, s.docs_added, s.chunks_added, s.docs_updated, s.changed) == \
         ("v-00002", "v-00001", 30, 30, 0, True)
+    assert (s.segments, s.shards_touched) == (1, [0])  # 30 chunks: one segment, on the (first) smallest shard
     index = ShardedIndex.open(root)
     m = index.manifest
     assert m.operation == "add" and m.parent == "v-00001" and index.ntotal == 630 == m.ntotal
-    assert all(len(r.deltas) == 1 for r in m.shards)  # chunk_id % 3 spreads 30 chunks over the 3 shards
+    assert [len(r.deltas) for r in m.shards] == [1, 0, 0] and m.shards[0].deltas[0].ntotal == 30
     for n, r in enumerate(m.shards):
-        store = pq.read_table(resolve(root).join("v-00002", r.deltas[0].docstore).path)
-        assert (store["chunk_id"].to_numpy() % 3 == n).all()
         assert r.file == f"../v-00001/shard-{n:05d}.faiss"  # the base is shared, not copied
     D_, I = index.search(xb, 1)
     assert (I[:, 0] == ids).all()
@@ -162,6 +161,78 @@ def test_add_then_every_mode_finds_the_new_chunks_in_every_shard(flat):
     again = job.add(root, chunks=rows)
     assert not again.changed and again.docs_skipped == 30 and again.version == "v-00002"
     assert (resolve(root).join("LATEST").fs.open_input_stream(f"{root}/LATEST").read().strip() == b"v-00002")
+
+
+def files_under(root):
+    """Every file under an index root but LATEST: relative path -> (bytes, hash of the content, mtime in ns)."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if name == "LATEST":
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            out[os.path.relpath(path, root)] = (len(data), hash(data), os.stat(path).st_mtime_ns)
+    return out
+
+
+def test_a_delta_add_touches_only_the_segments_it_names(tmp_path):
+    """An add of n chunks writes ceil(n / segment size) delta segments on the shards with the fewest live
+    vectors: every file of the index before the add stays byte-identical (same mtime), the new version's folder
+    holds the named segments' files and nothing of any other shard, and search equals a fresh full build."""
+    info = build_index(tmp_path / "index", n=600, shards=4)
+    root = info["root"]
+    before = files_under(root)
+    s = job.add(root, chunks=new_docs(30)[0])  # the default segment size (a shard, at least 100k): one segment
+    assert (s.segments, s.shards_touched) == (1, [0])
+    after = files_under(root)
+    assert {f: after[f] for f in before} == before  # nothing written before is touched
+    assert sorted(f for f in after if f not in before) == [
+        "v-00002/PUBLISHED", "v-00002/docstore/shard-00000.d000.parquet", "v-00002/lexical/shard-00000.d000.npz",
+        "v-00002/lexical/stats.npz", "v-00002/manifest.json", "v-00002/shard-00000.d000.faiss",
+        "v-00002/trained.faiss"]  # the trained index: derived once (this version was written without one)
+    before = after
+    rows, ids, xb = new_docs(25, start=100, seed=8)
+    s = job.add(root, chunks=rows, segment_size=10)  # ceil(25 / 10) = 3 segments, on the 3 smallest shards
+    assert (s.segments, s.shards_touched, s.chunks_added) == (3, [1, 2, 3], 25)
+    after = files_under(root)
+    assert {f: after[f] for f in before} == before
+    new = sorted(f for f in after if f not in before)
+    assert [f for f in new if "shard-" in f] == sorted(
+        f"v-00003/{d}shard-{n:05d}.d000.{ext}" for n in (1, 2, 3)
+        for d, ext in (("", "faiss"), ("docstore/", "parquet"), ("lexical/", "npz")))
+    index = ShardedIndex.open(root)
+    m = index.manifest
+    assert [len(r.deltas) for r in m.shards] == [1, 1, 1, 1] and sum(r.deltas[-1].ntotal for r in m.shards[1:]) == 25
+    assert max(r.deltas[-1].ntotal for r in m.shards[1:]) - min(r.deltas[-1].ntotal for r in m.shards[1:]) <= 1
+    assert m.shards[0].deltas[0].file == "../v-00002/shard-00000.d000.faiss"
+    # exact: the merged top-k over bases and deltas equals one fresh index over every live chunk
+    ref, _ = fresh_equivalent(tmp_path / "fresh", root, shards=4)
+    xq = normalized(np.random.default_rng(4).normal(size=(30, D)))
+    a, b = index.search(xq, 40), ref.search(xq, 40)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert_same_up_to_ties(a, b)
+    assert (index.search(xb, 1)[1][:, 0] == ids).all()
+    assert (index.search_lexical([f"fresh{100 + i}" for i in range(25)], 1)[1][:, 0] == ids).all()
+    with pytest.raises(RagtuneError, match="segment_size 0: must be at least 1"):
+        job.add(root, chunks=new_docs(2, start=300, seed=9)[0], segment_size=0)
+
+
+def test_plan_segments_bounds_the_segments_and_keeps_shards_even():
+    from sharding.freshness import plan_segments
+    from sharding.manifest import ShardRecord
+
+    shards = [ShardRecord(file="", ntotal=n, sha256="", bytes=0, docstore="", docstore_sha256="", docstore_bytes=0,
+                          pieces=[]) for n in (500, 300, 300, 100)]
+    assert plan_segments(0, shards, 10) == []
+    for n, size in [(1, 10), (300, 1000), (999, 100), (5, 1), (1000, 7)]:
+        plan = plan_segments(n, shards, size)
+        assert len(plan) == -(-n // size)  # ceil(n / size), never one per shard
+        runs = np.concatenate([run for _, run in plan])
+        assert (runs == np.arange(n)).all()  # every chunk once, in order
+        assert max(len(r) for _, r in plan) <= size
+        assert [s for s, _ in plan][:4] == [3, 1, 2, 0][:len(plan)]  # fewest live first, ties by number
 
 
 def test_update_replaces_the_text_in_every_mode(flat):
@@ -241,6 +312,57 @@ def test_delete_where_metadata_filter(flat):
             parse_where(bad)
     with pytest.raises(RagtuneError, match="exactly one of --doc-id"):
         job.delete(root)
+
+
+METADATA = ['{"source": "a", "n": 1}', '{"source":"wiki","n":2.0}', '{"n": true}', '{"source": "caf\\u00e9"}',
+            '{"source": "café"}', '{"sou\\u0072ce": "wiki"}', '{"x": {"source": "wiki"}}', '["source", "wiki"]',
+            'not json', "", None, '{"source": null}', '{"source": ["wiki"]}', '{"source": "wiki "}',
+            '{"tag": "a\\"b"}', '{"n": 1.0, "source": "b"}', '{"source": "wiki", "n": 2020}', "{}"]
+
+
+@pytest.mark.parametrize("where", [{"source": "wiki"}, {"source": ["a", "b"]}, {"n": 1}, {"n": [True]},
+                                   {"source": "café"}, {"source": None}, {"source": [None, "a"]}, {"n": 2},
+                                   {"tag": 'a"b'}, {"doc_id": ["d1", "d7"], "source": "wiki"}, {"doc_id": "d3"},
+                                   {"title": None}, {"title": "T1"}, {"title": 5}, {"source": "wiki", "n": 2020},
+                                   {"doc_id": []}, {"missing": "x"}, {"source": [["wiki"]], "n": [2020.0, "x"]},
+                                   {"source": [["wiki"]]}, {"n": [1, "a", None]}])
+def test_filter_mask_equals_the_row_by_row_filter(where):
+    """The vectorised evaluator of delete --where (screens on the JSON text, parses what passes) selects exactly
+    the rows ``matches`` selects, on metadata written every way: escapes, nesting, null, non-objects, bad JSON."""
+    from sharding.filters import filter_mask, matches
+
+    n = len(METADATA)
+    t = pa.table({"doc_id": [f"d{i}" for i in range(n)], "title": [None if i % 3 else f"T{i}" for i in range(n)],
+                  "metadata": pa.array(METADATA, pa.string())})
+    want = [matches(r, where) for r in t.to_pylist()]
+    assert filter_mask(t, where).to_pylist() == want
+    for batch in t.to_batches(max_chunksize=4):
+        assert filter_mask(batch, where).to_pylist() == [matches(r, where) for r in batch.to_pylist()]
+    no_title = t.drop_columns(["title"])  # a docstore written without titles: the field reads as null
+    assert filter_mask(no_title, where).to_pylist() == [matches({**r, "title": None}, where)
+                                                        for r in no_title.to_pylist()]
+
+
+def test_delete_where_streams_in_batches_over_bases_and_deltas(flat, monkeypatch):
+    """delete --where read a few rows at a time (SCAN_ROWS 7) masks exactly the live rows the row-by-row filter
+    picks from the whole docstore, in base segments and in deltas."""
+    import sharding.freshness as fresh
+    from sharding.filters import matches
+
+    root = flat["root"]
+    rows, _, _ = new_docs(20)
+    meta = [json.dumps({"source": "a" if i % 2 else "c", "n": 1000 + i}) for i in range(20)]
+    job.add(root, chunks=rows.set_column(5, "metadata", pa.array(meta, pa.string())), segment_size=8)
+    job.delete(root, doc_ids=["d1"])
+    monkeypatch.setattr(fresh, "SCAN_ROWS", 7)
+    where = ["source=a", "n=3,5,1001,1003,1004"]
+    t = ShardedIndex.open(root).docstore().table(["doc_id", "title", "metadata"])
+    picked = {r["chunk_id"] for r in t.to_pylist() if matches(r, parse_where(where))}
+    assert len(picked) == 4  # d3, d5 (base), new1, new3 (deltas); d1 was deleted already
+    s = job.delete(root, where=where)
+    assert (s.chunks_deleted, s.docs_deleted) == (4, 4)
+    left = ShardedIndex.open(root).docstore().table(["doc_id"])["chunk_id"].to_pylist()
+    assert set(left) == set(t["chunk_id"].to_pylist()) - picked and len(left) == 619 - 4
 
 
 # --- compaction ----------------------------------------------------------------------------------------------------
@@ -348,6 +470,11 @@ def test_compaction_of_approximate_kinds_keeps_recall_and_retunes(tmp_path, fact
     index = ShardedIndex.open(root)
     assert index.manifest.recall.queries_from.startswith("held-out") and index.ntotal == 2400 - 150 + 60
     assert all(not r.deltas and r.tombstones is None for r in index.manifest.shards)
+    assert not [f for f in os.listdir(index.location.path) if ".tune." in f]  # the copies searched while tuning
+    for r in index.manifest.shards:  # the tuned setting is in the files too, not only in the manifest
+        whole = faiss.read_index(index.location.join(r.file).path)  # kept: the layers below are its to free
+        f = index_layers(whole)[-1]
+        assert (faiss.extract_index_ivf(f).nprobe if params == "nprobe" else f.hnsw.efSearch) == s.search_params[params]
     t = index.docstore().table(["doc_id"])
     cids = t["chunk_id"].to_numpy()
     vecs = {}
