@@ -249,6 +249,39 @@ def test_ivf_shards_trained_once_equal_one_ivf_index(tmp_path):
     assert (I1 == Im).mean() > 0.99
 
 
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ8np", "IVF64_HNSW16,Flat"])
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_ivf_shards_quantized_once_equal_each_shard_searched_alone(tmp_path, factory, metric):
+    ds = SyntheticDataset(32, 10_000, 6000, 60, metric="IP" if metric == "inner_product" else "L2")
+    xb, xq, xt = ds.get_database(), ds.get_queries(), ds.get_train()
+    if metric == "inner_product":
+        xb, xq, xt = normalized(xb), normalized(xq), normalized(xt)
+    ids = chunk_ids(len(xb))
+    build_version(tmp_path, xb, ids, factory, 4, metric, xt=xt)
+    params = {"nprobe": 8, **({"quantizer_efSearch": 32} if "HNSW" in factory else {})}
+    once, each = (ShardedIndex.open(str(tmp_path), params=params) for _ in range(2))  # two copies of the shards
+    assert once._shared_ivf() is not None
+    for index in (once, each):  # tombstones: the selectors go to search_preassigned too
+        index.segments[1].mask(ids[1500:1600])
+        index.segments[3].mask(ids[4600:4605])
+    for nq in (1, 3, 30, 60):  # one query; fewer than threads; BLAS for the batch, not its slices; several
+        D, I = once.search(xq[:nq], 10)
+        Ds, Is = zip(*each.search_each(xq[:nq], 10), strict=True)
+        D_ref, I_ref = merge_topk(Ds, Is, 10, metric)
+        np.testing.assert_array_equal(I, I_ref)
+        np.testing.assert_array_equal(D, D_ref)  # bit for bit: the same coarse distances, the same scans
+    assert not np.isin(I, ids[1500:1600]).any()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8", "IVF16,PQ4np,Refine(SQ8)"])
+def test_other_kinds_search_each_shard(tmp_path, factory):
+    xb = normalized(np.random.default_rng(0).normal(size=(2000, 16)))
+    build_version(tmp_path, xb, chunk_ids(2000), factory, 3)
+    assert ShardedIndex.open(str(tmp_path))._shared_ivf() is None
+    build_version(tmp_path / "one", xb, chunk_ids(2000), "IVF16,Flat", 1)
+    assert ShardedIndex.open(str(tmp_path / "one"))._shared_ivf() is None  # one shard: nothing to share
+
+
 def test_flat_shards_merge_and_hnsw_shards_stay_apart(tmp_path):
     xb = normalized(np.random.default_rng(0).normal(size=(400, 16)))
     build_version(tmp_path / "flat", xb, chunk_ids(400), "Flat", 3)
