@@ -215,7 +215,7 @@ def _layout(cfg: IndexJobConfig, plan: Plan) -> Layout:
     if use_gpu != (ix.device == "gpu"):
         plan = check(cfg, use_gpu=use_gpu)  # the choice depends on where it is built
     choice = plan.choice
-    num_shards = ix.shards or default_num_shards(plan.nb, choice.est_bytes, gpu_memory)
+    num_shards = ix.shards or choice.shards or default_num_shards(plan.nb, choice.est_bytes, gpu_memory)
     if gpu_memory and choice.est_bytes and choice.est_bytes / num_shards > gpu_memory:
         raise RagtuneError(f"index.shards = {num_shards}: each shard of {choice.factory} needs about "
                            f"{human_bytes(choice.est_bytes / num_shards)} on one GPU but index.max_gpu_memory is "
@@ -225,8 +225,12 @@ def _layout(cfg: IndexJobConfig, plan: Plan) -> Layout:
     tasks = plan_index_tasks(nodes, len(shards), ix.device)
     factory = effective_factory(choice.factory, plan.d, plan.embeddings.metric)  # a bad string fails here
     needs_training = not new_index(factory, plan.d, plan.embeddings.metric).is_trained
+    where = f" over {choice.nodes} nodes" if choice.nodes > 1 else ""
     log.info("index: %s (%s)%s", choice.factory, choice.reason, "" if choice.est_bytes is None else
-             f"; about {human_bytes(choice.est_bytes)} in memory")
+             f"; about {human_bytes(choice.est_bytes)} in memory{where}")
+    if choice.nodes > len(nodes):
+        log.warning("serving this index needs %d nodes of index.max_memory = %s each; the cluster has %d now (the "
+                    "build itself runs on any number)", choice.nodes, human_bytes(ix.max_memory_bytes), len(nodes))
     log.info("%d vectors of d=%d (%s) from %d parts -> %d shard(s); %s", plan.nb, plan.d, plan.embeddings.metric,
              len(plan.parts), len(shards), tasks.reason)
     return Layout(plan, tasks, shards, factory, needs_training)

@@ -16,6 +16,12 @@ TRAIN_PER_LIST = 50  # training vectors per IVF list (FAISS warns below 39)
 PQ_TRAIN_MIN = 10_000  # PQ codebooks have 256 centroids: 39 x 256 points at least
 IDMAP2_BYTES = 56  # per vector: the int64 id + its entry in IndexIDMap2's reverse map (measured)
 GPU_PQ_SUBDIMS = {1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32}  # d / m that faiss GPU IVF-PQ supports
+PQ_MAX_SUBDIM = 16  # coarsest PQ code auto picks: one byte per 16 dimensions (coarser loses too much recall: plan
+# more nodes instead)
+PQ_NBITS = 8  # bits per PQ sub-quantizer code (256 centroids each: FAISS's default, the fastest CPU scan)
+NODE_HEADROOM = 0.10  # multi-node plans: share of each node's budget left for the process, queries and list slack
+QUANTIZER_SHARE = 0.10  # multi-node plans: the shards' copies of the coarse quantizer take at most this share of a node
+MAX_SHARDS = 4096  # the most shards index.shards allows
 
 
 def human_bytes(n: float) -> str:
@@ -33,8 +39,10 @@ class IndexChoice:
     factory: str  # FAISS factory string (IDMap2 is added at build time where the kind keeps no ids)
     kind: str  # flat | hnsw | ivf_flat | ivf_pq | custom
     reason: str
-    est_bytes: int | None  # estimated memory of the whole index once loaded; None for custom strings
+    est_bytes: int | None  # estimated memory of the whole index once loaded (all nodes); None for custom strings
     train_size: int  # vectors to train on; 0 = the index needs no training
+    nodes: int = 1  # nodes of index.max_memory each that hold the index (more than 1: a multi-node plan)
+    shards: int | None = None  # shards the plan needs (multi-node plans); None = default_num_shards decides
 
 
 def nlist_for(nb: int, train_sample: int | None = None) -> int:
@@ -48,11 +56,17 @@ def nlist_for(nb: int, train_sample: int | None = None) -> int:
 
 
 def pq_sizes(d: int, use_gpu: bool = False) -> list[int]:
-    """Bytes per vector (PQ sub-quantizers m, 8 bits each) that divide ``d``, largest first."""
-    sizes = [m for m in range(min(96, d // 2), 3, -1) if d % m == 0]
+    """Bytes per vector (PQ sub-quantizers m, 8 bits each) that divide ``d``, largest first, at most
+    ``PQ_MAX_SUBDIM`` dimensions per byte."""
+    sizes = [m for m in range(min(96, d // 2), 3, -1) if d % m == 0 and d // m <= PQ_MAX_SUBDIM]
     if use_gpu:
         sizes = [m for m in sizes if d // m in GPU_PQ_SUBDIMS]
     return sizes
+
+
+def quantizer_bytes(nlist: int, d: int, use_gpu: bool = False) -> int:
+    """The coarse quantizer: ``nlist`` centroids of d floats, plus HNSW32 links from 65,536 lists on CPU (``_ivf``)."""
+    return nlist * 4 * d + (nlist * 9 * 32 if nlist >= 65536 and not use_gpu else 0)
 
 
 def estimate_bytes(kind: str, nb: int, d: int, *, M: int = 32, nlist: int = 0, m: int = 0,
@@ -61,7 +75,7 @@ def estimate_bytes(kind: str, nb: int, d: int, *, M: int = 32, nlist: int = 0, m
 
     Building can take up to ~1.5x of one shard while inverted lists grow.
     """
-    quantizer = nlist * 4 * d + (nlist * 9 * 32 if nlist >= 65536 else 0)
+    quantizer = quantizer_bytes(nlist, d)
     if kind == "flat":
         return nb * (4 * d + IDMAP2_BYTES)
     if kind == "hnsw":
@@ -94,14 +108,16 @@ def choose_index(nb: int, d: int, max_memory: int, *, use_gpu: bool = False, exa
     2. CPU, at most 10M vectors: HNSW32 (else HNSW16) if it fits: the fastest at high recall, no training;
     3. IVF-Flat if it fits (GPUs: the first choice, faiss has no GPU HNSW): exact distances in the lists;
     4. IVF-PQ with SQ8 refinement if it fits: PQ codes scan fast, the refinement restores the top ranks;
-    5. IVF-PQ with the largest code that fits;
+    5. IVF-PQ with the largest code that fits (at most ``PQ_MAX_SUBDIM`` dimensions per code byte);
     (PQ codes are trained without polysemous training, ``np``: it is only used by Hamming-threshold search)
-    6. nothing fits: a RagtuneError that says how much memory the smallest index needs.
+    6. nothing fits one node: IVF-PQ with rule 4's code (no refinement) spread over the fewest nodes of
+       ``max_memory`` each (:func:`plan_nodes`; the choice's ``nodes`` and ``shards`` say how), the arithmetic in
+       the reason; a RagtuneError only when even the most compact plan does not fit a node.
 
     Args:
         nb: vectors to index.
         d: their dimension.
-        max_memory: bytes the whole index may take in RAM on one node.
+        max_memory: bytes the whole index may take in RAM on one node (rule 6: on each node).
         use_gpu: the build runs on GPUs (HNSW is skipped: faiss has no GPU HNSW).
         exact_below: rule 1's threshold.
         train_sample: vectors available for training, when the user fixed it (limits the IVF lists).
@@ -149,9 +165,94 @@ def choose_index(nb: int, d: int, max_memory: int, *, use_gpu: bool = False, exa
                                f"largest code that fits ({human_bytes(est)} <= {budget}); recall may stay below "
                                "the target", est, _train_size(nb, nlist, True, train_sample))
     smallest = estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=sizes[-1])
-    raise RagtuneError(f"no index kind fits index.max_memory = {budget} for {nb:,} vectors of d = {d}: the smallest, "
-                       f"IVF{nlist},PQ{sizes[-1]}, needs about {human_bytes(smallest)}. Fix: raise index.max_memory to "
-                       f"at least {human_bytes(smallest * 1.1)}")
+    why = (f"{nb:,} vectors of d = {d} fit no single node: the smallest index, {_ivf(nlist, use_gpu)},"
+           f"PQ{sizes[-1]}, needs {human_bytes(smallest)} > index.max_memory = {budget}")
+    return plan_nodes(nb, d, max_memory, nlist, refined[0], sizes, use_gpu, train_sample, why)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """IVF-PQ spread over nodes: the arithmetic behind a multi-node choice."""
+
+    nlist: int
+    m: int  # PQ sub-quantizers: code bytes per vector at PQ_NBITS = 8
+    nbits: int
+    shard_vectors: int  # vectors per shard (the last shard may hold fewer)
+    shards: int
+    shards_per_node: int
+    nodes: int
+    bytes_per_vector: int  # code + id
+    bytes_per_shard_fixed: int  # the shard's copy of the coarse quantizer + PQ codebooks
+    bytes_per_node: int  # a full node: shards_per_node x (shard_vectors x bytes_per_vector + fixed)
+    total_bytes: int  # every shard
+
+    def arithmetic(self, nb: int, d: int, max_memory: int, use_gpu: bool = False) -> str:
+        usable = int(max_memory * (1 - NODE_HEADROOM))
+        q = quantizer_bytes(self.nlist, d, use_gpu)
+        links = f" + {self.nlist:,} x 288 B HNSW links" if q > self.nlist * 4 * d else ""
+        return (f"per vector {self.m} B PQ{self.m}x{self.nbits} code + 8 B id = {self.bytes_per_vector} B; per shard "
+                f"a copy of the quantizer ({self.nlist:,} x {d} x 4 B{links} = {human_bytes(q)}) and of the PQ "
+                f"codebooks ({2 ** self.nbits} x {d} x 4 B = {human_bytes(2 ** self.nbits * 4 * d)}); per node "
+                f"{human_bytes(max_memory)} - {NODE_HEADROOM:.0%} headroom = {human_bytes(usable)} >= "
+                f"{self.shards_per_node} shard(s) x ({self.shard_vectors:,} x {self.bytes_per_vector} B + "
+                f"{human_bytes(self.bytes_per_shard_fixed)}) = {human_bytes(self.bytes_per_node)}; nodes = "
+                f"ceil({nb:,} / {self.shards_per_node * self.shard_vectors:,} vectors per node) = {self.nodes}, "
+                f"{self.shards} shards, {human_bytes(self.total_bytes)} in all")
+
+
+def node_plan(nb: int, d: int, max_memory: int, nlist: int, m: int, nbits: int = PQ_NBITS,
+              use_gpu: bool = False) -> NodePlan | None:
+    """Spread an IVF{nlist},PQ{m}x{nbits} index of ``nb`` vectors over the fewest nodes of ``max_memory`` each.
+
+    A node keeps ``NODE_HEADROOM`` of its budget free; the rest holds ``s`` shards, each ``shard_vectors`` x (code +
+    8-byte id) plus its own copy of the coarse quantizer and PQ codebooks. Shards hold ``SHARD_VECTORS`` vectors
+    (2M, as on one node) unless their quantizer copies would take more than ``QUANTIZER_SHARE`` of the node:
+    then there are fewer, larger shards per node (at least one). None when one shard's fixed part does not fit a
+    node, or the plan needs more than ``MAX_SHARDS`` shards.
+    """
+    usable = int(max_memory * (1 - NODE_HEADROOM))
+    per_vector = m * nbits // 8 + 8
+    fixed = quantizer_bytes(nlist, d, use_gpu) + 2**nbits * 4 * d
+    if usable - fixed < per_vector:
+        return None
+    fit_one = (usable - fixed) // per_vector  # vectors a node holds as one shard
+    s = max(1, min(math.ceil(fit_one / SHARD_VECTORS), int(usable * QUANTIZER_SHARE // fixed)))
+    shard_vectors = (usable - s * fixed) // per_vector // s
+    if shard_vectors < 1:
+        return None
+    shard_vectors = min(shard_vectors, nb)
+    shards = math.ceil(nb / shard_vectors)
+    s = min(s, shards)
+    if shards > MAX_SHARDS:
+        return None
+    nodes = math.ceil(shards / s)
+    return NodePlan(nlist, m, nbits, shard_vectors, shards, s, nodes, per_vector, fixed,
+                    s * (shard_vectors * per_vector + fixed), nb * per_vector + shards * fixed)
+
+
+def plan_nodes(nb: int, d: int, max_memory: int, nlist: int, m: int, sizes: list[int], use_gpu: bool,
+               train_sample: int | None, why: str) -> IndexChoice:
+    """Rule 6: no index fits one node, so IVF-PQ{m} (``m``: the code rule 4 uses, ~8 dimensions per byte, without
+    refinement) is spread over nodes of ``max_memory`` each (:func:`node_plan`); coarser codes down to
+    ``sizes[-1]`` only if the plan would otherwise need more than ``MAX_SHARDS`` shards. Raises RagtuneError when
+    even the coarsest code cannot be planned."""
+    budget = human_bytes(max_memory)
+    for code in [c for c in sizes if c <= m]:
+        plan = node_plan(nb, d, max_memory, nlist, code, use_gpu=use_gpu)
+        if plan is not None:
+            reason = (f"{why}; planned across nodes: {_ivf(nlist, use_gpu)} coarse quantizer ({nlist:,} lists) + "
+                      f"PQ{code}x{PQ_NBITS} codes, {plan.shards_per_node} shard(s) per node, {plan.nodes} node(s) "
+                      f"of index.max_memory = {budget} to serve it ({plan.arithmetic(nb, d, max_memory, use_gpu)})")
+            return IndexChoice(f"{_ivf(nlist, use_gpu)},PQ{code}np", "ivf_pq", reason, plan.total_bytes,
+                               _train_size(nb, nlist, True, train_sample), nodes=plan.nodes, shards=plan.shards)
+    fixed = quantizer_bytes(nlist, d, use_gpu) + 2**PQ_NBITS * 4 * d
+    per_vector = sizes[-1] + 8
+    need = max(fixed + per_vector, math.ceil(nb / MAX_SHARDS) * per_vector + fixed) / (1 - NODE_HEADROOM)
+    raise RagtuneError(f"no index kind fits index.max_memory = {budget} for {nb:,} vectors of d = {d}, not even "
+                       f"across nodes: the most compact plan, IVF{nlist},PQ{sizes[-1]}x{PQ_NBITS}, needs per node its "
+                       f"quantizer and codebooks ({human_bytes(fixed)}) and at most {MAX_SHARDS} shards of "
+                       f"{sizes[-1] + 8} B per vector. Fix: raise index.max_memory to at least "
+                       f"{human_bytes(need * 1.1)}")
 
 
 def explicit_choice(factory: str, nb: int, d: int, train_sample: int | None = None) -> IndexChoice:

@@ -1,5 +1,6 @@
 """Sharded FAISS indexes without Ray: plans, the auto choice, exact merging, recall floors, files and versions."""
 
+import math
 import os
 
 import faiss
@@ -16,6 +17,7 @@ from sharding.choice import (
     estimate_bytes,
     explicit_choice,
     nlist_for,
+    node_plan,
     pq_sizes,
 )
 from sharding.docstore import write_docstore
@@ -135,11 +137,16 @@ def test_auto_choice_fits_the_budget_and_follows_the_rules(nb, d, budget, use_gp
         c = choose_index(nb, d, budget, use_gpu=use_gpu)
     except RagtuneError as e:
         assert "index.max_memory" in str(e) and "Fix:" in str(e)
-        assert not pq_sizes(d, use_gpu) or estimate_bytes("ivf_pq", nb, d, nlist=nlist_for(nb),
-                                                          m=pq_sizes(d, use_gpu)[-1]) > budget
+        sizes = pq_sizes(d, use_gpu)  # no PQ code, or not even the coarsest code can be planned across nodes
+        assert not sizes or node_plan(nb, d, budget, nlist_for(nb), sizes[-1], use_gpu=use_gpu) is None
         return
-    assert c.est_bytes is not None and c.est_bytes <= budget
-    assert c.reason
+    assert c.est_bytes is not None and c.reason
+    if c.nodes > 1:  # rule 6: nothing fits one node; each node holds its shards within the budget
+        assert estimate_bytes("ivf_pq", nb, d, nlist=nlist_for(nb), m=pq_sizes(d, use_gpu)[-1]) > budget
+        assert c.kind == "ivf_pq" and "Refine" not in c.factory and c.shards is not None
+        assert c.est_bytes / c.nodes <= budget and f"{c.nodes} node(s)" in c.reason
+        return
+    assert c.est_bytes <= budget
     flat_fits = estimate_bytes("flat", nb, d) <= budget
     hnsw_fits = estimate_bytes("hnsw", nb, d, M=32) <= budget
     if nb < 10_000 and flat_fits:
@@ -171,6 +178,32 @@ def test_auto_choice_examples():
     assert choose_index(200_000, 384, 100 * 2**20, train_sample=20_000).factory.startswith("IVF512,")  # 39 x 512 <= 20k
     with pytest.raises(RagtuneError, match=r"no index kind fits index.max_memory = 1.0 MiB .* Fix: raise"):
         choose_index(1_000_000, 384, 2**20)
+
+
+def test_auto_plans_across_nodes_when_no_node_holds_the_index():
+    plans = {nb: choose_index(nb, 384, 4 * GiB, use_gpu=True) for nb in (1_000_000, 100_000_000, 1_000_000_000)}
+    assert [(c.factory, c.nodes) for c in plans.values()] == [
+        ("IVF2048,Flat", 1),  # fits one node: unchanged rules
+        ("IVF32768,PQ32np", 1),  # IVF-Flat (144 GiB) does not fit: PQ, the largest code that fits one node
+        ("IVF65536,PQ48np", 16),  # no code fits one node: d/8-byte codes over 16 nodes
+    ]
+    nlists = [nlist_for(nb) for nb in (1_000_000, 10_000_000, 100_000_000, 1_000_000_000, 10_000_000_000)]
+    assert nlists == sorted(nlists) and nlists[-2] == 65536
+    c = choose_index(1_000_000_000, 384, 4 * GiB)  # the CPU default: an HNSW coarse quantizer
+    assert c.factory == "IVF65536_HNSW32,PQ48np" and (c.nodes, c.shards) == (16, 48)
+    assert "48 B PQ48x8 code + 8 B id = 56 B" in c.reason and "nodes = ceil(1,000,000,000 / " in c.reason
+    plan = node_plan(1_000_000_000, 384, 4 * GiB, 65536, 48)
+    assert plan is not None and (plan.nodes, plan.shards, plan.shards_per_node) == (c.nodes, c.shards, 3)
+    assert plan.bytes_per_node <= 0.9 * 4 * GiB  # 10% headroom
+    assert plan.nodes == math.ceil(plan.total_bytes / plan.bytes_per_node)  # every node full but the last
+    assert plan.nodes == math.ceil(1_000_000_000 / (plan.shards_per_node * plan.shard_vectors))
+    assert plan.total_bytes == 1_000_000_000 * 56 + 48 * plan.bytes_per_shard_fixed
+    more = choose_index(1_000_000_000, 384, 16 * GiB)  # a bigger node: fewer nodes, the same code
+    assert more.factory == c.factory and more.nodes == 4
+    assert choose_index(1_000_000_000, 768, 4 * GiB).factory == "IVF65536_HNSW32,PQ96np"
+    with pytest.raises(RagtuneError, match=r"not even across nodes.*IVF65536,PQ24x8.*Fix: raise index.max_memory "
+                                           r"to at least"):
+        choose_index(1_000_000_000, 384, 100 * 2**20)  # 100 MiB: the quantizer alone is 96 MiB
 
 
 def test_explicit_factory_strings():
