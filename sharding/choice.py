@@ -276,3 +276,77 @@ def default_num_shards(nb: int, est_bytes: int | None = None, gpu_memory: int | 
         n = max(n, math.ceil(est_bytes / gpu_memory))
     return min(n, nb)
 
+
+
+# --- memory of one shard task of the build ---------------------------------------------------------------------------
+
+ADD_BATCH = 65_536  # embedding rows a shard task reads and adds at a time (IVF, Flat; HNSW adds a part at a time)
+DOCSTORE_RANGE_BYTES = 256 * 2**20  # a shard task writes its docstore in chunk-id ranges of about this much part data
+TASK_BASE_BYTES = 400 * 2**20  # a task's interpreter, numpy, pyarrow and faiss before any data
+BUILD_GROWTH = 1.5  # an index being built can take this much of its final size (inverted lists grow by doubling)
+TEXT_EXPANSION = 3  # docstore text decoded from its Parquet bytes (zstd compresses chunk text ~3x)
+
+
+def row_bytes(part_bytes: int, rows: int, d: int) -> tuple[int, int]:
+    """(docstore bytes a row takes decoded, bytes a row takes in the embedding parts) from the parts' total size:
+    a part row is its float32 vector (4d bytes, barely compressible) plus its compressed text and metadata."""
+    on_disk = math.ceil(part_bytes / max(rows, 1))
+    return max(256, TEXT_EXPANSION * max(0, on_disk - 4 * d)), on_disk
+
+
+def _factory_sizes(factory: str) -> dict[str, int]:
+    """What estimate_bytes needs from a factory string: nlist, m, M, refine."""
+    ivf, pq, hnsw = (re.search(p, factory) for p in (r"IVF(\d+)", r"PQ(\d+)", r"HNSW(\d+)"))
+    return {"nlist": int(ivf.group(1)) if ivf else 0, "m": int(pq.group(1)) if pq else 0,
+            "M": int(hnsw.group(1)) if hnsw and not ivf else 32, "refine": int("Refine" in factory)}
+
+
+def shard_task_bytes(kind: str, factory: str, shard_vectors: int, d: int, *, doc_row_bytes: int,
+                     part_row_bytes: int = 0, batch_rows: int = ADD_BATCH, queries: int = 1000) -> tuple[int, str]:
+    """Peak memory of one shard task and the arithmetic behind it (for Ray's ``memory=`` and the log).
+
+    The task reads its rows in batches (``batch_rows`` x (4d + 8) bytes, held about three times: the Arrow batch,
+    its numpy view and the contiguous copy FAISS gets), grows the shard's index up to ``BUILD_GROWTH`` x its
+    final size, keeps the tuning queries and their results, writes the index and lets it go; then it writes its
+    docstore in chunk-id ranges of ``DOCSTORE_RANGE_BYTES`` of part data (``part_row_bytes`` a row on disk; 0:
+    the whole shard at once), each range's rows held decoded (``doc_row_bytes`` each). The peak is the larger of
+    the two phases, plus ``TASK_BASE_BYTES``. Custom factory strings are sized as Flat (4d + 56 bytes a vector).
+    """
+    sizes = _factory_sizes(factory)
+    est_kind = kind if kind in ("flat", "hnsw", "ivf_flat", "ivf_pq") else "flat"
+    index = estimate_bytes(est_kind, shard_vectors, d, M=sizes["M"], nlist=sizes["nlist"], m=sizes["m"] or 8,
+                           refine=bool(sizes["refine"]))
+    batch = 3 * min(batch_rows, shard_vectors) * (4 * d + 8)
+    tuning = queries * (4 * d + 2 * 12 * 11 * 20)  # xq, exact top-k, ~20 candidate settings' (D, I)
+    add_phase = int(BUILD_GROWTH * index) + batch + tuning
+    ranges = max(1, math.ceil(shard_vectors * part_row_bytes / DOCSTORE_RANGE_BYTES)) if part_row_bytes else 1
+    range_rows = math.ceil(shard_vectors / ranges)
+    doc_phase = 2 * range_rows * doc_row_bytes  # the range's rows sorted (a copy) while the writer encodes them
+    total = TASK_BASE_BYTES + max(add_phase, doc_phase)
+    why = (f"{human_bytes(TASK_BASE_BYTES)} base + max(add: {BUILD_GROWTH} x {human_bytes(index)} index of "
+           f"{shard_vectors:,} vectors + 3 x {min(batch_rows, shard_vectors):,} x {4 * d + 8} B batch + "
+           f"{human_bytes(tuning)} tuning, docstore: 2 x {range_rows:,} rows x {doc_row_bytes} B in {ranges} "
+           f"chunk-id range(s)) = {human_bytes(total)}")
+    return total, why
+
+
+def shards_for_memory(kind: str, factory: str, nb: int, d: int, limit: int, *, doc_row_bytes: int,
+                      part_row_bytes: int = 0, batch_rows: int = ADD_BATCH) -> int:
+    """The fewest shards whose tasks each fit ``limit`` bytes (``shard_task_bytes``), at least 1; a RagtuneError
+    when even a shard of one batch does not fit."""
+    def need(n: int) -> int:
+        return shard_task_bytes(kind, factory, n, d, doc_row_bytes=doc_row_bytes, part_row_bytes=part_row_bytes,
+                                batch_rows=batch_rows)[0]
+
+    if need(min(nb, batch_rows)) > limit:
+        raise RagtuneError(f"a shard task of {min(nb, batch_rows):,} vectors already needs "
+                           f"{human_bytes(need(min(nb, batch_rows)))} but a task may take {human_bytes(limit)} "
+                           "(half of the smallest node's Ray memory). Fix: use nodes with more memory")
+    shards = 1
+    while need(math.ceil(nb / shards)) > limit:  # need() grows with the shard: at most a few doublings, then exact
+        shards *= 2
+    lo, hi = shards // 2 + 1, shards
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if need(math.ceil(nb / mid)) <= limit else (mid + 1, hi)
+    return max(1, hi)

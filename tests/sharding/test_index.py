@@ -19,6 +19,9 @@ from sharding.choice import (
     nlist_for,
     node_plan,
     pq_sizes,
+    row_bytes,
+    shard_task_bytes,
+    shards_for_memory,
 )
 from sharding.docstore import write_docstore
 from sharding.faiss_index import ShardBuilder, effective_factory, new_index, serialize, train_index, write_index_file
@@ -204,6 +207,23 @@ def test_auto_plans_across_nodes_when_no_node_holds_the_index():
     with pytest.raises(RagtuneError, match=r"not even across nodes.*IVF65536,PQ24x8.*Fix: raise index.max_memory "
                                            r"to at least"):
         choose_index(1_000_000_000, 384, 100 * 2**20)  # 100 MiB: the quantizer alone is 96 MiB
+
+
+def test_shard_task_memory_and_shards_sized_to_fit_it():
+    kw = {"doc_row_bytes": 2000, "part_row_bytes": 2200}
+    small, why = shard_task_bytes("ivf_pq", "IVF4096,PQ48np", 1_000_000, 384, **kw)
+    big, _ = shard_task_bytes("ivf_pq", "IVF4096,PQ48np", 4_000_000, 384, **kw)
+    assert small < big < 4 * small and "400.0 MiB base + max(add: 1.5 x " in why and "chunk-id range(s)" in why
+    whole, _ = shard_task_bytes("ivf_pq", "IVF4096,PQ48np", 4_000_000, 384, doc_row_bytes=2000)
+    assert whole > 2 * 4_000_000 * 2000 > big  # the docstore in one piece would dominate
+    limit = 2 * GiB
+    n = shards_for_memory("hnsw", "HNSW32", 10_000_000, 384, limit, **kw)
+    fits = [shard_task_bytes("hnsw", "HNSW32", math.ceil(10_000_000 / s), 384, **kw)[0] <= limit for s in (n - 1, n)]
+    assert fits == [False, True]  # the fewest shards whose tasks fit
+    assert shards_for_memory("flat", "Flat", 5_000, 384, limit, **kw) == 1
+    with pytest.raises(RagtuneError, match=r"a shard task of 65,536 vectors already needs .* Fix: use nodes"):
+        shards_for_memory("flat", "Flat", 10**9, 384, 2**20, **kw)
+    assert row_bytes(1_000_000 * (1536 + 300), 1_000_000, 384) == (900, 1836)
 
 
 def test_explicit_factory_strings():
