@@ -446,8 +446,9 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
     sha, size = write_index_file(index, out.join(shard_name(shard)))
     ntotal = int(index.ntotal)
     del index, builder  # the docstore phase holds text, not vectors
-    dsha, dsize = write_docstore_sorted(_docstore_ranges(emb, records, pieces, np.concatenate(ids_seen), doc_bytes,
-                                                         batch_rows), out.join(docstore_name(shard)))
+    ids = np.concatenate(ids_seen) if ids_seen else np.zeros(0, np.int64)
+    dsha, dsize = write_docstore_sorted(_docstore_ranges(emb, records, pieces, ids, doc_bytes, batch_rows),
+                                        out.join(docstore_name(shard)))
     record = ShardRecord(file=shard_name(shard), ntotal=ntotal, sha256=sha, bytes=size,
                          docstore=docstore_name(shard), docstore_sha256=dsha, docstore_bytes=dsize, pieces=pieces,
                          seconds=time.perf_counter() - t0)
@@ -466,7 +467,7 @@ def _docstore_ranges(emb: Location, records: dict[str, PartRecord], pieces: list
     """The shard's docstore rows in ascending chunk-id ranges, each sorted: ``ids`` cut into ranges of about
     ``doc_bytes`` of part data, and for each range every piece read again in batches, keeping the range's rows."""
     part_bytes = sum(records[p.part].bytes * p.rows / max(records[p.part].rows, 1) for p in pieces)
-    ranges = max(1, math.ceil(part_bytes / doc_bytes))
+    ranges = max(1, min(len(ids), math.ceil(part_bytes / doc_bytes)))
     bounds = np.sort(ids)[[len(ids) * i // ranges for i in range(1, ranges)]]  # (ranges - 1,) lower bounds
     edges = [None, *bounds.tolist(), None]
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
