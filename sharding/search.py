@@ -223,10 +223,12 @@ def search_shared_quantizer(ivfs: Sequence[Any], selectors: Sequence[Any], xq: n
     Exactly what each shard's own ``search`` returns (ids and distances, bit for bit), at the cost of one coarse
     quantization instead of one per shard: ``IndexIVF::search`` (parallel_mode 0) cuts the queries into one slice
     per OpenMP thread, quantizes each slice and scans its lists with ``search_preassigned``; this does the same
-    slices with the first shard's quantizer (the same centroids in every shard), then scans each shard's lists with
-    its own ``search_preassigned``, which keeps the shard's nprobe, max_codes and the segment's selector. FAISS's
-    ``IndexShardsIVF`` quantizes once too, but it takes one selector for every shard and merges with its own tie
-    order; here each segment keeps its tombstones and ``merge_topk`` its order.
+    slices (one call where each query's coarse distances do not depend on the batch: an HNSW quantizer, or fewer
+    queries than FAISS's BLAS threshold) with the first shard's quantizer (the same centroids in every shard),
+    then scans each shard's lists with its own ``search_preassigned``, which keeps the shard's nprobe, max_codes
+    and the segment's selector. FAISS's ``IndexShardsIVF`` quantizes once too, but it takes one selector for
+    every shard and merges with its own tie order; here each segment keeps its tombstones and ``merge_topk`` its
+    order.
 
     Args:
         ivfs: ``faiss.IndexIVF`` shards (downcast), same nlist, nprobe and quantizer.
@@ -244,7 +246,9 @@ def search_shared_quantizer(ivfs: Sequence[Any], selectors: Sequence[Any], xq: n
     Dq = np.empty((nq, nprobe), np.float32)  # (nq, nprobe) distances to the probed centroids
     Iq = np.empty((nq, nprobe), np.int64)  # (nq, nprobe) list numbers
     nt = min(faiss.omp_get_max_threads(), nq)
-    for s in range(nt):  # IndexIVF::search's slices, so that the coarse distances are the same bits
+    if isinstance(quantizer, faiss.IndexHNSW) or nq < faiss.cvar.distance_compute_blas_threshold:
+        nt = 1  # each query's coarse distances computed alone whatever the batch: one call gives the same bits
+    for s in range(nt):  # else IndexIVF::search's slices (a flat quantizer uses BLAS from 20 queries on)
         i0, i1 = nq * s // nt, nq * (s + 1) // nt
         if i1 > i0:
             Dq[i0:i1], Iq[i0:i1] = quantizer.search(xq[i0:i1], nprobe)
