@@ -14,15 +14,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import jobs.index
 from configs.errors import RagtuneError
 from configs.schema import IndexJobConfig
 from jobs.cli import main
-from jobs.index import check, run
+from jobs.index import build_shard, check, run
 from jobs.search import evaluate_index
-from sharding.embeddings import EmbeddingManifest, write_manifest
+from sharding.docstore import write_docstore
+from sharding.embeddings import EmbeddingManifest, read_part_table, vectors_to_arrow, write_manifest, write_part
+from sharding.faiss_index import ShardBuilder, new_index, serialize, train_index, write_index_file
+from sharding.layout import plan_shards
 from sharding.search import ShardedIndex
-from sharding.storage import resolve
-from sharding.tuning import recall_at_k
+from sharding.storage import makedirs, resolve
+from sharding.tuning import apply_params, recall_at_k
 from tests.conftest import REPO
 
 REFERENCE = {"ndcg@10": 0.772, "recall@10": 0.917, "recall@100": 0.991, "mrr@10": 0.725}
@@ -197,12 +201,8 @@ def test_a_corrupted_shard_is_a_one_line_error_naming_the_file(squad_flat_index,
 
 def _parts(tmp_path, sizes, d=16, seed=0):
     """Embedding parts as the embed job writes them: chunk rows with text, and their vectors."""
-    from sharding.embeddings import vectors_to_arrow, write_part
-
     rng = np.random.default_rng(seed)
     out = resolve(str(tmp_path / "emb"))
-    from sharding.storage import makedirs
-
     makedirs(out)
     records, xbs = {}, []
     for i, n in enumerate(sizes):
@@ -226,14 +226,6 @@ def _parts(tmp_path, sizes, d=16, seed=0):
 def test_shard_task_streams_and_builds_the_same_shard_as_whole_parts(tmp_path, factory, monkeypatch):
     """build_shard reads batches of rows and writes its docstore in chunk-id ranges; the shard file and the
     docstore file are byte for byte those of adding whole parts and sorting the whole shard (the build before)."""
-    import jobs.index
-    from jobs.index import build_shard
-    from sharding.docstore import write_docstore
-    from sharding.embeddings import read_part_table
-    from sharding.faiss_index import ShardBuilder, new_index, serialize, train_index, write_index_file
-    from sharding.layout import plan_shards
-    from sharding.tuning import apply_params
-
     faiss.omp_set_num_threads(1)  # HNSW links vectors in parallel otherwise: not reproducible even before
     emb, records, xbs = _parts(tmp_path, [700, 0, 1300, 45, 960])
     trained = serialize(train_index(new_index(factory, 16, "inner_product"), np.vstack([x for _, x, _ in xbs])))
@@ -241,8 +233,6 @@ def test_shard_task_streams_and_builds_the_same_shard_as_whole_parts(tmp_path, f
     qids = np.concatenate([xbs[0][0][:5], xbs[2][0][100:103]])  # held-out tuning queries, added after the search
     xq = np.vstack([xbs[0][1][:5], xbs[2][1][100:103]])
     out = resolve(str(tmp_path / "v"))
-    from sharding.storage import makedirs
-
     read, piece_batches = [], jobs.index.piece_batches
 
     def counted(*args, **kwargs):
