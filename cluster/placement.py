@@ -15,6 +15,7 @@ class NodeResources:
 
     cpus: float
     gpus: float = 0.0
+    memory: float = 0.0  # bytes of Ray's ``memory`` resource (what tasks may reserve with memory=); 0 = unknown
 
 
 @dataclass(frozen=True)
@@ -111,15 +112,18 @@ class IndexTaskPlan:
     train_threads: int  # threads of the one training task (a whole node on CPU)
     concurrent: int  # shard tasks that run at once
     reason: str
+    memory: int = 0  # bytes each shard task reserves (Ray's memory=); 0 = none declared
 
 
 def plan_index_tasks(nodes: list[NodeResources], shards: int,
-                     device: Literal["auto", "cpu", "gpu"] = "auto") -> IndexTaskPlan:
+                     device: Literal["auto", "cpu", "gpu"] = "auto", task_memory: int = 0) -> IndexTaskPlan:
     """Decide how the training task and the shard tasks of ``ragtune index`` are placed.
 
     GPU clusters (``device`` auto or gpu): every task takes one GPU and one CPU; as many shards run at once as
     there are GPUs. CPU clusters: the shards are spread over the nodes and each node's cores are split evenly
     between the shards it runs at once, so FAISS's threads never exceed the cores they were given.
+    ``task_memory`` (bytes a shard task needs at its peak, 0 = not known) is declared to Ray as ``memory=`` and
+    also bounds how many run at once on a node: no more than the node's Ray ``memory`` holds.
     """
     if not nodes:
         raise RagtuneError("the Ray cluster has no alive node with CPUs or GPUs; check `ray status`")
@@ -128,20 +132,30 @@ def plan_index_tasks(nodes: list[NodeResources], shards: int,
     if use_gpu and total_gpus == 0:
         raise RagtuneError("index.device = 'gpu' but the Ray cluster has no GPUs. "
                            "Fix: set index.device to auto or cpu, or add GPU nodes to the cluster")
+    mem_nodes = [nd.memory for nd in nodes if nd.memory > 0 and (nd.gpus >= 1 if use_gpu else nd.cpus >= 1)]
+    node_memory = int(min(mem_nodes)) if mem_nodes and task_memory else 0
+    if node_memory and task_memory > node_memory:
+        raise RagtuneError(f"a shard task needs about {task_memory / 2**30:.1f} GiB but the smallest node offers Ray "
+                           f"{node_memory / 2**30:.1f} GiB of memory. Fix: set index.shards higher (smaller shards) or "
+                           "null, or use nodes with more memory")
+    by_memory = node_memory // task_memory if node_memory else None  # shard tasks one node's memory holds
+    memory_note = (f"; memory={task_memory / 2**30:.2f} GiB each, {by_memory} per node in "
+                   f"{node_memory / 2**30:.1f} GiB" if by_memory else "")
     if use_gpu:
         gpu_nodes = [nd for nd in nodes if nd.gpus >= 1]
         threads = max(1, min(8, int(min(nd.cpus / nd.gpus for nd in gpu_nodes))))
-        return IndexTaskPlan(True, 1, 1, threads, threads, min(shards, total_gpus),
-                             f"{total_gpus} GPU(s): training and adds on GPU, {min(shards, total_gpus)} shard(s) "
-                             "at a time")
+        at_once = min(shards, sum(min(int(nd.gpus), by_memory or int(nd.gpus)) for nd in gpu_nodes))
+        return IndexTaskPlan(True, 1, 1, threads, threads, at_once,
+                             f"{total_gpus} GPU(s): training and adds on GPU, {at_once} shard(s) at a time"
+                             + memory_note, task_memory)
     cpu_nodes = [nd for nd in nodes if nd.cpus >= 1]
     cores = int(min(nd.cpus for nd in cpu_nodes))
-    per_node = min(cores, math.ceil(shards / len(cpu_nodes)))
+    per_node = min(cores, math.ceil(shards / len(cpu_nodes)), by_memory or cores)
     threads = max(1, cores // per_node)
     concurrent = min(shards, per_node * len(cpu_nodes))
     return IndexTaskPlan(False, threads, 0, threads, cores, concurrent,
                          f"no GPUs: {concurrent} shard task(s) at a time x {threads} FAISS thread(s) on "
-                         f"{len(cpu_nodes)} node(s)")
+                         f"{len(cpu_nodes)} node(s)" + memory_note, task_memory)
 
 
 @dataclass(frozen=True)

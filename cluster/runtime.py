@@ -46,7 +46,7 @@ def init_ray(cfg: ClusterConfig) -> str:
 
 
 def alive_nodes() -> list[NodeResources]:
-    """CPU and GPU totals of each alive node that can run work (a head with 0 CPUs is left out)."""
+    """CPU, GPU and memory totals of each alive node that can run work (a head with 0 CPUs is left out)."""
     import ray
 
     nodes = []
@@ -56,5 +56,5 @@ def alive_nodes() -> list[NodeResources]:
         res = node.get("Resources", {})
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
         if cpus >= 1 or gpus >= 1:
-            nodes.append(NodeResources(cpus=cpus, gpus=gpus))
+            nodes.append(NodeResources(cpus=cpus, gpus=gpus, memory=float(res.get("memory", 0))))
     return nodes

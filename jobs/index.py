@@ -31,15 +31,19 @@ The flow, top to bottom:
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from cluster.placement import IndexTaskPlan, plan_index_tasks
 from cluster.runtime import alive_nodes, init_ray
@@ -49,8 +53,20 @@ from jobs.commands import job_main
 from jobs.plots import png, pyplot
 from jobs.progress import Rate, ensure_logging
 from models.embedders import EmbedderSpec, load_sentence_transformer
-from sharding.choice import IndexChoice, choose_index, default_num_shards, explicit_choice, human_bytes
-from sharding.docstore import write_docstore
+from sharding.choice import (
+    ADD_BATCH,
+    DOCSTORE_RANGE_BYTES,
+    IndexChoice,
+    choose_index,
+    default_num_shards,
+    explicit_choice,
+    human_bytes,
+    row_bytes,
+    shard_task_bytes,
+    shards_for_memory,
+)
+from sharding.docstore import COLUMNS as DOCSTORE_COLUMNS
+from sharding.docstore import write_docstore_sorted
 from sharding.embeddings import (
     EmbedderRecord,
     EmbeddingManifest,
@@ -63,6 +79,7 @@ from sharding.faiss_index import (
     ShardBuilder,
     deserialize,
     effective_factory,
+    index_layers,
     new_index,
     serialize,
     train_index,
@@ -215,20 +232,35 @@ def _layout(cfg: IndexJobConfig, plan: Plan) -> Layout:
     if use_gpu != (ix.device == "gpu"):
         plan = check(cfg, use_gpu=use_gpu)  # the choice depends on where it is built
     choice = plan.choice
-    num_shards = ix.shards or default_num_shards(plan.nb, choice.est_bytes, gpu_memory)
+    num_shards = ix.shards or choice.shards or default_num_shards(plan.nb, choice.est_bytes, gpu_memory)
+    doc_row, part_row = row_bytes(sum(r.bytes for r in plan.embeddings.parts.values()), plan.nb, plan.d)
+    node_memory = min((nd.memory for nd in nodes if nd.memory > 0), default=0)
+    if node_memory and not ix.shards:  # shards small enough that a task takes at most half a node's memory
+        num_shards = max(num_shards, shards_for_memory(choice.kind, choice.factory, plan.nb, plan.d,
+                                                       int(node_memory // 2), doc_row_bytes=doc_row,
+                                                       part_row_bytes=part_row))
     if gpu_memory and choice.est_bytes and choice.est_bytes / num_shards > gpu_memory:
         raise RagtuneError(f"index.shards = {num_shards}: each shard of {choice.factory} needs about "
                            f"{human_bytes(choice.est_bytes / num_shards)} on one GPU but index.max_gpu_memory is "
                            f"{human_bytes(gpu_memory)}. Fix: set index.shards >= "
                            f"{-(-choice.est_bytes // gpu_memory)} or null")
     shards = plan_shards(plan.parts, num_shards)
-    tasks = plan_index_tasks(nodes, len(shards), ix.device)
+    batch = max(rows for _, rows in plan.parts) if choice.kind == "hnsw" else ADD_BATCH  # HNSW adds a part at once
+    task_memory, memory_why = shard_task_bytes(choice.kind, choice.factory, max(sum(p.rows for p in s) for s in shards),
+                                               plan.d, doc_row_bytes=doc_row, part_row_bytes=part_row,
+                                               batch_rows=batch)
+    tasks = plan_index_tasks(nodes, len(shards), ix.device, task_memory=task_memory)
     factory = effective_factory(choice.factory, plan.d, plan.embeddings.metric)  # a bad string fails here
     needs_training = not new_index(factory, plan.d, plan.embeddings.metric).is_trained
+    where = f" over {choice.nodes} nodes" if choice.nodes > 1 else ""
     log.info("index: %s (%s)%s", choice.factory, choice.reason, "" if choice.est_bytes is None else
-             f"; about {human_bytes(choice.est_bytes)} in memory")
+             f"; about {human_bytes(choice.est_bytes)} in memory{where}")
+    if choice.nodes > len(nodes):
+        log.warning("serving this index needs %d nodes of index.max_memory = %s each; the cluster has %d now (the "
+                    "build itself runs on any number)", choice.nodes, human_bytes(ix.max_memory_bytes), len(nodes))
     log.info("%d vectors of d=%d (%s) from %d parts -> %d shard(s); %s", plan.nb, plan.d, plan.embeddings.metric,
              len(plan.parts), len(shards), tasks.reason)
+    log.info("memory of a shard task (Ray memory=): %s", memory_why)
     return Layout(plan, tasks, shards, factory, needs_training)
 
 
@@ -323,16 +355,63 @@ class BuiltShard:
     truth: tuple[np.ndarray, np.ndarray]  # the queries' exact (D, I) among this shard's rows
 
 
+def piece_batches(emb: Location, record: PartRecord, piece: Piece, columns: list[str], batch_rows: int,
+                  verify: bool = True) -> Iterator[pa.Table]:
+    """Rows ``[piece.start, piece.stop)`` of one embedding part, ``batch_rows`` at a time (0: the piece at once),
+    only those of ``columns`` the part has: its sha256 checked first (``verify``) by reading it in blocks, then the
+    Parquet file read batch by batch, so a task never holds a whole part (nor its other columns)."""
+    if piece.rows == 0:
+        return
+    loc = emb.join(record.file)
+    if not exists(loc):
+        raise RagtuneError(f"{loc.uri}: listed in the embeddings manifest but missing. Fix: rerun `ragtune embed` "
+                           "with the same config to rebuild it")
+    if verify:
+        h = hashlib.sha256()
+        with loc.fs.open_input_stream(loc.path) as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        if h.hexdigest() != record.sha256:
+            raise RagtuneError(f"{loc.uri}: checksum mismatch (file changed or truncated). Fix: rerun `ragtune "
+                               "embed` with --overwrite")
+    with loc.fs.open_input_file(loc.path) as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.schema_arrow.metadata
+        columns = [c for c in columns if c in pf.schema_arrow.names]
+        pending: list[pa.RecordBatch] = []
+        row = 0  # the part's row number of the next batch read
+        want = batch_rows or piece.rows
+        for batch in pf.iter_batches(batch_size=min(65_536, max(want, 1)), columns=columns):
+            lo, hi = max(piece.start - row, 0), min(piece.stop - row, batch.num_rows)
+            row += batch.num_rows
+            if hi > lo:
+                pending.append(batch.slice(lo, hi - lo))
+            while sum(b.num_rows for b in pending) >= want or (pending and row >= piece.stop):
+                t = pa.Table.from_batches(pending).replace_schema_metadata(meta)
+                yield t.slice(0, want)
+                rest = t.slice(want)
+                pending = rest.to_batches() if rest.num_rows else []
+            if row >= piece.stop:
+                break
+
+
 def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord], trained: bytes,
                 xq: np.ndarray, qids: np.ndarray, k: int, metric: str, version_uri: str, threads: int,
-                gpu: int | None) -> BuiltShard:
+                gpu: int | None, batch_rows: int = ADD_BATCH, doc_bytes: int = DOCSTORE_RANGE_BYTES) -> BuiltShard:
     """Add this shard's rows to the trained index, search the tuning queries with each candidate setting, and
     write the shard and its docstore.
+
+    Memory stays that of the index and one batch (``shard_task_bytes``): vectors are read ``batch_rows`` at a time
+    (only ``chunk_id`` and ``vector``) and added batch by batch (HNSW a piece at a time: its graph depends on how
+    the adds are grouped, so it is built as before); batches of IVF kinds keep at least 20 rows where the piece
+    has them, so FAISS assigns them with the same kernel as a whole piece: the same index, bit for bit. The
+    docstore is read after the index is written and let go, in chunk-id ranges of about ``doc_bytes`` of text,
+    each written sorted (``write_docstore_sorted``): the same file as sorting the whole shard at once.
 
     Held-out database vectors (``qids`` >= 0) are queries the index must not contain while it is searched
     (else a query finds itself and its graph or cell neighbours too easily): their rows are added after the
     tuning searches, just before the shard is written. The exact neighbours of the queries among the other rows
-    are found part by part as the rows are read (``GroundTruth``: memory stays that of one part).
+    are found batch by batch as the rows are read (``GroundTruth``: memory stays that of one batch).
     """
     import faiss
 
@@ -341,32 +420,69 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
     t0 = time.perf_counter()
     emb, out = resolve(emb_uri), resolve(version_uri)
     builder = ShardBuilder(deserialize(trained), gpu)
+    per_piece = any(isinstance(x, faiss.IndexHNSW) for x in index_layers(builder.index))
     truth = GroundTruth(xq, k, metric) if len(xq) else None
-    rows: list[pa.Table] = []
+    ids_seen: list[np.ndarray] = []  # (rows,) int64 per batch: the docstore's chunk-id ranges
     later: list[tuple[np.ndarray, np.ndarray]] = []  # held-out rows, added after the tuning searches
+    held_ids = qids[qids >= 0]
     for piece in pieces:
-        table = read_part_table(emb, records[piece.part]).slice(piece.start, piece.rows)
-        xb = vectors_from_arrow(table["vector"])
-        ids = table["chunk_id"].to_numpy()
-        held = np.isin(ids, qids[qids >= 0])
-        builder.add(ids[~held], xb[~held])
-        if held.any():
-            later.append((ids[held], xb[held]))
-        if truth is not None:
-            truth.add(ids[~held], xb[~held])
-        rows.append(table.drop_columns(["vector"]))
+        for table in piece_batches(emb, records[piece.part], piece, ["chunk_id", "vector"],
+                                   0 if per_piece else even_batch(piece.rows, batch_rows)):
+            xb = vectors_from_arrow(table["vector"])
+            ids = table["chunk_id"].to_numpy()
+            held = np.isin(ids, held_ids)
+            builder.add(ids[~held], xb[~held])
+            if held.any():
+                later.append((ids[held], xb[held]))
+            if truth is not None:
+                truth.add(ids[~held], xb[~held])
+            ids_seen.append(ids)
     index = builder.finish()
     candidates = candidate_params(index)
     searched = search_candidates(index, xq, k, candidates) if truth is not None else []
     for ids, xb in later:
         index.add_with_ids(xb, ids)
+    later.clear()
     sha, size = write_index_file(index, out.join(shard_name(shard)))
-    dsha, dsize = write_docstore(pa.concat_tables(rows), out.join(docstore_name(shard)))
-    record = ShardRecord(file=shard_name(shard), ntotal=int(index.ntotal), sha256=sha, bytes=size,
+    ntotal = int(index.ntotal)
+    del index, builder  # the docstore phase holds text, not vectors
+    ids = np.concatenate(ids_seen) if ids_seen else np.zeros(0, np.int64)
+    dsha, dsize = write_docstore_sorted(_docstore_ranges(emb, records, pieces, ids, doc_bytes, batch_rows),
+                                        out.join(docstore_name(shard)))
+    record = ShardRecord(file=shard_name(shard), ntotal=ntotal, sha256=sha, bytes=size,
                          docstore=docstore_name(shard), docstore_sha256=dsha, docstore_bytes=dsize, pieces=pieces,
                          seconds=time.perf_counter() - t0)
     no_truth = (np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64))
     return BuiltShard(record, candidates, searched, truth.result() if truth is not None else no_truth)
+
+
+def even_batch(rows: int, batch_rows: int) -> int:
+    """A batch size that cuts ``rows`` into equal batches of at most ``batch_rows``: no short last batch (a batch
+    under 20 rows is assigned by another FAISS kernel than the whole piece would be)."""
+    return math.ceil(rows / max(1, math.ceil(rows / batch_rows))) if rows else batch_rows
+
+
+def _docstore_ranges(emb: Location, records: dict[str, PartRecord], pieces: list[Piece], ids: np.ndarray,
+                     doc_bytes: int, batch_rows: int) -> Iterator[pa.Table]:
+    """The shard's docstore rows in ascending chunk-id ranges, each sorted: ``ids`` cut into ranges of about
+    ``doc_bytes`` of part data, and for each range every piece read again in batches, keeping the range's rows."""
+    part_bytes = sum(records[p.part].bytes * p.rows / max(records[p.part].rows, 1) for p in pieces)
+    ranges = max(1, min(len(ids), math.ceil(part_bytes / doc_bytes)))
+    bounds = np.sort(ids)[[len(ids) * i // ranges for i in range(1, ranges)]]  # (ranges - 1,) lower bounds
+    edges = [None, *bounds.tolist(), None]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        kept = []
+        for piece in pieces:  # checked when the vectors were read
+            for t in piece_batches(emb, records[piece.part], piece, DOCSTORE_COLUMNS, batch_rows, verify=False):
+                cid = t["chunk_id"]
+                mask = None
+                if lo is not None:
+                    mask = pc.greater_equal(cid, lo)
+                if hi is not None:
+                    below = pc.less(cid, hi)
+                    mask = below if mask is None else pc.and_(mask, below)
+                kept.append(t if mask is None else t.filter(mask))
+        yield pa.concat_tables(kept).sort_by("chunk_id")
 
 
 def _build_shards(layout: Layout, records: dict[str, PartRecord], prep: Prepared, k: int,
@@ -376,7 +492,8 @@ def _build_shards(layout: Layout, records: dict[str, PartRecord], prep: Prepared
 
     plan, tasks = layout.plan, layout.tasks
     remote: Any = ray.remote  # build_shard takes more arguments than ray's typed overloads of remote() spell out
-    shard_task = remote(build_shard).options(num_cpus=tasks.num_cpus, num_gpus=tasks.num_gpus)
+    shard_task = remote(build_shard).options(num_cpus=tasks.num_cpus, num_gpus=tasks.num_gpus,
+                                             **({"memory": tasks.memory} if tasks.memory else {}))
     trained_ref, xq_ref, qids_ref = ray.put(prep.index), ray.put(prep.xq), ray.put(prep.qids)
     pending = {shard_task.remote(i, pieces, plan.emb.uri, records, trained_ref, xq_ref, qids_ref, k + 1 if k else 0,
                                  plan.embeddings.metric, vdir.uri, tasks.threads, layout.gpu): i

@@ -16,6 +16,12 @@ TRAIN_PER_LIST = 50  # training vectors per IVF list (FAISS warns below 39)
 PQ_TRAIN_MIN = 10_000  # PQ codebooks have 256 centroids: 39 x 256 points at least
 IDMAP2_BYTES = 56  # per vector: the int64 id + its entry in IndexIDMap2's reverse map (measured)
 GPU_PQ_SUBDIMS = {1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32}  # d / m that faiss GPU IVF-PQ supports
+PQ_MAX_SUBDIM = 16  # coarsest PQ code auto picks: one byte per 16 dimensions (coarser loses too much recall: plan
+# more nodes instead)
+PQ_NBITS = 8  # bits per PQ sub-quantizer code (256 centroids each: FAISS's default, the fastest CPU scan)
+NODE_HEADROOM = 0.10  # multi-node plans: share of each node's budget left for the process, queries and list slack
+QUANTIZER_SHARE = 0.10  # multi-node plans: the shards' copies of the coarse quantizer take at most this share of a node
+MAX_SHARDS = 4096  # the most shards index.shards allows
 
 
 def human_bytes(n: float) -> str:
@@ -33,8 +39,10 @@ class IndexChoice:
     factory: str  # FAISS factory string (IDMap2 is added at build time where the kind keeps no ids)
     kind: str  # flat | hnsw | ivf_flat | ivf_pq | custom
     reason: str
-    est_bytes: int | None  # estimated memory of the whole index once loaded; None for custom strings
+    est_bytes: int | None  # estimated memory of the whole index once loaded (all nodes); None for custom strings
     train_size: int  # vectors to train on; 0 = the index needs no training
+    nodes: int = 1  # nodes of index.max_memory each that hold the index (more than 1: a multi-node plan)
+    shards: int | None = None  # shards the plan needs (multi-node plans); None = default_num_shards decides
 
 
 def nlist_for(nb: int, train_sample: int | None = None) -> int:
@@ -48,11 +56,17 @@ def nlist_for(nb: int, train_sample: int | None = None) -> int:
 
 
 def pq_sizes(d: int, use_gpu: bool = False) -> list[int]:
-    """Bytes per vector (PQ sub-quantizers m, 8 bits each) that divide ``d``, largest first."""
-    sizes = [m for m in range(min(96, d // 2), 3, -1) if d % m == 0]
+    """Bytes per vector (PQ sub-quantizers m, 8 bits each) that divide ``d``, largest first, at most
+    ``PQ_MAX_SUBDIM`` dimensions per byte."""
+    sizes = [m for m in range(min(96, d // 2), 3, -1) if d % m == 0 and d // m <= PQ_MAX_SUBDIM]
     if use_gpu:
         sizes = [m for m in sizes if d // m in GPU_PQ_SUBDIMS]
     return sizes
+
+
+def quantizer_bytes(nlist: int, d: int, use_gpu: bool = False) -> int:
+    """The coarse quantizer: ``nlist`` centroids of d floats, plus HNSW32 links from 65,536 lists on CPU (``_ivf``)."""
+    return nlist * 4 * d + (nlist * 9 * 32 if nlist >= 65536 and not use_gpu else 0)
 
 
 def estimate_bytes(kind: str, nb: int, d: int, *, M: int = 32, nlist: int = 0, m: int = 0,
@@ -61,7 +75,7 @@ def estimate_bytes(kind: str, nb: int, d: int, *, M: int = 32, nlist: int = 0, m
 
     Building can take up to ~1.5x of one shard while inverted lists grow.
     """
-    quantizer = nlist * 4 * d + (nlist * 9 * 32 if nlist >= 65536 else 0)
+    quantizer = quantizer_bytes(nlist, d)
     if kind == "flat":
         return nb * (4 * d + IDMAP2_BYTES)
     if kind == "hnsw":
@@ -94,14 +108,16 @@ def choose_index(nb: int, d: int, max_memory: int, *, use_gpu: bool = False, exa
     2. CPU, at most 10M vectors: HNSW32 (else HNSW16) if it fits: the fastest at high recall, no training;
     3. IVF-Flat if it fits (GPUs: the first choice, faiss has no GPU HNSW): exact distances in the lists;
     4. IVF-PQ with SQ8 refinement if it fits: PQ codes scan fast, the refinement restores the top ranks;
-    5. IVF-PQ with the largest code that fits;
+    5. IVF-PQ with the largest code that fits (at most ``PQ_MAX_SUBDIM`` dimensions per code byte);
     (PQ codes are trained without polysemous training, ``np``: it is only used by Hamming-threshold search)
-    6. nothing fits: a RagtuneError that says how much memory the smallest index needs.
+    6. nothing fits one node: IVF-PQ with rule 4's code (no refinement) spread over the fewest nodes of
+       ``max_memory`` each (:func:`plan_nodes`; the choice's ``nodes`` and ``shards`` say how), the arithmetic in
+       the reason; a RagtuneError only when even the most compact plan does not fit a node.
 
     Args:
         nb: vectors to index.
         d: their dimension.
-        max_memory: bytes the whole index may take in RAM on one node.
+        max_memory: bytes the whole index may take in RAM on one node (rule 6: on each node).
         use_gpu: the build runs on GPUs (HNSW is skipped: faiss has no GPU HNSW).
         exact_below: rule 1's threshold.
         train_sample: vectors available for training, when the user fixed it (limits the IVF lists).
@@ -149,9 +165,94 @@ def choose_index(nb: int, d: int, max_memory: int, *, use_gpu: bool = False, exa
                                f"largest code that fits ({human_bytes(est)} <= {budget}); recall may stay below "
                                "the target", est, _train_size(nb, nlist, True, train_sample))
     smallest = estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=sizes[-1])
-    raise RagtuneError(f"no index kind fits index.max_memory = {budget} for {nb:,} vectors of d = {d}: the smallest, "
-                       f"IVF{nlist},PQ{sizes[-1]}, needs about {human_bytes(smallest)}. Fix: raise index.max_memory to "
-                       f"at least {human_bytes(smallest * 1.1)}")
+    why = (f"{nb:,} vectors of d = {d} fit no single node: the smallest index, {_ivf(nlist, use_gpu)},"
+           f"PQ{sizes[-1]}, needs {human_bytes(smallest)} > index.max_memory = {budget}")
+    return plan_nodes(nb, d, max_memory, nlist, refined[0], sizes, use_gpu, train_sample, why)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """IVF-PQ spread over nodes: the arithmetic behind a multi-node choice."""
+
+    nlist: int
+    m: int  # PQ sub-quantizers: code bytes per vector at PQ_NBITS = 8
+    nbits: int
+    shard_vectors: int  # vectors per shard (the last shard may hold fewer)
+    shards: int
+    shards_per_node: int
+    nodes: int
+    bytes_per_vector: int  # code + id
+    bytes_per_shard_fixed: int  # the shard's copy of the coarse quantizer + PQ codebooks
+    bytes_per_node: int  # a full node: shards_per_node x (shard_vectors x bytes_per_vector + fixed)
+    total_bytes: int  # every shard
+
+    def arithmetic(self, nb: int, d: int, max_memory: int, use_gpu: bool = False) -> str:
+        usable = int(max_memory * (1 - NODE_HEADROOM))
+        q = quantizer_bytes(self.nlist, d, use_gpu)
+        links = f" + {self.nlist:,} x 288 B HNSW links" if q > self.nlist * 4 * d else ""
+        return (f"per vector {self.m} B PQ{self.m}x{self.nbits} code + 8 B id = {self.bytes_per_vector} B; per shard "
+                f"a copy of the quantizer ({self.nlist:,} x {d} x 4 B{links} = {human_bytes(q)}) and of the PQ "
+                f"codebooks ({2 ** self.nbits} x {d} x 4 B = {human_bytes(2 ** self.nbits * 4 * d)}); per node "
+                f"{human_bytes(max_memory)} - {NODE_HEADROOM:.0%} headroom = {human_bytes(usable)} >= "
+                f"{self.shards_per_node} shard(s) x ({self.shard_vectors:,} x {self.bytes_per_vector} B + "
+                f"{human_bytes(self.bytes_per_shard_fixed)}) = {human_bytes(self.bytes_per_node)}; nodes = "
+                f"ceil({nb:,} / {self.shards_per_node * self.shard_vectors:,} vectors per node) = {self.nodes}, "
+                f"{self.shards} shards, {human_bytes(self.total_bytes)} in all")
+
+
+def node_plan(nb: int, d: int, max_memory: int, nlist: int, m: int, nbits: int = PQ_NBITS,
+              use_gpu: bool = False) -> NodePlan | None:
+    """Spread an IVF{nlist},PQ{m}x{nbits} index of ``nb`` vectors over the fewest nodes of ``max_memory`` each.
+
+    A node keeps ``NODE_HEADROOM`` of its budget free; the rest holds ``s`` shards, each ``shard_vectors`` x (code +
+    8-byte id) plus its own copy of the coarse quantizer and PQ codebooks. Shards hold ``SHARD_VECTORS`` vectors
+    (2M, as on one node) unless their quantizer copies would take more than ``QUANTIZER_SHARE`` of the node:
+    then there are fewer, larger shards per node (at least one). None when one shard's fixed part does not fit a
+    node, or the plan needs more than ``MAX_SHARDS`` shards.
+    """
+    usable = int(max_memory * (1 - NODE_HEADROOM))
+    per_vector = m * nbits // 8 + 8
+    fixed = quantizer_bytes(nlist, d, use_gpu) + 2**nbits * 4 * d
+    if usable - fixed < per_vector:
+        return None
+    fit_one = (usable - fixed) // per_vector  # vectors a node holds as one shard
+    s = max(1, min(math.ceil(fit_one / SHARD_VECTORS), int(usable * QUANTIZER_SHARE // fixed)))
+    shard_vectors = (usable - s * fixed) // per_vector // s
+    if shard_vectors < 1:
+        return None
+    shard_vectors = min(shard_vectors, nb)
+    shards = math.ceil(nb / shard_vectors)
+    s = min(s, shards)
+    if shards > MAX_SHARDS:
+        return None
+    nodes = math.ceil(shards / s)
+    return NodePlan(nlist, m, nbits, shard_vectors, shards, s, nodes, per_vector, fixed,
+                    s * (shard_vectors * per_vector + fixed), nb * per_vector + shards * fixed)
+
+
+def plan_nodes(nb: int, d: int, max_memory: int, nlist: int, m: int, sizes: list[int], use_gpu: bool,
+               train_sample: int | None, why: str) -> IndexChoice:
+    """Rule 6: no index fits one node, so IVF-PQ{m} (``m``: the code rule 4 uses, ~8 dimensions per byte, without
+    refinement) is spread over nodes of ``max_memory`` each (:func:`node_plan`); coarser codes down to
+    ``sizes[-1]`` only if the plan would otherwise need more than ``MAX_SHARDS`` shards. Raises RagtuneError when
+    even the coarsest code cannot be planned."""
+    budget = human_bytes(max_memory)
+    for code in [c for c in sizes if c <= m]:
+        plan = node_plan(nb, d, max_memory, nlist, code, use_gpu=use_gpu)
+        if plan is not None:
+            reason = (f"{why}; planned across nodes: {_ivf(nlist, use_gpu)} coarse quantizer ({nlist:,} lists) + "
+                      f"PQ{code}x{PQ_NBITS} codes, {plan.shards_per_node} shard(s) per node, {plan.nodes} node(s) "
+                      f"of index.max_memory = {budget} to serve it ({plan.arithmetic(nb, d, max_memory, use_gpu)})")
+            return IndexChoice(f"{_ivf(nlist, use_gpu)},PQ{code}np", "ivf_pq", reason, plan.total_bytes,
+                               _train_size(nb, nlist, True, train_sample), nodes=plan.nodes, shards=plan.shards)
+    fixed = quantizer_bytes(nlist, d, use_gpu) + 2**PQ_NBITS * 4 * d
+    per_vector = sizes[-1] + 8
+    need = max(fixed + per_vector, math.ceil(nb / MAX_SHARDS) * per_vector + fixed) / (1 - NODE_HEADROOM)
+    raise RagtuneError(f"no index kind fits index.max_memory = {budget} for {nb:,} vectors of d = {d}, not even "
+                       f"across nodes: the most compact plan, IVF{nlist},PQ{sizes[-1]}x{PQ_NBITS}, needs per node its "
+                       f"quantizer and codebooks ({human_bytes(fixed)}) and at most {MAX_SHARDS} shards of "
+                       f"{sizes[-1] + 8} B per vector. Fix: raise index.max_memory to at least "
+                       f"{human_bytes(need * 1.1)}")
 
 
 def explicit_choice(factory: str, nb: int, d: int, train_sample: int | None = None) -> IndexChoice:
@@ -175,3 +276,77 @@ def default_num_shards(nb: int, est_bytes: int | None = None, gpu_memory: int | 
         n = max(n, math.ceil(est_bytes / gpu_memory))
     return min(n, nb)
 
+
+
+# --- memory of one shard task of the build ---------------------------------------------------------------------------
+
+ADD_BATCH = 65_536  # embedding rows a shard task reads and adds at a time (IVF, Flat; HNSW adds a part at a time)
+DOCSTORE_RANGE_BYTES = 256 * 2**20  # a shard task writes its docstore in chunk-id ranges of about this much part data
+TASK_BASE_BYTES = 400 * 2**20  # a task's interpreter, numpy, pyarrow and faiss before any data
+BUILD_GROWTH = 1.5  # an index being built can take this much of its final size (inverted lists grow by doubling)
+TEXT_EXPANSION = 3  # docstore text decoded from its Parquet bytes (zstd compresses chunk text ~3x)
+
+
+def row_bytes(part_bytes: int, rows: int, d: int) -> tuple[int, int]:
+    """(docstore bytes a row takes decoded, bytes a row takes in the embedding parts) from the parts' total size:
+    a part row is its float32 vector (4d bytes, barely compressible) plus its compressed text and metadata."""
+    on_disk = math.ceil(part_bytes / max(rows, 1))
+    return max(256, TEXT_EXPANSION * max(0, on_disk - 4 * d)), on_disk
+
+
+def _factory_sizes(factory: str) -> dict[str, int]:
+    """What estimate_bytes needs from a factory string: nlist, m, M, refine."""
+    ivf, pq, hnsw = (re.search(p, factory) for p in (r"IVF(\d+)", r"PQ(\d+)", r"HNSW(\d+)"))
+    return {"nlist": int(ivf.group(1)) if ivf else 0, "m": int(pq.group(1)) if pq else 0,
+            "M": int(hnsw.group(1)) if hnsw and not ivf else 32, "refine": int("Refine" in factory)}
+
+
+def shard_task_bytes(kind: str, factory: str, shard_vectors: int, d: int, *, doc_row_bytes: int,
+                     part_row_bytes: int = 0, batch_rows: int = ADD_BATCH, queries: int = 1000) -> tuple[int, str]:
+    """Peak memory of one shard task and the arithmetic behind it (for Ray's ``memory=`` and the log).
+
+    The task reads its rows in batches (``batch_rows`` x (4d + 8) bytes, held about three times: the Arrow batch,
+    its numpy view and the contiguous copy FAISS gets), grows the shard's index up to ``BUILD_GROWTH`` x its
+    final size, keeps the tuning queries and their results, writes the index and lets it go; then it writes its
+    docstore in chunk-id ranges of ``DOCSTORE_RANGE_BYTES`` of part data (``part_row_bytes`` a row on disk; 0:
+    the whole shard at once), each range's rows held decoded (``doc_row_bytes`` each). The peak is the larger of
+    the two phases, plus ``TASK_BASE_BYTES``. Custom factory strings are sized as Flat (4d + 56 bytes a vector).
+    """
+    sizes = _factory_sizes(factory)
+    est_kind = kind if kind in ("flat", "hnsw", "ivf_flat", "ivf_pq") else "flat"
+    index = estimate_bytes(est_kind, shard_vectors, d, M=sizes["M"], nlist=sizes["nlist"], m=sizes["m"] or 8,
+                           refine=bool(sizes["refine"]))
+    batch = 3 * min(batch_rows, shard_vectors) * (4 * d + 8)
+    tuning = queries * (4 * d + 2 * 12 * 11 * 20)  # xq, exact top-k, ~20 candidate settings' (D, I)
+    add_phase = int(BUILD_GROWTH * index) + batch + tuning
+    ranges = max(1, math.ceil(shard_vectors * part_row_bytes / DOCSTORE_RANGE_BYTES)) if part_row_bytes else 1
+    range_rows = math.ceil(shard_vectors / ranges)
+    doc_phase = 2 * range_rows * doc_row_bytes  # the range's rows sorted (a copy) while the writer encodes them
+    total = TASK_BASE_BYTES + max(add_phase, doc_phase)
+    why = (f"{human_bytes(TASK_BASE_BYTES)} base + max(add: {BUILD_GROWTH} x {human_bytes(index)} index of "
+           f"{shard_vectors:,} vectors + 3 x {min(batch_rows, shard_vectors):,} x {4 * d + 8} B batch + "
+           f"{human_bytes(tuning)} tuning, docstore: 2 x {range_rows:,} rows x {doc_row_bytes} B in {ranges} "
+           f"chunk-id range(s)) = {human_bytes(total)}")
+    return total, why
+
+
+def shards_for_memory(kind: str, factory: str, nb: int, d: int, limit: int, *, doc_row_bytes: int,
+                      part_row_bytes: int = 0, batch_rows: int = ADD_BATCH) -> int:
+    """The fewest shards whose tasks each fit ``limit`` bytes (``shard_task_bytes``), at least 1; a RagtuneError
+    when even a shard of one batch does not fit."""
+    def need(n: int) -> int:
+        return shard_task_bytes(kind, factory, n, d, doc_row_bytes=doc_row_bytes, part_row_bytes=part_row_bytes,
+                                batch_rows=batch_rows)[0]
+
+    if need(min(nb, batch_rows)) > limit:
+        raise RagtuneError(f"a shard task of {min(nb, batch_rows):,} vectors already needs "
+                           f"{human_bytes(need(min(nb, batch_rows)))} but a task may take {human_bytes(limit)} "
+                           "(half of the smallest node's Ray memory). Fix: use nodes with more memory")
+    shards = 1
+    while need(math.ceil(nb / shards)) > limit:  # need() grows with the shard: at most a few doublings, then exact
+        shards *= 2
+    lo, hi = shards // 2 + 1, shards
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if need(math.ceil(nb / mid)) <= limit else (mid + 1, hi)
+    return max(1, hi)

@@ -8,7 +8,9 @@ do not overlap and their ``chunk_id`` min/max statistics (in the footer) say whi
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import os
+import uuid
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from configs.errors import RagtuneError
-from sharding.storage import Location, atomic_write_bytes, exists, sha256_hex
+from sharding.faiss_index import sha256_file  # a file's hash read in blocks (the module imports faiss lazily)
+from sharding.storage import TMP_MARK, Location, atomic_write_bytes, exists, sha256_hex
 
 ROW_GROUP_ROWS = 512  # ~0.5 MB of paragraph text: one read per id looked up
 COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "metadata", "n_tokens"]
@@ -121,3 +124,48 @@ class Docstore:
     def __len__(self) -> int:
         return sum(f.pf.metadata.num_rows - (0 if d is None else len(d)) for f, d in zip(self._files, self._dead,
                                                                                        strict=True))
+
+
+def write_docstore_sorted(tables: Iterable[pa.Table], loc: Location) -> tuple[str, int]:
+    """Write one shard's docstore from tables that come sorted by chunk_id, each one's ids above the previous
+    one's (a shard's rows in chunk-id ranges), without holding them all: the same file as :func:`write_docstore`
+    of their concatenation (the same row groups of ``ROW_GROUP_ROWS``), written atomically; returns (sha256, bytes).
+    Local files are written through a temporary name; remote ones are assembled in memory (compressed) first."""
+    local = loc.is_local
+    tmp = f"{loc.path}{TMP_MARK}{uuid.uuid4().hex[:12]}" if local else None
+    buf = io.BytesIO()
+    writer: pq.ParquetWriter | None = None
+    carry: pa.Table | None = None  # rows short of a whole row group, written with the next table
+    try:
+        for t in tables:
+            t = t.select([c for c in COLUMNS if c in t.column_names])
+            if carry is not None:
+                t = pa.concat_tables([carry, t])
+            if writer is None:
+                writer = pq.ParquetWriter(tmp if tmp else buf, t.schema, compression="zstd",
+                                          write_statistics=["chunk_id"], use_dictionary=["doc_id", "title", "metadata"])
+            whole = t.num_rows // ROW_GROUP_ROWS * ROW_GROUP_ROWS
+            if whole:
+                writer.write_table(t.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
+            carry = t.slice(whole)
+        if writer is None:
+            raise RagtuneError(f"{loc.uri}: no docstore rows to write. Fix: rebuild the index with `ragtune index`")
+        if carry is not None and carry.num_rows:
+            writer.write_table(carry, row_group_size=ROW_GROUP_ROWS)
+        writer.close()
+        writer = None
+        if not local:
+            data = buf.getvalue()
+            atomic_write_bytes(loc, data)
+            return sha256_hex(data), len(data)
+        assert tmp is not None
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest, size = sha256_file(tmp), os.path.getsize(tmp)
+        os.replace(tmp, loc.path)
+        return digest, size
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)

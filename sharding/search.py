@@ -216,6 +216,58 @@ def search_parameters(index: Any, sel: Any, k: int, keep: list[Any]) -> Any:
     return build(index_layers(index), sel, k)
 
 
+def search_shared_quantizer(ivfs: Sequence[Any], selectors: Sequence[Any], xq: np.ndarray,
+                            k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-shard top-k (D, I) of IVF shards that share one trained coarse quantizer, the queries quantized once.
+
+    Exactly what each shard's own ``search`` returns (ids and distances, bit for bit), at the cost of one coarse
+    quantization instead of one per shard: ``IndexIVF::search`` (parallel_mode 0) cuts the queries into one slice
+    per OpenMP thread, quantizes each slice and scans its lists with ``search_preassigned``; this does the same
+    slices (one call where each query's coarse distances do not depend on the batch: an HNSW quantizer, or fewer
+    queries than FAISS's BLAS threshold) with the first shard's quantizer (the same centroids in every shard),
+    then scans each shard's lists with its own ``search_preassigned``, which keeps the shard's nprobe, max_codes
+    and the segment's selector. FAISS's ``IndexShardsIVF`` quantizes once too, but it takes one selector for
+    every shard and merges with its own tie order; here each segment keeps its tombstones and ``merge_topk`` its
+    order.
+
+    Args:
+        ivfs: ``faiss.IndexIVF`` shards (downcast), same nlist, nprobe and quantizer.
+        selectors: per shard a FAISS IDSelector (tombstones) or None.
+        xq: queries (nq, d) float32, C-contiguous, nq >= 1.
+        k: results per shard.
+    """
+    import faiss as _faiss
+
+    faiss: Any = _faiss  # its type stubs lack the SearchParameters keyword arguments
+    nq = len(xq)
+    first = ivfs[0]
+    nprobe = min(first.nlist, first.nprobe)
+    quantizer = faiss.downcast_index(first.quantizer)  # its efSearch is the one set by quantizer_efSearch
+    Dq = np.empty((nq, nprobe), np.float32)  # (nq, nprobe) distances to the probed centroids
+    Iq = np.empty((nq, nprobe), np.int64)  # (nq, nprobe) list numbers
+    nt = min(faiss.omp_get_max_threads(), nq)
+    if isinstance(quantizer, faiss.IndexHNSW) or nq < faiss.cvar.distance_compute_blas_threshold:
+        nt = 1  # each query's coarse distances computed alone whatever the batch: one call gives the same bits
+    for s in range(nt):  # else IndexIVF::search's slices (a flat quantizer uses BLAS from 20 queries on)
+        i0, i1 = nq * s // nt, nq * (s + 1) // nt
+        if i1 > i0:
+            Dq[i0:i1], Iq[i0:i1] = quantizer.search(xq[i0:i1], nprobe)
+    out = []
+    for ivf, sel in zip(ivfs, selectors, strict=True):
+        if ivf.parallel_mode == 0:
+            # search_preassigned runs its queries in parallel only in mode 3 (mode 0 leaves that to search(), which
+            # these shards no longer go through); each query is scanned the same way in both modes
+            ivf.parallel_mode = 3
+        params = None if sel is None else faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe,
+                                                                     max_codes=ivf.max_codes)
+        D = np.empty((nq, k), np.float32)
+        I = np.empty((nq, k), np.int64)
+        sp = faiss.swig_ptr
+        ivf.search_preassigned_c(nq, sp(xq), k, sp(Iq), sp(Dq), sp(D), sp(I), False, params)
+        out.append((D, I))
+    return out
+
+
 @dataclass
 class Segment:
     """One searchable piece of a shard: its base (``pos`` 0) or a delta (``pos`` 1, 2, ...), and the chunk ids
@@ -393,9 +445,41 @@ class ShardedIndex:
         """Vectors a search can return (masked ones excluded)."""
         return sum(s.ntotal for s in self.shards) - sum(len(g.dead) for g in self._segments())
 
+    def _shared_ivf(self) -> list[Any] | None:
+        """The segments as plain IVF indexes, when two or more of them on the CPU were made from one trained index
+        (the manifest records it: same coarse quantizer) and probe the same number of lists; else None."""
+        import faiss
+
+        if len(self.shards) < 2 or self.manifest.trained is None:
+            return None
+        ivfs: list[Any] = [faiss.downcast_index(s) for s in self.shards]  # GPU copies, IDMap2/Refine: not IVF
+        if not all(isinstance(x, faiss.IndexIVF) for x in ivfs):
+            return None
+        first = ivfs[0]
+        if any((x.nlist, x.nprobe, x.d, x.metric_type) != (first.nlist, first.nprobe, first.d, first.metric_type)
+               for x in ivfs):
+            return None
+        return ivfs
+
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (D, I) of the whole index; I holds chunk ids. Queries are checked against the manifest."""
+        """Top-k (D, I) of the whole index; I holds chunk ids. Queries are checked against the manifest.
+
+        Plain IVF segments of one trained index (IVF-Flat, IVF-PQ, IVF-SQ) are searched with one coarse
+        quantization per query for all of them (:func:`search_shared_quantizer`); other kinds each search alone.
+        """
         xq = check_queries(xq, self.manifest, self.location.uri)
+        ivfs = self._shared_ivf() if len(xq) else None
+        if ivfs is not None:
+            results = search_shared_quantizer(ivfs, [seg.selector() for seg in self._segments()], xq, k)
+        else:
+            results = self.search_each(xq, k)
+        if len(results) == 1:
+            return results[0]
+        return merge_topk([r[0] for r in results], [r[1] for r in results], k, self.manifest.metric)
+
+    def search_each(self, xq: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-segment top-k (D, I), each segment searched alone (its own coarse quantization for IVF), with its
+        tombstones masked; ``xq`` already checked."""
         widen = self._ef is not None and k > self._ef  # HNSW returns at most efSearch results: widen it
         results = []
         for index, seg in zip(self.shards, self._segments(), strict=True):
@@ -409,11 +493,7 @@ class ShardedIndex:
                 continue
             keep: list[Any] = []
             results.append(index.search(xq, k, params=search_parameters(index, sel, k, keep)))
-        if len(results) == 1:
-            return results[0]
-        # Shards of one trained IVF index probe the same lists; each search quantizes again, which measured
-        # faster than quantizing once and calling search_preassigned (that path runs with less parallelism).
-        return merge_topk([r[0] for r in results], [r[1] for r in results], k, self.manifest.metric)
+        return results
 
     def lexical_shards(self) -> list[LexicalShard]:
         """The BM25 shards (one per segment) of the same shard numbers, loaded (and checked) on first use, each

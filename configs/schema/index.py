@@ -59,7 +59,8 @@ class IndexConfig(Section):
         description="auto (Flat/HNSW/IVF-Flat/IVF-PQ from size, dimension and memory) or a FAISS factory string",
     )
     max_memory: str | int = Field(
-        "4GiB", description="RAM one node may spend on the whole index (e.g. 4GiB); auto picks what fits"
+        "4GiB", description="RAM one node may spend on the index (e.g. 4GiB); auto picks what fits, planning IVF-PQ "
+        "across nodes when no index fits one"
     )
     max_gpu_memory: str | int | None = Field(
         None, description="memory per GPU for one shard when building on GPU; null = 80% of the device's memory"

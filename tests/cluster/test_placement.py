@@ -81,3 +81,21 @@ def test_index_tasks_take_one_gpu_each_when_the_cluster_has_gpus():
     assert plan_index_tasks(nodes, shards=6, device="cpu").use_gpu is False
     with pytest.raises(RagtuneError, match=r"index.device = 'gpu' but the Ray cluster has no GPUs"):
         plan_index_tasks([NodeResources(cpus=4)], shards=1, device="gpu")
+
+
+def test_index_tasks_declare_memory_and_run_no_more_at_once_than_a_node_holds():
+    from cluster.placement import plan_index_tasks
+
+    GiB = 2**30
+    nodes = [NodeResources(cpus=8, memory=10 * GiB)] * 2
+    cores_only = plan_index_tasks(nodes, shards=16)
+    assert (cores_only.concurrent, cores_only.threads, cores_only.memory) == (16, 1, 0)
+    plan = plan_index_tasks(nodes, shards=16, task_memory=3 * GiB)  # 3 tasks of 3 GiB fit 10 GiB
+    assert (plan.concurrent, plan.threads, plan.num_cpus, plan.memory) == (6, 2, 2, 3 * GiB)
+    assert "memory=3.00 GiB each, 3 per node in 10.0 GiB" in plan.reason
+    assert plan_index_tasks(nodes, shards=1, task_memory=3 * GiB).concurrent == 1
+    gpu = plan_index_tasks([NodeResources(cpus=32, gpus=4, memory=10 * GiB)], shards=8, task_memory=4 * GiB)
+    assert (gpu.use_gpu, gpu.concurrent) == (True, 2)  # 4 GPUs, but memory for 2 tasks
+    with pytest.raises(RagtuneError, match=r"a shard task needs about 12.0 GiB .* 10.0 GiB .* Fix: set index.shards"):
+        plan_index_tasks(nodes, shards=2, task_memory=12 * GiB)
+    assert plan_index_tasks([NodeResources(cpus=2)], shards=2, task_memory=12 * GiB).memory == 12 * GiB  # unknown

@@ -14,15 +14,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import jobs.index
 from configs.errors import RagtuneError
 from configs.schema import IndexJobConfig
 from jobs.cli import main
-from jobs.index import check, run
+from jobs.index import build_shard, check, run
 from jobs.search import evaluate_index
-from sharding.embeddings import EmbeddingManifest, write_manifest
+from sharding.docstore import write_docstore
+from sharding.embeddings import EmbeddingManifest, read_part_table, vectors_to_arrow, write_manifest, write_part
+from sharding.faiss_index import ShardBuilder, new_index, serialize, train_index, write_index_file
+from sharding.layout import plan_shards
 from sharding.search import ShardedIndex
-from sharding.storage import resolve
-from sharding.tuning import recall_at_k
+from sharding.storage import makedirs, resolve
+from sharding.tuning import apply_params, recall_at_k
 from tests.conftest import REPO
 
 REFERENCE = {"ndcg@10": 0.772, "recall@10": 0.917, "recall@100": 0.991, "mrr@10": 0.725}
@@ -191,3 +195,76 @@ def test_a_corrupted_shard_is_a_one_line_error_naming_the_file(squad_flat_index,
     assert main(["search", "-i", str(copy), QUESTION]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "shard-00001.faiss: checksum mismatch" in err
+
+
+# --- one shard task, in bounded memory (no Ray) ------------------------------------------------------------------
+
+def _parts(tmp_path, sizes, d=16, seed=0):
+    """Embedding parts as the embed job writes them: chunk rows with text, and their vectors."""
+    rng = np.random.default_rng(seed)
+    out = resolve(str(tmp_path / "emb"))
+    makedirs(out)
+    records, xbs = {}, []
+    for i, n in enumerate(sizes):
+        xb = rng.normal(size=(n, d)).astype(np.float32)
+        xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+        ids = rng.integers(0, 2**63 - 1, size=n, dtype=np.int64)
+        t = pa.table({"chunk_id": ids, "doc_id": pa.array([f"doc{i}-{j // 3}" for j in range(n)], pa.string()),
+                      "chunk_index": pa.array([j % 3 for j in range(n)], pa.int32()),
+                      "title": pa.array([f"title {i}" for _ in range(n)], pa.string()),
+                      "text": pa.array([f"text of chunk {j} of part {i} " * (1 + j % 7) for j in range(n)],
+                                       pa.string()),
+                      "vector": vectors_to_arrow(xb)})
+        rec = write_part(t.replace_schema_metadata({b"ragtune.model": b"test"}), out, i, n)
+        records[rec.file] = rec
+        xbs.append((ids, xb, t))
+    return out, records, xbs
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ4np", "IDMap2,Flat", "IDMap2,HNSW8",
+                                     "IDMap2,IVF16,PQ4np,Refine(SQ8)"])
+def test_shard_task_streams_and_builds_the_same_shard_as_whole_parts(tmp_path, factory, monkeypatch):
+    """build_shard reads batches of rows and writes its docstore in chunk-id ranges; the shard file and the
+    docstore file are byte for byte those of adding whole parts and sorting the whole shard (the build before)."""
+    faiss.omp_set_num_threads(1)  # HNSW links vectors in parallel otherwise: not reproducible even before
+    emb, records, xbs = _parts(tmp_path, [700, 0, 1300, 45, 960])
+    trained = serialize(train_index(new_index(factory, 16, "inner_product"), np.vstack([x for _, x, _ in xbs])))
+    (pieces,) = plan_shards([(f, r.rows) for f, r in sorted(records.items())], 1)
+    qids = np.concatenate([xbs[0][0][:5], xbs[2][0][100:103]])  # held-out tuning queries, added after the search
+    xq = np.vstack([xbs[0][1][:5], xbs[2][1][100:103]])
+    out = resolve(str(tmp_path / "v"))
+    read, piece_batches = [], jobs.index.piece_batches
+
+    def counted(*args, **kwargs):
+        for t in piece_batches(*args, **kwargs):
+            read.append((t.num_rows, "vector" in t.column_names))
+            yield t
+
+    monkeypatch.setattr(jobs.index, "piece_batches", counted)
+
+    makedirs(out.join("docstore"))
+    built = build_shard(0, pieces, emb.uri, records, trained, xq, qids, 5, "inner_product", out.uri, 1, None,
+                        batch_rows=128, doc_bytes=20_000)  # many batches, many docstore ranges
+    # the build before: whole parts added at once, every docstore row held and sorted at the end
+    builder = ShardBuilder(faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8)))
+    later = []
+    for ids, xb, _ in xbs:
+        held = np.isin(ids, qids)
+        builder.add(ids[~held], xb[~held])
+        later.append((ids[held], xb[held]))
+    index = builder.finish()
+    apply_params(index, built.candidates[-1])  # the tuning searches leave the last setting applied
+    for ids, xb in later:
+        index.add_with_ids(xb, ids)
+    ref = resolve(str(tmp_path / "ref"))
+    makedirs(ref.join("docstore"))
+    sha, _ = write_index_file(index, ref.join("shard.faiss"))
+    rows = [read_part_table(emb, records[p.part]).drop_columns(["vector"]) for p in pieces]  # with their metadata
+    dsha, _ = write_docstore(pa.concat_tables(rows), ref.join("d.parquet"))
+    assert built.record.ntotal == 3005 and built.record.sha256 == sha
+    assert built.record.docstore_sha256 == dsha
+    assert len(built.candidates) == len(built.searched) >= 1
+    vectors = [n for n, v in read if v]  # at most one batch of vectors at a time (HNSW: one part)
+    assert sum(vectors) == 3005 and (max(vectors) == 1300 if "HNSW" in factory else max(vectors) <= 128)
+    texts = [n for n, v in read if not v]
+    assert max(texts) <= 128 and sum(texts) > 3 * 3005  # the docstore read in several chunk-id ranges

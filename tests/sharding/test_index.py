@@ -1,5 +1,6 @@
 """Sharded FAISS indexes without Ray: plans, the auto choice, exact merging, recall floors, files and versions."""
 
+import math
 import os
 
 import faiss
@@ -16,7 +17,11 @@ from sharding.choice import (
     estimate_bytes,
     explicit_choice,
     nlist_for,
+    node_plan,
     pq_sizes,
+    row_bytes,
+    shard_task_bytes,
+    shards_for_memory,
 )
 from sharding.docstore import write_docstore
 from sharding.faiss_index import ShardBuilder, effective_factory, new_index, serialize, train_index, write_index_file
@@ -135,11 +140,16 @@ def test_auto_choice_fits_the_budget_and_follows_the_rules(nb, d, budget, use_gp
         c = choose_index(nb, d, budget, use_gpu=use_gpu)
     except RagtuneError as e:
         assert "index.max_memory" in str(e) and "Fix:" in str(e)
-        assert not pq_sizes(d, use_gpu) or estimate_bytes("ivf_pq", nb, d, nlist=nlist_for(nb),
-                                                          m=pq_sizes(d, use_gpu)[-1]) > budget
+        sizes = pq_sizes(d, use_gpu)  # no PQ code, or not even the coarsest code can be planned across nodes
+        assert not sizes or node_plan(nb, d, budget, nlist_for(nb), sizes[-1], use_gpu=use_gpu) is None
         return
-    assert c.est_bytes is not None and c.est_bytes <= budget
-    assert c.reason
+    assert c.est_bytes is not None and c.reason
+    if c.nodes > 1:  # rule 6: nothing fits one node; each node holds its shards within the budget
+        assert estimate_bytes("ivf_pq", nb, d, nlist=nlist_for(nb), m=pq_sizes(d, use_gpu)[-1]) > budget
+        assert c.kind == "ivf_pq" and "Refine" not in c.factory and c.shards is not None
+        assert c.est_bytes / c.nodes <= budget and f"{c.nodes} node(s)" in c.reason
+        return
+    assert c.est_bytes <= budget
     flat_fits = estimate_bytes("flat", nb, d) <= budget
     hnsw_fits = estimate_bytes("hnsw", nb, d, M=32) <= budget
     if nb < 10_000 and flat_fits:
@@ -171,6 +181,49 @@ def test_auto_choice_examples():
     assert choose_index(200_000, 384, 100 * 2**20, train_sample=20_000).factory.startswith("IVF512,")  # 39 x 512 <= 20k
     with pytest.raises(RagtuneError, match=r"no index kind fits index.max_memory = 1.0 MiB .* Fix: raise"):
         choose_index(1_000_000, 384, 2**20)
+
+
+def test_auto_plans_across_nodes_when_no_node_holds_the_index():
+    plans = {nb: choose_index(nb, 384, 4 * GiB, use_gpu=True) for nb in (1_000_000, 100_000_000, 1_000_000_000)}
+    assert [(c.factory, c.nodes) for c in plans.values()] == [
+        ("IVF2048,Flat", 1),  # fits one node: unchanged rules
+        ("IVF32768,PQ32np", 1),  # IVF-Flat (144 GiB) does not fit: PQ, the largest code that fits one node
+        ("IVF65536,PQ48np", 16),  # no code fits one node: d/8-byte codes over 16 nodes
+    ]
+    nlists = [nlist_for(nb) for nb in (1_000_000, 10_000_000, 100_000_000, 1_000_000_000, 10_000_000_000)]
+    assert nlists == sorted(nlists) and nlists[-2] == 65536
+    c = choose_index(1_000_000_000, 384, 4 * GiB)  # the CPU default: an HNSW coarse quantizer
+    assert c.factory == "IVF65536_HNSW32,PQ48np" and (c.nodes, c.shards) == (16, 48)
+    assert "48 B PQ48x8 code + 8 B id = 56 B" in c.reason and "nodes = ceil(1,000,000,000 / " in c.reason
+    plan = node_plan(1_000_000_000, 384, 4 * GiB, 65536, 48)
+    assert plan is not None and (plan.nodes, plan.shards, plan.shards_per_node) == (c.nodes, c.shards, 3)
+    assert plan.bytes_per_node <= 0.9 * 4 * GiB  # 10% headroom
+    assert plan.nodes == math.ceil(plan.total_bytes / plan.bytes_per_node)  # every node full but the last
+    assert plan.nodes == math.ceil(1_000_000_000 / (plan.shards_per_node * plan.shard_vectors))
+    assert plan.total_bytes == 1_000_000_000 * 56 + 48 * plan.bytes_per_shard_fixed
+    more = choose_index(1_000_000_000, 384, 16 * GiB)  # a bigger node: fewer nodes, the same code
+    assert more.factory == c.factory and more.nodes == 4
+    assert choose_index(1_000_000_000, 768, 4 * GiB).factory == "IVF65536_HNSW32,PQ96np"
+    with pytest.raises(RagtuneError, match=r"not even across nodes.*IVF65536,PQ24x8.*Fix: raise index.max_memory "
+                                           r"to at least"):
+        choose_index(1_000_000_000, 384, 100 * 2**20)  # 100 MiB: the quantizer alone is 96 MiB
+
+
+def test_shard_task_memory_and_shards_sized_to_fit_it():
+    kw = {"doc_row_bytes": 2000, "part_row_bytes": 2200}
+    small, why = shard_task_bytes("ivf_pq", "IVF4096,PQ48np", 1_000_000, 384, **kw)
+    big, _ = shard_task_bytes("ivf_pq", "IVF4096,PQ48np", 4_000_000, 384, **kw)
+    assert small < big < 4 * small and "400.0 MiB base + max(add: 1.5 x " in why and "chunk-id range(s)" in why
+    whole, _ = shard_task_bytes("ivf_pq", "IVF4096,PQ48np", 4_000_000, 384, doc_row_bytes=2000)
+    assert whole > 2 * 4_000_000 * 2000 > big  # the docstore in one piece would dominate
+    limit = 2 * GiB
+    n = shards_for_memory("hnsw", "HNSW32", 10_000_000, 384, limit, **kw)
+    fits = [shard_task_bytes("hnsw", "HNSW32", math.ceil(10_000_000 / s), 384, **kw)[0] <= limit for s in (n - 1, n)]
+    assert fits == [False, True]  # the fewest shards whose tasks fit
+    assert shards_for_memory("flat", "Flat", 5_000, 384, limit, **kw) == 1
+    with pytest.raises(RagtuneError, match=r"a shard task of 65,536 vectors already needs .* Fix: use nodes"):
+        shards_for_memory("flat", "Flat", 10**9, 384, 2**20, **kw)
+    assert row_bytes(1_000_000 * (1536 + 300), 1_000_000, 384) == (900, 1836)
 
 
 def test_explicit_factory_strings():
@@ -247,6 +300,39 @@ def test_ivf_shards_trained_once_equal_one_ivf_index(tmp_path):
     Dm, Im = merged.search(xq, 10)
     np.testing.assert_allclose(D1, Dm, rtol=1e-6)
     assert (I1 == Im).mean() > 0.99
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ8np", "IVF64_HNSW16,Flat"])
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_ivf_shards_quantized_once_equal_each_shard_searched_alone(tmp_path, factory, metric):
+    ds = SyntheticDataset(32, 10_000, 6000, 60, metric="IP" if metric == "inner_product" else "L2")
+    xb, xq, xt = ds.get_database(), ds.get_queries(), ds.get_train()
+    if metric == "inner_product":
+        xb, xq, xt = normalized(xb), normalized(xq), normalized(xt)
+    ids = chunk_ids(len(xb))
+    build_version(tmp_path, xb, ids, factory, 4, metric, xt=xt)
+    params = {"nprobe": 8, **({"quantizer_efSearch": 32} if "HNSW" in factory else {})}
+    once, each = (ShardedIndex.open(str(tmp_path), params=params) for _ in range(2))  # two copies of the shards
+    assert once._shared_ivf() is not None
+    for index in (once, each):  # tombstones: the selectors go to search_preassigned too
+        index.segments[1].mask(ids[1500:1600])
+        index.segments[3].mask(ids[4600:4605])
+    for nq in (1, 3, 30, 60):  # one query; fewer than threads; BLAS for the batch, not its slices; several
+        D, I = once.search(xq[:nq], 10)
+        Ds, Is = zip(*each.search_each(xq[:nq], 10), strict=True)
+        D_ref, I_ref = merge_topk(Ds, Is, 10, metric)
+        np.testing.assert_array_equal(I, I_ref)
+        np.testing.assert_array_equal(D, D_ref)  # bit for bit: the same coarse distances, the same scans
+    assert not np.isin(I, ids[1500:1600]).any()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8", "IVF16,PQ4np,Refine(SQ8)"])
+def test_other_kinds_search_each_shard(tmp_path, factory):
+    xb = normalized(np.random.default_rng(0).normal(size=(2000, 16)))
+    build_version(tmp_path, xb, chunk_ids(2000), factory, 3)
+    assert ShardedIndex.open(str(tmp_path))._shared_ivf() is None
+    build_version(tmp_path / "one", xb, chunk_ids(2000), "IVF16,Flat", 1)
+    assert ShardedIndex.open(str(tmp_path / "one"))._shared_ivf() is None  # one shard: nothing to share
 
 
 def test_flat_shards_merge_and_hnsw_shards_stay_apart(tmp_path):
