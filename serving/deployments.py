@@ -68,10 +68,11 @@ from serving.schemas import (
     ShardsLoaded,
     Step,
 )
+from sharding.choice import human_bytes
 from sharding.docstore import Docstore
 from sharding.filters import Filter
 from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
-from sharding.search import ShardedIndex, open_docstore
+from sharding.search import ShardedIndex, open_docstore, resident_bytes
 from sharding.storage import resolve
 
 log = logging.getLogger("ragtune.serve")
@@ -171,8 +172,17 @@ class ShardSearcher:
 
     def _open(self, version: str) -> ShardedIndex:
         t0 = time.perf_counter()
-        index = ShardedIndex.open(version, verify=self.source.verify, mmap=self.source.mmap and self.device == "cpu",
-                                  params=self.source.params, only=self.shards, lease="ShardSearcher")
+        mmap = self.source.mmap and self.device == "cpu"
+        # segments this version shares with one already loaded (the base files an `index add` keeps) are reused,
+        # not loaded again: a swap after an add costs its deltas; GPU copies are per version
+        reuse: dict[tuple[str, str], tuple[Any, dict[str, int]]] = {}
+        if self.device == "cpu":
+            for loaded in list(self.versions.values()):
+                reuse.update(loaded.loaded_segments())
+        if self.versions:  # a swap: the new version loads beside the one served
+            self._check_room(version, mmap, reuse)
+        index = ShardedIndex.open(version, verify=self.source.verify, mmap=mmap, params=self.source.params,
+                                  only=self.shards, lease="ShardSearcher", reuse=reuse)
         if self.device == "gpu":
             _to_gpu(index)
         lexical = self.lexical and index.manifest.lexical is not None
@@ -181,6 +191,20 @@ class ShardSearcher:
         log.info("shards %s of %s loaded in %.2fs (%d vectors%s)", self.shards, version, time.perf_counter() - t0,
                  index.ntotal, ", BM25 too" if lexical else "")
         return index
+
+    def _check_room(self, version: str, mmap: bool, loaded: dict[tuple[str, str], Any]) -> None:
+        """Refuse a version whose shards do not fit in memory beside the version served (before loading them)."""
+        import psutil
+
+        loc = resolve_index(version)
+        need = resident_bytes(loc, read_index_manifest(loc), self.shards, mmap, loaded)
+        free = psutil.virtual_memory().available
+        if need > 0.9 * free:
+            raise Conflict(
+                f"{version}: shards {self.shards} need about {human_bytes(need)} in memory beside the version "
+                f"served, and {human_bytes(free)} is free here. Fix: give the shard searchers more memory or more "
+                "groups (shards.groups), keep shards memory-mapped on local disk (index.mmap: true), or serve the "
+                "new version with a new deployment (ragtune serve)", code="not_enough_memory")
 
     async def _get(self, version: str) -> ShardedIndex:
         if self.poller is None and self.source.poll_interval_s:

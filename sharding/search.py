@@ -9,7 +9,7 @@ results, ``D``/``I`` distances and ids (nq, k); a missing result has id -1.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -341,6 +341,29 @@ def open_docstore(location: Location, manifest: IndexManifest, verify: bool = Tr
     return Docstore(locs, sizes, dead)
 
 
+def resident_bytes(loc: Location, manifest: IndexManifest, only: Sequence[int], mmap: bool,
+                   loaded: Collection[tuple[str, str]] = ()) -> int:
+    """About how many bytes opening shards ``only`` of a version reads into memory: its segment files, except
+    those ``loaded`` already ((path, sha256) keys of ``ShardedIndex.loaded_segments``, shared instead) and the parts
+    that are memory-mapped (page cache, not the process's memory): IVF lists, and the vectors of Flat and HNSW
+    (an HNSW graph is read even then). What a version swap costs beside the version being served."""
+    mapped = mmap and loc.is_local
+    ivf = "IVF" in manifest.factory
+    flat_vectors = "PQ" not in manifest.factory and "SQ" not in manifest.factory
+    total = 0
+    for n in only:
+        rec = manifest.shards[n]
+        for name, sha, size, ntotal in [(rec.file, rec.sha256, rec.bytes, rec.ntotal)] + [
+                (d.file, d.sha256, d.bytes, d.ntotal) for d in rec.deltas]:
+            if (loc.join(name).path, sha) in loaded:
+                continue
+            if not mapped:
+                total += size
+            elif not ivf:
+                total += max(0, size - ntotal * manifest.dim * 4) if flat_vectors else size
+    return total
+
+
 @dataclass
 class ShardedIndex:
     """The shards of one index version, loaded, searched together with an exact merge.
@@ -362,10 +385,17 @@ class ShardedIndex:
     _tokenize: Any = None  # the tokenizer the lexical shards were built with
     segments: list[Segment] = field(default_factory=list)  # parallel to ``shards``; empty: no tombstones
     lease: Any = None  # a sharding.versions.Lease while this object lives (ShardedIndex.open(lease=...))
+    files: list[tuple[str, str]] = field(default_factory=list)  # parallel to ``shards``: (path, sha256) of each
+
+    def loaded_segments(self) -> dict[tuple[str, str], tuple[Any, dict[str, int]]]:
+        """(path, sha256) -> (FAISS index, search parameters) of every segment loaded here: what a later version
+        sharing these files (``ragtune index add|delete`` keep the base files) can reuse instead of loading."""
+        return {f: (index, self.params) for f, index in zip(self.files, self.shards, strict=False)}
 
     @classmethod
     def open(cls, path: str, *, mmap: bool = True, verify: bool = True, params: dict[str, int] | None = None,
-             merge: bool = False, only: Sequence[int] | None = None, lease: str | None = None) -> ShardedIndex:
+             merge: bool = False, only: Sequence[int] | None = None, lease: str | None = None,
+             reuse: Mapping[tuple[str, str], tuple[Any, dict[str, int]]] | None = None) -> ShardedIndex:
         """Open the version an index path means (``LATEST`` of a root, or a version folder).
 
         The version folder is resolved once: a later build that switches ``LATEST`` does not affect this object.
@@ -375,14 +405,16 @@ class ShardedIndex:
         the speed of one index; the shards are then read, not mapped. ``only`` loads just those shard numbers (a
         serving shard group): ``shards``, ``ntotal`` and searches then cover those alone. ``lease`` (an owner
         name, e.g. "ShardSearcher") writes a reader lease for the version, renewed while this object lives, so
-        that ``ragtune index gc`` never deletes it (``sharding.versions``).
+        that ``ragtune index gc`` never deletes it (``sharding.versions``). ``reuse`` (``loaded_segments()`` of
+        versions already open) shares the segments whose file and search parameters are the same instead of
+        loading them again: a version written by ``ragtune index add`` then costs only its new deltas.
         """
         loc = resolve_index(path)
         if not lease:
-            return cls._open(loc, mmap, verify, params, merge, only, None)
+            return cls._open(loc, mmap, verify, params, merge, only, None, reuse)
         held = hold_lease(loc, lease)  # before reading, so that a gc starting meanwhile sees it
         try:
-            index = cls._open(loc, mmap, verify, params, merge, only, held)
+            index = cls._open(loc, mmap, verify, params, merge, only, held, reuse)
         except BaseException:
             held.release()
             raise
@@ -391,21 +423,28 @@ class ShardedIndex:
 
     @classmethod
     def _open(cls, loc: Location, mmap: bool, verify: bool, params: dict[str, int] | None, merge: bool,
-              only: Sequence[int] | None, held: Any) -> ShardedIndex:
+              only: Sequence[int] | None, held: Any,
+              reuse: Mapping[tuple[str, str], tuple[Any, dict[str, int]]] | None = None) -> ShardedIndex:
         manifest = read_index_manifest(loc)
+        wanted = {**manifest.search_params, **(params or {})}
+        shared = {} if merge or not reuse else {f: ix for f, (ix, p) in reuse.items() if p == wanted}
         flags = mmap_flags(manifest.factory) if mmap and not merge else 0
         numbers = list(range(len(manifest.shards))) if only is None else list(only)
         bad = [n for n in numbers if not 0 <= n < len(manifest.shards)]
         if bad or not numbers:
             raise RagtuneError(f"{loc.uri}: shards {bad or numbers} requested but the index has "
                                f"{len(manifest.shards)} (0..{len(manifest.shards) - 1}). Fix: ask for shards it has")
-        shards, segments = [], []
+        shards, segments, paths = [], [], []
         for n in numbers:
             rec = manifest.shards[n]
             segs = shard_segments(loc, manifest, n, verify)
             files = [(rec.file, rec.sha256, rec.ntotal)] + [(d.file, d.sha256, d.ntotal) for d in rec.deltas]
             for (name, sha, ntotal), seg in zip(files, segs, strict=True):
-                index = read_index_file(loc.join(name), sha if verify else None, flags)
+                key = (loc.join(name).path, sha)
+                index = shared.get(key)
+                if index is None:
+                    index = read_index_file(loc.join(name), sha if verify else None, flags)
+                paths.append(key)
                 if index.ntotal != ntotal or index.d != manifest.dim:
                     raise RagtuneError(f"{loc.join(name).uri}: holds {index.ntotal} vectors of d = {index.d} but "
                                        f"{MANIFEST} says {ntotal} of d = {manifest.dim}. Fix: rebuild the index")
@@ -421,8 +460,9 @@ class ShardedIndex:
                 shards[0].merge_from(index, 0)
             shards = shards[:1]
             segments = [Segment(-1, 0, np.zeros(0, np.int64))]
-        index = cls(loc, manifest, shards, numbers=numbers, verify=verify, segments=segments, lease=held)
-        index.set_params({**manifest.search_params, **(params or {})})
+        index = cls(loc, manifest, shards, numbers=numbers, verify=verify, segments=segments, lease=held,
+                    files=paths if len(paths) == len(shards) else [])
+        index.set_params(wanted)
         return index
 
     def set_params(self, params: dict[str, int]) -> None:

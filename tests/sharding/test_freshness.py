@@ -163,6 +163,62 @@ def test_add_then_every_mode_finds_the_new_chunks(flat):
     assert (resolve(root).join("LATEST").fs.open_input_stream(f"{root}/LATEST").read().strip() == b"v-00002")
 
 
+def test_a_version_after_an_add_shares_the_loaded_base_segments_and_counts_only_its_deltas(flat):
+    """What a ShardSearcher does on a swap: the new version reuses the segments it shares with the loaded one (the
+    same objects, nothing read again), searches as a fresh open does, and only its delta counts as new memory."""
+    from sharding.search import resident_bytes
+
+    root = flat["root"]
+    v1 = ShardedIndex.open(root, mmap=False)
+    rows, ids, xb = new_docs(30)
+    job.add(root, chunks=rows)
+    v2 = ShardedIndex.open(root, mmap=False, reuse=v1.loaded_segments())
+    fresh = ShardedIndex.open(root, mmap=False)
+    assert len(v2.shards) == 4  # shard 0's base and the add's delta on it, then shards 1 and 2
+    assert [any(a is b for b in v1.shards) for a in v2.shards] == [True, False, True, True]
+    q = np.concatenate([xb[:5], flat["xb"][:5]])
+    for a, b in zip(v2.search(q, 7), fresh.search(q, 7), strict=True):
+        np.testing.assert_array_equal(a, b)
+    m, loc = v2.manifest, v2.location
+    delta = m.shards[0].deltas[0].bytes
+    assert resident_bytes(loc, m, [0, 1, 2], mmap=False) == sum(r.bytes for r in m.shards) + delta
+    assert resident_bytes(loc, m, [0, 1, 2], mmap=False, loaded=v1.loaded_segments()) == delta
+    everything = sum(r.bytes for r in m.shards) + delta
+    assert resident_bytes(loc, m, [0, 1, 2], mmap=True) == everything - 630 * D * 4  # vectors mapped, ids read
+    # other search parameters: nothing shared (a shared object would change the version being served)
+    other = {f: (ix, {"nprobe": 9}) for f, (ix, _) in v1.loaded_segments().items()}
+    v3 = ShardedIndex.open(root, mmap=False, reuse=other)
+    assert not any(a is b for a in v3.shards for b in v1.shards)
+
+
+def test_a_shard_searcher_refuses_a_version_that_does_not_fit_beside_the_one_served(flat, monkeypatch):
+    """The Serve ShardSearcher (its class): a swap to a version after an add loads only the delta and shares the
+    base; a version whose new segments need more memory than is free is refused (409) before anything is read."""
+    import collections
+
+    import psutil
+
+    from cluster.placement import ReplicaResources
+    from configs.errors import Conflict
+    from configs.schema.serve import IndexSource
+    from serving.deployments import ShardSearcher
+
+    root = flat["root"]
+    searcher = ShardSearcher.func_or_class(IndexSource(path=root, mmap=False), [0, 1, 2],
+                                           ReplicaResources(1, 0, 1, "cpu"), "dense")
+    (v1,) = searcher.versions.values()
+    job.add(root, chunks=new_docs(30)[0])
+    v2_path = str(resolve(root).join("v-00002").path)
+    v2 = searcher._open(v2_path)
+    assert sum(any(a is b for b in v1.shards) for a in v2.shards) == 3  # the bases: shared
+    delta = v2.manifest.shards[0].deltas[0].bytes
+    free = collections.namedtuple("vm", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free(available=delta))  # less than delta / 0.9
+    job.add(root, chunks=new_docs(30, start=30, seed=8)[0])
+    with pytest.raises(Conflict, match=r"v-00003: shards \[0, 1, 2\] need about .* in memory beside the version"):
+        searcher._open(str(resolve(root).join("v-00003").path))
+
+
 def files_under(root):
     """Every file under an index root but LATEST: relative path -> (bytes, hash of the content, mtime in ns)."""
     out = {}
