@@ -6,6 +6,7 @@ its own), alternating, ``--repeats`` times, and the medians are compared:
     python bench/embed.py                                  # SQuAD v1.1 paragraphs from ../shared/data
     python bench/embed.py --corpus my.jsonl --id-field id --repeats 5
     python bench/embed.py --layouts auto,1x2            # also 1 actor x 2 threads
+    python bench/embed.py --size 32 --overlap 16        # ~20k short chunks from one file
 
 Printed: chunks/s of the baseline encode loop (model loaded beforehand, not timed); chunks/s of ragtune's
 embedding stage (the busiest actor's own time over its parts: read, chunk, encode, write); chunks/s of the whole
@@ -40,7 +41,7 @@ from sentence_transformers import SentenceTransformer
 spec = resolve_embedder("all-MiniLM-L6-v2")
 size = int(sys.argv[4])
 docs = to_documents(pajson.read_json(sys.argv[1]), "text", sys.argv[2], "title").to_pylist()
-chunker = Chunker(load_tokenizer(spec.path), size, 32)
+chunker = Chunker(load_tokenizer(spec.path), size, int(sys.argv[6]))
 texts = [embed_input(d["title"], c.text) for d in docs for c in chunker.chunk(d["text"], d["title"])]
 model = SentenceTransformer(spec.path, device="cpu")
 model.encode(texts[:64], batch_size=64)  # warm up
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--id-field", default="_id")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=254, help="chunk size in tokens")
+    ap.add_argument("--overlap", type=int, default=32, help="chunk overlap in tokens")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--layouts", default="auto",
                     help="comma-separated ragtune actor layouts: auto (the job's own plan) or AxT = A actors x T "
@@ -110,7 +112,7 @@ def main() -> None:
     chunks = 0
     for r in range(args.repeats):
         out, _, rss = run_measured([sys.executable, "-c", BASELINE, args.corpus, args.id_field, str(threads),
-                                    str(args.size), str(args.batch_size)], env)
+                                    str(args.size), str(args.batch_size), str(args.overlap)], env)
         res = json.loads(out.split("RESULT ", 1)[1])
         chunks = res["chunks"]
         base.append(res["chunks"] / res["seconds"])
@@ -125,7 +127,8 @@ def main() -> None:
                 out, wall, rss = run_measured(
                     [sys.executable, "-m", "jobs.embed", "--config", "configs/embed/squad-beir.yaml",
                      f"corpus.path={args.corpus}", f"corpus.id_field={args.id_field}", f"output.path={tmp}/emb",
-                     f"chunk.size={args.size}", f"embed.batch_size={args.batch_size}", *extra], env)
+                     f"chunk.size={args.size}", f"chunk.overlap={args.overlap}", f"embed.batch_size={args.batch_size}",
+                     *extra], env)
                 summary = json.loads(out.strip().splitlines()[-1])
                 manifest = json.loads((Path(tmp) / "emb" / "_manifest.json").read_text())
             assert summary["chunks"] == chunks, (summary["chunks"], chunks)
@@ -144,7 +147,8 @@ def main() -> None:
     mb = statistics.median(base)
     gib = 2**30
     print()
-    print(f"corpus: {args.corpus} -> {chunks} chunks of <= {args.size} tokens; {threads} cores; "
+    print(f"corpus: {args.corpus} -> {chunks} chunks of <= {args.size} tokens (overlap {args.overlap}); "
+          f"{threads} cores; "
           f"batch {args.batch_size}; medians of {args.repeats}")
     print("| measure | chunks/s | ratio to baseline | peak RSS of the process tree (GiB) |")
     print("|---|---|---|---|")
