@@ -538,13 +538,28 @@ def lexical_stats(pieces: list[Piece], emb_uri: str, records: dict[str, PartReco
 
 def build_lexical(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord],
                   stats: CorpusStats, params: LexicalParams, version_uri: str) -> LexicalRecord:
-    """Second pass: this shard's BM25 scores with the whole corpus' statistics, written atomically."""
+    """Second pass: this shard's BM25 scores with the whole corpus' statistics, written atomically. The task
+    holds its shard's rows; ``stats`` comes from the object store (numpy arrays, mapped, not copied)."""
     t0 = time.perf_counter()
     ids, texts = _lexical_rows(pieces, emb_uri, records)
     lex = build_lexical_shard(tokenizer(params)(texts), ids, stats, params)
     sha, size = write_lexical_file(lex, params, resolve(version_uri).join(lexical_name(shard)))
-    return LexicalRecord(file=lexical_name(shard), ntotal=lex.ntotal, terms=len(lex.model.vocab_dict) - 1,
+    return LexicalRecord(file=lexical_name(shard), ntotal=lex.ntotal, terms=len(lex.terms) - 1,
                          sha256=sha, bytes=size, seconds=time.perf_counter() - t0)
+
+
+def merge_lexical_stats(*parts: CorpusStats) -> CorpusStats:
+    """The shards' statistics merged into the corpus' (sorted terms + counts; one pyarrow sort)."""
+    return CorpusStats.merge_all(parts)
+
+
+def lexical_manifest(stats: CorpusStats, version_uri: str, params: LexicalParams, library_version: str,
+                     shards: list[LexicalRecord]) -> LexicalManifest:
+    """The manifest's lexical part, with the statistics file written beside the shards (what later adds score
+    their deltas with) and their counts."""
+    empty = LexicalManifest(library_version=library_version, params=params, n_docs=0, avg_len=0.0, terms=0,
+                            shards=shards)
+    return with_stats(resolve(version_uri), empty, stats)
 
 
 def _lexical_stats_tasks(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord]) -> list[Any]:
@@ -557,25 +572,22 @@ def _lexical_stats_tasks(cfg: IndexJobConfig, layout: Layout, records: dict[str,
 
 def _build_lexical(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], stats_refs: list[Any],
                    vdir: Location) -> LexicalManifest:
-    """The corpus statistics merged, then the second pass; the statistics file beside the shards (what later adds
-    score their deltas with)."""
+    """The corpus statistics merged in a task and put in the object store once (every shard task reads that one
+    copy), then the second pass, then the statistics file: the driver never holds the vocabulary."""
     import bm25s
     import ray
 
     t_lex = time.perf_counter()
-    stats = CorpusStats()
-    for part in ray.get(stats_refs):
-        stats = stats.merge(part)
-    stats_ref = ray.put(stats)
     lparams = lexical_params(cfg)
+    stats_ref = ray.remote(merge_lexical_stats).options(num_cpus=1).remote(*stats_refs)
     lex_task = ray.remote(build_lexical).options(num_cpus=1)
     refs = [lex_task.remote(i, pieces, layout.plan.emb.uri, records, stats_ref, lparams, vdir.uri)
             for i, pieces in enumerate(layout.shards)]
     lex_records: list[LexicalRecord] = ray.get(refs)
-    lexical = with_stats(vdir, LexicalManifest(library_version=bm25s.__version__, params=lparams, n_docs=0,
-                                               avg_len=0.0, terms=0, shards=lex_records), stats)  # the counts too
+    lexical: LexicalManifest = ray.get(ray.remote(lexical_manifest).options(num_cpus=1).remote(
+        stats_ref, vdir.uri, lparams, bm25s.__version__, lex_records))
     log.info("lexical (BM25) shards: %d chunks, %d terms, %d shard(s) in %.1fs after the vector shards",
-             stats.n_docs, len(stats.df), len(lex_records), time.perf_counter() - t_lex)
+             lexical.n_docs, lexical.terms, len(lex_records), time.perf_counter() - t_lex)
     return lexical
 
 

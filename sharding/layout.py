@@ -6,7 +6,7 @@ On disk (DESIGN.md, "Data flow and formats" 4)::
     <path>/v-00002/manifest.json          factory, metric, d, shards (ntotal, sha256), search params, recall
     <path>/v-00002/shard-00000.faiss      ids = chunk_id (int64), so shards never need remapping
     <path>/v-00002/docstore/shard-00000.parquet   chunk_id -> doc_id, text, ... sorted by chunk_id
-    <path>/v-00002/lexical/shard-00000.npz       BM25 shard over the same chunks (sharding/lexical.py)
+    <path>/v-00002/lexical/shard-00000/          BM25 shard over the same chunks, .npy arrays (sharding/lexical.py)
     <path>/v-00002/shard-00000.d000.faiss        a delta segment of shard 0 (``ragtune index add``)
     <path>/v-00002/tombstones/shard-00000.npz    chunk ids masked in each segment of shard 0
     <path>/v-00002/trained.faiss          the trained empty index every shard and delta starts from

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from configs.errors import RagtuneError
 from sharding.embeddings import EMPTY_IS_NONE, ChunkerRecord, EmbedderRecord
 from sharding.layout import LATEST, MANIFEST, PUBLISHED, Piece, carry
-from sharding.lexical import LexicalManifest, LexicalRecord
+from sharding.lexical import LexicalManifest, LexicalRecord, lexical_files
 from sharding.storage import (
     Location,
     atomic_write_bytes,
@@ -286,9 +286,10 @@ def manifest_files(m: IndexManifest) -> list[str]:
         if s.tombstones:
             out.append(s.tombstones.file)
         for d in s.deltas:
-            out += [d.file, d.docstore] + ([d.lexical.file] if d.lexical else [])
-    if m.lexical:
-        out += [r.file for r in m.lexical.shards] + ([m.lexical.stats.file] if m.lexical.stats else [])
+            out += [d.file, d.docstore] + (lexical_files(d.lexical.file) if d.lexical else [])
+    if m.lexical:  # a lexical shard is a folder of files
+        out += [f for r in m.lexical.shards for f in lexical_files(r.file)]
+        out += [m.lexical.stats.file] if m.lexical.stats else []
     if m.trained and m.trained.file:
         out.append(m.trained.file)
     return out

@@ -381,6 +381,7 @@ class ShardedIndex:
     _ef: int | None = None  # efSearch of plain HNSW shards: raised to k for a search of k > efSearch
     numbers: list[int] | None = None  # the shard numbers loaded (None: all)
     verify: bool = True
+    mmap: bool = True  # lexical shards too: mapped when local (read into memory from object stores)
     _lexical: list[LexicalShard] | None = None  # loaded on the first lexical search
     _tokenize: Any = None  # the tokenizer the lexical shards were built with
     segments: list[Segment] = field(default_factory=list)  # parallel to ``shards``; empty: no tombstones
@@ -460,7 +461,7 @@ class ShardedIndex:
                 shards[0].merge_from(index, 0)
             shards = shards[:1]
             segments = [Segment(-1, 0, np.zeros(0, np.int64))]
-        index = cls(loc, manifest, shards, numbers=numbers, verify=verify, segments=segments, lease=held,
+        index = cls(loc, manifest, shards, numbers=numbers, verify=verify, mmap=mmap, segments=segments, lease=held,
                     files=paths if len(paths) == len(shards) else [])
         index.set_params(wanted)
         return index
@@ -555,7 +556,8 @@ class ShardedIndex:
                     if r is None:
                         raise RagtuneError(f"{self.location.uri}: a delta of shard {n} has no lexical part. Fix: "
                                            "run `ragtune index compact --force`, or search with --mode dense")
-                    shard = read_lexical_file(self.location.join(r.file), r.sha256 if self.verify else None)
+                    shard = read_lexical_file(self.location.join(r.file), r.sha256 if self.verify else None,
+                                              mmap=self.mmap)
                     out.append(shard.masked(seg.dead) if len(seg.dead) else shard)
             self._lexical = out
             self._tokenize = tokenizer(lex.params)

@@ -1,6 +1,9 @@
 """Lexical (BM25) shards, search modes and fusion, without Ray."""
 
+import hashlib
+import io
 import json
+import shutil
 
 import bm25s
 import numpy as np
@@ -16,6 +19,7 @@ from sharding.lexical import (
     LexicalManifest,
     LexicalParams,
     LexicalRecord,
+    Terms,
     build_shard,
     chunk_texts,
     lexical_name,
@@ -218,19 +222,153 @@ def test_an_index_without_lexical_part_searches_dense_and_says_how_to_get_lexica
 
 
 def test_corrupted_missing_or_altered_lexical_shards_are_clear_errors(tmp_path):
-    vdir, _, _ = build_with_texts(tmp_path / "a", texts_for(120), 2)
-    shard = tmp_path / "a" / "v-00001" / "lexical" / "shard-00001.npz"
-    data = shard.read_bytes()
-    shard.write_bytes(data[:500])
-    with pytest.raises(RagtuneError, match=r"lexical/shard-00001.npz: checksum mismatch.*Fix: rebuild"):
-        ShardedIndex.open(str(tmp_path / "a")).search_lexical(["w1"], 3)
-    with pytest.raises(RagtuneError, match=r"lexical/shard-00001.npz: not a readable lexical shard"):
-        ShardedIndex.open(str(tmp_path / "a"), verify=False).search_lexical(["w1"], 3)
-    shard.unlink()
-    with pytest.raises(RagtuneError, match=r"lexical/shard-00001.npz: lexical shard listed in the manifest is missing"):
-        ShardedIndex.open(str(tmp_path / "a")).search_lexical(["w1"], 3)
-    shard.write_bytes(data)
-    assert ShardedIndex.open(str(tmp_path / "a")).search_lexical(["w1"], 3)[1].shape == (1, 3)
+    build_with_texts(tmp_path / "a", texts_for(120), 2)
+    folder = tmp_path / "a" / "v-00001" / "lexical" / "shard-00001"
+    data_file = folder / "data.csc.index.npy"
+    data = data_file.read_bytes()
+
+    def lexical(verify=True):
+        return ShardedIndex.open(str(tmp_path / "a"), verify=verify).search_lexical(["w1"], 3)
+
+    data_file.write_bytes(data[:500])  # truncated: its size tells, with or without verify
+    for verify in (True, False):
+        with pytest.raises(RagtuneError, match=r"shard-00001/data.csc.index.npy: 500 bytes on disk but shard.json "
+                                               r"says .*truncated.*Fix: rebuild"):
+            lexical(verify)
+    data_file.write_bytes(data[:-4] + b"\0\0\0\0")  # altered, same size: the sha256 tells (verify)
+    with pytest.raises(RagtuneError, match=r"shard-00001/data.csc.index.npy: checksum mismatch.*Fix: rebuild"):
+        lexical()
+    assert lexical(verify=False)[1].shape == (1, 3)  # without verify, sizes and shapes only
+    data_file.write_bytes(data)
+    header = folder / "shard.json"
+    raw = header.read_bytes()
+    header.write_bytes(raw.replace(b'"terms"', b'"terms" ', 1))  # shard.json: checked against the manifest
+    with pytest.raises(RagtuneError, match=r"shard-00001/shard.json: checksum mismatch.*Fix: rebuild"):
+        lexical()
+    header.write_bytes(b"{not json")
+    with pytest.raises(RagtuneError, match=r"shard-00001/shard.json: not a readable lexical shard header"):
+        lexical(verify=False)
+    header.write_bytes(raw)
+    (folder / "vocab.terms.npy").unlink()
+    with pytest.raises(RagtuneError, match=r"shard-00001/vocab.terms.npy: file of a lexical shard listed in the "
+                                           r"manifest is missing"):
+        lexical()
+    shutil.rmtree(folder)
+    with pytest.raises(RagtuneError, match=r"lexical/shard-00001: lexical shard listed in the manifest is missing"):
+        lexical()
+
+
+def test_loaded_shards_are_memory_mapped_and_search_as_in_memory(corpus):
+    """Local shards are np.memmap (file pages, not the searcher's own memory), vocabulary included; with
+    mmap=False (what an object store gets) the same arrays are read into memory, and both search alike."""
+    mapped = ShardedIndex.open(corpus["three"]).lexical_shards()
+    read = ShardedIndex.open(corpus["three"], mmap=False).lexical_shards()
+    for m, r in zip(mapped, read, strict=True):
+        arrays = [*(m.model.scores[k] for k in ("data", "indices", "indptr")), m.chunk_ids, m.terms.offsets,
+                  m.terms.blob]
+        assert all(isinstance(a, np.memmap) and a.filename.endswith(".npy") for a in arrays)
+        assert not any(isinstance(a, np.memmap) for a in (r.model.scores["data"], r.chunk_ids, r.terms.blob))
+        assert isinstance(m.terms, Terms) and not isinstance(m.terms, dict)  # no Python object per term
+        tokens = tokenizer(LexicalParams())(corpus["queries"])
+        for a, b in zip(m.search(tokens, 20), r.search(tokens, 20), strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_format_1_shards_still_load_into_memory(corpus, tmp_path):
+    """An index written before the shard folders (one .npz per shard, vocabulary as JSON) still searches."""
+    root = tmp_path / "old"
+    shutil.copytree(resolve(corpus["three"]).path, root)
+    vdir = resolve(str(root))
+    m = read_index_manifest(vdir)
+    for n, rec in enumerate(m.lexical.shards):
+        s = ShardedIndex.open(corpus["three"], only=[n]).lexical_shards()[0]
+        buf = io.BytesIO()
+        np.savez(buf, format=np.array("ragtune.lexical/1"), data=s.model.scores["data"],
+                 indices=s.model.scores["indices"], indptr=s.model.scores["indptr"], num_docs=np.array(s.ntotal),
+                 chunk_ids=s.chunk_ids, vocab=np.frombuffer(json.dumps(dict(s.terms)).encode(), dtype=np.uint8),
+                 params=np.array(LexicalParams().model_dump_json()))
+        rec.file = f"lexical/shard-{n:05d}.npz"
+        (root / rec.file).write_bytes(buf.getvalue())
+        rec.sha256 = hashlib.sha256(buf.getvalue()).hexdigest()
+        shutil.rmtree(root / "lexical" / f"shard-{n:05d}")
+    write_index_manifest(vdir, m)
+    old = ShardedIndex.open(str(root))
+    assert all(isinstance(s.terms, dict) for s in old.lexical_shards())
+    D1, I1 = old.search_lexical(corpus["queries"], 20)
+    D2, I2 = ShardedIndex.open(corpus["three"]).search_lexical(corpus["queries"], 20)
+    assert np.array_equal(D1, D2) and np.array_equal(I1, I2)
+
+
+def test_a_vocabulary_of_arrays_finds_every_term_and_only_those():
+    terms = ["", "a", "café", "caf", "zz", "ß", "\udc80x", "日本"]  # non-ASCII and a lone surrogate too
+    vocab = Terms.of(sorted(t.encode("utf-8", "surrogatepass") for t in terms))
+    assert len(vocab) == len(terms) and sorted(vocab, key=lambda t: t.encode("utf-8", "surrogatepass")) == list(vocab)
+    assert [vocab[t] for t in vocab] == list(range(len(terms)))
+    assert all(t in vocab for t in terms) and "b" not in vocab and "cafe" not in vocab and vocab.get("zzz") is None
+    with pytest.raises(KeyError):
+        vocab["x"]
+    assert list(Terms.from_arrow(vocab.arrow())) == list(vocab)
+
+
+def test_mmapped_search_equals_in_memory_search_after_an_update_delta_and_a_delete(tmp_path):
+    """A version with a delta per shard (BM25 rows built with the merged statistics), a masked chunk (the old
+    copy of an updated one) and a deleted document: mapped and read-into-memory searches return the same ids
+    with the same scores, and never a masked chunk."""
+    import jobs.freshness as job
+    from tests.sharding.test_freshness import build_index, docs_table, new_docs
+
+    info = build_index(tmp_path / "index", n=150)
+    root, ids = info["root"], info["ids"]
+    rows, new_ids, _ = new_docs(12)
+    job.add(root, chunks=rows)
+    vec = normalized(np.random.default_rng(3).normal(size=(1, 16)))
+    job.add(root, chunks=docs_table([ids[5]], ["d5"], ["quokka replaced paragraph"], vec))
+    job.delete(root, doc_ids=["d7"])
+    mapped, read = ShardedIndex.open(root), ShardedIndex.open(root, mmap=False)
+    assert sum(len(r.deltas) for r in mapped.manifest.shards) >= 3
+    assert sum(s.dead is not None for s in mapped.lexical_shards()) >= 1
+    words = texts_for(40, seed=4) + [f"fresh{i}" for i in range(12)] + ["quokka", "base5", "base7"]
+    D1, I1 = mapped.search_lexical(words, 20)
+    D2, I2 = read.search_lexical(words, 20)
+    assert np.array_equal(I1, I2) and np.array_equal(D1, D2)
+    assert not np.isin([ids[5], ids[7]], I1[-2:]).any() and I1[-3, 0] == ids[5]
+    assert (I1[40:52, 0] == new_ids).all()
+
+
+def test_compact_stats_merge_equals_counters():
+    """The compact statistics (sorted terms + counts, merged by pyarrow) equal the Counter arithmetic they
+    replace: of, merge, merge_all, minus, and the stats file round trip (format 2; format 1 still reads)."""
+    from collections import Counter
+
+    tok = tokenizer(LexicalParams())
+    parts = [tok(texts_for(80, seed=s)) + [["caf\u00e9", "日本"], []] for s in range(4)]
+
+    def counter(docs):
+        c = Counter()
+        for d in docs:
+            c.update(set(d))
+        return c
+
+    stats = [CorpusStats.of(p) for p in parts]
+    for s, p in zip(stats, parts, strict=True):
+        assert dict(s.df) == counter(p) and (s.n_docs, s.total_len) == (len(p), sum(map(len, p)))
+    merged = CorpusStats.merge_all(stats)
+    want = sum((counter(p) for p in parts), Counter())
+    assert dict(merged.df) == want and merged.n_docs == sum(map(len, parts))
+    assert merged == stats[0].merge(stats[1]).merge(stats[2]).merge(stats[3])
+    assert merged.minus(stats[3]) == CorpusStats.merge_all(stats[:3])
+    assert dict(merged.minus(stats[3]).df) == want - counter(parts[3])  # terms left in no chunk go
+    assert CorpusStats.from_bytes(merged.to_bytes()) == merged
+    keys = [b"zzz", "caf\u00e9".encode(), b"w1", b""]
+    assert merged.df_of(keys).tolist() == [0, want["caf\u00e9"], want["w1"], 0]
+    terms = sorted(want)  # format 1: terms as JSON
+    buf = io.BytesIO()
+    np.savez(buf, format=np.array("ragtune.lexical-stats/1"), n_docs=np.array(merged.n_docs),
+             total_len=np.array(merged.total_len),
+             terms=np.frombuffer(json.dumps(terms).encode(), dtype=np.uint8),
+             df=np.array([want[t] for t in terms], dtype=np.int64))
+    assert CorpusStats.from_bytes(buf.getvalue()) == merged
+    assert CorpusStats.merge_all([]) == CorpusStats() == CorpusStats.of([])
 
 
 def test_serving_shard_groups_load_their_own_lexical_shards(corpus):
