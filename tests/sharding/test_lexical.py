@@ -320,7 +320,7 @@ def test_mmapped_search_equals_in_memory_search_after_an_update_delta_and_a_dele
     info = build_index(tmp_path / "index", n=150)
     root, ids = info["root"], info["ids"]
     rows, new_ids, _ = new_docs(12)
-    job.add(root, chunks=rows)
+    job.add(root, chunks=rows, segment_size=4)  # 3 segments of 4 chunks: a delta on each of the 3 shards
     vec = normalized(np.random.default_rng(3).normal(size=(1, 16)))
     job.add(root, chunks=docs_table([ids[5]], ["d5"], ["quokka replaced paragraph"], vec))
     job.delete(root, doc_ids=["d7"])
