@@ -25,7 +25,9 @@ def test_the_index_job_writes_one_bm25_shard_per_vector_shard(squad_flat_index, 
     assert (lex["kind"], lex["library"], lex["library_version"]) == ("bm25", "bm25s", "0.3.16")
     assert lex["params"]["stemmer"] == "english" and lex["n_docs"] == emb_summary.chunks
     assert [s["ntotal"] for s in lex["shards"]] == [s["ntotal"] for s in m["shards"]]
-    assert all((root / summary.version / s["file"]).stat().st_size == s["bytes"] for s in lex["shards"])
+    for s in lex["shards"]:  # a folder of .npy arrays + shard.json per shard (sharding/lexical.py)
+        assert sum(f.stat().st_size for f in (root / summary.version / s["file"]).iterdir()) == s["bytes"]
+    assert (root / summary.version / lex["stats"]["file"]).stat().st_size == lex["stats"]["bytes"]
     index = ShardedIndex.open(str(root / summary.version))
     ids = [set(s.chunk_ids.tolist()) for s in index.lexical_shards()]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == emb_summary.chunks

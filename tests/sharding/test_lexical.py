@@ -23,6 +23,7 @@ from sharding.lexical import (
     build_shard,
     chunk_texts,
     lexical_name,
+    read_lexical_file,
     tokenizer,
     write_lexical_file,
 )
@@ -297,6 +298,23 @@ def test_format_1_shards_still_load_into_memory(corpus, tmp_path):
     D1, I1 = old.search_lexical(corpus["queries"], 20)
     D2, I2 = ShardedIndex.open(corpus["three"]).search_lexical(corpus["queries"], 20)
     assert np.array_equal(D1, D2) and np.array_equal(I1, I2)
+
+
+def test_a_shard_on_an_object_store_is_read_into_memory_and_checked(tmp_path):
+    """fsspec's memory:// stands in for s3://: no file to map, so the arrays are read (and hashed) into memory."""
+    tok = tokenizer(LexicalParams())
+    tokens = tok(texts_for(200, seed=5))
+    shard = build_shard(tokens, np.arange(200) * 3, CorpusStats.of(tokens), LexicalParams())
+    remote, local = resolve("memory://ragtune-lexical/shard-00000"), resolve(str(tmp_path / "shard-00000"))
+    sha, size = write_lexical_file(shard, LexicalParams(), remote)
+    assert write_lexical_file(shard, LexicalParams(), local) == (sha, size)  # the same bytes either way
+    read, mapped = read_lexical_file(remote, sha), read_lexical_file(local, sha)
+    assert not isinstance(read.model.scores["data"], np.memmap) and isinstance(mapped.model.scores["data"], np.memmap)
+    queries = tok(texts_for(20, seed=6))
+    for a, b, c in zip(read.search(queries, 10), mapped.search(queries, 10), shard.search(queries, 10), strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    with pytest.raises(RagtuneError, match="shard-00000/shard.json: checksum mismatch"):
+        read_lexical_file(remote, "0" * 64)
 
 
 def test_a_vocabulary_of_arrays_finds_every_term_and_only_those():
