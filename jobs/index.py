@@ -522,11 +522,11 @@ def _gather(pending: dict[Any, int], nb: int, n: int) -> list[BuiltShard]:
 def _lexical_rows(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord]) -> tuple[np.ndarray, list[str]]:
     emb = resolve(emb_uri)
     ids, texts = [], []
-    for piece in pieces:
-        t = read_part_table(emb, records[piece.part], ["chunk_id", "title", "text"]).slice(piece.start, piece.rows)
-        ids.append(t["chunk_id"].to_numpy())
-        texts += chunk_texts(t["title"].to_pylist(), t["text"].to_pylist())
-    return np.concatenate(ids).astype(np.int64), texts
+    for piece in pieces:  # the text columns only, streamed: a BM25 task never holds the parts' vectors
+        for t in piece_batches(emb, records[piece.part], piece, ["chunk_id", "title", "text"], 65_536):
+            ids.append(t["chunk_id"].to_numpy())
+            texts += chunk_texts(t["title"].to_pylist(), t["text"].to_pylist())
+    return (np.concatenate(ids) if ids else np.zeros(0)).astype(np.int64), texts
 
 
 def lexical_stats(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord],
