@@ -31,7 +31,6 @@ The flow, top to bottom:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -122,7 +121,7 @@ from sharding.manifest import (
     write_index_manifest,
 )
 from sharding.search import merge_topk
-from sharding.storage import Location, atomic_write_bytes, exists, makedirs, resolve, sha256_hex
+from sharding.storage import Location, atomic_write_bytes, exists, makedirs, resolve, sha256_hex, sha256_of
 from sharding.tuning import RECALL_K as K  # recall@K is what index.target_recall means
 from sharding.tuning import (
     GroundTruth,
@@ -367,11 +366,7 @@ def piece_batches(emb: Location, record: PartRecord, piece: Piece, columns: list
         raise RagtuneError(f"{loc.uri}: listed in the embeddings manifest but missing. Fix: rerun `ragtune embed` "
                            "with the same config to rebuild it")
     if verify:
-        h = hashlib.sha256()
-        with loc.fs.open_input_stream(loc.path) as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        if h.hexdigest() != record.sha256:
+        if sha256_of(loc) != record.sha256:
             raise RagtuneError(f"{loc.uri}: checksum mismatch (file changed or truncated). Fix: rerun `ragtune "
                                "embed` with --overwrite")
     with loc.fs.open_input_file(loc.path) as f:

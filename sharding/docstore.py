@@ -19,8 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from configs.errors import RagtuneError
-from sharding.faiss_index import sha256_file  # a file's hash read in blocks (the module imports faiss lazily)
-from sharding.storage import TMP_MARK, Location, atomic_write_bytes, exists, sha256_hex
+from sharding.storage import TMP_MARK, Location, atomic_write_bytes, exists, sha256_file, sha256_hex
 
 ROW_GROUP_ROWS = 512  # ~0.5 MB of paragraph text: one read per id looked up
 COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "metadata", "n_tokens"]

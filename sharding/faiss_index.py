@@ -7,7 +7,6 @@ functions, so importing this module is cheap (``ragtune validate`` imports no fa
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import uuid
@@ -24,6 +23,7 @@ from sharding.storage import (
     exists,
     info,
     read_bytes,
+    sha256_file,
     sha256_hex,
 )
 
@@ -170,14 +170,6 @@ def deserialize(data: bytes) -> Any:
 
 
 # --- shard files ----------------------------------------------------------------------------------------------------
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
 
 def write_index_file(index: Any, loc: Location) -> tuple[str, int]:
     """Write a FAISS index atomically (temp + fsync + rename); returns (sha256, bytes)."""

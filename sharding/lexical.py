@@ -57,7 +57,16 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
 from configs.errors import RagtuneError
-from sharding.storage import TMP_MARK, Location, atomic_write_bytes, exists, info, read_bytes, sha256_hex
+from sharding.storage import (
+    TMP_MARK,
+    Location,
+    atomic_write_bytes,
+    exists,
+    info,
+    read_bytes,
+    sha256_file,
+    sha256_hex,
+)
 
 LEXICAL_FORMAT = "ragtune.lexical/2"  # a folder of .npy arrays + shard.json
 LEXICAL_FORMAT_V1 = "ragtune.lexical/1"  # one .npz per shard (read into memory; still loads)
@@ -510,14 +519,6 @@ def write_lexical_file(shard: LexicalShard, params: LexicalParams, loc: Location
     return sha256_hex(header), len(header) + sum(f["bytes"] for f in files.values())
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_lexical_file(loc: Location, sha256: str | None = None, mmap: bool = True) -> LexicalShard:
     """Load a lexical shard folder: its arrays memory-mapped when local and ``mmap``, else read into memory
     (object stores cannot be mapped). ``shard.json``'s sha256 is checked against ``sha256`` (the manifest's) and
@@ -567,7 +568,7 @@ def _read_npy(loc: Location, meta: dict[str, Any] | None, verify: bool, mmap: bo
                            f"changed after it was written. {fix}")
     data = None if loc.is_local and mmap else read_bytes(loc)
     if verify:
-        digest = _sha256_file(loc.path) if data is None else sha256_hex(data)
+        digest = sha256_file(loc.path) if data is None else sha256_hex(data)
         if digest != meta["sha256"]:
             raise RagtuneError(f"{loc.uri}: checksum mismatch: the lexical shard was changed after it was written. "
                                f"{fix}")

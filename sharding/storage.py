@@ -171,3 +171,21 @@ def list_files(loc: Location) -> list[str]:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of(loc: Location, block: int = 1 << 22) -> str:
+    """The sha256 of a file on any filesystem, read in blocks (never whole in memory)."""
+    h = hashlib.sha256()
+    with loc.fs.open_input_stream(loc.path) as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    """The sha256 of a local file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(1 << 22):
+            h.update(data)
+    return h.hexdigest()
