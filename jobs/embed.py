@@ -132,10 +132,12 @@ def check(cfg: EmbedJobConfig) -> Plan:
                 "choose another output.path, or pass --overwrite to delete them and embed again "
                 "(for new documents in an existing index, use `ragtune index add`)"
             )
-        if previous.state == "running" and not previous.inputs:
+        complete = previous.state == "done" and all(exists(out.join(r.file)) for r in previous.parts.values())
+        if not previous.inputs and not complete:  # a finished one is still read as it is
             raise RagtuneError(
-                f"output.path {out.uri} holds a run started by an earlier ragtune, whose parts were chosen by a "
-                "hash of the text and cannot be resumed by input. Fix: pass --overwrite to embed again"
+                f"output.path {out.uri} holds embeddings of an earlier ragtune ({previous.state}, parts chosen by a "
+                "hash of the text) that are not complete, and cannot be resumed or repaired by input. Fix: pass "
+                "--overwrite to embed again"
             )
     return Plan(cfg, spec, settings, corpus, out, previous, rows)
 
@@ -416,7 +418,9 @@ def keep_each_id_once(out: Location, records: dict[int, PartRecord]) -> dict[int
             by_part.setdefault(k, []).append(cid)
     copies = pa.concat_tables([rows_of(out, full[k], ids, ["chunk_id", "doc_id", "title", "text"])
                                for k, ids in by_part.items()])
-    distinct = copies.group_by("chunk_id").aggregate([("text", "count_distinct"), ("title", "count_distinct")])
+    every = pc.CountOptions(mode="all")  # a null title differs from any title
+    distinct = copies.group_by("chunk_id").aggregate([("text", "count_distinct", every),
+                                                       ("title", "count_distinct", every)])
     clash = distinct.filter(pc.or_(pc.greater(distinct["text_count_distinct"], 1),
                                    pc.greater(distinct["title_count_distinct"], 1)))
     if clash.num_rows:

@@ -95,6 +95,29 @@ def test_output_holding_another_models_embeddings_is_refused(tmp_path, minilm):
         check(cfg)
 
 
+def test_unfinished_embeddings_of_the_first_format_are_refused_and_finished_ones_kept(tmp_path, minilm):
+    """Parts chosen by a hash of the text (no `inputs` in the manifest) cannot be resumed by input: a running or
+    damaged folder is refused with the fix; a complete one is still what it was (nothing to do)."""
+    from sharding.embeddings import EmbeddingManifest, PartRecord, write_manifest
+
+    corpus = _write(tmp_path / "c.jsonl", '{"_id": "a", "text": "hello world"}\n')
+    cfg = config(corpus, tmp_path / "out")
+    plan = check(cfg)
+    (tmp_path / "out").mkdir()
+    part = PartRecord(file="part-00000.parquet", rows=1, embedded=1, sha256="x", bytes=1)
+    old = EmbeddingManifest(model=plan.spec.to_dict(), normalize=True, metric="inner_product",
+                            chunker=plan.settings.to_dict(), num_parts=1, parts={"00000": part}, state="done",
+                            corpus={"fingerprint": plan.corpus.fingerprint(), "files": 1, "bytes": 1})
+    write_manifest(plan.out, old)
+    with pytest.raises(RagtuneError, match=r"earlier ragtune \(done, .*not complete.*--overwrite"):
+        check(cfg)  # its part file is gone
+    _touch(tmp_path / "out" / "part-00000.parquet")
+    assert check(cfg).previous.state == "done"
+    write_manifest(plan.out, old.model_copy(update={"state": "running"}))
+    with pytest.raises(RagtuneError, match=r"earlier ragtune \(running, .*--overwrite"):
+        check(cfg)
+
+
 def _touch(p):
     p.write_text("")
     return p
