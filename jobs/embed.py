@@ -179,7 +179,7 @@ class PartEmbedder:
         self.fs = corpus_fs
         self.out = resolve(out_uri)
         self.provenance = provenance
-        self.worker = f"{ray.get_runtime_context().get_actor_id() or 'driver'}"
+        self.worker = ray.get_runtime_context().get_actor_id() or "driver"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self.embed_part(PartInput.model_validate_json(s)) for s in batch["input"].to_pylist()]
