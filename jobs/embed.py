@@ -132,8 +132,8 @@ def check(cfg: EmbedJobConfig) -> Plan:
                 "choose another output.path, or pass --overwrite to delete them and embed again "
                 "(for new documents in an existing index, use `ragtune index add`)"
             )
-        complete = previous.state == "done" and all(exists(out.join(r.file)) for r in previous.parts.values())
-        if not previous.inputs and not complete:  # a finished one is still read as it is
+        if not previous.inputs and not (  # a finished one is still read as it is
+                previous.state == "done" and all(exists(out.join(r.file)) for r in previous.parts.values())):
             raise RagtuneError(
                 f"output.path {out.uri} holds embeddings of an earlier ragtune ({previous.state}, parts chosen by a "
                 "hash of the text) that are not complete, and cannot be resumed or repaired by input. Fix: pass "
