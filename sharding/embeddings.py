@@ -247,9 +247,9 @@ def repeated_ids(emb: Location, records: dict[str, PartRecord], lo: int, hi: int
     flat = np.concatenate(ids)
     owner = np.repeat(np.arange(len(keys)), [len(a) for a in ids])
     uniq, counts = np.unique(flat, return_counts=True)
-    repeated = uniq[counts > 1]
+    hit = np.isin(flat, uniq[counts > 1])
     out: dict[int, list[str]] = {}
-    for cid, k in zip(flat[np.isin(flat, repeated)].tolist(), owner[np.isin(flat, repeated)].tolist(), strict=True):
+    for cid, k in zip(flat[hit].tolist(), owner[hit].tolist(), strict=True):
         out.setdefault(cid, []).append(keys[k])
     return out
 
