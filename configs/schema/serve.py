@@ -108,6 +108,16 @@ class GenerationDefaults(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
 
 
+class VllmConfig(Section):
+    """vLLM's engine settings (``generator.engine: vllm``, GPU nodes only; see docs/serving.md)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one Generator replica spans (tensor parallelism)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may take")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt heads")
+    max_lora_rank: int = Field(16, ge=1, description="the largest LoRA rank an adapter may have")
+    enforce_eager: bool = Field(False, description="no CUDA graphs (slower; starts faster, less memory)")
+
+
 class GeneratorConfig(Section):
     """The causal LM, its LoRA adapters, batching."""
 
@@ -120,7 +130,13 @@ class GeneratorConfig(Section):
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     context: int | None = Field(None, ge=16, description="prompt + answer tokens at most; null = the model's "
                                                          "max_position_embeddings")
-    batching: bool = Field(True, description="batch concurrent generations into one decode loop (@serve.batch)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers (CPU or GPU); vllm = vLLM on GPU "
+                                                            "nodes (install the vllm extra)")
+    decoding: Literal["continuous", "static"] = Field(
+        "continuous", description="hf: continuous = requests join the running batch at step boundaries and leave "
+                                  "when done; static = one batch decoded to its end before the next starts")
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    batching: bool = Field(True, description="batch concurrent generations into one decode loop")
     max_batch_size: int = Field(8, ge=1, le=256, description="sequences decoded together at most")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=1, description="how long a batch waits to fill")
     replicas: int = Field(1, ge=1, description="replicas of the Generator")

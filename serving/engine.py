@@ -1,0 +1,77 @@
+"""The generation engine interface, free of Serve.
+
+An engine turns a request's prompt token ids into an async stream of text deltas. Prompt assembly (the RAG
+prompt, the chat template, the context budget: ``serving.rag.rag_prompt``, ``models.prompt.completion_prompt``)
+stays above it and is shared by every engine: it needs only the engine's ``tokenizer`` and ``context``. The
+Generator deployment holds one engine; in-process answering (the compare job) can hold one too.
+
+Engines:
+
+- ``hf`` (``serving.generation.HFEngine``): a transformers causal LM with PEFT LoRA adapters chosen per row;
+  continuous batching (requests join the running batch at step boundaries and leave when done), with the old
+  static batching kept as a mode for comparison.
+- ``vllm`` (``serving.vllm_engine``): vLLM's ``AsyncLLM`` on GPU nodes, LoRA adapters as vLLM LoRA requests.
+  vLLM cannot be installed here: that path is built to vLLM's documented interfaces and is unrun.
+
+Contract, shared by every engine (tests hold each engine to it):
+
+- ``generate(request, request_id)`` yields :class:`serving.generation.Delta` values: the text that became certain
+  since the last delta (never a partial UTF-8 character, never the start of a stop sequence that may still
+  complete), ``completion_tokens`` so far; the last delta has ``finish_reason`` "stop" or "length" and nothing
+  follows it. An adapter that is not loaded, or a prompt that leaves no room in the context, raises
+  ``configs.errors.RagtuneError`` before the first delta.
+- ``cancel(request_id)`` (or closing the async generator, e.g. when the client went away) ends the request at the
+  next step boundary and frees its slot; cancelling an unknown or finished id does nothing.
+- ``add_adapter(name, path)`` loads a PEFT folder under ``name``; ``remove_adapter(name)`` unloads it (requests
+  already running with it finish first or keep it until they do).
+- ``info()`` says what the engine is and holds now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from serving.generation import Delta, GenRequest
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine is and holds: its kind, model, context, device, adapters and batch state."""
+
+    engine: str  # "hf" | "vllm"
+    model: str
+    context: int
+    device: str
+    adapters: list[str] = field(default_factory=list)
+    mode: str = "continuous"  # "continuous" | "static"
+    max_batch_size: int = 1
+    running: int = 0  # requests decoding now
+    waiting: int = 0  # requests queued for a slot
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A generation engine: see the module's docstring for the contract."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    @property
+    def context(self) -> int: ...
+
+    def generate(self, request: GenRequest, request_id: str) -> AsyncIterator[Delta]: ...
+
+    async def cancel(self, request_id: str) -> None: ...
+
+    async def add_adapter(self, name: str, path: str) -> None: ...
+
+    async def remove_adapter(self, name: str) -> None: ...
+
+    def info(self) -> EngineInfo: ...
+
+    async def close(self) -> None: ...
