@@ -128,6 +128,9 @@ def index_ops_parser() -> argparse.ArgumentParser:
                    help=f"embed on Ray Data (the embed job) above N chunks, else in this process "
                         f"(default {ADD_RAY_ABOVE:,})")
     a.add_argument("--batch-size", type=int, default=64, help="texts per forward pass when embedding here")
+    a.add_argument("--segment-size", type=int, metavar="N",
+                   help="chunks per delta segment: the add writes ceil(chunks / N) segments (default: a base "
+                        "shard's mean size, so a small add is one segment)")
     a.add_argument("--address", help="Ray cluster for large adds (default: RAY_ADDRESS, else a local Ray)")
     d = sub.add_parser("delete", parents=[common, writes], help="delete documents (masked by tombstones)")
     what = d.add_mutually_exclusive_group(required=True)

@@ -822,7 +822,8 @@ def ops_main(argv: list[str]) -> int:
     if args.op == "add":
         summary: Any = add(args.index, corpus=args.corpus, embeddings=args.embeddings, text_field=args.text_field,
                            id_field=args.id_field, title_field=args.title_field, ray_above=args.ray_above,
-                           batch_size=args.batch_size, keep_versions=args.gc_keep, address=args.address)
+                           batch_size=args.batch_size, keep_versions=args.gc_keep, address=args.address,
+                           segment_size=args.segment_size)
     elif args.op == "delete":
         summary = delete(args.index, args.doc_id, args.where, keep_versions=args.gc_keep)
     elif args.op == "compact":

@@ -85,6 +85,13 @@ def test_add_update_delete_compact_on_squad_through_the_cli(squad_index, tmp_pat
     assert main(["index", "history", "-i", str(root)]) == 0
     out = capsys.readouterr().out
     assert "| add | v-00001 |" in out and "| delete | v-00002 |" in out and "| compact | v-00003 |" in out
+    # --segment-size bounds the delta segments' size: 3 one-chunk documents in segments of 2 -> 2 segments
+    more = write_jsonl(tmp_path / "more.jsonl", [{"_id": f"seg{i}", "title": "Segments", "text": f"Segment {w}."}
+                                                 for i, w in enumerate(["one", "two", "three"])])
+    assert main(["index", "add", "-i", str(root), "--corpus", more, "--segment-size", "2"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (s["chunks_added"], s["segments"]) == (3, 2)
+    assert sum(len(r.deltas) for r in ShardedIndex.open(str(root)).manifest.shards) == 2
 
 
 @pytest.mark.integration
