@@ -115,7 +115,7 @@ def check(cfg: EmbedJobConfig) -> Plan:
     resuming = (previous is not None and previous.inputs and not cfg.output.overwrite
                 and previous.corpus.get("fingerprint") == corpus.fingerprint())
     # a resume reads no input it has finished: the first run checked these files, unchanged since (size, mtime)
-    rows = None if resuming else preflight(corpus, cfg.corpus.text_field)
+    rows = None if resuming else preflight(corpus, cfg.corpus.text_field, cfg.corpus.id_field)
     if previous is None and not cfg.output.overwrite:
         strays = [f.base_name for f in list_dir(out) if f.base_name.startswith("part-")]
         if strays:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ import pyarrow.parquet as pq
 from configs.errors import RagtuneError
 from sharding.ids import doc_id_from_content
 from sharding.storage import Location, resolve
+
+log = logging.getLogger("ragtune.corpus")
 
 Kind = Literal["jsonl", "parquet", "text"]
 
@@ -126,21 +129,28 @@ def _file(root: Location, fi: pafs.FileInfo, rel: str, kind: Kind) -> CorpusFile
     return CorpusFile(path=fi.path, uri=uri, rel=rel, kind=kind, size=fi.size or 0, mtime_ns=mtime)
 
 
-def preflight(corpus: Corpus, text_field: str) -> int | None:
+ID_LIKE = ("_id", "id", "doc_id", "docid", "document_id", "uuid")  # fields that hold a document id elsewhere
+
+
+def preflight(corpus: Corpus, text_field: str, id_field: str | None = None) -> int | None:
     """Check every file can be read and has ``text_field``; report every bad file at once.
 
     Returns the number of records when every file tells it cheaply (Parquet footers), else None.
-    Raises CorpusError when any file is unreadable, has no text field, or when the corpus is empty.
+    Raises CorpusError when any file is unreadable, has no text field, or when the corpus is empty, and when
+    ``id_field`` is in no file's first record (or schema) while another id-like field is
+    (:func:`check_id_field`).
     """
     problems: list[str] = []
     rows = 0
     known_rows = True
     nonempty = 0
+    fields: list[list[str]] = []  # each JSONL and Parquet file's first record's fields (or columns)
     for f in corpus.files:
         try:
             if f.kind == "parquet":
                 meta = pq.read_metadata(f.path, filesystem=corpus.fs)
                 names = meta.schema.to_arrow_schema().names
+                fields.append(names)
                 if text_field not in names:
                     problems.append(f"{f.uri}: no `{text_field}` column (columns: {', '.join(names)}). "
                                     "Fix: set corpus.text_field to the column holding the text")
@@ -152,6 +162,7 @@ def preflight(corpus: Corpus, text_field: str) -> int | None:
                 if first is None:
                     continue
                 nonempty += 1
+                fields.append(list(first))
                 if text_field not in first:
                     problems.append(f"{f.uri}: the first record has no `{text_field}` field (fields: "
                                     f"{', '.join(first) or 'none'}). Fix: set corpus.text_field")
@@ -172,7 +183,25 @@ def preflight(corpus: Corpus, text_field: str) -> int | None:
     if nonempty == 0:
         raise CorpusError(f"the corpus is empty: {len(corpus.files)} file(s) and no documents. "
                           "Fix: point corpus.path at files that hold documents")
+    check_id_field(fields, id_field)
     return rows if known_rows else None
+
+
+def check_id_field(fields: Sequence[Sequence[str]], id_field: str | None) -> None:
+    """``id_field`` against the fields the records have (one list per file): absent from every file while
+    another id-like field (``ID_LIKE``) is present, every document id would silently become a content hash, and
+    qrels, filters and deletes by id would match nothing: a CorpusError with the field to set. Absent with no
+    id-like field: a warning (ids come from the content). ``id_field`` None: ids from the content, on purpose."""
+    if id_field is None or not fields or any(id_field in f for f in fields):
+        return
+    seen = sorted({c for f in fields for c in f if c in ID_LIKE}, key=ID_LIKE.index)
+    if seen:
+        raise CorpusError(f"corpus.id_field = {id_field!r} is in no record, but the records have "
+                          f"{', '.join(f'`{c}`' for c in seen)}: every document id would become a content hash, "
+                          f"and qrels, filters and deletes by id would match nothing. Fix: set corpus.id_field: "
+                          f"{seen[0]} (or corpus.id_field: null for ids from the content)", param="corpus.id_field")
+    log.warning("corpus.id_field = %r is in no record (fields: %s): document ids come from the content", id_field,
+                ", ".join(sorted({c for f in fields for c in f})[:12]))
 
 
 def _first_jsonl_record(fs: pafs.FileSystem, f: CorpusFile) -> dict[str, Any] | None:
@@ -218,7 +247,7 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def to_documents(table: pa.Table, text_field: str, id_field: str, title_field: str) -> pa.Table:
+def to_documents(table: pa.Table, text_field: str, id_field: str | None, title_field: str) -> pa.Table:
     """Records with any columns -> DOC_SCHEMA. Missing ids come from the content; other fields -> metadata."""
     cols = table.column_names
     n = table.num_rows
@@ -254,14 +283,15 @@ def text_file_document(rel: str, data: bytes) -> dict[str, str | None]:
 
 # --- a small corpus, read in this process ---------------------------------------------------------------------
 
-def read_documents_local(paths: str | Sequence[str], text_field: str, id_field: str, title_field: str) -> pa.Table:
+def read_documents_local(paths: str | Sequence[str], text_field: str, id_field: str | None,
+                         title_field: str) -> pa.Table:
     """A corpus (JSONL, Parquet, text/Markdown files; local or URI) as documents (DOC_SCHEMA), read in this
     process: the same reading and document schema as the embed job's Ray Data reads (for small corpora, e.g.
     the new documents of ``ragtune index add``)."""
     import pyarrow.json as pajson
 
     corpus = list_corpus(paths)
-    preflight(corpus, text_field)
+    preflight(corpus, text_field, id_field)
     tables = []
     for f in corpus.files:
         if f.kind == "jsonl":

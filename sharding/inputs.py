@@ -117,14 +117,15 @@ def _compressed(path: str) -> bool:
 
 # --- reading a part -----------------------------------------------------------------------------------------------
 
-def read_part_documents(fs: pafs.FileSystem, part: PartInput, text_field: str, id_field: str,
+def read_part_documents(fs: pafs.FileSystem, part: PartInput, text_field: str, id_field: str | None,
                         title_field: str) -> Iterator[pa.Table]:
     """The documents (corpus.DOC_SCHEMA) of one part, a table per slice, in order."""
     for s in part.slices:
         yield read_slice(fs, s, text_field, id_field, title_field)
 
 
-def read_slice(fs: pafs.FileSystem, s: Slice, text_field: str, id_field: str, title_field: str) -> pa.Table:
+def read_slice(fs: pafs.FileSystem, s: Slice, text_field: str, id_field: str | None,
+               title_field: str) -> pa.Table:
     try:
         if s.kind == "parquet":
             records = pq.ParquetFile(s.path, filesystem=fs).read_row_groups(list(range(s.start, s.stop)))

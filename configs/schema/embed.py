@@ -18,7 +18,8 @@ class CorpusConfig(Section):
         json_schema_extra={"storage": "input"},
     )
     text_field: str = Field("text", description="column holding the document text (required in every record)")
-    id_field: str = Field("id", description="column holding the document id; missing ids come from the content")
+    id_field: str | None = Field("id", description="column holding the document id; missing ids come from the "
+                                                   "content; null = ids from the content on purpose")
     title_field: str = Field("title", description="column holding the title, prepended to every chunk")
 
     @field_validator("path")

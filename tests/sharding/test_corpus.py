@@ -82,6 +82,28 @@ def test_preflight_counts_parquet_rows_and_refuses_empty_corpus(tmp_path):
         preflight(list_corpus(str(tmp_path / "empty")), "text")
 
 
+def test_an_id_field_in_no_record_is_refused_when_the_records_name_their_ids_otherwise(tmp_path, caplog):
+    # a BEIR corpus (`_id`) embedded with the default id_field `id`: every id would silently be a content hash
+    write_jsonl(tmp_path / "beir.jsonl", [{"_id": "d1", "title": "T", "text": "x"}])
+    pq.write_table(pa.table({"doc_id": ["d2"], "text": ["y"]}), tmp_path / "b.parquet")
+    corpus = list_corpus(str(tmp_path))
+    with pytest.raises(CorpusError) as e:
+        preflight(corpus, "text", "id")
+    assert e.value.param == "corpus.id_field"
+    assert "corpus.id_field = 'id' is in no record, but the records have `_id`, `doc_id`" in e.value.message
+    assert "Fix: set corpus.id_field: _id" in e.value.message
+    assert preflight(corpus, "text", "_id") is None  # one file that has the field is enough
+    preflight(corpus, "text", None)  # null: ids from the content, on purpose
+    with pytest.raises(CorpusError, match="the records have `doc_id`"):
+        preflight(list_corpus(str(tmp_path / "b.parquet")), "text", "_id")
+    # no id-like field at all: a warning, and ids from the content
+    (tmp_path / "plain").mkdir()
+    write_jsonl(tmp_path / "plain" / "p.jsonl", [{"text": "z", "lang": "en"}])
+    with caplog.at_level("WARNING", logger="ragtune.corpus"):
+        preflight(list_corpus(str(tmp_path / "plain")), "text", "id")
+    assert "corpus.id_field = 'id' is in no record (fields: lang, text)" in caplog.text
+
+
 def test_records_become_documents_with_metadata_and_stable_ids():
     t = pa.table({"id": [7, None, None], "title": ["T", None, None], "text": ["hello", "same", "same"],
                   "lang": ["en", "fr", None], "score": [1.5, None, 2.0]})
