@@ -27,7 +27,7 @@ from configs.errors import RagtuneError
 from models.embedders import QueryEncoder
 from models.hardware import resolve_device
 from sharding.lexical import chunk_texts
-from sharding.metrics import evaluate, rank_documents, read_qrels, read_queries
+from sharding.metrics import evaluate, judged_in_index, rank_documents, read_qrels, read_queries
 from sharding.search import Fusion, ShardedIndex, check_mode, ranked_hits, result_metric, search
 
 log = logging.getLogger("ragtune.search")
@@ -161,6 +161,12 @@ def evaluate_index(index: ShardedIndex, xq: np.ndarray | None, qids: Sequence[st
     """
     chunk_ids, doc_ids = index.docstore().column("doc_id")
     doc_of = dict(zip(chunk_ids.tolist(), doc_ids.tolist(), strict=True))
+    judged = {q: dict(qrels[q]) for q in qids if q in qrels}
+    coverage = judged_in_index(judged, set(doc_of.values()), index.location.uri)  # none: a clear error
+    if coverage < 1:
+        log.warning("%.1f%% of the documents judged relevant for these queries are not in %s: recall and nDCG "
+                    "count them as missed (is the index built from the same corpus as the qrels?)",
+                    100 * (1 - coverage), index.location.uri)
     k_docs = max(ks)
     k_chunks = min(index.ntotal, chunks_per_doc * k_docs)
     n_docs = len(set(doc_of.values()))
@@ -176,6 +182,7 @@ def evaluate_index(index: ShardedIndex, xq: np.ndarray | None, qids: Sequence[st
             run[qid] = [doc for doc, _ in ranked]
     out = evaluate(run, {q: dict(r) for q, r in qrels.items() if q in run}, ks)
     out["queries_short"] = short
+    out["judged_in_index"] = coverage
     return out
 
 

@@ -105,6 +105,33 @@ def rank_documents(scores: np.ndarray, chunk_ids: np.ndarray, doc_of: Mapping[in
     return list(seen.items())
 
 
+_CONTENT_ID = re.compile(r"^h[0-9a-f]{16}$")  # sharding.ids.doc_id_from_content
+
+
+def judged_in_index(qrels: Qrels, in_index: set[str], index_uri: str = "this index") -> float:
+    """The share of the qrels' relevant documents that the index holds (1.0: all).
+
+    None of them held: the metrics would be 0 whatever the retrieval does, so it is a RagtuneError that says
+    why, e.g. ids made from the content because the embed job's ``corpus.id_field`` named no field.
+    """
+    judged = {d for r in qrels.values() for d, s in r.items() if s > 0}
+    if not judged:
+        return 1.0
+    found = len(judged & in_index)
+    if found == 0:
+        sample = sorted(in_index)[:3]
+        hashed = bool(in_index) and sum(bool(_CONTENT_ID.match(d)) for d in in_index) >= 0.9 * len(in_index)
+        why = ("its document ids look like content hashes (" + ", ".join(sample) + "): the embed job found no "
+               "id field. Fix: embed the corpus again with corpus.id_field set to the field the qrels use "
+               "(BEIR: corpus.id_field=_id)") if hashed else (
+               f"its document ids look like {', '.join(sample)} and the qrels' like "
+               f"{', '.join(sorted(judged)[:3])}. Fix: pass the qrels of the corpus this index was built from, or "
+               "embed with the id field the qrels use (corpus.id_field)")
+        raise RagtuneError(f"none of the {len(judged):,} documents judged relevant in the qrels is in {index_uri}: "
+                           "every metric would be 0 whatever the retrieval does; " + why)
+    return found / len(judged)
+
+
 def evaluate(run: Mapping[str, Sequence[str]], qrels: Qrels, ks: Iterable[int] = (1, 5, 10, 100),
              ndcg_k: int = 10, mrr_k: int = 10) -> dict[str, float]:
     """BEIR metrics of a run ({query id: ranked document ids}) against qrels.

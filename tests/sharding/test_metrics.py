@@ -9,6 +9,7 @@ from configs.errors import RagtuneError
 from sharding.metrics import (
     evaluate,
     exact_match,
+    judged_in_index,
     normalize_answer,
     rank_documents,
     read_qrels,
@@ -104,3 +105,16 @@ def test_squad_second_answer_against_the_others(squad_retrieval):
             n += 1
     assert n == 10567
     assert (round(em / n, 4), round(f1 / n, 4)) == (0.8153, 0.9104)
+
+
+def test_qrels_whose_documents_are_not_in_the_index_are_said_not_scored_as_zero():
+    qrels = {"q1": {"sq00p000": 1, "sq00p001": 0}, "q2": {"sq00p002": 2}}
+    assert judged_in_index(qrels, {"sq00p000", "sq00p002", "other"}) == 1.0
+    assert judged_in_index(qrels, {"sq00p000"}) == 0.5  # sq00p001 is not judged relevant (score 0)
+    hashed = {"h0123456789abcdef", "hfedcba9876543210"}  # a BEIR corpus embedded without corpus.id_field=_id
+    with pytest.raises(RagtuneError) as e:
+        judged_in_index(qrels, hashed, "/runs/index")
+    assert "none of the 2 documents judged relevant in the qrels is in /runs/index" in e.value.message
+    assert "look like content hashes" in e.value.message and "corpus.id_field=_id" in e.value.message
+    with pytest.raises(RagtuneError, match="ids look like d1, d2 and the qrels' like sq00p000, sq00p002"):
+        judged_in_index(qrels, {"d1", "d2"})
