@@ -49,11 +49,26 @@ class Unavailable(RagtuneError):
     """A part of the service did not answer in time; the same request may succeed later (HTTP 503)."""
 
 
+_OBJECT_STORE_ERRORS = ("AWS Error", "google::cloud", "GCS Error", "Azure Error")  # how pyarrow's filesystems say it
+
+
+def storage_error(where: str, e: BaseException) -> RagtuneError:
+    """An object store that cannot be reached or read (``where``: its URI, or what was being read), as one line
+    with the fix."""
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return RagtuneError(f"{where}: the storage cannot be reached or read ({detail[:300]}). Fix: check the network "
+                        "from this machine, the bucket's name, and the credentials (AWS_ACCESS_KEY_ID / "
+                        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an S3-compatible server; "
+                        "GOOGLE_APPLICATION_CREDENTIALS for gs://)", code="storage_unreachable")
+
+
 def user_error(e: BaseException) -> RagtuneError | None:
     """The RagtuneError behind an exception, looking through Ray's wrappers (``RayTaskError`` keeps the original
-    exception in ``cause``) and chained exceptions; None when there is none."""
+    exception in ``cause``) and chained exceptions; an object store's OSError (pyarrow's S3, GCS or Azure
+    filesystems) as a :func:`storage_error`; None when there is neither."""
     seen: set[int] = set()
     cur: BaseException | None = e
+    storage: OSError | None = None
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         cause = getattr(cur, "cause", None)
@@ -61,5 +76,7 @@ def user_error(e: BaseException) -> RagtuneError | None:
             return cause
         if isinstance(cur, RagtuneError) and cause is None:
             return cur
+        if storage is None and isinstance(cur, OSError) and any(m in str(cur) for m in _OBJECT_STORE_ERRORS):
+            storage = cur
         cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
-    return None
+    return None if storage is None else storage_error("object storage", storage)

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from configs.errors import RagtuneError
+from configs.errors import user_error
 from configs.schema import JOB_SCHEMAS, ConfigError, load_config
 from jobs import ask, compare, demo, embed, finetune, freshness, index, search, serve, submit
 from jobs.commands import INDEX_OPS, JOBS, add_job_parser, guarded, job_of, run_config_job
@@ -61,9 +61,12 @@ def validate_files(files: Sequence[str], job: str | None = None, schema_only: bo
             if not schema_only and name in CHECK:
                 CHECK[name](cfg)
             print(f"ok: {path} ({name})")
-        except RagtuneError as e:
+        except Exception as e:  # every file is checked and reported, also one whose storage cannot be reached
+            err = user_error(e)
+            if err is None:
+                raise
             failures += 1
-            print(f"{e}" if isinstance(e, ConfigError) else f"{path}: {e}")
+            print(f"{err}" if isinstance(err, ConfigError) else f"{path}: {err}")
     return 1 if failures else 0
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from configs.errors import RagtuneError
+from configs.errors import RagtuneError, storage_error
 
 TMP_MARK = ".tmp-"
 
@@ -64,6 +64,8 @@ def resolve(uri_or_path: str) -> Location:
             fs, path = pafs.FileSystem.from_uri(uri_or_path)
         except pa.ArrowInvalid:  # not a scheme pyarrow implements: ask fsspec
             fs, path = _fsspec(uri_or_path)
+        except OSError as e:  # S3 resolves the bucket's region here: the first network call
+            raise storage_error(uri_or_path, e) from None
         return Location(fs, path, uri_or_path)
     path = os.path.abspath(os.path.expanduser(uri_or_path))
     return Location(pafs.LocalFileSystem(), path, uri_or_path)

@@ -1,6 +1,7 @@
 """The command line: cheap to start, clear errors, and `python -m jobs.<job>` equal to `ragtune <job>`."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,16 @@ def test_sample_config_runs_as_module_on_a_local_ray(tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["chunks"] > 10 and summary["dim"] == 384 and summary["parts_written"] >= 1
     assert (tmp_path / "emb" / "_manifest.json").is_file()
+
+
+def test_storage_that_cannot_be_reached_is_one_line_with_the_fix(tmp_path):
+    # an S3-compatible endpoint where nothing listens: pyarrow raises OSError("... AWS Error NETWORK_CONNECTION ...")
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("index:\n  path: s3://ragtune-ci/index?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1\n"
+                   "generator:\n  model: gpt2\n")
+    out = run("-m", "jobs.cli", "validate", "--job", "serve", str(cfg), env={**os.environ, "AWS_MAX_ATTEMPTS": "1"})
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{cfg}: object storage: the storage cannot be reached or read (When ")
+    assert "AWS Error NETWORK_CONNECTION" in line and "Fix: check the network" in line
