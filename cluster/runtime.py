@@ -8,11 +8,35 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+from types import FrameType
 
 from cluster.placement import NodeResources
 from configs.schema import ClusterConfig
 
 log = logging.getLogger("ragtune")
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM, as Kubernetes, Docker and systemd send it; or SIGINT): raised in
+    the main thread, so that a job unwinds as on Ctrl-C (``finally`` blocks run, an embedded Ray is shut down
+    with all its processes at exit) and ends with ``128 + signum``; ``ragtune serve`` drains and ends with 0."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises :class:`Stopped` in the main thread (Ray's driver handler, set by ``ray.init``, calls
+    ``sys.exit`` from wherever the main thread is, which has left a C++ abort and Ray's agents running)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
 
 
 def init_ray(cfg: ClusterConfig) -> str:
@@ -30,6 +54,7 @@ def init_ray(cfg: ClusterConfig) -> str:
     if address:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
+        stop_on_sigterm()
         return "cluster"
     object_store = int(cfg.object_store_memory_gb * 2**30) if cfg.object_store_memory_gb else None
     ray.init(
@@ -40,6 +65,7 @@ def init_ray(cfg: ClusterConfig) -> str:
         include_dashboard=False,  # a local run needs no dashboard: it costs a core-share on a laptop
         log_to_driver=True,
     )
+    stop_on_sigterm()
     res = ray.cluster_resources()
     log.info("started a local Ray: %d CPUs, %d GPUs", res.get("CPU", 0), res.get("GPU", 0))
     return "local"

@@ -11,12 +11,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.runtime import Stopped, stop_on_sigterm
 from configs import CONFIG_DIR
 from configs.errors import RagtuneError, user_error
 from configs.schema import JOB_SCHEMAS, load_config
@@ -175,13 +177,16 @@ def run_config_job(name: str, run: Callable[[Any], Any], args: argparse.Namespac
 
 def guarded(command: Callable[[], int]) -> int:
     """Run a command the way every ``ragtune`` command ends: a RagtuneError (also inside Ray's wrappers) is one
-    line on stderr and exit status 2, Ctrl-C is 130, anything else a traceback."""
+    line on stderr and exit status 2, Ctrl-C is 130 and SIGTERM 143 (128 + the signal; ``ragtune serve`` returns
+    0 itself after draining), anything else a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop_on_sigterm()  # until a job's ray.init sets Ray's handler, which init_ray replaces with this one again
     try:
         return command()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or cluster.runtime.Stopped (SIGTERM)
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         err = user_error(e)
         if err is None:

@@ -112,7 +112,7 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
     # --- setup: Ray and Serve's proxy
     from ray import serve
 
-    init_ray(cfg.cluster)
+    started = init_ray(cfg.cluster)
     host = resolved_host(cfg)
     serve.start(http_options={"host": host, "port": cfg.http.port,
                               "request_timeout_s": cfg.limits.request_timeout_s + 5})
@@ -134,10 +134,15 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("stopping")
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cluster.runtime.Stopped): a server asked to stop
+        log.info("stopping (%s): draining requests under way", e or "SIGINT")
     finally:
-        serve.delete(cfg.http.app_name)
+        serve.delete(cfg.http.app_name)  # replicas finish their requests (graceful_shutdown_timeout_s) and stop
+        if started == "local":  # the embedded Ray and all its processes (agents included) go with the command
+            import ray
+
+            serve.shutdown()
+            ray.shutdown()
     return ServeSummary(url, cfg.http.app_name, str(state.version), time.monotonic() - t0)
 
 

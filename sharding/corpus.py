@@ -208,7 +208,7 @@ def _first_jsonl_record(fs: pafs.FileSystem, f: CorpusFile) -> dict[str, Any] | 
     compression = "detect" if f.path.endswith((".gz", ".zst")) else None
     with fs.open_input_stream(f.path, compression=compression) as s:
         head = s.read(_HEAD_BYTES)
-    text = _decode(head, f.uri, partial=len(head) == _HEAD_BYTES)
+    text = _decode(head, f.uri, partial=len(head) == _HEAD_BYTES).removeprefix("\ufeff")  # a BOM: read as UTF-8
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sharding.corpus import list_corpus
+from sharding.corpus import list_corpus, preflight
 from sharding.inputs import MIN_PART_BYTES, PARTS_PER_ACTOR, plan_parts, read_part_documents, target_part_bytes
 
 FIELDS = {"text_field": "text", "id_field": "id", "title_field": "title"}
@@ -35,6 +35,16 @@ def test_jsonl_byte_ranges_hold_every_line_exactly_once(tmp_path, target):
     ids = [d["doc_id"] for d in read_all(corpus, parts)]
     assert ids == [f"d{i}" for i in range(300)]
     assert len(parts) == min(300 * 10, -(-corpus.total_bytes // target)) or target == 1
+
+
+def test_a_jsonl_file_that_starts_with_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    write_jsonl(tmp_path / "plain.jsonl", 50, np.random.default_rng(0))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.jsonl").read_bytes())  # Windows tools
+    (tmp_path / "plain.jsonl").unlink()
+    corpus = list_corpus(str(tmp_path))
+    preflight(corpus, "text", "id")  # the first record parses, its first field is `id`, not `\ufeffid`
+    for target in (200, 10**6):
+        assert [d["doc_id"] for d in read_all(corpus, plan_parts(corpus, target))] == [f"d{i}" for i in range(50)]
 
 
 def test_parquet_row_groups_small_files_and_compressed_jsonl_are_never_cut(tmp_path):
