@@ -60,7 +60,14 @@ from models.embedders import EmbedderSpec, QueryEncoder, load_tokenizer, resolve
 from sharding.chunking import Chunker, ChunkerSettings, embed_input
 from sharding.corpus import read_documents_local
 from sharding.docstore import write_docstore
-from sharding.embeddings import chunk_documents, read_manifest, read_part_table, recipe_differences, vectors_from_arrow
+from sharding.embeddings import (
+    check_finite,
+    chunk_documents,
+    read_manifest,
+    read_part_table,
+    recipe_differences,
+    vectors_from_arrow,
+)
 from sharding.faiss_index import deserialize, read_index_file, write_index_file
 from sharding.filters import filter_mask, parse_where
 from sharding.freshness import (
@@ -329,6 +336,7 @@ def _embed(m: IndexManifest, root: Location, rows: pa.Table, ids: np.ndarray, co
     if xb.shape[1:] != (m.dim,):
         raise RagtuneError(f"the new vectors have dimension {xb.shape[1:]} but the index {m.dim}. Fix: embed with "
                            f"the index's model {m.model.name}")
+    check_finite(xb, ids, f"the new vectors (from {by})")
     return xb, by
 
 

@@ -70,6 +70,7 @@ from sharding.embeddings import (
     EmbedderRecord,
     EmbeddingManifest,
     PartRecord,
+    check_finite,
     read_manifest,
     read_part_table,
     vectors_from_arrow,
@@ -425,6 +426,7 @@ def build_shard(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str
                                    0 if per_piece else even_batch(piece.rows, batch_rows)):
             xb = vectors_from_arrow(table["vector"])
             ids = table["chunk_id"].to_numpy()
+            check_finite(xb, ids, f"{piece.part} of {emb.uri}")
             held = np.isin(ids, held_ids)
             builder.add(ids[~held], xb[~held])
             if held.any():

@@ -121,8 +121,21 @@ def vectors_from_arrow(col: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarr
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
 
 
+def check_finite(xb: np.ndarray, ids: np.ndarray, where: str) -> None:
+    """Refuse vectors that hold NaN or Inf (a model run in half precision can overflow): FAISS would rank them
+    arbitrarily, and their chunks would be found for no query or for every one. The error names the chunks."""
+    bad = ~np.isfinite(xb).all(axis=1)
+    if bad.any():
+        show = ", ".join(str(i) for i in np.asarray(ids)[bad][:5].tolist())
+        raise RagtuneError(f"{where}: {int(bad.sum()):,} of {len(xb):,} vectors hold NaN or Inf (chunk ids {show}"
+                           f"{', ...' if bad.sum() > 5 else ''}). Fix: embed again in full precision "
+                           "(embed.fp16: false), or remove those chunks' documents", code="non_finite_vectors")
+
+
 def part_table(rows: pa.Table, xb: np.ndarray, provenance: dict[str, str]) -> pa.Table:
-    """The table written as a part: the chunk rows (without the routing column) and their vectors."""
+    """The table written as a part: the chunk rows (without the routing column) and their vectors (finite:
+    :func:`check_finite`)."""
+    check_finite(xb, rows["chunk_id"].to_numpy(), "the embedding model's output")
     t = rows.drop_columns(["key", "part"]).append_column("vector", vectors_to_arrow(xb))
     meta = {f"ragtune.{k}".encode(): v.encode() for k, v in provenance.items()}
     return t.replace_schema_metadata(meta)

@@ -91,6 +91,20 @@ def make_part(chunker, tmp_path, n=3, first=0):
     return part_table(rows, xb, {"model": "m", "chunker": "fp"})
 
 
+def test_vectors_with_nan_or_inf_are_refused_naming_their_chunks(chunker):
+    t = chunk_documents(docs([{"doc_id": f"d{i}", "title": None, "text": f"text {i}", "metadata": "{}"}
+                              for i in range(4)]), chunker, "fp")
+    rows, inputs, inverse = prepare_part(t, True)
+    xb = np.ones((len(rows), 4), dtype="float32")
+    part_table(rows, xb, {})  # finite: fine
+    xb[1, 2], xb[3, 0] = np.nan, np.inf  # what a model in half precision can overflow to
+    with pytest.raises(RagtuneError) as e:
+        part_table(rows, xb, {})
+    ids = rows["chunk_id"].to_pylist()
+    assert f"2 of 4 vectors hold NaN or Inf (chunk ids {ids[1]}, {ids[3]})" in e.value.message
+    assert "embed.fp16: false" in e.value.message and e.value.code == "non_finite_vectors"
+
+
 def test_part_is_written_atomically_and_verified(chunker, tmp_path):
     out = resolve(str(tmp_path))
     rec = write_part(make_part(chunker, tmp_path), out, 3, embedded=3)
