@@ -377,9 +377,10 @@ def _serve_fits(run: JobRun, cfg: Any, start: list[NodeShape], largest: list[Nod
     high = s.autoscaling.max_replicas if s.autoscaling else s.replicas
     plan = plan_serving(_schedulable(start), num_shards=n_groups, groups=s.groups, searcher_replicas=max(1, low),
                         embedder_replicas=e.replicas, generator_replicas=g.replicas, light_replicas=LIGHT_REPLICAS,
-                        generator_device=g.device, searcher_device=s.device,
+                        generator_device=g.placement_device, searcher_device=s.device,
                         num_cpus={"embedder": e.num_cpus, "searcher": s.num_cpus, "generator": g.num_cpus},
-                        threads={"embedder": e.threads, "searcher": s.threads, "generator": g.threads})
+                        threads={"embedder": e.threads, "searcher": s.threads, "generator": g.threads},
+                        generator_gpus=g.gpus_per_replica)  # vllm: a replica's tensor-parallel GPUs, on one node
 
     def replicas(searchers: int) -> list[tuple[float, float]]:
         return ([(plan.embedder.num_cpus, plan.embedder.num_gpus)] * e.replicas

@@ -266,7 +266,7 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
                  light_replicas: int = 2, generator_device: Literal["auto", "cpu", "gpu"] = "auto",
                  searcher_device: Literal["auto", "cpu", "gpu"] = "auto",
                  num_cpus: dict[str, float | None] | None = None,
-                 threads: dict[str, int | None] | None = None) -> ServePlan:
+                 threads: dict[str, int | None] | None = None, generator_gpus: int = 1) -> ServePlan:
     """Decide the resources of the serving app's deployments from the cluster's shape.
 
     GPUs: each Generator replica takes a whole GPU (device auto or gpu); ShardSearchers share the GPUs left over
@@ -289,6 +289,8 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
         generator_device, searcher_device: auto, cpu or gpu.
         num_cpus: explicit reservations by role (embedder, searcher, generator), None = default.
         threads: explicit threads by role, None = default.
+        generator_gpus: GPUs one Generator replica on GPUs spans, all on one node (generator.engine vllm:
+            tensor_parallel_size; GeneratorConfig.gpus_per_replica).
     """
     if not nodes:
         raise RagtuneError("the Ray cluster has no alive node with CPUs or GPUs; check `ray status`")
@@ -298,16 +300,22 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
     cpu_nodes = [n for n in nodes if n.cpus >= 1]
     node_cpus = int(min(n.cpus for n in cpu_nodes)) if cpu_nodes else 1
     gen_gpu = total_gpus > 0 if generator_device == "auto" else generator_device == "gpu"
-    if gen_gpu and generator_replicas > total_gpus:
+    if gen_gpu and generator_replicas * generator_gpus > total_gpus:
         raise RagtuneError(f"generator.replicas = {generator_replicas} GPU replicas but the cluster has {total_gpus} "
-                           "GPU(s). " + ("Fix: set generator.device to auto or cpu" if total_gpus == 0 else
-                                         f"Fix: set generator.replicas <= {total_gpus}"))
+                           f"GPU(s){f' ({generator_gpus} per replica)' if generator_gpus > 1 else ''}. " + (
+                               "Fix: set generator.device to auto or cpu (generator.engine hf; vllm runs only on "
+                               "GPUs), or add GPU nodes" if total_gpus == 0 else
+                               f"Fix: set generator.replicas <= {total_gpus // generator_gpus}"))
+    if gen_gpu and generator_gpus > max(n.gpus for n in nodes):
+        raise RagtuneError(f"generator.vllm.tensor_parallel_size = {generator_gpus} but no node has "
+                           f"{generator_gpus} GPUs (at most {max(n.gpus for n in nodes):g}): a replica's GPUs are "
+                           "on one node. Fix: lower tensor_parallel_size, or use nodes with more GPUs")
     n_search = len(grouped) * searcher_replicas
-    left = total_gpus - (generator_replicas if gen_gpu else 0)
+    left = total_gpus - (generator_replicas * generator_gpus if gen_gpu else 0)
     search_gpu = left > 0 if searcher_device == "auto" else searcher_device == "gpu"
     if search_gpu and left <= 0:
         raise RagtuneError(f"shards.device = 'gpu' but no GPU is left for the ShardSearchers ({total_gpus} GPU(s), "
-                           f"{generator_replicas if gen_gpu else 0} taken by the Generator). Fix: set shards.device "
+                           f"{total_gpus - left} taken by the Generator). Fix: set shards.device "
                            "to auto or cpu, or add GPUs")
     search_share = round(min(1.0, left / n_search), 3) if search_gpu else 0.0
     defaults = {"embedder": 1.0, "generator": 1.0, "searcher": 0.5, "light": 0.1}
@@ -339,8 +347,8 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
     return ServePlan(
         embedder=ReplicaResources(cpus("embedder"), 0.0, thr("embedder", on_node), "cpu"),
         searcher=ReplicaResources(searcher_cpus, search_share, thr("searcher", 1), "gpu" if search_gpu else "cpu"),
-        generator=ReplicaResources(cpus("generator"), 1.0 if gen_gpu else 0.0, thr("generator", on_node),
-                                   "gpu" if gen_gpu else "cpu"),
+        generator=ReplicaResources(cpus("generator"), float(generator_gpus) if gen_gpu else 0.0,
+                                   thr("generator", on_node), "gpu" if gen_gpu else "cpu"),
         light=ReplicaResources(cpus("light"), 0.0, 1, "cpu"),
         groups=grouped,
         reason=(f"{len(grouped)} shard group(s) of {num_shards} shard(s); generator on "

@@ -168,6 +168,27 @@ class GeneratorConfig(Section):
                              "adapter another name")
         return self
 
+    @model_validator(mode="after")
+    def _engine(self) -> GeneratorConfig:
+        if self.engine == "vllm" and self.device == "cpu":
+            raise ValueError("generator.engine = 'vllm' with generator.device = 'cpu': vLLM runs only on GPUs. "
+                             "Fix: set generator.device to gpu (or auto), or generator.engine to hf")
+        if self.engine == "hf" and self.vllm.tensor_parallel_size > 1:
+            raise ValueError(f"generator.vllm.tensor_parallel_size = {self.vllm.tensor_parallel_size} but "
+                             "generator.engine = 'hf' (one device per replica). Fix: set generator.engine to vllm, "
+                             "or tensor_parallel_size to 1")
+        return self
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """GPUs one Generator replica spans when it is on GPUs (vllm: tensor_parallel_size, on one node)."""
+        return self.vllm.tensor_parallel_size if self.engine == "vllm" else 1
+
+    @property
+    def placement_device(self) -> Literal["auto", "cpu", "gpu"]:
+        """The device to plan the Generator on: vllm always needs GPUs (a plan without any is refused)."""
+        return "gpu" if self.engine == "vllm" else self.device
+
 
 class PromptConfig(Section):
     """How passages and the question become the prompt (then the tokenizer's chat template applies)."""
