@@ -21,7 +21,8 @@ Contract, shared by every engine (tests hold each engine to it):
   follows it. An adapter that is not loaded, or a prompt that leaves no room in the context, raises
   ``configs.errors.RagtuneError`` before the first delta.
 - ``cancel(request_id)`` (or closing the async generator, e.g. when the client went away) ends the request at the
-  next step boundary and frees its slot; cancelling an unknown or finished id does nothing.
+  next step boundary and frees its slot; the stream of a request cancelled by id ends without a last delta;
+  cancelling an unknown or finished id does nothing.
 - ``add_adapter(name, path)`` loads a PEFT folder under ``name``; ``remove_adapter(name)`` unloads it (requests
   already running with it finish first or keep it until they do).
 - ``info()`` says what the engine is and holds now.
@@ -32,6 +33,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from cluster.placement import ReplicaResources
+from configs.errors import RagtuneError
+from configs.schema.serve import GeneratorConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -75,3 +80,24 @@ class Engine(Protocol):
     def info(self) -> EngineInfo: ...
 
     async def close(self) -> None: ...
+
+
+def load_engine(cfg: GeneratorConfig, resources: ReplicaResources) -> Engine:
+    """The engine ``generator.engine`` names, loaded with the replica's resources (device, threads).
+
+    Raises:
+        RagtuneError: ``vllm`` where vLLM (or ``serving.vllm_engine``) cannot be imported.
+    """
+    if cfg.engine == "vllm":
+        try:  # vLLM only on GPU nodes that have it: never imported by the CPU install
+            from serving.vllm_engine import VllmEngine
+
+            return VllmEngine.load(cfg, resources)
+        except ImportError as e:
+            raise RagtuneError(f"generator.engine = vllm, but vLLM cannot be imported here ({e}). Fix: run the "
+                               "Generator on a GPU node with the vllm extra installed (pip install 'ragtune[vllm]', "
+                               "or the GPU image), or use generator.engine: hf", param="generator.engine",
+                               code="engine_unavailable") from None
+    from serving.generation import HFEngine  # here, not at the top: serving.generation imports EngineInfo from here
+
+    return HFEngine.load(cfg, resources)
