@@ -13,6 +13,9 @@ Engines:
 - ``vllm`` (``serving.vllm_engine``): vLLM's ``AsyncLLM`` on GPU nodes, LoRA adapters as vLLM LoRA requests.
   vLLM cannot be installed here: that path is built to vLLM's documented interfaces and is unrun.
 
+The types engines share (``GenRequest``, ``SamplingParams``, ``Delta``, ``EngineInfo``) are defined in
+``serving.generation`` (which this module imports for the hf engine) and importable from here.
+
 Contract, shared by every engine (tests hold each engine to it):
 
 - ``generate(request, request_id)`` yields :class:`serving.generation.Delta` values: the text that became certain
@@ -30,33 +33,18 @@ Contract, shared by every engine (tests hold each engine to it):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from cluster.placement import ReplicaResources
 from configs.errors import RagtuneError
 from configs.schema.serve import GeneratorConfig
+from serving.generation import Delta, EngineInfo, GenRequest, HFEngine, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from serving.generation import Delta, GenRequest
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What an engine is and holds: its kind, model, context, device, adapters and batch state."""
-
-    engine: str  # "hf" | "vllm"
-    model: str
-    context: int
-    device: str
-    adapters: list[str] = field(default_factory=list)
-    mode: str = "continuous"  # "continuous" | "static"
-    max_batch_size: int = 1
-    running: int = 0  # requests decoding now
-    waiting: int = 0  # requests queued for a slot
+__all__ = ["Delta", "Engine", "EngineInfo", "GenRequest", "SamplingParams", "load_engine"]
 
 
 @runtime_checkable
@@ -69,7 +57,7 @@ class Engine(Protocol):
     @property
     def context(self) -> int: ...
 
-    def generate(self, request: GenRequest, request_id: str) -> AsyncIterator[Delta]: ...
+    def generate(self, request: GenRequest, request_id: str) -> AsyncGenerator[Delta, None]: ...
 
     async def cancel(self, request_id: str) -> None: ...
 
@@ -98,6 +86,4 @@ def load_engine(cfg: GeneratorConfig, resources: ReplicaResources) -> Engine:
                                "Generator on a GPU node with the vllm extra installed (pip install 'ragtune[vllm]', "
                                "or the GPU image), or use generator.engine: hf", param="generator.engine",
                                code="engine_unavailable") from None
-    from serving.generation import HFEngine  # here, not at the top: serving.generation imports EngineInfo from here
-
     return HFEngine.load(cfg, resources)

@@ -32,14 +32,13 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable
 from models.generators import load_model, load_tokenizer, local_model_dir
 from models.hardware import resolve_device
-from serving.engine import EngineInfo
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +82,22 @@ class Delta:
     finish_reason: str | None = None
     completion_tokens: int = 0
     batch: int = 1
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine (``serving.engine.Engine``) is and holds: its kind, model, context, device, adapters and
+    batch state."""
+
+    engine: str  # "hf" | "vllm"
+    model: str
+    context: int
+    device: str
+    adapters: list[str] = field(default_factory=list)
+    mode: str = "continuous"  # "continuous" | "static"
+    max_batch_size: int = 1
+    running: int = 0  # requests decoding now
+    waiting: int = 0  # requests queued for a slot
 
 
 @dataclass
@@ -385,7 +400,7 @@ class Decoder:
         return [c for c in out if c is not None]
 
 
-# --- the engine ---------------------------------------------------------------------------------------------------------
+# --- the engine -------------------------------------------------------------------------------------------------------
 
 _END = None  # put on a request's queue when it was cancelled: its stream ends without a last delta
 
@@ -445,7 +460,7 @@ class HFEngine:
 
     # --- requests -------------------------------------------------------------------------------------------------
 
-    async def generate(self, request: GenRequest, request_id: str) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenRequest, request_id: str) -> AsyncGenerator[Delta, None]:
         """The request's deltas as they are decoded; closing this generator cancels the request."""
         self.decoder.check(request)
         req = _Request(self.decoder.row(request, request_id), asyncio.get_running_loop(), asyncio.Queue())
@@ -566,14 +581,12 @@ class HFEngine:
         if self.batch is not None and self.mode == "continuous":
             self.batch = self._drop_done(self.batch)  # cancelled since the last step
         if admit:
-            batch, events = self.decoder.prefill(admit)
-            self._deliver(batch.rows, events)
-            if self.mode == "continuous":
-                batch = self._drop_done(batch)
-                self.batch = batch if self.batch is None else (merge_batches(self.batch, batch) if batch else
-                                                                self.batch)
-            else:
-                self.batch = batch
+            new, events = self.decoder.prefill(admit)
+            self._deliver(new.rows, events)
+            if self.mode == "static":
+                self.batch = new
+            elif (joined := self._drop_done(new)) is not None:  # rows done at their first token never join
+                self.batch = joined if self.batch is None else merge_batches(self.batch, joined)
         if self.batch is not None and self.batch.rows and not all(r.done for r in self.batch.rows):
             self._deliver(self.batch.rows, self.decoder.decode(self.batch))
         if self.batch is not None:
