@@ -182,26 +182,23 @@ def _layers(cache: DynamicCache) -> list[Any]:
 
 
 def merge_batches(a: _Batch, b: _Batch) -> _Batch:
-    """One batch of the rows of ``a`` then ``b``: the shorter cache is left-padded along the sequence axis (zeros,
-    masked), so every row keeps its tokens and positions."""
-    import torch
-    from transformers import DynamicCache
-
+    """One batch of the rows of ``a`` then ``b``, in ``a``'s cache: the shorter side is left-padded along the
+    sequence axis (zeros, masked), so every row keeps its tokens and positions."""
     T = max(a.mask.shape[1], b.mask.shape[1])
+    Ba = len(a.rows)
 
-    def left_pad(x: torch.Tensor, dim: int) -> torch.Tensor:
-        n = T - x.shape[dim]
-        if n == 0:
-            return x
-        shape = list(x.shape)
-        shape[dim] = n
-        return torch.cat([x.new_zeros(shape), x], dim=dim)
+    def stack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (Ba, ..., Ta, D) + (Bb, ..., Tb, D)
+        out = x.new_zeros((Ba + y.shape[0], *x.shape[1:-2], T, x.shape[-1]))
+        out[:Ba, ..., T - x.shape[-2]:, :] = x
+        out[Ba:, ..., T - y.shape[-2]:, :] = y
+        return out
 
-    data = [(torch.cat([left_pad(la.keys, -2), left_pad(lb.keys, -2)]),
-             torch.cat([left_pad(la.values, -2), left_pad(lb.values, -2)]))
-            for la, lb in zip(_layers(a.cache), _layers(b.cache), strict=True)]
-    mask = torch.cat([left_pad(a.mask, 1), left_pad(b.mask, 1)])
-    return _Batch(a.rows + b.rows, DynamicCache(ddp_cache_data=data), mask)
+    for la, lb in zip(_layers(a.cache), _layers(b.cache), strict=True):
+        la.keys, la.values = stack(la.keys, lb.keys), stack(la.values, lb.values)
+    mask = a.mask.new_zeros((Ba + len(b.rows), T))
+    mask[:Ba, T - a.mask.shape[1]:] = a.mask
+    mask[Ba:, T - b.mask.shape[1]:] = b.mask
+    return _Batch(a.rows + b.rows, a.cache, mask)
 
 
 def keep_rows(batch: _Batch, keep: list[int]) -> _Batch:
