@@ -214,3 +214,33 @@ def test_load_engine_builds_the_hf_engine_from_the_config_and_explains_a_missing
     assert (info.engine, info.mode, info.max_batch_size, info.device, info.context) == ("hf", "static", 3, "cpu",
                                                                                         512)
     asyncio.run(engine.close())
+
+
+def test_the_generator_cancels_the_engine_request_when_its_stream_is_closed(reader_dir):
+    """What Serve does when the client goes away: it closes the Generator's stream; the engine frees the row."""
+    from configs.schema.serve import PromptConfig
+    from serving.deployments import Generator
+    from serving.schemas import PromptInfo, Step
+
+    cpu = ReplicaResources(num_cpus=1, num_gpus=0, threads=1, device="cpu")
+    generator = Generator.func_or_class(GeneratorConfig(model=reader_dir), PromptConfig(), cpu)
+    engine = generator.engine
+    request = GenRequest(ids(engine.tokenizer, PROMPTS[1]), SamplingParams(400))
+
+    async def run():
+        events = generator._events(request, PromptInfo(prompt_tokens=len(request.prompt_ids), citations=[]))
+        got = [await anext(events) for _ in range(3)]
+        running = engine.info().running
+        await events.aclose()
+        marked = set(engine.requests) <= engine.cancelled  # cancelled now (or already dropped), not left to decode
+        for _ in range(100):  # freed at the next step
+            if engine.info().running == 0:
+                break
+            await asyncio.sleep(0.01)
+        after = engine.info()
+        await engine.close()
+        return got, running, marked, after
+
+    got, running, marked, after = asyncio.run(run())
+    assert isinstance(got[0], PromptInfo) and all(isinstance(s, Step) and s.batch == 1 for s in got[1:])
+    assert running == 1 and marked and (after.running, after.waiting) == (0, 0) and not engine.requests
