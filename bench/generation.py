@@ -7,7 +7,7 @@ alone does). The modes alternate, ``--repeats`` rounds; printed: generated token
 p50/p99 (medians over the rounds), continuous / static ratios, and whether the greedy outputs of the two modes are
 identical request by request (they must be: on a trained model top tokens do not tie).
 
-    python bench/generation.py                                # the tiny model trained for a few steps; ~1 minute
+    python bench/generation.py                                # the tiny model trained for a few steps; ~2 minutes
     python bench/generation.py --model runs/demo/runs/reader/merged --requests 128   # a real reader
     python bench/generation.py --requests 20 --repeats 1      # a smoke run
 
@@ -98,14 +98,15 @@ def _pct(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[min(len(sorted_xs) - 1, int(round(q / 100 * (len(sorted_xs) - 1))))]
 
 
-def compare_decoding(model: str, *, requests: int = 64, concurrency: int = 16, min_tokens: int = 8,
+def compare_decoding(model: str, *, requests: int = 256, concurrency: int = 16, min_tokens: int = 8,
                      max_tokens: int = 128, max_batch_size: int = 16, repeats: int = 3, seed: int = 0,
-                     batch_wait_s: float = 0.01, threads: int | None = None) -> dict[str, Any]:
+                     batch_wait_s: float = 0.01, device: Literal["auto", "cpu", "gpu"] = "auto",
+                     threads: int | None = None) -> dict[str, Any]:
     """Continuous vs static decoding of the same mixed-length requests on ``model``, alternating, ``repeats``
     rounds. Returns {"continuous": {...}, "static": {...}} (medians: tokens_per_s, ttft_p50_s, ttft_p99_s),
     "ratio" (continuous / static: tokens_per_s, ttft_p99_s), "identical" (greedy texts equal request by request
     in every round), "runs" (every round's numbers), and the settings."""
-    decoder = Decoder.load(model, "cpu" if threads else "auto", "auto", None, threads)
+    decoder = Decoder.load(model, device, "auto", None, threads)
     reqs = mixed_requests(decoder, requests, min_tokens, max_tokens, seed)
 
     def run(mode: Literal["continuous", "static"], batch: list[GenRequest]) -> dict[str, Any]:
@@ -149,14 +150,16 @@ def compare_decoding(model: str, *, requests: int = 64, concurrency: int = 16, m
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a causal LM folder or hub id (default: the tiny model, trained a few steps)")
-    ap.add_argument("--requests", type=int, default=64, help="requests per round and mode")
+    ap.add_argument("--requests", type=int, default=256, help="requests per round and mode (many more than the "
+                    "concurrency, so that the start and the drain of a round weigh little)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--min-tokens", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together at most (both modes)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds, modes alternating (medians over them)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; sets the CPU)")
+    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -165,7 +168,7 @@ def main() -> None:
         res = compare_decoding(model, requests=args.requests, concurrency=args.concurrency,
                                min_tokens=args.min_tokens, max_tokens=args.max_tokens,
                                max_batch_size=args.max_batch_size, repeats=args.repeats, seed=args.seed,
-                               threads=args.threads)
+                               device=args.device, threads=args.threads)
     print(f"\n{args.requests} requests, max_tokens {args.min_tokens}-{args.max_tokens}, concurrency "
           f"{args.concurrency}, {args.repeats} rounds (medians), {res['settings']['device']}")
     print(f"{'mode':<12}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}")
