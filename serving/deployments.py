@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -36,7 +37,8 @@ from configs.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from configs.schema.serve import EmbedderConfig, GeneratorConfig, IndexSource, PromptConfig, RetrievalConfig, SearchMode
 from models.embedders import QueryEncoder
 from models.prompt import completion_prompt
-from serving.generation import Decoder, Delta, GenRequest
+from serving.engine import load_engine
+from serving.generation import GenRequest
 from serving.rag import (
     RANKINGS,
     FusionOverrides,
@@ -439,36 +441,40 @@ class Retriever:
 
 
 class _Adapter:
-    """A loaded LoRA adapter as Serve's multiplexer holds it; unloading it (LRU) removes it from the base."""
+    """A loaded LoRA adapter as Serve's multiplexer holds it; unloading it (LRU) removes it from the engine.
 
-    def __init__(self, generator: Generator, name: str):
+    Serve calls ``__del__`` on a worker thread when it evicts the adapter: the removal is handed to the replica's
+    event loop (the engine's methods are async)."""
+
+    def __init__(self, generator: Generator, name: str, loop: asyncio.AbstractEventLoop):
         self.generator: Generator | None = generator
-        self.name = name
+        self.name, self.loop = name, loop
 
     def __del__(self) -> None:
         gen, self.generator = self.generator, None
-        if gen is not None:
-            gen.unload_adapter(self.name)
+        if gen is not None and not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(gen.unload_adapter(self.name), self.loop)
 
 
 @serve.deployment(name="Generator")
 class Generator:
-    """A causal LM with LoRA adapters multiplexed on one base, batched and streamed generation.
+    """A generation engine (``serving.engine``: ``generator.engine`` hf or vllm) with LoRA adapters multiplexed
+    on one base; the prompt is assembled here, the same for every engine.
 
     The request's adapter comes from Serve's multiplexed model id (the Ingress sets it from ``model``); Serve
-    routes a request to a replica that has its adapter loaded, and loads it (LRU) where none has. Requests
-    are batched per adapter (``@serve.batch`` splits batches by model id); PEFT's ``adapter_names`` would
-    also take mixed batches. The device and threads are the placement's (``generator.device`` and ``.threads``
-    are what it started from).
+    routes a request to a replica that has its adapter loaded, and loads it (LRU) where none has; an adapter a
+    request of this replica uses is not unloaded before the request ends. Batching is the engine's (hf:
+    continuous or static, ``generator.decoding``); a request whose client goes away is cancelled in the engine
+    (Serve closes the caller's generator). The device and threads are the placement's (``generator.device`` and
+    ``.threads`` are what it started from).
     """
 
     def __init__(self, cfg: GeneratorConfig, prompt: PromptConfig, resources: ReplicaResources):
-        self.decoder = Decoder.load(cfg.model, resources.device, cfg.dtype, cfg.context, resources.threads)
+        self.engine = load_engine(cfg, resources)
         self.name, self.adapter_paths = cfg.name, dict(cfg.adapters)
         self.prompt = prompt
-        self.batching = cfg.batching
-        self.in_use: dict[str, int] = {}
-        _configure_batching(self._decode_batch, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        self.in_use: dict[str, int] = {}  # adapter -> requests of this replica using it
+        self.unloading: set[str] = set()  # evicted while in use: removed when its last request ends
 
         async def load(name: str) -> _Adapter:
             return await self._load_adapter(name)
@@ -479,49 +485,38 @@ class Generator:
     async def _load_adapter(self, name: str) -> _Adapter:
         if name not in self.adapter_paths:
             raise NotFound(f"model {name!r} is not served", param="model", code="model_not_found")
-        await asyncio.to_thread(self.decoder.add_adapter, name, self.adapter_paths[name])
-        return _Adapter(self, name)
+        self.unloading.discard(name)
+        await self.engine.add_adapter(name, self.adapter_paths[name])
+        return _Adapter(self, name, asyncio.get_running_loop())
 
-    def unload_adapter(self, name: str) -> None:
-        if not self.in_use.get(name):  # a batch still decoding with it keeps it (removed at a later eviction)
-            self.decoder.remove_adapter(name)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _decode_batch(self, requests: list[GenRequest]) -> Any:
-        """One decode loop for the batch; yields, per step, each request's (delta, batch size), or StopIteration
-        once it is done (``@serve.batch``'s protocol for generators: a caller passes one GenRequest and iterates
-        its own (delta, batch size) pairs). ``Any``: serve.batch's type hints have no case for generators."""
-        steps = self.decoder.stream(requests)
-        while True:
-            events = await asyncio.to_thread(next, steps, None)
-            if events is None:
-                return
-            yield [StopIteration if e is None else (e, len(requests)) for e in events]
-
-    async def _decode_one(self, request: GenRequest) -> AsyncIterator[tuple[Delta, int]]:
-        steps = self.decoder.stream([request])
-        while True:
-            events = await asyncio.to_thread(next, steps, None)
-            if events is None or events[0] is None:
-                return
-            yield events[0], 1
+    async def unload_adapter(self, name: str) -> None:
+        if self.in_use.get(name):  # a request still decoding with it keeps it until the last one ends
+            self.unloading.add(name)
+        else:
+            await self.engine.remove_adapter(name)
 
     async def _events(self, request: GenRequest, prompt: PromptInfo) -> AsyncIterator[PromptInfo | Step]:
         """The prompt, then one Step per decode step. The adapter counts as in use from before the prompt is
-        handed out, so that an eviction meanwhile does not unload it."""
+        handed out, so that an eviction meanwhile does not unload it. Closed early (the client went away), the
+        request is cancelled in the engine, which frees its slot at the next step."""
         adapter = request.adapter
         if adapter:
             self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
+        request_id = uuid.uuid4().hex
+        deltas = self.engine.generate(request, request_id)
         try:
             yield prompt
-            source: AsyncIterator[tuple[Delta, int]] = (
-                self._decode_batch(request) if self.batching else self._decode_one(request))
-            async for delta, batch in source:
+            async for delta in deltas:
                 yield Step(text=delta.text, finish_reason=delta.finish_reason,
-                           completion_tokens=delta.completion_tokens, batch=batch)
+                           completion_tokens=delta.completion_tokens, batch=delta.batch)
         finally:
+            await self.engine.cancel(request_id)  # nothing when it finished
+            await deltas.aclose()
             if adapter:
                 self.in_use[adapter] -= 1
+                if not self.in_use[adapter] and adapter in self.unloading:
+                    self.unloading.discard(adapter)
+                    await self.engine.remove_adapter(adapter)
 
     async def _prepare(self, request: ChatInput | CompletionInput) -> tuple[GenRequest, PromptInfo]:
         model_id = serve.get_multiplexed_model_id()
@@ -531,13 +526,13 @@ class Generator:
             adapter = model_id
         params = request.params
         if isinstance(request, ChatInput):
-            prompt, citations = rag_prompt(self.decoder.tokenizer, request.messages, request.passages, self.prompt,
-                                           self.decoder.context, params.max_tokens)
+            prompt, citations = rag_prompt(self.engine.tokenizer, request.messages, request.passages, self.prompt,
+                                           self.engine.context, params.max_tokens)
             info = PromptInfo(prompt_tokens=len(prompt.ids), citations=citations,
                               dropped_passages=prompt.dropped_passages, dropped_turns=prompt.dropped_turns)
             ids = prompt.ids
         else:
-            ids = completion_prompt(self.decoder.tokenizer, request.prompt, self.decoder.context, params.max_tokens)
+            ids = completion_prompt(self.engine.tokenizer, request.prompt, self.engine.context, params.max_tokens)
             info = PromptInfo(prompt_tokens=len(ids), citations=[])
         return GenRequest(ids, params, adapter), info
 
@@ -561,5 +556,6 @@ class Generator:
                          batch=batch)
 
     def info(self) -> GeneratorInfo:
-        return GeneratorInfo(base=self.name, adapters=sorted(self.adapter_paths), loaded=self.decoder.adapters,
-                             context=self.decoder.context, device=str(self.decoder.device))
+        info = self.engine.info()
+        return GeneratorInfo(base=self.name, adapters=sorted(self.adapter_paths), loaded=info.adapters,
+                             context=info.context, device=info.device)

@@ -13,6 +13,9 @@ Engines:
 - ``vllm`` (``serving.vllm_engine``): vLLM's ``AsyncLLM`` on GPU nodes, LoRA adapters as vLLM LoRA requests.
   vLLM cannot be installed here: that path is built to vLLM's documented interfaces and is unrun.
 
+The types engines share (``GenRequest``, ``SamplingParams``, ``Delta``, ``EngineInfo``) are defined in
+``serving.generation`` (which this module imports for the hf engine) and importable from here.
+
 Contract, shared by every engine (tests hold each engine to it):
 
 - ``generate(request, request_id)`` yields :class:`serving.generation.Delta` values: the text that became certain
@@ -21,7 +24,8 @@ Contract, shared by every engine (tests hold each engine to it):
   follows it. An adapter that is not loaded, or a prompt that leaves no room in the context, raises
   ``configs.errors.RagtuneError`` before the first delta.
 - ``cancel(request_id)`` (or closing the async generator, e.g. when the client went away) ends the request at the
-  next step boundary and frees its slot; cancelling an unknown or finished id does nothing.
+  next step boundary and frees its slot; the stream of a request cancelled by id ends without a last delta;
+  cancelling an unknown or finished id does nothing.
 - ``add_adapter(name, path)`` loads a PEFT folder under ``name``; ``remove_adapter(name)`` unloads it (requests
   already running with it finish first or keep it until they do).
 - ``info()`` says what the engine is and holds now.
@@ -29,29 +33,18 @@ Contract, shared by every engine (tests hold each engine to it):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from cluster.placement import ReplicaResources
+from configs.errors import RagtuneError
+from configs.schema.serve import GeneratorConfig
+from serving.generation import Delta, EngineInfo, GenRequest, HFEngine, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from serving.generation import Delta, GenRequest
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What an engine is and holds: its kind, model, context, device, adapters and batch state."""
-
-    engine: str  # "hf" | "vllm"
-    model: str
-    context: int
-    device: str
-    adapters: list[str] = field(default_factory=list)
-    mode: str = "continuous"  # "continuous" | "static"
-    max_batch_size: int = 1
-    running: int = 0  # requests decoding now
-    waiting: int = 0  # requests queued for a slot
+__all__ = ["Delta", "Engine", "EngineInfo", "GenRequest", "SamplingParams", "load_engine"]
 
 
 @runtime_checkable
@@ -64,7 +57,7 @@ class Engine(Protocol):
     @property
     def context(self) -> int: ...
 
-    def generate(self, request: GenRequest, request_id: str) -> AsyncIterator[Delta]: ...
+    def generate(self, request: GenRequest, request_id: str) -> AsyncGenerator[Delta, None]: ...
 
     async def cancel(self, request_id: str) -> None: ...
 
@@ -75,3 +68,22 @@ class Engine(Protocol):
     def info(self) -> EngineInfo: ...
 
     async def close(self) -> None: ...
+
+
+def load_engine(cfg: GeneratorConfig, resources: ReplicaResources) -> Engine:
+    """The engine ``generator.engine`` names, loaded with the replica's resources (device, threads).
+
+    Raises:
+        RagtuneError: ``vllm`` where vLLM (or ``serving.vllm_engine``) cannot be imported.
+    """
+    if cfg.engine == "vllm":
+        try:  # vLLM only on GPU nodes that have it: never imported by the CPU install
+            from serving.vllm_engine import VllmEngine
+
+            return VllmEngine.load(cfg, resources)
+        except ImportError as e:
+            raise RagtuneError(f"generator.engine = vllm, but vLLM cannot be imported here ({e}). Fix: run the "
+                               "Generator on a GPU node with the vllm extra installed (pip install 'ragtune[vllm]', "
+                               "or the GPU image), or use generator.engine: hf", param="generator.engine",
+                               code="engine_unavailable") from None
+    return HFEngine.load(cfg, resources)

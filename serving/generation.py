@@ -1,33 +1,52 @@
-"""Batched generation with a transformers causal LM, pure of Serve (the Generator deployment and in-process
-answering both run it).
+"""Generation with a transformers causal LM, pure of Serve: the ``hf`` engine (``HFEngine``) and the step code
+it shares with in-process answering (``Decoder``).
 
-One decode loop serves a batch of requests that each have their own prompt, token budget, sampling (greedy,
-temperature, top-p, seed), stop sequences and LoRA adapter. Prompts are left-padded into one (B, L) batch with
-position ids from the attention mask; each step feeds one token per row through the KV cache. Rows that finish
-early keep stepping with a pad token (their output is ignored) until the whole batch is done: simple, and on a
-small batch cheaper than re-packing the cache. Adapters are loaded into one ``peft.PeftModel`` over the shared
-base and chosen per row with PEFT's ``adapter_names`` (``"__base__"`` = no adapter), so one batch can mix them.
+Every request has its own prompt, token budget, sampling (greedy, temperature, top-p, seed), stop sequences and
+LoRA adapter. Adapters are loaded into one ``peft.PeftModel`` over the shared base and chosen per row with PEFT's
+``adapter_names`` (``"__base__"`` = no adapter), so one batch can mix them.
 
-Text is streamed as it is decoded: each step yields, per request, the text that is now certain (a trailing
+The step code (``Decoder``): a *prefill* runs a set of prompts, left-padded into one (B, L) batch with position
+ids from the attention mask, and gives each row its first token; a *decode* step feeds one token per row through
+the KV cache (a transformers ``DynamicCache``, (B, heads, T, head_dim) per layer). Greedy rows are sampled
+together on the device (one argmax over the batch); rows with a temperature are sampled per row on the CPU with
+their own seeded generator.
+
+Two ways of batching, one engine (``HFEngine``, ``generator.decoding``):
+
+- ``continuous``: requests join the running batch at step boundaries (the newcomers are prefilled together, then
+  their KV cache is merged into the running batch's: the shorter side is left-padded along the sequence axis, the
+  attention mask and position ids keep every row's tokens where they were) and leave when done (their rows are
+  dropped and the columns that became padding for every row are trimmed). A request arriving mid-decode waits
+  for one step, not for the batch; finished rows cost nothing.
+- ``static``: a batch is formed from the waiting requests, decoded to its end (finished rows keep stepping a pad
+  token, their output ignored), then the next. Kept to measure the difference (``bench/generation.py``) and for
+  models whose cache cannot be merged (sliding-window layers).
+
+Text is streamed as it is decoded: each step gives, per request, the text that is now certain (a trailing
 incomplete UTF-8 character, or the start of a possible stop sequence, is held back until the next step).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from configs.errors import RagtuneError
+from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable
 from models.generators import load_model, load_tokenizer, local_model_dir
 from models.hardware import resolve_device
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+    from cluster.placement import ReplicaResources
+    from configs.schema.serve import GeneratorConfig
 
 log = logging.getLogger("ragtune.serve")
 
@@ -56,11 +75,29 @@ class GenRequest:
 
 @dataclass
 class Delta:
-    """New text of one request after a step; ``finish_reason`` is set on its last delta (stop | length)."""
+    """New text of one request after a step; ``finish_reason`` is set on its last delta (stop | length).
+    ``batch``: the requests decoded together in the step that gave it."""
 
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine (``serving.engine.Engine``) is and holds: its kind, model, context, device, adapters and
+    batch state."""
+
+    engine: str  # "hf" | "vllm"
+    model: str
+    context: int
+    device: str
+    adapters: list[str] = field(default_factory=list)
+    mode: str = "continuous"  # "continuous" | "static"
+    max_batch_size: int = 1
+    running: int = 0  # requests decoding now
+    waiting: int = 0  # requests queued for a slot
 
 
 @dataclass
@@ -80,16 +117,18 @@ class _Row:
     eos_ids: set[int]
     context: int
     rng: torch.Generator
+    rid: str = ""  # the engine's request id
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
     done: bool = False
+    last: int = 0  # the token fed at the next step (a pad once done)
+    pos: int = 0  # its position id
 
     def sample(self, logits: torch.Tensor) -> int:
+        """A token from this row's logits (vocab,) on the CPU, with its temperature and top-p."""
         import torch
 
         p = self.req.params
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
         probs = torch.softmax(logits / p.temperature, dim=-1)
         if p.top_p < 1:
             sorted_p, order = torch.sort(probs, descending=True)
@@ -128,11 +167,59 @@ class _Row:
         return Delta(out, reason, len(self.generated))
 
 
+@dataclass
+class _Batch:
+    """Rows decoding together and their KV cache: ``mask`` (B, T) is 1 where a column holds a token of that row
+    (left padding: each row's tokens are the last columns), T the cache's length."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    return list(cache.layers)
+
+
+def merge_batches(a: _Batch, b: _Batch) -> _Batch:
+    """One batch of the rows of ``a`` then ``b``, in ``a``'s cache: the shorter side is left-padded along the
+    sequence axis (zeros, masked), so every row keeps its tokens and positions."""
+    T = max(a.mask.shape[1], b.mask.shape[1])
+    Ba = len(a.rows)
+
+    def stack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (Ba, ..., Ta, D) + (Bb, ..., Tb, D)
+        out = x.new_zeros((Ba + y.shape[0], *x.shape[1:-2], T, x.shape[-1]))
+        out[:Ba, ..., T - x.shape[-2]:, :] = x
+        out[Ba:, ..., T - y.shape[-2]:, :] = y
+        return out
+
+    for la, lb in zip(_layers(a.cache), _layers(b.cache), strict=True):
+        la.keys, la.values = stack(la.keys, lb.keys), stack(la.values, lb.values)
+    mask = a.mask.new_zeros((Ba + len(b.rows), T))
+    mask[:Ba, T - a.mask.shape[1]:] = a.mask
+    mask[Ba:, T - b.mask.shape[1]:] = b.mask
+    return _Batch(a.rows + b.rows, a.cache, mask)
+
+
+def keep_rows(batch: _Batch, keep: list[int]) -> _Batch:
+    """The batch with only the rows ``keep`` (indices), less the leading columns that are padding in every row."""
+    import torch
+
+    idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+    mask = batch.mask.index_select(0, idx)
+    cut = int((mask.sum(0) > 0).int().argmax())  # leading all-pad columns (each row's tokens are its last columns)
+    for layer in _layers(batch.cache):
+        layer.keys = layer.keys.index_select(0, idx)[..., cut:, :]
+        layer.values = layer.values.index_select(0, idx)[..., cut:, :]
+    return _Batch([batch.rows[i] for i in keep], batch.cache, mask[:, cut:])
+
+
 class Decoder:
-    """A causal LM, its tokenizer and LoRA adapters, ready for batched, streamed generation.
+    """A causal LM, its tokenizer and LoRA adapters, and the step code: ``prefill``, ``decode``.
 
     One forward pass runs at a time (a lock): PEFT selects adapters per row through hooks registered for the
-    duration of a forward call, which two concurrent calls would mix up. Batches interleave step by step.
+    duration of a forward call, which two concurrent calls would mix up; adapters load and unload under it too.
+    ``stream``/``generate`` decode one static batch synchronously (in-process answering, tests).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device,
@@ -166,6 +253,14 @@ class Decoder:
         model = load_model(name, dtype=torch_dtype).to(dev)
         return cls(model, load_tokenizer(name), dev, context)
 
+    def mergeable(self) -> bool:
+        """Whether the model's KV cache is plain full-attention layers, whose rows can be merged and dropped."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = DynamicCache(config=self.model.config).layers
+        return all(type(layer) is DynamicLayer for layer in layers)
+
     # --- adapters -------------------------------------------------------------------------------------------------
 
     @property
@@ -196,60 +291,97 @@ class Decoder:
             if self.peft is not None and name in self.peft.peft_config:
                 self.peft.delete_adapter(name)
 
-    # --- generation -----------------------------------------------------------------------------------------------
+    # --- the step code --------------------------------------------------------------------------------------------
+
+    def check(self, r: GenRequest) -> None:
+        """Refuse a request this decoder cannot run: an adapter not loaded, a prompt without room to answer."""
+        if r.adapter is not None and r.adapter not in self.adapters:
+            raise NotFound(f"adapter {r.adapter!r} is not loaded (loaded: {self.adapters})", param="model",
+                           code="model_not_found")
+        if not r.prompt_ids or len(r.prompt_ids) >= self.context:
+            raise InvalidRequest(f"a prompt of {len(r.prompt_ids)} tokens does not fit the context of "
+                                 f"{self.context} tokens with room to answer", param="messages",
+                                 code="context_length_exceeded")
+
+    def row(self, r: GenRequest, rid: str = "") -> _Row:
+        import torch
+
+        seed = r.params.seed if r.params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        return _Row(r, self.tokenizer, self.eos_ids, self.context, torch.Generator().manual_seed(seed), rid)
+
+    def _forward(self, rows: Sequence[_Row], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
+        """One forward pass: the last position's logits (B, vocab) on the device, and the cache."""
+        import torch
+
+        kwargs: dict[str, Any] = {}
+        if self.peft is not None:
+            kwargs["adapter_names"] = [r.req.adapter or BASE for r in rows]
+        with self.lock, torch.inference_mode():
+            model = self.peft if self.peft is not None else self.model
+            out = model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device),
+                        past_key_values=cache, use_cache=True, **kwargs)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def _advance(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[Delta | None]:
+        """Sample each live row's next token (greedy rows in one argmax on the device) and push it; None for a row
+        already done."""
+        import torch
+
+        greedy = torch.argmax(logits, dim=-1).tolist()  # (B,): one transfer for the whole batch
+        events: list[Delta | None] = []
+        for b, row in enumerate(rows):
+            if row.done:
+                events.append(None)
+                row.last, row.pos = self.pad_id, row.pos + 1
+                continue
+            token = greedy[b] if row.req.params.temperature == 0 else row.sample(logits[b].float().cpu())
+            ev = row.push(token)
+            ev.batch = len(rows)
+            events.append(ev)
+            row.last, row.pos = (self.pad_id if row.done else token), row.pos + 1
+        return events
+
+    def prefill(self, rows: Sequence[_Row]) -> tuple[_Batch, list[Delta | None]]:
+        """Run the rows' prompts (left-padded into one batch); each row's first token."""
+        import torch
+
+        B, L = len(rows), max(len(r.req.prompt_ids) for r in rows)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for b, r in enumerate(rows):  # left padding: every row's last prompt token is at position L - 1
+            n = len(r.req.prompt_ids)
+            ids[b, L - n:] = torch.tensor(r.req.prompt_ids)
+            mask[b, L - n:] = 1
+            r.pos = n - 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = mask.to(self.device)
+        logits, cache = self._forward(rows, ids, mask, pos, None)
+        return _Batch(list(rows), cache, mask), self._advance(rows, logits)
+
+    def decode(self, batch: _Batch) -> list[Delta | None]:
+        """One step of every row of the batch (rows already done step a pad token)."""
+        import torch
+
+        ids = torch.tensor([[r.last] for r in batch.rows], dtype=torch.long)
+        pos = torch.tensor([[r.pos] for r in batch.rows], dtype=torch.long)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        logits, batch.cache = self._forward(batch.rows, ids, batch.mask, pos, batch.cache)
+        return self._advance(batch.rows, logits)
+
+    # --- one static batch, synchronously ----------------------------------------------------------------------------
 
     def stream(self, requests: Sequence[GenRequest]) -> Iterator[list[Delta | None]]:
         """Decode a batch; each step yields one entry per request: its Delta, or None once it has finished."""
-        import torch
-
         if not requests:
             return
         for r in requests:
-            if r.adapter is not None and r.adapter not in self.adapters:
-                raise RagtuneError(f"adapter {r.adapter!r} is not loaded (loaded: {self.adapters})")
-            if not r.prompt_ids or len(r.prompt_ids) >= self.context:
-                raise RagtuneError(f"a prompt of {len(r.prompt_ids)} tokens does not fit the context of "
-                                   f"{self.context} tokens with room to answer")
-        rows = []
-        for r in requests:
-            rng = torch.Generator().manual_seed(r.params.seed if r.params.seed is not None else
-                                                int(torch.randint(0, 2**62, (1,))))
-            rows.append(_Row(r, self.tokenizer, self.eos_ids, self.context, rng))
-        B, L = len(requests), max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for b, r in enumerate(requests):  # left padding: every row's last prompt token is at position L - 1
-            ids[b, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[b, L - len(r.prompt_ids):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs: dict[str, Any] = {}
-        if self.peft is not None:
-            kwargs["adapter_names"] = [r.adapter or BASE for r in requests]
-        model = self.peft if self.peft is not None else self.model
-        past = None
-        step_ids, step_pos = ids, pos
-        while True:
-            with self.lock, torch.inference_mode():
-                out = model(input_ids=step_ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=step_pos.to(self.device), past_key_values=past, use_cache=True, **kwargs)
-            past = out.past_key_values
-            logits = out.logits[:, -1, :].float().cpu()  # (B, vocab)
-            events: list[Delta | None] = []
-            nxt = []
-            for b, row in enumerate(rows):
-                if row.done:
-                    events.append(None)
-                    nxt.append(self.pad_id)
-                    continue
-                token = row.sample(logits[b])
-                events.append(row.push(token))
-                nxt.append(self.pad_id if row.done else token)
-            yield events
-            if all(row.done for row in rows):
-                return
-            step_ids = torch.tensor(nxt, dtype=torch.long)[:, None]
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
-            step_pos = step_pos[:, -1:] + 1
+            self.check(r)
+        rows = [self.row(r) for r in requests]
+        batch, events = self.prefill(rows)
+        yield events
+        while not all(row.done for row in rows):
+            yield self.decode(batch)
 
     def generate(self, requests: Sequence[GenRequest]) -> list[Completion]:
         """Decode a batch to the end."""
@@ -263,3 +395,225 @@ class Decoder:
                 if ev.finish_reason:
                     out[i] = Completion(texts[i], ev.finish_reason, len(requests[i].prompt_ids), ev.completion_tokens)
         return [c for c in out if c is not None]
+
+
+# --- the engine -------------------------------------------------------------------------------------------------------
+
+_END = None  # put on a request's queue when it was cancelled: its stream ends without a last delta
+
+
+@dataclass
+class _Request:
+    """A request of the engine: its row, and the queue (on the caller's event loop) its deltas go to."""
+
+    row: _Row
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta | BaseException | None]
+
+    def put(self, item: Delta | BaseException | None) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class HFEngine:
+    """The ``hf`` engine (``serving.engine.Engine``): one decode loop, on its own thread, over a ``Decoder``.
+
+    ``mode`` continuous or static (the module's docstring); at most ``max_batch_size`` rows decode together, the
+    other requests wait (first come, first served). When the loop is idle, a new batch waits up to
+    ``batch_wait_s`` for more requests to prefill with it.
+    """
+
+    def __init__(self, decoder: Decoder, *, name: str = "", mode: Literal["continuous", "static"] = "continuous",
+                 max_batch_size: int = 8, batch_wait_s: float = 0.0):
+        if mode == "continuous" and not decoder.mergeable():
+            raise RagtuneError("generator.decoding = continuous: this model's KV cache has layers other than full "
+                               "attention (e.g. sliding-window ones), whose rows the hf engine cannot merge. Fix: "
+                               "generator.decoding: static", param="generator.decoding")
+        self.decoder, self.name, self.mode = decoder, name, mode
+        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        self.cond = threading.Condition()
+        self.requests: dict[str, _Request] = {}  # waiting or running
+        self.waiting: deque[_Request] = deque()
+        self.cancelled: set[str] = set()
+        self.removing: set[str] = set()  # adapters to unload once no request uses them
+        self.batch: _Batch | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="hf-decode", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def load(cls, cfg: GeneratorConfig, resources: ReplicaResources) -> HFEngine:
+        decoder = Decoder.load(cfg.model, resources.device, cfg.dtype, cfg.context, resources.threads)
+        return cls(decoder, name=cfg.model, mode=cfg.decoding,
+                   max_batch_size=cfg.max_batch_size if cfg.batching else 1, batch_wait_s=cfg.batch_wait_timeout_s)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.decoder.tokenizer
+
+    @property
+    def context(self) -> int:
+        return self.decoder.context
+
+    # --- requests -------------------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenRequest, request_id: str) -> AsyncGenerator[Delta, None]:
+        """The request's deltas as they are decoded; closing this generator cancels the request."""
+        self.decoder.check(request)
+        req = _Request(self.decoder.row(request, request_id), asyncio.get_running_loop(), asyncio.Queue())
+        with self.cond:
+            if self.closed:
+                raise Unavailable("the generation engine is closed; retry on another replica", code="engine_closed")
+            if request_id in self.requests:
+                raise Conflict(f"request id {request_id!r} is already running", code="duplicate_request_id")
+            self.requests[request_id] = req
+            self.waiting.append(req)
+            self.cond.notify()
+        finished = False
+        try:
+            while True:
+                item = await req.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._cancel(request_id)
+
+    def _cancel(self, request_id: str) -> None:
+        with self.cond:
+            if request_id in self.requests:
+                self.cancelled.add(request_id)
+                self.cond.notify()
+
+    async def cancel(self, request_id: str) -> None:
+        self._cancel(request_id)
+
+    # --- adapters -------------------------------------------------------------------------------------------------
+
+    async def add_adapter(self, name: str, path: str) -> None:
+        with self.cond:
+            self.removing.discard(name)
+        await asyncio.to_thread(self.decoder.add_adapter, name, path)
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload ``name`` now, or when the last request using it ends."""
+        with self.cond:
+            if any(r.row.req.adapter == name for r in self.requests.values()):
+                self.removing.add(name)
+                return
+        await asyncio.to_thread(self.decoder.remove_adapter, name)
+
+    def info(self) -> EngineInfo:
+        with self.cond:
+            running = len(self.batch.rows) if self.batch is not None else 0
+            return EngineInfo(engine="hf", model=self.name, context=self.context, device=str(self.decoder.device),
+                              adapters=self.decoder.adapters, mode=self.mode, max_batch_size=self.max_batch_size,
+                              running=running, waiting=len(self.waiting))
+
+    async def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        await asyncio.to_thread(self.thread.join)
+        with self.cond:
+            for req in self.requests.values():
+                req.put(Unavailable("the generation engine was closed; retry", code="engine_closed"))
+            self.requests.clear()
+            self.waiting.clear()
+
+    # --- the decode loop (its own thread) ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.waiting and self.batch is None:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                if self.batch is None and self.batch_wait_s:  # idle: let a batch fill
+                    self.cond.wait_for(lambda: self.closed or len(self.waiting) >= self.max_batch_size,
+                                       self.batch_wait_s)
+                admit = self._admit()
+            try:
+                self._step(admit)
+            except Exception as e:  # e.g. out of memory: every request of the step fails, the engine goes on
+                log.exception("decode step failed")
+                rows = [*(self.batch.rows if self.batch is not None else []), *admit]
+                self.batch = None
+                with self.cond:
+                    for row in rows:
+                        req = self.requests.pop(row.rid, None)
+                        if req is not None:
+                            req.put(e)
+                    self._unload_unused()
+
+    def _admit(self) -> list[_Row]:
+        """Under the lock: apply cancels; the waiting requests that start now."""
+        for rid in self.cancelled:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            req.row.done = True
+            if req in self.waiting:
+                self.waiting.remove(req)
+            req.put(_END)
+        self.cancelled.clear()
+        if self.batch is not None and self.mode == "static":
+            return []
+        free = self.max_batch_size - (len(self.batch.rows) if self.batch is not None else 0)
+        admit = []
+        while self.waiting and free > 0:
+            admit.append(self.waiting.popleft().row)
+            free -= 1
+        return admit
+
+    def _step(self, admit: list[_Row]) -> None:
+        """Prefill the newcomers and merge them in; one decode step of the batch; drop the rows that are done."""
+        if self.batch is not None and self.mode == "continuous":
+            self.batch = self._drop_done(self.batch)  # cancelled since the last step
+        if admit:
+            new, events = self.decoder.prefill(admit)
+            self._deliver(new.rows, events)
+            if self.mode == "static":
+                self.batch = new
+            elif (joined := self._drop_done(new)) is not None:  # rows done at their first token never join
+                self.batch = joined if self.batch is None else merge_batches(self.batch, joined)
+        if self.batch is not None and self.batch.rows and not all(r.done for r in self.batch.rows):
+            self._deliver(self.batch.rows, self.decoder.decode(self.batch))
+        if self.batch is not None:
+            if self.mode == "continuous":
+                self.batch = self._drop_done(self.batch)
+            elif all(r.done for r in self.batch.rows):
+                self.batch = None
+        if self.batch is not None and not self.batch.rows:
+            self.batch = None
+
+    def _drop_done(self, batch: _Batch) -> _Batch | None:
+        keep = [i for i, r in enumerate(batch.rows) if not r.done]
+        if len(keep) == len(batch.rows):
+            return batch
+        return keep_rows(batch, keep) if keep else None
+
+    def _deliver(self, rows: Sequence[_Row], events: Sequence[Delta | None]) -> None:
+        with self.cond:
+            for row, ev in zip(rows, events, strict=True):
+                req = self.requests.get(row.rid)
+                if ev is None or req is None:
+                    continue
+                req.put(ev)
+                if ev.finish_reason:
+                    del self.requests[row.rid]
+            self._unload_unused()
+
+    def _unload_unused(self) -> None:
+        """Under the lock: unload the adapters marked for removal that no request uses any more."""
+        used = {r.row.req.adapter for r in self.requests.values()}
+        for name in list(self.removing - used):
+            self.removing.discard(name)
+            self.decoder.remove_adapter(name)
