@@ -114,27 +114,29 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
 
     started = init_ray(cfg.cluster)
     host = resolved_host(cfg)
-    serve.start(http_options={"host": host, "port": cfg.http.port,
-                              "request_timeout_s": cfg.limits.request_timeout_s + 5})
-    if not _has_keys(cfg):
-        log.warning("=" * 100)
-        log.warning("NO API KEYS CONFIGURED: serving WITHOUT authentication, bound to %s only. Set %s to require "
-                    "keys (and to listen beyond this machine).", host, cfg.auth.api_keys_env)
-        log.warning("=" * 100)
-
-    # --- run
-    t0 = time.monotonic()
-    serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name=cfg.http.app_name,
-              route_prefix=cfg.http.route_prefix, blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
-    state = wait_ready(url)
-    log.info("ready in %.1fs: %s (index %s, %s shard(s)); OpenAI base_url %s/v1; Ctrl-C stops", time.monotonic() - t0,
-             url, state.version, state.shards, url)
+    t0 = time.monotonic()
+    version = "not ready"
+    # from here on a stop (Ctrl-C, or SIGTERM: cluster.runtime.Stopped), at start or while serving, drains and ends
+    # with status 0: a server asked to stop has done its job
     try:
+        serve.start(http_options={"host": host, "port": cfg.http.port,
+                                  "request_timeout_s": cfg.limits.request_timeout_s + 5})
+        if not _has_keys(cfg):
+            log.warning("=" * 100)
+            log.warning("NO API KEYS CONFIGURED: serving WITHOUT authentication, bound to %s only. Set %s to "
+                        "require keys (and to listen beyond this machine).", host, cfg.auth.api_keys_env)
+            log.warning("=" * 100)
+        serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name=cfg.http.app_name,
+                  route_prefix=cfg.http.route_prefix, blocking=False)
+        state = wait_ready(url)
+        version = str(state.version)
+        log.info("ready in %.1fs: %s (index %s, %s shard(s)); OpenAI base_url %s/v1; Ctrl-C stops",
+                 time.monotonic() - t0, url, state.version, state.shards, url)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cluster.runtime.Stopped): a server asked to stop
+    except KeyboardInterrupt as e:
         log.info("stopping (%s): draining requests under way", e or "SIGINT")
     finally:
         serve.delete(cfg.http.app_name)  # replicas finish their requests (graceful_shutdown_timeout_s) and stop
@@ -143,7 +145,7 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
 
             serve.shutdown()
             ray.shutdown()
-    return ServeSummary(url, cfg.http.app_name, str(state.version), time.monotonic() - t0)
+    return ServeSummary(url, cfg.http.app_name, version, time.monotonic() - t0)
 
 
 if __name__ == "__main__":  # python -m jobs.serve --config FILE [overrides] (what `ray job submit` calls)

@@ -206,7 +206,10 @@ def test_adapters_stay_until_their_requests_end_and_errors_come_before_any_delta
 
 def test_load_engine_builds_the_hf_engine_from_the_config_and_explains_a_missing_vllm(reader_dir):
     cpu = ReplicaResources(num_cpus=1, num_gpus=0, threads=1, device="cpu")
-    with pytest.raises(RagtuneError, match="vllm extra"):
+    gpu = ReplicaResources(num_cpus=1, num_gpus=1, threads=1, device="gpu")
+    with pytest.raises(RagtuneError, match="vllm extra"):  # a GPU replica where vllm is not installed (here)
+        load_engine(GeneratorConfig(model=reader_dir, engine="vllm"), gpu)
+    with pytest.raises(RagtuneError, match="vLLM runs only on GPUs"):
         load_engine(GeneratorConfig(model=reader_dir, engine="vllm"), cpu)
     engine = load_engine(GeneratorConfig(model=reader_dir, decoding="static", max_batch_size=3), cpu)
     assert isinstance(engine, HFEngine) and isinstance(engine, Engine)
