@@ -63,6 +63,7 @@ from sharding.choice import (
     row_bytes,
     shard_task_bytes,
     shards_for_memory,
+    train_task_bytes,
 )
 from sharding.docstore import COLUMNS as DOCSTORE_COLUMNS
 from sharding.docstore import write_docstore_sorted
@@ -332,8 +333,12 @@ def _train(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], 
         tune_texts = sample_query_texts(ix.tune_queries_path, ix.tune_queries, np.random.default_rng(ix.seed))
     n_queries = held_out_count(ix.tune_queries, plan.nb) if k >= 1 and not tune_texts else 0
     sample = sample_rows(plan.parts, plan.choice.train_size if layout.needs_training else 0, n_queries, ix.seed)
+    _, part_row = row_bytes(sum(r.bytes for r in plan.embeddings.parts.values()), plan.nb, plan.d)
+    memory, why = train_task_bytes(sum(len(t) for _, t, _ in sample), plan.d,
+                                   max((rows for _, rows in plan.parts), default=0), part_row, n_queries)
+    log.info("memory of the training task (Ray memory=): %s", why)
     prepare_task = ray.remote(prepare).options(num_cpus=tasks.train_threads if not tasks.use_gpu else 1,
-                                               num_gpus=tasks.num_gpus)
+                                               num_gpus=tasks.num_gpus, memory=memory)
     prep = ray.get(prepare_task.remote(plan.emb.uri, records, sample, layout.factory, plan.d,
                                        plan.embeddings.metric, tasks.train_threads, layout.gpu, tune_texts,
                                        plan.embeddings.model, plan.embeddings.normalize))

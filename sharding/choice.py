@@ -330,6 +330,25 @@ def shard_task_bytes(kind: str, factory: str, shard_vectors: int, d: int, *, doc
     return total, why
 
 
+def train_task_bytes(train_rows: int, d: int, part_rows: int, part_row_bytes: int,
+                     tune_rows: int = 1000) -> tuple[int, str]:
+    """Peak memory of the training task and the arithmetic behind it (Ray's ``memory=``, the log).
+
+    The task reads the sampled parts one at a time (a part's table, about ``part_rows`` x ``part_row_bytes``,
+    held twice while its rows are picked), gathers the training matrix (``train_rows`` x 4d bytes) and trains:
+    FAISS's k-means and the PQ codebook training each take a copy (the residuals), so the matrix is held about
+    three times. Measured (bench/scale.py): 2.35 GiB at 409,600 x 384 training vectors from parts of 100,000 rows
+    (IVF8192,PQ96np); this estimate 2.47 GiB.
+    """
+    matrix = train_rows * 4 * d
+    part = 2 * part_rows * part_row_bytes
+    tuning = tune_rows * 4 * d
+    total = TASK_BASE_BYTES + 3 * matrix + part + tuning
+    why = (f"{human_bytes(TASK_BASE_BYTES)} base + 3 x {train_rows:,} x {4 * d} B training matrix + 2 x "
+           f"{part_rows:,} rows x {part_row_bytes} B part + {human_bytes(tuning)} tuning = {human_bytes(total)}")
+    return total, why
+
+
 def shards_for_memory(kind: str, factory: str, nb: int, d: int, limit: int, *, doc_row_bytes: int,
                       part_row_bytes: int = 0, batch_rows: int = ADD_BATCH) -> int:
     """The fewest shards whose tasks each fit ``limit`` bytes (``shard_task_bytes``), at least 1; a RagtuneError

@@ -22,6 +22,7 @@ from sharding.choice import (
     row_bytes,
     shard_task_bytes,
     shards_for_memory,
+    train_task_bytes,
 )
 from sharding.docstore import write_docstore
 from sharding.faiss_index import ShardBuilder, effective_factory, new_index, serialize, train_index, write_index_file
@@ -224,6 +225,15 @@ def test_shard_task_memory_and_shards_sized_to_fit_it():
     with pytest.raises(RagtuneError, match=r"a shard task of 65,536 vectors already needs .* Fix: use nodes"):
         shards_for_memory("flat", "Flat", 10**9, 384, 2**20, **kw)
     assert row_bytes(1_000_000 * (1536 + 300), 1_000_000, 384) == (900, 1836)
+
+
+def test_training_task_memory_against_the_measured_peak():
+    # bench/scale.py, 625k-chunk size: IVF8192,PQ96np trained on 409,600 x 384 from parts of 100,000 rows of
+    # ~1,750 B; the training task's peak RssAnon was 2,403 MiB
+    est, why = train_task_bytes(409_600, 384, 100_000, 1_750)
+    assert 0.9 < est / (2403 * 2**20) < 1.15
+    assert why.startswith("400.0 MiB base + 3 x 409,600 x 1536 B training matrix + 2 x 100,000 rows x 1750 B part")
+    assert train_task_bytes(0, 384, 100_000, 1_750)[0] < est / 3  # Flat and HNSW need no training matrix
 
 
 def test_explicit_factory_strings():
