@@ -73,7 +73,6 @@ from sharding.embeddings import (
     PartRecord,
     check_finite,
     read_manifest,
-    read_part_table,
     vectors_from_arrow,
 )
 from sharding.faiss_index import (
@@ -299,8 +298,10 @@ def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str
     t0 = time.perf_counter()
     emb = resolve(emb_uri)
     xt, xq, qids = [], [], []
-    for name, t_rows, q_rows in sample:
-        table = read_part_table(emb, records[name], ["chunk_id", "vector"])
+    for name, t_rows, q_rows in sample:  # each part read only as far as its sample goes (its first rows)
+        upto = int(max(t_rows.max(initial=-1), q_rows.max(initial=-1))) + 1
+        table = pa.concat_tables(piece_batches(emb, records[name], Piece(part=name, start=0, stop=upto),
+                                               ["chunk_id", "vector"], 0, verify=False))
         x = vectors_from_arrow(table["vector"])
         ids = table["chunk_id"].to_numpy()
         xt.append(x[t_rows])

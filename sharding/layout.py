@@ -21,6 +21,7 @@ the FAISS files ``sharding.faiss_index``; the automatic choice of index ``shardi
 
 from __future__ import annotations
 
+import math
 import posixpath
 from collections.abc import Sequence
 
@@ -131,39 +132,33 @@ def plan_shards(parts: Sequence[tuple[str, int]], num_shards: int) -> list[list[
 
 def sample_rows(parts: Sequence[tuple[str, int]], n_train: int, n_queries: int,
                 seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Choose training rows and held-out query rows, disjoint when there are enough rows.
+    """Choose training rows and held-out query rows, disjoint when there are enough rows, from every part.
 
-    Parts are taken in a seeded random order until they hold twice what is needed (embedding parts are a
-    uniform random split of the chunks, so a few parts are a random sample and the rest need not be read).
+    A part's rows are in chunk-id order, and chunk ids are hashes, so the first rows of a part are a uniform
+    sample of it. Every part gives its first rows in proportion to its size (twice what is needed in all), and
+    the rows are drawn from those: the sample covers the whole corpus even when the input is ordered (by source,
+    date or topic) and each part is a range of it, and each part is read only as far as its sample goes.
 
     Returns:
-        (part, train rows, query rows) for each part that is read; row numbers are sorted, within the part.
+        (part, train rows, query rows) for each part sampled; row numbers are sorted, within the part.
     """
     rng = np.random.default_rng(seed)
     total = sum(r for _, r in parts)
     nq = min(n_queries, total)
-    need = min(total, 2 * (n_train + nq))
-    chosen, held = [], 0
-    for i in rng.permutation(len(parts)):
-        if parts[i][1] == 0:
-            continue
-        chosen.append(int(i))
-        held += parts[i][1]
-        if held >= need:
-            break
-    chosen.sort()
+    share = min(1.0, 2 * (n_train + nq) / total) if total else 0.0
+    heads = [min(rows, math.ceil(share * rows)) for _, rows in parts]  # the first rows of each part
+    held = sum(heads)
     if nq + n_train <= held:
         pos = rng.choice(held, size=nq + n_train, replace=False)
         q_pos, t_pos = pos[:nq], pos[nq:]
     else:  # too few rows to hold queries out: train on every row
         q_pos, t_pos = rng.choice(held, size=nq, replace=False), np.arange(held)
     out, offset = [], 0
-    for i in chosen:
-        name, rows = parts[i]
-        t = np.sort(t_pos[(t_pos >= offset) & (t_pos < offset + rows)] - offset)
-        q = np.sort(q_pos[(q_pos >= offset) & (q_pos < offset + rows)] - offset)
+    for (name, _), head in zip(parts, heads, strict=True):
+        t = np.sort(t_pos[(t_pos >= offset) & (t_pos < offset + head)] - offset)
+        q = np.sort(q_pos[(q_pos >= offset) & (q_pos < offset + head)] - offset)
         if len(t) or len(q):
             out.append((name, t, q))
-        offset += rows
+        offset += head
     return out
 

@@ -414,6 +414,17 @@ def test_samples_are_disjoint_reproducible_and_inside_the_parts():
     assert len(small[0][1]) == 50 and len(small[0][2]) == 10  # too few rows: train on all
 
 
+def test_the_sample_covers_every_part_in_proportion_and_reads_only_their_first_rows():
+    # parts are ranges of an input that may be ordered by topic: each must be in the sample, as much as its size
+    parts = [(f"p{i}", 100_000 * (1 + i % 3)) for i in range(40)]
+    total = sum(n for _, n in parts)
+    sample = sample_rows(parts, 20_000, 1_000, seed=0)
+    assert [n for n, _, _ in sample] == [n for n, _ in parts]
+    for (_, rows), (_, t, q) in zip(parts, sample, strict=True):
+        assert abs(len(t) - 20_000 * rows / total) < 0.25 * 20_000 * rows / total
+        assert max(t.max(), q.max(initial=0)) < 2 * 21_000 * rows / total + 1  # within the part's first rows
+
+
 # --- files, manifests, versions ----------------------------------------------------------------------------------
 
 def test_manifest_round_trip(tmp_path):
