@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from configs.errors import RagtuneError
-from sharding.choice import human_bytes
 
 
 @dataclass(frozen=True)
@@ -234,6 +233,10 @@ class ServePlan:
     layout: Layout = "split"
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def choose_layout(nodes: list[NodeResources], layout: Literal["auto", "fused", "split"], index_bytes: int | None,
                   memory_share: float) -> tuple[Layout, str]:
     """The serving layout and why: ``layout`` when it is fused or split; for auto, fused when the whole index
@@ -247,9 +250,9 @@ def choose_layout(nodes: list[NodeResources], layout: Literal["auto", "fused", "
     budget = memory_share * min(mem)
     fits = index_bytes <= budget
     return ("fused" if fits else "split"), (
-        f"shards.layout auto: the index needs {human_bytes(index_bytes)} in one replica, "
-        f"{'within' if fits else 'over'} {human_bytes(budget)} (shards.fused_memory_share {memory_share:g} of the "
-        f"smallest node's {human_bytes(min(mem))})")
+        f"shards.layout auto: the index needs {_gib(index_bytes)} in one replica, "
+        f"{'within' if fits else 'over'} {_gib(budget)} (shards.fused_memory_share {memory_share:g} of the "
+        f"smallest node's {_gib(min(mem))})")
 
 
 def replicas_per_node(replicas: int, capacity: list[int]) -> int | None:
