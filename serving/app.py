@@ -212,8 +212,8 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     for route, hops in route_hops(plan).items():
         log.info("%s: %s", route, hops)
     e, s, g = cfg.embedder, cfg.shards, cfg.generator
-    health = {"health_check_period_s": s.health_check_period_s,
-              "health_check_timeout_s": max(10.0, s.health_check_period_s)}
+    health: dict[str, Any] = {"health_check_period_s": s.health_check_period_s,
+                              "health_check_timeout_s": max(10.0, s.health_check_period_s)}
 
     index: Any = None
     if plan.layout == "fused":
