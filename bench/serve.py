@@ -8,18 +8,18 @@ fixed number of requests at a fixed concurrency to each route, first with batchi
     python bench/serve.py                                     # ~6 minutes on 2 cores
     python bench/serve.py --requests 1000 --concurrency 64 --repeats 2
 
-Routes: ``embedder``, the Embedder deployment called through a Serve handle from this process (the embedder path
-without the HTTP hops: what dynamic batching acts on); ``embeddings``, ``/v1/embeddings`` with one input per
-request (the embedder path over HTTP: proxy, Ingress, Embedder); ``search``, ``/v1/search`` (embed, fan out to
-the shard groups, merge, docstore); ``chat``, RAG chat (``/v1/chat/completions``: search, prompt,
-``--max-tokens`` greedy tokens of the tiny model). Printed per route and mode: requests/s, p50/p95/p99 latency
-and the mean batch size the Embedder / Generator ran; then batching-on / batching-off ratios. Before the routes,
-what bounds them: the embedding model's queries/s in this process at batch 1 and 32 (no Serve), and the
-requests/s of a deployment that does nothing through the same handle path (Serve's own cost per request); on a
-saturated machine the costs add up, so (1/q1 + 1/echo) / (1/q32 + 1/echo) is the most batching can give. Client
-and server share the machine's cores, as a sidecar load generator would. Serve's per-request access log is off
-unless ``--access-log`` (on 2 cores it costs a third of the HTTP requests/s). A PNG of requests/s and p99 is
-written.
+Routes: ``embedder``, the deployment that embeds (the Embedder; the IndexReplica in the fused layout) called through
+a Serve handle from this process (the embedder path without the HTTP hops: what dynamic batching acts on);
+``embeddings``, ``/v1/embeddings`` with one input per request (the embedder path over HTTP); ``search``,
+``/v1/search`` (embed, search every shard, merge, docstore: hops as the plan lays them out); ``chat``, RAG chat
+(``/v1/chat/completions``: search, prompt, ``--max-tokens`` greedy tokens of the tiny model). Printed per route and
+mode: requests/s, p50/p95/p99 latency and the mean batch size the embedder / Generator ran; then batching-on /
+batching-off ratios. Before the routes, what bounds them: the embedding model's queries/s in this process at batch 1
+and 32 (no Serve), and the requests/s of a deployment that does nothing through the same handle path (Serve's own
+cost per request); on a saturated machine the costs add up, so (1/q1 + 1/echo) / (1/q32 + 1/echo) is the most
+batching can give. Client and server share the machine's cores, as a sidecar load generator would. Serve's
+per-request access log is off unless ``--access-log`` (on 2 cores it costs a third of the HTTP requests/s). A PNG of
+requests/s and p99 is written.
 
 Then ragtune against its peer (``--peer-rounds``, 3 by default; 0 skips it): what a user would write instead, one
 uvicorn process with FastAPI, the same all-MiniLM-L6-v2 through ``models.embedders.QueryEncoder`` and an exact FAISS
@@ -121,8 +121,8 @@ def serve_overhead(concurrency: int, n: int, texts: list[str]) -> float:
 
     @serve.deployment(max_ongoing_requests=max(64, 2 * concurrency))
     class Echo:
-        async def embed(self, text: str) -> tuple[np.ndarray, int, int]:
-            return np.zeros(384, np.float32), len(text), 1
+        async def embed_many(self, texts: list[str]) -> list[tuple[np.ndarray, int, int]]:
+            return [(np.zeros(384, np.float32), len(t), 1) for t in texts]
 
     handle = serve.run(Echo.bind(), name="bench-echo", route_prefix=None)
     asyncio.run(load_handle(handle, texts[:concurrency * 2], concurrency))  # warm up
@@ -187,7 +187,7 @@ async def load_handle(handle, texts: list[str], concurrency: int) -> tuple[list[
         while not queue.empty():
             text = queue.get_nowait()
             t0 = time.perf_counter()
-            await handle.embed.remote(text)
+            await handle.embed_many.remote([text])
             lat.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
@@ -197,8 +197,8 @@ async def load_handle(handle, texts: list[str], concurrency: int) -> tuple[list[
 
 async def _batches(handle, texts: list[str], concurrency: int) -> float:
     """Mean batch size the Embedder reports for ``concurrency`` requests sent at once."""
-    out = await asyncio.gather(*(handle.embed.remote(t) for t in texts[:concurrency]))
-    return statistics.mean(e.batch for e in out)
+    out = await asyncio.gather(*(handle.embed_many.remote([t]) for t in texts[:concurrency]))
+    return statistics.mean(e.batch for [e] in out)
 
 
 def batch_totals(url: str, dep: str) -> tuple[float, float]:

@@ -175,9 +175,6 @@ class IndexReplica:
 
     # --- embeddings -----------------------------------------------------------------------------------------------
 
-    async def embed(self, text: str) -> Embedding:
-        return await self.encoder.embed(text)
-
     async def embed_many(self, texts: list[str]) -> list[Embedding]:
         return await self.encoder.embed_many(texts)
 

@@ -545,6 +545,14 @@ def load(url, queries, stop, results, errors, concurrency=6):
     return pool, futures
 
 
+def stop_load(stop, pool, futures):
+    """Stop the load threads of :func:`load` and wait for them (their failures are in its ``errors``)."""
+    stop.set()
+    for f in futures:
+        f.result()
+    pool.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_shard_searcher_replica_killed_under_traffic(served, reference):
@@ -691,10 +699,7 @@ def test_add_and_delete_under_traffic_fail_no_request_and_gc_keeps_the_leased_ve
         g = freshness.gc(str(root), keep=1, grace_s=0)  # while traffic runs on the versions it must keep
         time.sleep(1)
     finally:
-        stop.set()
-        for f in futures:
-            f.result()
-        pool.shutdown()
+        stop_load(stop, pool, futures)
     assert not errors, errors[:5]
     served_versions = {v for _, _, v, _ in results}
     assert served_versions <= {"v-00002", added.version, deleted.version}, served_versions
@@ -736,10 +741,7 @@ def test_fused_layout_reload_under_traffic_fails_no_request(served, fused):
         assert r.status_code == 200 and r.json()["changed"] and r.json()["version"].endswith(latest), r.text
         time.sleep(3)
     finally:
-        stop.set()
-        for f in futures:
-            f.result()
-        pool.shutdown()
+        stop_load(stop, pool, futures)
     assert not errors, errors[:5]
     assert {v for _, _, v, _ in results} == {"v-00001", latest}
     wrong = [(q, v, ids) for q, ids, v, _ in results if ids != reference[v][q]]
