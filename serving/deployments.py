@@ -73,12 +73,28 @@ from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
 log = logging.getLogger("ragtune.serve")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
-def _replica_errors() -> tuple[type[BaseException], ...]:
+def replica_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "that replica is gone", not "the request is wrong": worth a retry. Looked up by name:
     not every Ray version defines all of them."""
     names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
     errors: list[type[BaseException]] = [getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n)]
     return (*errors, BackPressureError)
+
+
+async def call_retrying(handle: DeploymentHandle, method: str, deadline: float,
+                        retry_errors: tuple[type[BaseException], ...], *args: Any) -> Any:
+    """Call a deployment that searches (a shard group, a fused replica); while its replica is being replaced (died,
+    unavailable: ``retry_errors``), retry until ``deadline`` (``time.monotonic``), then a 503."""
+    delay = 0.05
+    while True:
+        try:
+            return await getattr(handle, method).remote(*args)
+        except retry_errors as e:
+            if time.monotonic() + delay > deadline:
+                raise Unavailable(f"a shard group did not answer in time ({type(e).__name__}); retry later",
+                                  code="shard_unavailable") from None
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
 
 class _Batching(Protocol):
@@ -229,7 +245,7 @@ class Retriever:
         # (disk or object store), and one thread owns the open Parquet readers and the cache above
         self.docstores = Docstores("Retriever")
         self.docstore_pool = ThreadPoolExecutor(1, thread_name_prefix="docstore")
-        self.retry_errors: tuple[type[BaseException], ...] = _replica_errors()
+        self.retry_errors: tuple[type[BaseException], ...] = replica_errors()
 
     @property
     def version(self) -> str:
@@ -253,17 +269,7 @@ class Retriever:
         return passages_from(d, i, self.docstores.get(version, self.pointer.manifests.get(version)), k, filter)
 
     async def _call(self, handle: DeploymentHandle, method: str, deadline: float, *args: Any) -> Any:
-        """Call a shard group; while its replica is being replaced (died, unavailable), retry until ``deadline``."""
-        delay = 0.05
-        while True:
-            try:
-                return await getattr(handle, method).remote(*args)
-            except self.retry_errors as e:
-                if time.monotonic() + delay > deadline:
-                    raise Unavailable(f"a shard group did not answer in time ({type(e).__name__}); retry later",
-                                      code="shard_unavailable") from None
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+        return await call_retrying(handle, method, deadline, self.retry_errors, *args)
 
     async def search(self, query: str, k: int, filter: Filter | None = None, mode: str | None = None,
                      fusion: FusionOverrides | None = None, param: str = "mode") -> SearchResult:

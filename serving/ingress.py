@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable, user_error
 from configs.schema.serve import GeneratorConfig, IndexSource, LimitsConfig, RetrievalConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
+from serving.deployments import call_retrying, replica_errors
 from serving.generation import SamplingParams
 from serving.rag import sampling_params
 from serving.schemas import (
@@ -202,6 +203,7 @@ class Ingress:
                  key_hashes: list[str], api_keys_env: str | None, index: IndexSource | None = None):
         self.embedder, self.retriever, self.generator = embedder, retriever, generator
         self.pointer = VersionPointer(index, retrieval.mode) if index is not None else None
+        self.retry_errors = replica_errors()
         self.generation, self.retrieval, self.limits = generation, retrieval, limits
         self.keys = set(key_hashes) | api_key_hashes([], api_keys_env)
         if not self.keys:
@@ -301,9 +303,11 @@ class Ingress:
         overrides = fusion.overrides() if fusion else None
         if self.pointer is None:
             out: SearchResult = await self.retriever.search.remote(query, k, filter, mode, overrides, param)
-        else:  # fused: the one call of a search, to the version this Ingress serves
+        else:  # fused: the one call of a search, to the version this Ingress serves (retried while a replica restarts)
             self.pointer.poll(self._prepare)
-            out = await self.retriever.search.remote(self.pointer.version, query, k, filter, mode, overrides, param)
+            out = await call_retrying(self.retriever, "search", time.monotonic() + self.retrieval.retries_s,
+                                      self.retry_errors, self.pointer.version, query, k, filter, mode, overrides,
+                                      param)
         if out.mode != "lexical":  # lexical searches embed nothing
             self.metrics.stage.labels("embed").observe(out.timings.embed_s)
             self.metrics.batch.labels("embedder").observe(out.embed_batch)
