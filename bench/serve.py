@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pydantic import BaseModel
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -213,6 +215,18 @@ def batch_totals(url: str, dep: str) -> tuple[float, float]:
 
 # --- the peer: what a user would write instead ------------------------------------------------------------------------
 
+class PeerSearch(BaseModel):
+    """The peer's /v1/search body (at module level: FastAPI resolves the handlers' annotations in its globals)."""
+
+    query: str
+    k: int = 5
+
+
+class PeerEmbed(BaseModel):
+    input: str | list[str]
+    model: str | None = None
+
+
 def peer_app(index_path: str):
     """A FastAPI app over the texts ragtune's index holds: the index's embedding model, an exact FAISS index of
     their vectors (inner product of normalised vectors: cosine, as ragtune's), ``/v1/search`` {query, k} and
@@ -221,7 +235,6 @@ def peer_app(index_path: str):
     import faiss
     import numpy as np
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
     loc = resolve_index(index_path)
     manifest = read_index_manifest(loc)
@@ -235,22 +248,14 @@ def peer_app(index_path: str):
     index.add_with_ids(xb, chunk_ids)
     app = FastAPI()
 
-    class Search(BaseModel):
-        query: str
-        k: int = 5
-
-    class Embed(BaseModel):
-        input: str | list[str]
-        model: str | None = None
-
     @app.post("/v1/search")
-    def search(req: Search) -> dict:
+    def search(req: PeerSearch) -> dict:
         D, I = index.search(encoder.encode([req.query]), req.k)
         return {"data": [{"rank": r, "chunk_id": int(c), "score": float(d), **rows[int(c)]}
                          for r, (d, c) in enumerate(zip(D[0], I[0], strict=True), 1) if c >= 0]}
 
     @app.post("/v1/embeddings")
-    def embeddings(req: Embed) -> dict:
+    def embeddings(req: PeerEmbed) -> dict:
         inputs = [req.input] if isinstance(req.input, str) else req.input
         return {"data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(encoder.encode(inputs))]}
 
@@ -269,6 +274,7 @@ def run_peer(index_path: str, port: int) -> None:
 def start_peer(index_path: str) -> tuple[object, str]:
     """The peer in a process of its own (as a user runs it), once it answers: (process, base URL)."""
     import subprocess
+    import urllib.error
     import urllib.request
 
     port = free_port()
@@ -281,7 +287,10 @@ def start_peer(index_path: str) -> tuple[object, str]:
             urllib.request.urlopen(urllib.request.Request(f"{url}/v1/search", body,
                                                           {"Content-Type": "application/json"}), timeout=5)
             return proc, url
-        except OSError:
+        except urllib.error.HTTPError as e:  # it answers, wrongly: no point waiting
+            proc.kill()
+            raise SystemExit(f"the peer answered {e.code}: {e.read()[:300]!r}") from None
+        except OSError:  # not listening yet
             if proc.poll() is not None:
                 raise SystemExit(f"the peer exited with {proc.returncode}") from None
             time.sleep(1)
