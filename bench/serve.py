@@ -8,18 +8,29 @@ fixed number of requests at a fixed concurrency to each route, first with batchi
     python bench/serve.py                                     # ~6 minutes on 2 cores
     python bench/serve.py --requests 1000 --concurrency 64 --repeats 2
 
-Routes: ``embedder``, the Embedder deployment called through a Serve handle from this process (the embedder path
-without the HTTP hops: what dynamic batching acts on); ``embeddings``, ``/v1/embeddings`` with one input per
-request (the embedder path over HTTP: proxy, Ingress, Embedder); ``search``, ``/v1/search`` (embed, fan out to
-the shard groups, merge, docstore); ``chat``, RAG chat (``/v1/chat/completions``: search, prompt,
-``--max-tokens`` greedy tokens of the tiny model). Printed per route and mode: requests/s, p50/p95/p99 latency
-and the mean batch size the Embedder / Generator ran; then batching-on / batching-off ratios. Before the routes,
-what bounds them: the embedding model's queries/s in this process at batch 1 and 32 (no Serve), and the
-requests/s of a deployment that does nothing through the same handle path (Serve's own cost per request); on a
-saturated machine the costs add up, so (1/q1 + 1/echo) / (1/q32 + 1/echo) is the most batching can give. Client
-and server share the machine's cores, as a sidecar load generator would. Serve's per-request access log is off
-unless ``--access-log`` (on 2 cores it costs a third of the HTTP requests/s). A PNG of requests/s and p99 is
-written.
+Routes: ``embedder``, the deployment that embeds (the Embedder; the IndexReplica in the fused layout) called through
+a Serve handle from this process (the embedder path without the HTTP hops: what dynamic batching acts on);
+``embeddings``, ``/v1/embeddings`` with one input per request (the embedder path over HTTP); ``search``,
+``/v1/search`` (embed, search every shard, merge, docstore: hops as the plan lays them out); ``chat``, RAG chat
+(``/v1/chat/completions``: search, prompt, ``--max-tokens`` greedy tokens of the tiny model). Printed per route and
+mode: requests/s, p50/p95/p99 latency and the mean batch size the embedder / Generator ran; then batching-on /
+batching-off ratios. Before the routes, what bounds them: the embedding model's queries/s in this process at batch 1
+and 32 (no Serve), and the requests/s of a deployment that does nothing through the same handle path (Serve's own
+cost per request); on a saturated machine the costs add up, so (1/q1 + 1/echo) / (1/q32 + 1/echo) is the most
+batching can give. Client and server share the machine's cores, as a sidecar load generator would. Serve's
+per-request access log is off unless ``--access-log`` (on 2 cores it costs a third of the HTTP requests/s). A PNG of
+requests/s and p99 is written.
+
+Then ragtune against its peer (``--peer-rounds``, 3 by default; 0 skips it): what a user would write instead, one
+uvicorn process with FastAPI, the same all-MiniLM-L6-v2 through ``models.embedders.QueryEncoder`` and an exact FAISS
+index (``IndexFlatIP``) over exactly the texts ragtune's index holds (its live docstore rows, embedded by the
+peer at start), the same k. Routes: dense ``/v1/search``, hybrid ``/v1/search`` (BM25 + dense: more work than the
+peer's dense search, compared with it) and ``/v1/embeddings``, each at ``--concurrency``, ragtune and the peer
+alternating, route by route, round by round; printed: medians of requests/s and p99, ragtune / peer ratios, and
+each route's hops through the serving plan's deployments (``serving.app.route_hops``; ``--layout`` picks it).
+
+    python bench/serve.py --routes none --peer-rounds 3      # the peer comparison alone
+    python bench/serve.py --paragraphs 40 --requests 20 --routes none --peer-rounds 1   # a smoke run
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pydantic import BaseModel
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -47,8 +60,10 @@ from jobs.plots import pyplot  # noqa: E402
 from jobs.serve import wait_ready  # noqa: E402
 from models.embedders import QueryEncoder  # noqa: E402
 from models.generators import TinySpec, build_tiny  # noqa: E402
-from serving.app import ServeAppArgs, build_app  # noqa: E402
+from serving.app import ServeAppArgs, build_app, plan_for, route_hops  # noqa: E402
+from sharding.freshness import live_ids  # noqa: E402
 from sharding.manifest import read_index_manifest, resolve_index  # noqa: E402
+from sharding.search import open_docstore  # noqa: E402
 
 SQUAD = REPO.parent / "shared" / "data" / "squad" / "retrieval-v1.1"
 
@@ -108,8 +123,8 @@ def serve_overhead(concurrency: int, n: int, texts: list[str]) -> float:
 
     @serve.deployment(max_ongoing_requests=max(64, 2 * concurrency))
     class Echo:
-        async def embed(self, text: str) -> tuple[np.ndarray, int, int]:
-            return np.zeros(384, np.float32), len(text), 1
+        async def embed_many(self, texts: list[str]) -> list[tuple[np.ndarray, int, int]]:
+            return [(np.zeros(384, np.float32), len(t), 1) for t in texts]
 
     handle = serve.run(Echo.bind(), name="bench-echo", route_prefix=None)
     asyncio.run(load_handle(handle, texts[:concurrency * 2], concurrency))  # warm up
@@ -174,7 +189,7 @@ async def load_handle(handle, texts: list[str], concurrency: int) -> tuple[list[
         while not queue.empty():
             text = queue.get_nowait()
             t0 = time.perf_counter()
-            await handle.embed.remote(text)
+            await handle.embed_many.remote([text])
             lat.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
@@ -184,8 +199,8 @@ async def load_handle(handle, texts: list[str], concurrency: int) -> tuple[list[
 
 async def _batches(handle, texts: list[str], concurrency: int) -> float:
     """Mean batch size the Embedder reports for ``concurrency`` requests sent at once."""
-    out = await asyncio.gather(*(handle.embed.remote(t) for t in texts[:concurrency]))
-    return statistics.mean(e.batch for e in out)
+    out = await asyncio.gather(*(handle.embed_many.remote([t]) for t in texts[:concurrency]))
+    return statistics.mean(e.batch for [e] in out)
 
 
 def batch_totals(url: str, dep: str) -> tuple[float, float]:
@@ -196,6 +211,151 @@ def batch_totals(url: str, dep: str) -> tuple[float, float]:
     s = re.search(rf'ragtune_batch_size_sum{{deployment="{dep}"}} ([0-9.e+]+)', text)
     c = re.search(rf'ragtune_batch_size_count{{deployment="{dep}"}} ([0-9.e+]+)', text)
     return (float(s.group(1)) if s else 0.0), (float(c.group(1)) if c else 0.0)
+
+
+# --- the peer: what a user would write instead ------------------------------------------------------------------------
+
+class PeerSearch(BaseModel):
+    """The peer's /v1/search body (at module level: FastAPI resolves the handlers' annotations in its globals)."""
+
+    query: str
+    k: int = 5
+
+
+class PeerEmbed(BaseModel):
+    input: str | list[str]
+    model: str | None = None
+
+
+def peer_app(index_path: str):
+    """A FastAPI app over the texts ragtune's index holds: the index's embedding model, an exact FAISS index of
+    their vectors (inner product of normalised vectors: cosine, as ragtune's), ``/v1/search`` {query, k} and
+    ``/v1/embeddings`` {input}. Plain code, no batching: handlers are ``def``, so FastAPI runs them in its thread
+    pool, the model with torch's threads."""
+    import faiss
+    import numpy as np
+    from fastapi import FastAPI
+
+    loc = resolve_index(index_path)
+    manifest = read_index_manifest(loc)
+    ids = live_ids(loc, manifest, ("chunk_id",))["chunk_id"].to_numpy()
+    rows = open_docstore(loc, manifest).lookup(ids, columns=["doc_id", "title", "text"])
+    chunk_ids = np.array(sorted(rows), dtype=np.int64)
+    texts = [rows[int(c)]["text"] for c in chunk_ids]
+    encoder = QueryEncoder(manifest, batch_size=64)
+    xb = encoder.encode(texts)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
+    index.add_with_ids(xb, chunk_ids)
+    app = FastAPI()
+
+    @app.post("/v1/search")
+    def search(req: PeerSearch) -> dict:
+        D, I = index.search(encoder.encode([req.query]), req.k)
+        return {"data": [{"rank": r, "chunk_id": int(c), "score": float(d), **rows[int(c)]}
+                         for r, (d, c) in enumerate(zip(D[0], I[0], strict=True), 1) if c >= 0]}
+
+    @app.post("/v1/embeddings")
+    def embeddings(req: PeerEmbed) -> dict:
+        inputs = [req.input] if isinstance(req.input, str) else req.input
+        return {"data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(encoder.encode(inputs))]}
+
+    return app, len(texts)
+
+
+def run_peer(index_path: str, port: int) -> None:
+    """The peer's process: ``python bench/serve.py --peer INDEX --port N``."""
+    import uvicorn
+
+    app, n = peer_app(index_path)
+    print(f"peer: {n} texts indexed", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def start_peer(index_path: str) -> tuple[object, str]:
+    """The peer in a process of its own (as a user runs it), once it answers: (process, base URL)."""
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--peer", index_path, "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            body = json.dumps({"query": "warm up", "k": 1}).encode()
+            urllib.request.urlopen(urllib.request.Request(f"{url}/v1/search", body,
+                                                          {"Content-Type": "application/json"}), timeout=5)
+            return proc, url
+        except urllib.error.HTTPError as e:  # it answers, wrongly: no point waiting
+            proc.kill()
+            raise SystemExit(f"the peer answered {e.code}: {e.read()[:300]!r}") from None
+        except OSError:  # not listening yet
+            if proc.poll() is not None:
+                raise SystemExit(f"the peer exited with {proc.returncode}") from None
+            time.sleep(1)
+    proc.kill()
+    raise SystemExit("the peer did not answer within 600 s")
+
+
+def compare_with_peer(args: argparse.Namespace, index_path: str, queries: list[str], port: int,
+                      access_log: bool) -> None:
+    """ragtune (batching on, ``--layout``) against the peer: dense and hybrid /v1/search, /v1/embeddings at
+    ``--concurrency``, alternating, ``--peer-rounds`` rounds; medians, ratios, p99s and each route's hops."""
+    from ray import serve
+
+    cfg = ServeJobConfig.model_validate({
+        "index": {"path": index_path, "poll_interval_s": None}, "shards": {"layout": args.layout},
+        "embedder": {"max_batch_size": 32}, "generator": {"model": str(args.model), "name": "tiny"},
+        "http": {"port": port}, "auth": {"api_keys_env": None}, "limits": {"request_timeout_s": 300},
+        "serve": {"access_log": access_log}})
+    hops = route_hops(plan_for(cfg))
+    url = f"http://127.0.0.1:{port}"
+    serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name="bench-peer", route_prefix="/")
+    wait_ready(url)
+    peer, peer_url = start_peer(index_path)
+    n = args.requests
+    routes = {  # name: (path, ragtune's bodies, the peer's bodies)
+        "dense": ("/v1/search", [{"query": queries[i % len(queries)], "k": 5, "mode": "dense"} for i in range(n)],
+                  [{"query": queries[i % len(queries)], "k": 5} for i in range(n)]),
+        "hybrid": ("/v1/search", [{"query": queries[i % len(queries)], "k": 5, "mode": "hybrid"}
+                                  for i in range(n)], [{"query": queries[i % len(queries)], "k": 5} for i in range(n)]),
+        "embeddings": ("/v1/embeddings", [{"model": "all-MiniLM-L6-v2", "input": queries[i % len(queries)],
+                                           "encoding_format": "float"} for i in range(n)],
+                       [{"input": queries[i % len(queries)]} for i in range(n)]),
+    }
+    conc = args.concurrency
+    try:
+        for path, ours, theirs in routes.values():  # warm up both
+            asyncio.run(load(url + path, ours[:conc * 2], conc))
+            asyncio.run(load(peer_url + path, theirs[:conc * 2], conc))
+        results: dict[tuple[str, str], list[dict]] = {}
+        for r in range(args.peer_rounds):
+            for name, (path, ours, theirs) in routes.items():
+                for who, base, bodies in (("ragtune", url, ours), ("peer", peer_url, theirs)):
+                    lat, failed, wall = asyncio.run(load(base + path, bodies, conc))
+                    res = {"rps": len(lat) / wall, "p50": pct(lat, .5), "p99": pct(lat, .99), "failed": failed}
+                    results.setdefault((name, who), []).append(res)
+                    print(f"round {r + 1} {who:8s} {name:10s} {res['rps']:7.1f} req/s  p50 {res['p50'] * 1e3:6.0f} ms"
+                          f"  p99 {res['p99'] * 1e3:6.0f} ms  failed {failed}", flush=True)
+    finally:
+        peer.kill()  # type: ignore[attr-defined]
+        serve.delete("bench-peer")
+
+    def med(name: str, who: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[(name, who)])
+
+    print(f"\nragtune ({plan_for(cfg).layout} layout) vs the peer (uvicorn + FastAPI + the same model + exact FAISS), "
+          f"medians over {args.peer_rounds} round(s), concurrency {conc}, {n} requests each:")
+    print(f"{'route':10s} {'ragtune req/s':>13s} {'peer req/s':>10s} {'ratio':>6s} {'ragtune p99':>11s} "
+          f"{'peer p99':>9s}")
+    for name in routes:
+        print(f"{name:10s} {med(name, 'ragtune', 'rps'):13.1f} {med(name, 'peer', 'rps'):10.1f} "
+              f"{med(name, 'ragtune', 'rps') / med(name, 'peer', 'rps'):5.2f}x "
+              f"{med(name, 'ragtune', 'p99') * 1e3:8.0f} ms {med(name, 'peer', 'p99') * 1e3:6.0f} ms")
+    print("hybrid is BM25 + dense fused, compared with the peer's dense search. Hops of each route:")
+    for route, path in hops.items():
+        print(f"  {route}: {path}")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -214,7 +374,14 @@ def main() -> None:
     ap.add_argument("--access-log", action="store_true", help="keep Serve's per-request access log (costs CPU)")
     ap.add_argument("--routes", default="embedder,embeddings,search,chat", help="which routes to load")
     ap.add_argument("--plot", default="bench-serve.png")
+    ap.add_argument("--peer-rounds", type=int, default=3, help="rounds of ragtune vs the peer (0: none)")
+    ap.add_argument("--layout", default="auto", choices=("auto", "fused", "split"), help="shards.layout")
+    ap.add_argument("--peer", metavar="INDEX", help=argparse.SUPPRESS)  # the peer's own process
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peer:
+        run_peer(args.peer, args.port)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
@@ -232,7 +399,7 @@ def main() -> None:
     built = index(IndexJobConfig.model_validate({"embeddings": {"path": str(work / "emb")},
                                                  "index": {"path": str(work / "index"), "kind": "Flat", "shards": 2}}))
     texts = [json.loads(line)["text"] for line in open(corpus)]
-    model = build_tiny(work / "tiny", texts[:300], TinySpec())
+    model = args.model = build_tiny(work / "tiny", texts[:300], TinySpec())
     print(f"setup: {built.line()} + tiny generator in {time.perf_counter() - t0:.0f}s; {len(queries)} queries, "
           f"{os.cpu_count()} cores; client and server share them", flush=True)
 
@@ -256,7 +423,7 @@ def main() -> None:
                    "messages": [{"role": "user", "content": queries[i % len(queries)]}]}
                   for i in range(args.chat_requests)], args.chat_concurrency),
     }
-    routes = {name: routes[name] for name in args.routes.split(",")}
+    routes = {name: routes[name] for name in args.routes.split(",") if name != "none"}
     echo = serve_overhead(args.concurrency, args.requests, queries) if "embedder" in routes else None
     if echo:
         # on a saturated machine the costs of a request add up: the model's share plus Serve's
@@ -270,14 +437,16 @@ def main() -> None:
             on = mode == "on"
             cfg = ServeJobConfig.model_validate({
                 "index": {"path": str(work / "index"), "poll_interval_s": None},
-                "embedder": {"batching": on, "max_batch_size": 32},
+                "embedder": {"batching": on, "max_batch_size": 32}, "shards": {"layout": args.layout},
                 "generator": {"model": str(model), "name": "tiny", "batching": on, "max_batch_size": 8,
                               "defaults": {"max_tokens": args.max_tokens}},
                 "http": {"port": port}, "auth": {"api_keys_env": None},
                 "limits": {"request_timeout_s": 300}, "serve": {"access_log": args.access_log}})
             serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name="bench", route_prefix="/")
             wait_ready(url)
-            handle = serve.get_deployment_handle("Embedder", app_name="bench")
+            # the deployment that embeds: the Embedder (split), or the IndexReplica (fused)
+            handle = serve.get_deployment_handle("IndexReplica" if plan_for(cfg).layout == "fused" else "Embedder",
+                                                 app_name="bench")
             for path, bodies, conc in routes.values():  # warm up (adapters, caches)
                 asyncio.run(load_handle(handle, bodies[:conc * 2], conc) if path == "handle" else
                             load(url + path, bodies[: max(conc * 2, 16)], conc))
@@ -298,7 +467,11 @@ def main() -> None:
                       f"p50 {res['p50'] * 1e3:6.0f} ms  p95 {res['p95'] * 1e3:6.0f} ms  p99 {res['p99'] * 1e3:6.0f} ms"
                       f"  batch {res['batch']:.1f}  failed {failed}", flush=True)
             serve.delete("bench")
+    if args.peer_rounds:
+        compare_with_peer(args, str(work / "index"), queries, port, args.access_log)
     serve.shutdown()
+    if not routes:
+        return
 
     def med(name: str, mode: str, key: str) -> float:
         return statistics.median(x[key] for x in results[(name, mode)])

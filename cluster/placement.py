@@ -209,9 +209,18 @@ class ReplicaResources:
     device: Literal["cpu", "gpu"]
 
 
+Layout = Literal["fused", "split"]
+
+
 @dataclass(frozen=True)
 class ServePlan:
-    """Resources of every deployment of the serving app, and which index shards each ShardSearcher holds."""
+    """Resources of every deployment of the serving app, its layout, and which index shards each ShardSearcher
+    holds.
+
+    ``layout`` fused: one replica type (``IndexReplica``) holds the query encoder, every shard and the docstore;
+    ``searcher`` is its resources (``embedder`` too: it embeds), ``groups`` one group of every shard, and ``light``
+    the Ingress's. Split: an Embedder, one ShardSearcher deployment per group, a Retriever and the Ingress.
+    """
 
     embedder: ReplicaResources
     searcher: ReplicaResources
@@ -221,6 +230,29 @@ class ServePlan:
     reason: str
     searcher_max_per_node: int | None = None  # replicas of one group on one node at most (Serve's
     # max_replicas_per_node), so that losing a node leaves each group a replica elsewhere; None = no limit
+    layout: Layout = "split"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def choose_layout(nodes: list[NodeResources], layout: Literal["auto", "fused", "split"], index_bytes: int | None,
+                  memory_share: float) -> tuple[Layout, str]:
+    """The serving layout and why: ``layout`` when it is fused or split; for auto, fused when the whole index
+    (``index_bytes``: shards, BM25 shards, docstore and embedding model, as one replica holds them) fits
+    ``memory_share`` of the smallest node's memory, else split (also when either size is unknown)."""
+    if layout != "auto":
+        return layout, f"shards.layout = {layout}"
+    mem = [n.memory for n in nodes if n.cpus >= 1 and n.memory > 0]
+    if index_bytes is None or not mem:
+        return "split", f"shards.layout auto: {'the index size' if index_bytes is None else 'node memory'} unknown"
+    budget = memory_share * min(mem)
+    fits = index_bytes <= budget
+    return ("fused" if fits else "split"), (
+        f"shards.layout auto: the index needs {_gib(index_bytes)} in one replica, "
+        f"{'within' if fits else 'over'} {_gib(budget)} (shards.fused_memory_share {memory_share:g} of the "
+        f"smallest node's {_gib(min(mem))})")
 
 
 def replicas_per_node(replicas: int, capacity: list[int]) -> int | None:
@@ -266,7 +298,9 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
                  light_replicas: int = 2, generator_device: Literal["auto", "cpu", "gpu"] = "auto",
                  searcher_device: Literal["auto", "cpu", "gpu"] = "auto",
                  num_cpus: dict[str, float | None] | None = None,
-                 threads: dict[str, int | None] | None = None, generator_gpus: int = 1) -> ServePlan:
+                 threads: dict[str, int | None] | None = None, generator_gpus: int = 1,
+                 layout: Literal["auto", "fused", "split"] = "auto", index_bytes: int | None = None,
+                 memory_share: float = 0.25) -> ServePlan:
     """Decide the resources of the serving app's deployments from the cluster's shape.
 
     GPUs: each Generator replica takes a whole GPU (device auto or gpu); ShardSearchers share the GPUs left over
@@ -277,6 +311,10 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
     the cluster (a laptop runs it all on 2 cores: reservations only place replicas, threads do the work);
     reservations given explicitly are kept and must fit. The replicas of each shard group are spread over the
     nodes that can hold one (``replicas_per_node``), so that a lost node never takes a group's every replica.
+
+    The layout (``choose_layout``): fused puts the encoder, every shard and the docstore in one replica type
+    (reserving 1 CPU and the embedder's threads by default, GPUs as the searchers would, replicas like a shard
+    group's) and leaves the Embedder and the Retriever out; split is the deployments above.
 
     Args:
         nodes: the cluster's alive nodes.
@@ -291,11 +329,16 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
         threads: explicit threads by role, None = default.
         generator_gpus: GPUs one Generator replica on GPUs spans, all on one node (generator.engine vllm:
             tensor_parallel_size; GeneratorConfig.gpus_per_replica).
+        layout: shards.layout (auto, fused, split).
+        index_bytes: what one replica holding the whole index would hold in memory (None: unknown).
+        memory_share: shards.fused_memory_share.
     """
     if not nodes:
         raise RagtuneError("the Ray cluster has no alive node with CPUs or GPUs; check `ray status`")
     num_cpus, threads = num_cpus or {}, threads or {}
-    grouped = shard_groups(num_shards, groups)
+    kind, why = choose_layout(nodes, layout, index_bytes, memory_share)
+    fused = kind == "fused"
+    grouped = shard_groups(num_shards, 1 if fused else groups)
     total_gpus = int(sum(n.gpus for n in nodes))
     cpu_nodes = [n for n in nodes if n.cpus >= 1]
     node_cpus = int(min(n.cpus for n in cpu_nodes)) if cpu_nodes else 1
@@ -318,9 +361,9 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
                            f"{total_gpus - left} taken by the Generator). Fix: set shards.device "
                            "to auto or cpu, or add GPUs")
     search_share = round(min(1.0, left / n_search), 3) if search_gpu else 0.0
-    defaults = {"embedder": 1.0, "generator": 1.0, "searcher": 0.5, "light": 0.1}
-    counts = {"embedder": embedder_replicas, "generator": generator_replicas, "searcher": n_search,
-              "light": light_replicas}
+    defaults = {"embedder": 1.0, "generator": 1.0, "searcher": 1.0 if fused else 0.5, "light": 0.1}
+    counts = {"embedder": 0 if fused else embedder_replicas, "generator": generator_replicas, "searcher": n_search,
+              "light": max(1, light_replicas - 1) if fused else light_replicas}
     total_cpus = sum(n.cpus for n in nodes)
     fixed = sum((num_cpus.get(r) or 0) * counts[r] for r in counts)
     if fixed > total_cpus:
@@ -344,17 +387,22 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
     searcher_cpus = cpus("searcher")
     fit = [int(n.gpus / search_share + 1e-9) if search_gpu else int(n.cpus / searcher_cpus + 1e-9) for n in nodes]
     spread = replicas_per_node(searcher_max_replicas or searcher_replicas, fit)
+    searcher = ReplicaResources(searcher_cpus, search_share, thr("searcher", on_node if fused else 1),
+                                "gpu" if search_gpu else "cpu")
     return ServePlan(
-        embedder=ReplicaResources(cpus("embedder"), 0.0, thr("embedder", on_node), "cpu"),
-        searcher=ReplicaResources(searcher_cpus, search_share, thr("searcher", 1), "gpu" if search_gpu else "cpu"),
+        embedder=searcher if fused else ReplicaResources(cpus("embedder"), 0.0, thr("embedder", on_node), "cpu"),
+        searcher=searcher,
         generator=ReplicaResources(cpus("generator"), float(generator_gpus) if gen_gpu else 0.0,
                                    thr("generator", on_node), "gpu" if gen_gpu else "cpu"),
         light=ReplicaResources(cpus("light"), 0.0, 1, "cpu"),
         groups=grouped,
-        reason=(f"{len(grouped)} shard group(s) of {num_shards} shard(s); generator on "
-                f"{'GPU' if gen_gpu else 'CPU'}, searchers on "
+        reason=(f"{kind} layout ({why}); "
+                + (f"one IndexReplica type with all {num_shards} shard(s)" if fused else
+                   f"{len(grouped)} shard group(s) of {num_shards} shard(s)")
+                + f"; generator on {'GPU' if gen_gpu else 'CPU'}, {'index replicas' if fused else 'searchers'} on "
                 f"{f'GPU ({search_share:g} of one each)' if search_gpu else 'CPU'}"
                 + (f"; CPU reservations scaled x{scale:.2f} to fit {total_cpus:g} CPUs" if scale < 1 else "")
                 + (f"; at most {spread} replica(s) of a shard group per node" if spread else "")),
         searcher_max_per_node=spread,
+        layout=kind,
     )

@@ -4,15 +4,20 @@
     serve run serving.app:build_app config_path=configs/serve/sample.yaml     # Serve's own CLI
     ragtune serve -c configs/serve/gpu-cluster.yaml --print-serve-config      # -> a KubeRay RayService's serveConfigV2
 
-Deployments (``serving.deployments``, ``serving.ingress``), composed by handles::
+Deployments (``serving.deployments``, ``serving.fused``, ``serving.ingress``), composed by handles, in one of two
+layouts (``shards.layout``; auto = fused when the whole index fits one replica's memory budget)::
 
-    Ingress --> Retriever --> Embedder
-       |            \\------> ShardSearcher0 .. ShardSearcherN-1   (one per shard group)
-       |----------> Embedder                                        (/v1/embeddings)
-       \\----------> Generator                                       (LoRA adapters multiplexed)
+    fused:  Ingress --> IndexReplica (embed + every shard + docstore)   (/v1/search, chat retrieval, /v1/embeddings)
+               \\----> Generator                                        (LoRA adapters multiplexed)
 
-Resources come from ``cluster.placement.plan_serving`` on the cluster the builder runs in (the driver for
-``ragtune serve`` and ``serve run``; the Serve controller's node for ``serve deploy`` and RayService).
+    split:  Ingress --> Retriever --> Embedder
+               |            \\------> ShardSearcher0 .. ShardSearcherN-1   (one per shard group)
+               |----------> Embedder                                        (/v1/embeddings)
+               \\----------> Generator
+
+The layout and resources come from ``cluster.placement.plan_serving`` on the cluster the builder runs in (the
+driver for ``ragtune serve`` and ``serve run``; the Serve controller's node for ``serve deploy`` and RayService);
+the plan and each route's hops are logged when the app is built (:func:`route_hops`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, Field, model_validator
@@ -30,7 +36,9 @@ from configs.schema import load_config
 from configs.schema.serve import LOOPBACK, ServeJobConfig
 from serving.auth import api_key_hashes
 from serving.rag import resolve_mode
-from sharding.manifest import read_index_manifest, resolve_index
+from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
+from sharding.search import resident_bytes
+from sharding.storage import Location
 
 if TYPE_CHECKING:
     from ray.serve import Application, Deployment
@@ -64,21 +72,62 @@ def cluster_nodes() -> list[NodeResources]:
 
     if ray.is_initialized():
         return alive_nodes()
+    import psutil
+
     try:
         import torch
 
         gpus = torch.cuda.device_count()
     except ImportError:
         gpus = 0
-    return [NodeResources(cpus=float(os.cpu_count() or 1), gpus=float(gpus))]
+    return [NodeResources(cpus=float(os.cpu_count() or 1), gpus=float(gpus),
+                          memory=float(psutil.virtual_memory().total))]
+
+
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt")  # the files of a model folder that are read into memory
+
+
+def model_bytes(manifest: IndexManifest) -> int:
+    """The embedding model's weights on disk (about what it takes in memory in fp32); 0 when not found here."""
+    from models.embedders import resolve_embedder
+
+    path = manifest.model.path
+    if not (path and Path(path).is_dir()):
+        try:
+            path = resolve_embedder(manifest.model.name).path
+        except Exception:  # not found on this machine: the replica finds it (or says why) when it starts
+            return 0
+    return sum(f.stat().st_size for pattern in WEIGHTS for f in Path(path).glob(pattern))
+
+
+def fused_bytes(loc: Location, manifest: IndexManifest, cfg: ServeJobConfig, mode: str) -> int:
+    """What one replica holding the whole index version takes in memory: its shards (less what is memory-mapped:
+    ``sharding.search.resident_bytes``), its BM25 shards when ``mode`` uses them, its docstore files (an upper
+    bound: lookups read row groups) and the embedding model."""
+    n = len(manifest.shards)
+    shards = resident_bytes(loc, manifest, range(n), cfg.index.mmap and cfg.shards.device != "gpu")
+    lexical = 0
+    if manifest.lexical is not None and mode != "dense":
+        lexical = sum(r.bytes for r in manifest.lexical.shards) + sum(
+            d.lexical.bytes for rec in manifest.shards for d in rec.deltas if d.lexical)
+    docstore = sum(rec.docstore_bytes + sum(d.docstore_bytes for d in rec.deltas) for rec in manifest.shards)
+    return shards + lexical + docstore + model_bytes(manifest)
 
 
 def plan_for(cfg: ServeJobConfig, nodes: list[NodeResources] | None = None) -> ServePlan:
-    """The placement of this config's deployments."""
-    manifest = read_index_manifest(resolve_index(cfg.index.path))
+    """The placement of this config's deployments, and their layout (fused when the whole index fits
+    ``shards.fused_memory_share`` of the smallest node's memory, unless ``shards.layout`` says)."""
+    loc = resolve_index(cfg.index.path)
+    manifest = read_index_manifest(loc)
     s = cfg.shards
+    index_bytes = None  # only auto weighs the index against the budget
+    if s.layout == "auto":
+        mode = resolve_mode(cfg.retrieval.mode, manifest, loc.uri, "retrieval.mode")
+        index_bytes = fused_bytes(loc, manifest, cfg, mode)
     replicas = s.autoscaling.min_replicas if s.autoscaling else s.replicas
     return plan_serving(nodes if nodes is not None else cluster_nodes(), num_shards=len(manifest.shards),
+                        layout=s.layout, index_bytes=index_bytes,
+                        memory_share=s.fused_memory_share,
                         groups=s.groups, searcher_replicas=max(1, replicas),
                         searcher_max_replicas=s.autoscaling.max_replicas if s.autoscaling else s.replicas,
                         embedder_replicas=cfg.embedder.replicas,
@@ -113,14 +162,44 @@ def _deployment(cls: type) -> Deployment:
     return cast("Deployment", cls)
 
 
+def route_hops(plan: ServePlan) -> dict[str, str]:
+    """Each route's path through the deployments under this plan (logged at start, printed by bench/serve.py)."""
+    n = len(plan.groups[0]) if plan.layout == "fused" else sum(len(g) for g in plan.groups)
+    if plan.layout == "fused":
+        index = f"IndexReplica (embed + {n} shard(s) + docstore)"
+        return {"/v1/search": f"proxy -> Ingress -> {index}",
+                "/v1/embeddings": "proxy -> Ingress -> IndexReplica (embed)",
+                "/v1/chat/completions": f"proxy -> Ingress -> {index} -> Ingress -> Generator"}
+    groups = f"ShardSearcher x{len(plan.groups)} ({n} shard(s), in parallel)"
+    search = f"Retriever -> Embedder -> Retriever -> {groups} -> Retriever (docstore)"
+    return {"/v1/search": f"proxy -> Ingress -> {search} -> Ingress",
+            "/v1/embeddings": "proxy -> Ingress -> Embedder",
+            "/v1/chat/completions": f"proxy -> Ingress -> {search} -> Ingress -> Generator"}
+
+
+def _scaling(cfg: ServeJobConfig, plan: ServePlan) -> dict[str, Any]:
+    """Replicas of a shard group, or of the fused replica: fixed or autoscaled, spread over the nodes."""
+    s = cfg.shards
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": {"min_replicas": s.autoscaling.min_replicas,
+                                "max_replicas": s.autoscaling.max_replicas,
+                                "target_ongoing_requests": s.autoscaling.target_ongoing_requests}}
+        if s.autoscaling else {"num_replicas": s.replicas})
+    if plan.searcher_max_per_node:  # a group's replicas on different nodes where the cluster has them: a lost node
+        scaling["max_replicas_per_node"] = plan.searcher_max_per_node  # leaves one serving
+    return scaling
+
+
 def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     """The Serve application for a ServeJobConfig (``serve.run(build_app(...))``).
 
-    Each deployment is bound with the config sections it reads and the resources its placement decided.
+    Each deployment is bound with the config sections it reads and the resources its placement decided; the
+    plan's layout decides which deployments there are.
     """
     # imported here: they import Ray at their top, and importing this module (jobs.serve does, for
     # `ragtune --help`) must not
     from serving.deployments import Embedder, Generator, Retriever, ShardSearcher
+    from serving.fused import IndexReplica
     from serving.ingress import Ingress
 
     if not isinstance(args, ServeAppArgs):
@@ -130,32 +209,33 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     plan = plan_for(cfg)
     log.info("serving plan: %s; retrieval.mode %s (%s for %s)", plan.reason, cfg.retrieval.mode, mode,
              cfg.index.path)
+    for route, hops in route_hops(plan).items():
+        log.info("%s: %s", route, hops)
     e, s, g = cfg.embedder, cfg.shards, cfg.generator
+    health: dict[str, Any] = {"health_check_period_s": s.health_check_period_s,
+                              "health_check_timeout_s": max(10.0, s.health_check_period_s)}
 
-    embedder = _deployment(Embedder).options(
-        num_replicas=e.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.embedder),
-        max_ongoing_requests=max(64, 2 * e.max_batch_size),  # Serve's default (5) would keep batches from filling
-    ).bind(cfg.index, e, plan.embedder)
-
-    scaling: dict[str, Any] = (
-        {"autoscaling_config": {"min_replicas": s.autoscaling.min_replicas,
-                                "max_replicas": s.autoscaling.max_replicas,
-                                "target_ongoing_requests": s.autoscaling.target_ongoing_requests}}
-        if s.autoscaling else {"num_replicas": s.replicas})
-    if plan.searcher_max_per_node:  # a group's replicas on different nodes where the cluster has them: a lost node
-        scaling["max_replicas_per_node"] = plan.searcher_max_per_node  # leaves one serving
-    searchers = [
-        _deployment(ShardSearcher).options(
-            name=f"ShardSearcher{n}", **_common(cfg), ray_actor_options=_actor_options(plan.searcher),
-            max_ongoing_requests=64,
-            health_check_period_s=s.health_check_period_s, health_check_timeout_s=max(10.0, s.health_check_period_s),
-            **scaling,
-        ).bind(cfg.index, shards, plan.searcher, cfg.retrieval.mode)
-        for n, shards in enumerate(plan.groups)]
-
-    retriever = _deployment(Retriever).options(
-        num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
-    ).bind(embedder, searchers, cfg.index, cfg.retrieval)
+    index: Any = None
+    if plan.layout == "fused":
+        embedder = retriever = _deployment(IndexReplica).options(
+            **_common(cfg), ray_actor_options=_actor_options(plan.searcher), **health, **_scaling(cfg, plan),
+            max_ongoing_requests=max(64, 4 * e.max_batch_size),  # searches and embeddings fill one replica's batches
+        ).bind(cfg.index, e, cfg.retrieval, plan.searcher)
+        index = cfg.index  # the Ingress holds the version pointer
+    else:
+        embedder = _deployment(Embedder).options(
+            num_replicas=e.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.embedder),
+            max_ongoing_requests=max(64, 2 * e.max_batch_size),  # Serve's default (5) would keep batches from filling
+        ).bind(cfg.index, e, plan.embedder)
+        searchers = [
+            _deployment(ShardSearcher).options(
+                name=f"ShardSearcher{n}", **_common(cfg), ray_actor_options=_actor_options(plan.searcher),
+                max_ongoing_requests=64, **health, **_scaling(cfg, plan),
+            ).bind(cfg.index, shards, plan.searcher, cfg.retrieval.mode)
+            for n, shards in enumerate(plan.groups)]
+        retriever = _deployment(Retriever).options(
+            num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
+        ).bind(embedder, searchers, cfg.index, cfg.retrieval)
 
     generator = _deployment(Generator).options(
         num_replicas=g.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.generator),
@@ -166,7 +246,7 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     return _deployment(Ingress).options(
         num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=512,
     ).bind(embedder, retriever, generator, generation=g, retrieval=cfg.retrieval, limits=cfg.limits,
-           key_hashes=keys, api_keys_env=cfg.auth.api_keys_env)
+           key_hashes=keys, api_keys_env=cfg.auth.api_keys_env, index=index)
 
 
 def serve_config(cfg: ServeJobConfig) -> dict[str, Any]:

@@ -1,12 +1,12 @@
-"""The Serve deployments: Embedder, ShardSearcher (one per shard group), Retriever, Generator. The HTTP Ingress
-is in ``serving.ingress``; ``serving.app.build_app`` composes them by handles.
+"""The Serve deployments of the split layout: Embedder, ShardSearcher (one per shard group), Retriever; and the
+Generator. The fused layout's IndexReplica is in ``serving.fused``, the HTTP Ingress in ``serving.ingress``;
+``serving.app.build_app`` composes them by handles.
 
-Index versions: a version is named by its folder's URI. The Retriever holds the version it answers from and
-asks every shard group for that version by name, so one request never mixes versions. A ShardSearcher replica
-keeps the versions it has loaded (the newest two) and loads one it is asked for on demand, so a replica that
-restarts, or has not yet seen a new version, still answers correctly (only slower, once). New versions are
-found by polling ``LATEST`` (``index.poll_interval_s``) or by ``POST /admin/reload``: the Retriever first has
-every group load the new version, then switches; searches already under way finish on the old one.
+Index versions (``serving.versions``): the Retriever holds the version it answers from and asks every shard
+group for that version by name, so one request never mixes versions. A ShardSearcher replica keeps the versions
+it has loaded (the newest two) and loads one it is asked for on demand. New versions are found by polling
+``LATEST`` (``index.poll_interval_s``) or by ``POST /admin/reload``: the Retriever first has every group load
+the new version, then switches; searches already under way finish on the old one.
 
 Each deployment is bound with the config sections it reads (``configs.schema.serve``) and the resources its
 placement decided (``cluster.placement.ReplicaResources``: device, threads), and answers with the values of
@@ -19,8 +19,6 @@ import asyncio
 import logging
 import time
 import uuid
-import weakref
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, cast
@@ -33,7 +31,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.placement import ReplicaResources
-from configs.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from configs.errors import Conflict, NotFound, Unavailable
 from configs.schema.serve import EmbedderConfig, GeneratorConfig, IndexSource, PromptConfig, RetrievalConfig, SearchMode
 from models.embedders import QueryEncoder
 from models.prompt import completion_prompt
@@ -70,30 +68,35 @@ from serving.schemas import (
     ShardsLoaded,
     Step,
 )
-from sharding.choice import human_bytes
-from sharding.docstore import Docstore
+from serving.versions import Docstores, LoadedVersions, VersionPointer
 from sharding.filters import Filter
 from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
-from sharding.search import ShardedIndex, open_docstore, resident_bytes
-from sharding.storage import resolve
 
 log = logging.getLogger("ragtune.serve")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
-KEEP_VERSIONS = 2  # versions a ShardSearcher replica keeps loaded: the current one and the one before
-
-
-def current_version(path: str) -> str:
-    """The URI of the version folder an index path means now (its LATEST, or the folder itself)."""
-    return resolve_index(path).uri
-
-
-def _replica_errors() -> tuple[type[BaseException], ...]:
+def replica_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "that replica is gone", not "the request is wrong": worth a retry. Looked up by name:
     not every Ray version defines all of them."""
     names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
     errors: list[type[BaseException]] = [getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n)]
     return (*errors, BackPressureError)
+
+
+async def call_retrying(handle: DeploymentHandle, method: str, deadline: float,
+                        retry_errors: tuple[type[BaseException], ...], *args: Any) -> Any:
+    """Call a deployment that searches (a shard group, a fused replica); while its replica is being replaced (died,
+    unavailable: ``retry_errors``), retry until ``deadline`` (``time.monotonic``), then a 503."""
+    delay = 0.05
+    while True:
+        try:
+            return await getattr(handle, method).remote(*args)
+        except retry_errors as e:
+            if time.monotonic() + delay > deadline:
+                raise Unavailable(f"a shard group did not answer in time ({type(e).__name__}); retry later",
+                                  code="shard_unavailable") from None
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
 
 class _Batching(Protocol):
@@ -111,23 +114,16 @@ def _configure_batching(method: object, max_batch_size: int, batch_wait_timeout_
     batching.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
 
-@serve.deployment(name="Embedder")
-class Embedder:
-    """The index's embedding model; concurrent requests are batched into one forward pass (``@serve.batch``).
+class BatchedEncoder:
+    """The index's query encoder behind ``@serve.batch``: concurrent texts are embedded together in one forward
+    pass, on ``pool`` (one thread: the replica's event loop keeps collecting the next batch meanwhile). With
+    batching off (``embedder.batching``), every text is its own forward pass. The Embedder and the fused
+    IndexReplica each hold one."""
 
-    One forward pass runs at a time, on a worker thread (the replica's event loop keeps collecting the next
-    batch meanwhile). With batching off, every request is its own forward pass.
-    """
-
-    def __init__(self, index: IndexSource, cfg: EmbedderConfig, resources: ReplicaResources):
-        import torch
-
-        torch.set_num_threads(resources.threads)
-        manifest = read_index_manifest(resolve_index(index.path))
+    def __init__(self, manifest: IndexManifest, cfg: EmbedderConfig, pool: ThreadPoolExecutor):
         self.encoder = QueryEncoder(manifest, batch_size=cfg.max_batch_size)
         self.name: str = manifest.model.name
-        self.batching = cfg.batching
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.batching, self.pool = cfg.batching, pool
         _configure_batching(self._batched, cfg.max_batch_size, cfg.batch_wait_timeout_s)
 
     def _encode(self, texts: list[str]) -> list[Embedding]:
@@ -152,9 +148,32 @@ class Embedder:
         return EmbedderInfo(model=self.name, dim=self.encoder.dim, batching=self.batching)
 
 
+@serve.deployment(name="Embedder")
+class Embedder:
+    """The index's embedding model (split layout); concurrent requests are batched into one forward pass
+    (:class:`BatchedEncoder`)."""
+
+    def __init__(self, index: IndexSource, cfg: EmbedderConfig, resources: ReplicaResources):
+        import torch
+
+        torch.set_num_threads(resources.threads)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.encoder = BatchedEncoder(read_index_manifest(resolve_index(index.path)), cfg, pool)
+
+    async def embed(self, text: str) -> Embedding:
+        return await self.encoder.embed(text)
+
+    async def embed_many(self, texts: list[str]) -> list[Embedding]:
+        return await self.encoder.embed_many(texts)
+
+    def info(self) -> EmbedderInfo:
+        return self.encoder.info()
+
+
 @serve.deployment(name="ShardSearcher")
 class ShardSearcher:
-    """The shards of one group, for every version asked for (loaded on demand, the newest two kept).
+    """The shards of one group, for every version asked for (``serving.versions.LoadedVersions``: loaded on
+    demand, the newest two kept).
 
     ``mode`` is ``retrieval.mode``: unless it is dense, each version's BM25 shards are loaded with it.
     """
@@ -163,95 +182,29 @@ class ShardSearcher:
         import faiss
 
         faiss.omp_set_num_threads(resources.threads)
-        self.source, self.shards, self.device = index, list(shards), resources.device
-        self.lexical = mode != "dense"
-        self.versions: OrderedDict[str, ShardedIndex] = OrderedDict()
-        self.loading: dict[str, asyncio.Future[ShardedIndex]] = {}
+        self.shards = list(shards)
+        self.held = LoadedVersions(index, self.shards, resources.device, mode != "dense", "ShardSearcher")
+        self.versions = self.held.versions  # the replica is not ready (nor healthy) before its shards are:
+        self.held.load_current()
+        self._open = self.held._open
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="search")
-        first = current_version(index.path)
-        self.versions[first] = self._open(first)  # the replica is not ready (nor healthy) before its shards are
-        self.poller: asyncio.Task[None] | None = None
-
-    def _open(self, version: str) -> ShardedIndex:
-        t0 = time.perf_counter()
-        mmap = self.source.mmap and self.device == "cpu"
-        # segments this version shares with one already loaded (the base files an `index add` keeps) are reused,
-        # not loaded again: a swap after an add costs its deltas; GPU copies are per version
-        reuse: dict[tuple[str, str], tuple[Any, dict[str, int]]] = {}
-        if self.device == "cpu":
-            for loaded in list(self.versions.values()):
-                reuse.update(loaded.loaded_segments())
-        if self.versions:  # a swap: the new version loads beside the one served
-            self._check_room(version, mmap, reuse)
-        index = ShardedIndex.open(version, verify=self.source.verify, mmap=mmap, params=self.source.params,
-                                  only=self.shards, lease="ShardSearcher", reuse=reuse)
-        if self.device == "gpu":
-            _to_gpu(index)
-        lexical = self.lexical and index.manifest.lexical is not None
-        if lexical:  # otherwise a lexical request loads them on demand (ShardedIndex.lexical_shards)
-            index.lexical_shards()
-        log.info("shards %s of %s loaded in %.2fs (%d vectors%s)", self.shards, version, time.perf_counter() - t0,
-                 index.ntotal, ", BM25 too" if lexical else "")
-        return index
-
-    def _check_room(self, version: str, mmap: bool, loaded: dict[tuple[str, str], Any]) -> None:
-        """Refuse a version whose shards do not fit in memory beside the version served (before loading them)."""
-        import psutil
-
-        loc = resolve_index(version)
-        need = resident_bytes(loc, read_index_manifest(loc), self.shards, mmap, loaded)
-        free = psutil.virtual_memory().available
-        if need > 0.9 * free:
-            raise Conflict(
-                f"{version}: shards {self.shards} need about {human_bytes(need)} in memory beside the version "
-                f"served, and {human_bytes(free)} is free here. Fix: give the shard searchers more memory or more "
-                "groups (shards.groups), keep shards memory-mapped on local disk (index.mmap: true), or serve the "
-                "new version with a new deployment (ragtune serve)", code="not_enough_memory")
-
-    async def _get(self, version: str) -> ShardedIndex:
-        if self.poller is None and self.source.poll_interval_s:
-            self.poller = asyncio.get_running_loop().create_task(self._poll())
-        if version in self.versions:
-            self.versions.move_to_end(version)
-            return self.versions[version]
-        if version not in self.loading:  # one load per version, however many requests wait for it
-            loop = asyncio.get_running_loop()
-            self.loading[version] = loop.run_in_executor(self.pool, self._open, version)
-        try:
-            index = await asyncio.shield(self.loading[version])
-        finally:
-            if self.loading.get(version) is not None and self.loading[version].done():
-                self.loading.pop(version, None)
-        self.versions[version] = index
-        self.versions.move_to_end(version)
-        while len(self.versions) > KEEP_VERSIONS:
-            self.versions.popitem(last=False)  # searches still running on it keep their reference
-        return index
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.source.poll_interval_s or 10)
-            try:
-                await self._get(current_version(self.source.path))
-            except Exception as e:  # a half-written version or a storage hiccup: the next poll tries again
-                log.warning("polling %s for a new version: %s", self.source.path, e)
 
     async def search(self, version: str, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (D, I) of this group's shards of ``version`` for queries ``xq`` (nq, d)."""
-        index = await self._get(version)
+        index = await self.held.get(version)
         return await asyncio.get_running_loop().run_in_executor(self.pool, index.search, xq, k)
 
     async def rank(self, version: str, xq: np.ndarray | None, texts: list[str] | None, depth: int,
                    rankings: tuple[str, ...]) -> Rankings:
         """This group's rankings of ``version``: {"dense" | "lexical": (D, I)}, each (nq, depth); dense needs the
         query vectors ``xq`` (nq, d), lexical the query ``texts`` (``serving.rag.group_rankings``)."""
-        index = await self._get(version)
+        index = await self.held.get(version)
         return await asyncio.get_running_loop().run_in_executor(self.pool, group_rankings, index, xq, texts, depth,
                                                                 rankings)
 
     async def prepare(self, version: str) -> list[int]:
         """Load ``version`` now (before the Retriever switches to it); its shard numbers."""
-        await self._get(version)
+        await self.held.get(version)
         return self.shards
 
     def loaded(self) -> ShardsLoaded:
@@ -260,49 +213,25 @@ class ShardSearcher:
 
     def whoami(self) -> str:
         """This replica's actor name (tests kill a replica by it)."""
-        name = ray.get_runtime_context().get_actor_name()
-        assert name is not None, "a replica runs in an actor"
-        return name
+        return replica_name()
 
     def check_health(self) -> None:
         if not self.versions:
             raise RuntimeError("no index version loaded")
 
 
-# The GPU resources of each index whose shards were moved onto the GPU, held as long as that index lives: its GPU
-# shards use them, also in a search still running on a version the replica has let go of.
-_GPU_RESOURCES: weakref.WeakKeyDictionary[ShardedIndex, object] = weakref.WeakKeyDictionary()
-
-
-def _to_gpu(index: ShardedIndex) -> None:
-    """Move each shard of an opened index onto the replica's GPU where FAISS can (Flat and IVF kinds; HNSW stays
-    on the CPU). The search parameters are set again through the GPU parameter space."""
-    import faiss
-
-    if faiss.get_num_gpus() == 0:
-        log.warning("shards.device = gpu but FAISS sees no GPU here (faiss-cpu installed?); searching on the CPU")
-        return
-    res = faiss.StandardGpuResources()
-    for n, shard in enumerate(index.shards):
-        try:
-            gpu = faiss.index_cpu_to_gpu(res, 0, shard)
-        except (RuntimeError, AttributeError) as e:  # e.g. HNSW: no GPU version
-            log.warning("shard %d stays on the CPU (%s)", n, str(e).splitlines()[-1][:120])
-            continue
-        ps = faiss.GpuParameterSpace()
-        for name, value in index.params.items():
-            try:
-                ps.set_index_parameter(gpu, name, value)
-            except RuntimeError:
-                log.warning("search parameter %s=%s does not apply on GPU", name, value)
-        index.shards[n] = gpu
-    _GPU_RESOURCES[index] = res
+def replica_name() -> str:
+    """This replica's actor name (tests kill a replica by it)."""
+    name = ray.get_runtime_context().get_actor_name()
+    assert name is not None, "a replica runs in an actor"
+    return name
 
 
 @serve.deployment(name="Retriever")
 class Retriever:
     """Query -> Embedder (not for lexical) -> every shard group (in parallel) -> exact top-k merge of each
-    ranking -> fusion (hybrid) -> docstore rows -> filter.
+    ranking -> fusion (hybrid) -> docstore rows -> filter. The split layout's; it holds the version pointer
+    (``serving.versions.VersionPointer``).
 
     ``retrieval`` gives the mode and fusion (requests override them), the filter's candidate counts and how long
     a shard group is retried; ``index`` the path whose LATEST is followed and how often it is polled.
@@ -311,79 +240,38 @@ class Retriever:
     def __init__(self, embedder: DeploymentHandle, searchers: list[DeploymentHandle], index: IndexSource,
                  retrieval: RetrievalConfig):
         self.embedder, self.searchers = embedder, searchers
-        self.path, self.poll_interval_s = index.path, index.poll_interval_s
         self.retrieval = retrieval
-        self.version = current_version(index.path)
-        self.manifests = {self.version: read_index_manifest(resolve_index(self.version))}
+        self.pointer = VersionPointer(index, retrieval.mode)
         self.fusion = make_fusion(retrieval.fusion)
-        resolve_mode(retrieval.mode, self.manifests[self.version], self.version, "retrieval.mode")
-        self.docstores: OrderedDict[str, Docstore] = OrderedDict()
         # docstore files are opened and read in this one thread, never on the event loop: a lookup reads row groups
         # (disk or object store), and one thread owns the open Parquet readers and the cache above
+        self.docstores = Docstores("Retriever")
         self.docstore_pool = ThreadPoolExecutor(1, thread_name_prefix="docstore")
-        self.poller: asyncio.Task[None] | None = None
-        self.switching = asyncio.Lock()
-        self.retry_errors: tuple[type[BaseException], ...] = _replica_errors()
+        self.retry_errors: tuple[type[BaseException], ...] = replica_errors()
 
-    def _docstore(self, version: str) -> Docstore:
-        if version not in self.docstores:
-            m = self.manifests.get(version) or read_index_manifest(resolve(version))
-            self.docstores[version] = open_docstore(resolve(version), m, lease="Retriever")  # deltas, tombstones
-            while len(self.docstores) > KEEP_VERSIONS:
-                self.docstores.popitem(last=False)
-        return self.docstores[version]
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_s or 10)
-            try:
-                await self.reload()
-            except Exception as e:
-                log.warning("polling %s for a new version: %s", self.path, e)
+    @property
+    def version(self) -> str:
+        return self.pointer.version
 
     async def reload(self) -> Reloaded:
         """Switch to the version LATEST names now, after every shard group has loaded it."""
-        async with self.switching:
-            new = current_version(self.path)
-            old = self.version
-            if new == old:
-                return Reloaded(version=new, previous=old, changed=False)
-            manifest = read_index_manifest(resolve(new))
-            try:  # retrieval.mode lexical or hybrid and a version without BM25 shards: keep serving the old one
-                resolve_mode(self.retrieval.mode, manifest, new, "retrieval.mode")
-            except InvalidRequest as e:
-                raise Conflict(f"not switching to it: {e.message}", code=e.code) from None
-            deadline = time.monotonic() + max(self.retrieval.retries_s, 60)
-            groups = await asyncio.gather(*(self._call(h, "prepare", deadline, new) for h in self.searchers))
-            covered = sorted(s for g in groups for s in g)
-            if covered != list(range(len(manifest.shards))):
-                raise Conflict(f"{new}: has {len(manifest.shards)} shards but the shard groups serve {covered}: "
-                               "a version with another shard count needs a new deployment (ragtune serve)",
-                               code="shard_count_changed")
-            await asyncio.get_running_loop().run_in_executor(self.docstore_pool, self._docstore_for, new, manifest)
-            self.version = new
-            log.info("index version %s -> %s", old, new)
-            return Reloaded(version=new, previous=old, changed=True)
+        return await self.pointer.reload(self._prepare)
+
+    async def _prepare(self, new: str, manifest: IndexManifest) -> None:
+        deadline = time.monotonic() + max(self.retrieval.retries_s, 60)
+        groups = await asyncio.gather(*(self._call(h, "prepare", deadline, new) for h in self.searchers))
+        covered = sorted(s for g in groups for s in g)
+        if covered != list(range(len(manifest.shards))):
+            raise Conflict(f"{new}: has {len(manifest.shards)} shards but the shard groups serve {covered}: "
+                           "a version with another shard count needs a new deployment (ragtune serve)",
+                           code="shard_count_changed")
+        await asyncio.get_running_loop().run_in_executor(self.docstore_pool, self.docstores.get, new, manifest)
 
     def _passages(self, version: str, d: np.ndarray, i: np.ndarray, k: int, filter: Filter | None) -> list[Passage]:
-        return passages_from(d, i, self._docstore(version), k, filter)
-
-    def _docstore_for(self, version: str, manifest: IndexManifest) -> None:
-        self.manifests[version] = manifest
-        self._docstore(version)
+        return passages_from(d, i, self.docstores.get(version, self.pointer.manifests.get(version)), k, filter)
 
     async def _call(self, handle: DeploymentHandle, method: str, deadline: float, *args: Any) -> Any:
-        """Call a shard group; while its replica is being replaced (died, unavailable), retry until ``deadline``."""
-        delay = 0.05
-        while True:
-            try:
-                return await getattr(handle, method).remote(*args)
-            except self.retry_errors as e:
-                if time.monotonic() + delay > deadline:
-                    raise Unavailable(f"a shard group did not answer in time ({type(e).__name__}); retry later",
-                                      code="shard_unavailable") from None
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+        return await call_retrying(handle, method, deadline, self.retry_errors, *args)
 
     async def search(self, query: str, k: int, filter: Filter | None = None, mode: str | None = None,
                      fusion: FusionOverrides | None = None, param: str = "mode") -> SearchResult:
@@ -393,10 +281,9 @@ class Retriever:
         ``retrieval.fusion``) as the request gives them; ``param`` names the request field in errors. Lexical
         searches embed nothing.
         """
-        if self.poller is None and self.poll_interval_s:
-            self.poller = asyncio.get_running_loop().create_task(self._poll())
-        version = self.version
-        manifest = self.manifests[version]
+        self.pointer.poll(self._prepare)
+        version = self.pointer.version
+        manifest = self.pointer.manifest
         mode = resolve_mode(mode or self.retrieval.mode, manifest, version, param)  # a 400 before any work
         fused = make_fusion(self.fusion, fusion)
         t0 = time.perf_counter()
@@ -422,8 +309,8 @@ class Retriever:
 
     async def ready(self) -> Health:
         """Whether some replica of every shard group has loaded the current version's shards."""
-        version = self.version
-        n = len(self.manifests[version].shards)
+        version = self.pointer.version
+        n = len(self.pointer.manifest.shards)
         not_answering: tuple[type[BaseException], ...] = (TimeoutError, *self.retry_errors)
         try:
             states: list[ShardsLoaded] = await asyncio.wait_for(
@@ -434,10 +321,13 @@ class Retriever:
         return Health(ready=covered == list(range(n)), version=version, shards=n, loaded=covered)
 
     def info(self) -> RetrieverInfo:
-        m = self.manifests[self.version]
-        return RetrieverInfo(version=self.version, shards=len(m.shards), ntotal=m.ntotal, factory=m.factory,
-                             model=m.model.name, lexical=m.lexical is not None,
-                             mode=resolve_mode(self.retrieval.mode, m, self.version))
+        return retriever_info(self.pointer.version, self.pointer.manifest, self.retrieval.mode)
+
+
+def retriever_info(version: str, m: IndexManifest, mode: SearchMode) -> RetrieverInfo:
+    """What is served: the version, its shards and vectors, its index kind and model, the mode it resolves to."""
+    return RetrieverInfo(version=version, shards=len(m.shards), ntotal=m.ntotal, factory=m.factory,
+                         model=m.model.name, lexical=m.lexical is not None, mode=resolve_mode(mode, m, version))
 
 
 class _Adapter:

@@ -36,8 +36,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable, user_error
-from configs.schema.serve import GeneratorConfig, LimitsConfig, RetrievalConfig, is_loopback
+from configs.schema.serve import GeneratorConfig, IndexSource, LimitsConfig, RetrievalConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
+from serving.deployments import call_retrying, replica_errors
 from serving.generation import SamplingParams
 from serving.rag import sampling_params
 from serving.schemas import (
@@ -80,7 +81,9 @@ from serving.schemas import (
     check_embeddings,
     check_search,
 )
+from serving.versions import VersionPointer
 from sharding.filters import Filter
+from sharding.manifest import IndexManifest
 
 log = logging.getLogger("ragtune.serve")
 
@@ -187,12 +190,20 @@ Kind = Literal["chat", "completion"]
 class Ingress:
     """The HTTP API over the other deployments' handles. ``generator`` gives the model names and the sampling
     defaults, ``retrieval`` the chat's default ``k``; only the API keys' sha256 (``key_hashes``) travel here, plus
-    the environment variable the replica reads more keys from (``auth.api_keys_env``)."""
+    the environment variable the replica reads more keys from (``auth.api_keys_env``).
+
+    Split layout: ``embedder`` is the Embedder, ``retriever`` the Retriever (which holds the index version).
+    Fused layout (``index`` given): both are the IndexReplica, and this Ingress holds the version pointer
+    (``serving.versions.VersionPointer``: polling ``index.poll_interval_s``, ``/admin/reload``) and names the
+    version of each search, so a search is one call.
+    """
 
     def __init__(self, embedder: DeploymentHandle, retriever: DeploymentHandle, generator: DeploymentHandle, *,
                  generation: GeneratorConfig, retrieval: RetrievalConfig, limits: LimitsConfig,
-                 key_hashes: list[str], api_keys_env: str | None):
+                 key_hashes: list[str], api_keys_env: str | None, index: IndexSource | None = None):
         self.embedder, self.retriever, self.generator = embedder, retriever, generator
+        self.pointer = VersionPointer(index, retrieval.mode) if index is not None else None
+        self.retry_errors = replica_errors()
         self.generation, self.retrieval, self.limits = generation, retrieval, limits
         self.keys = set(key_hashes) | api_key_hashes([], api_keys_env)
         if not self.keys:
@@ -289,8 +300,14 @@ class Ingress:
 
     async def _retrieve(self, query: str, k: int, filter: Filter | None, mode: str | None,
                         fusion: FusionOptions | None, param: str = "mode") -> SearchResult:
-        out: SearchResult = await self.retriever.search.remote(query, k, filter, mode,
-                                                                 fusion.overrides() if fusion else None, param)
+        overrides = fusion.overrides() if fusion else None
+        if self.pointer is None:
+            out: SearchResult = await self.retriever.search.remote(query, k, filter, mode, overrides, param)
+        else:  # fused: the one call of a search, to the version this Ingress serves (retried while a replica restarts)
+            self.pointer.poll(self._prepare)
+            out = await call_retrying(self.retriever, "search", time.monotonic() + self.retrieval.retries_s,
+                                      self.retry_errors, self.pointer.version, query, k, filter, mode, overrides,
+                                      param)
         if out.mode != "lexical":  # lexical searches embed nothing
             self.metrics.stage.labels("embed").observe(out.timings.embed_s)
             self.metrics.batch.labels("embedder").observe(out.embed_batch)
@@ -300,12 +317,18 @@ class Ingress:
         self.metrics.version.labels(out.version).set(1)
         return out
 
+    async def _prepare(self, version: str, manifest: IndexManifest) -> None:
+        """Fused: load a new version in a replica before switching to it (the others load it when asked)."""
+        await self.retriever.prepare.remote(version)
+
     # --- routes -------------------------------------------------------------------------------------------------------
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
-            state: Health = await asyncio.wait_for(self.retriever.ready.remote(), 10)
+            ready = (self.retriever.ready.remote() if self.pointer is None else
+                     self.retriever.ready.remote(self.pointer.version))
+            state: Health = await asyncio.wait_for(ready, 10)
         except Exception as e:
             state = Health(ready=False, reason=f"retriever not answering ({type(e).__name__})")
         return _json(state, 200 if state.ready else 503)
@@ -329,7 +352,8 @@ class Ingress:
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> JSONResponse:
         self._auth(request)
-        reloaded: Reloaded = await self._timed("reload", self.retriever.reload.remote())
+        reloaded: Reloaded = await self._timed("reload", self.retriever.reload.remote() if self.pointer is None else
+                                               self.pointer.reload(self._prepare))
         return _json(reloaded)
 
     @app.post("/v1/search")

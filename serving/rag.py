@@ -1,7 +1,8 @@
 """The answering path, one set of functions: retrieve -> build the prompt -> generate.
 
 The Serve deployments call these functions (the ShardSearchers: ``group_rankings``; the Retriever:
-``resolve_mode``, ``search_k``, ``combine``, ``passages_from``; the Ingress: ``sampling_params``; the Generator:
+``resolve_mode``, ``search_k``, ``combine``, ``passages_from``; the fused IndexReplica: ``search_many`` over
+batches of queries, and the same filter widening; the Ingress: ``sampling_params``; the Generator:
 ``rag_prompt`` and ``serving.generation``), and :class:`RagPipeline` chains the same functions in one process
 without Serve (``ragtune ask --config``, the compare job), so what is measured is what is served.
 The prompt itself, and how it is fitted to the model's context, is ``models.prompt``.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -142,6 +143,37 @@ def combine(groups: Sequence[Rankings], mode: str, kk: int, metric: str,
     return fuse(merged["dense"], merged["lexical"], kk, metric, fusion)
 
 
+@dataclass(frozen=True)
+class Query:
+    """One query of a batch searched together (:func:`search_many`): its text, its mode as resolved (dense,
+    lexical or hybrid), its candidate count ``kk`` (``search_k``, ``widen_k``) and its fusion."""
+
+    text: str
+    mode: str
+    kk: int
+    fusion: Fusion
+
+
+def search_many(index: ShardedIndex, xq: np.ndarray | None, queries: Sequence[Query]) -> list[tuple[np.ndarray,
+                                                                                                      np.ndarray]]:
+    """The top-``kk`` (D, I) row of each query over the whole opened ``index``: the queries of one (mode, kk,
+    fusion) go through one ``group_rankings`` call (one FAISS search of all their vectors, one BM25 search of all
+    their texts) and one ``combine``. ``xq`` (nq, d): row n is query n's vector (any row for a lexical query;
+    None when all are lexical). Query by query, exactly what ``group_rankings`` and ``combine`` give alone."""
+    batches: dict[tuple[str, int, Fusion], list[int]] = {}
+    for n, q in enumerate(queries):
+        batches.setdefault((q.mode, q.kk, q.fusion), []).append(n)
+    out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0), np.zeros(0))] * len(queries)
+    for (mode, kk, fusion), rows in batches.items():
+        vectors = None if mode == "lexical" or xq is None else xq[rows]
+        rankings = group_rankings(index, vectors, [queries[r].text for r in rows], ranking_depth(mode, kk, fusion),
+                                  RANKINGS[mode])
+        D, I = combine([rankings], mode, kk, index.manifest.metric, fusion)
+        for j, r in enumerate(rows):
+            out[r] = (D[j], I[j])
+    return out
+
+
 class LocalRetriever:
     """Retrieval in one process: the index version LATEST names, its embedding model and docstore.
 
@@ -177,9 +209,8 @@ class LocalRetriever:
         kk: int | None = search_k(k, filter, self.index.ntotal, self.overfetch)
         passages: list[Passage] = []
         while kk is not None:
-            rankings = group_rankings(self.index, xq, [query], ranking_depth(mode, kk, fused), RANKINGS[mode])
-            D, I = combine([rankings], mode, kk, self.index.manifest.metric, fused)
-            passages = passages_from(D[0], I[0], self.docstore, k, filter)
+            [(d, i)] = search_many(self.index, xq, [Query(query, mode, kk, fused)])
+            passages = passages_from(d, i, self.docstore, k, filter)
             kk = widen_k(kk, k, len(passages), filter, self.index.ntotal, self.max_candidates)
         return passages
 

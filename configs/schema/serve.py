@@ -55,12 +55,22 @@ class AutoscalingConfig(Section):
 
 
 class ShardsConfig(Section):
-    """ShardSearcher deployments: the index's shards split into groups, one deployment per group."""
+    """Where the index is searched: one fused replica type, or ShardSearcher deployments (one per shard group)."""
 
+    layout: Literal["auto", "fused", "split"] = Field(
+        "auto", description="fused = one replica type holds the query encoder, every shard, the BM25 shards and the "
+                            "docstore (the Ingress calls it once per search); split = Embedder -> Retriever -> one "
+                            "ShardSearcher per group; auto = fused when the whole index fits fused_memory_share of "
+                            "the smallest node's memory (cluster.placement.plan_serving), else split")
+    fused_memory_share: float = Field(0.25, gt=0, le=1, description="auto: the share of the smallest node's memory "
+                                                                    "one fused replica may hold (index, BM25, "
+                                                                    "docstore and embedding model)")
     groups: int | None = Field(None, ge=1, description="shard groups (deployments); null = one per shard, "
                                                        "capped at 8")
-    replicas: int = Field(1, ge=1, description="replicas of each group (ignored with autoscaling)")
-    autoscaling: AutoscalingConfig | None = Field(None, description="autoscale each group instead of `replicas`")
+    replicas: int = Field(1, ge=1, description="replicas of each group, or of the fused replica (ignored with "
+                                               "autoscaling)")
+    autoscaling: AutoscalingConfig | None = Field(None, description="autoscale each group (or the fused replica) "
+                                                                    "instead of `replicas`")
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto = shards onto a GPU when the replica "
                                                                       "has one and the index kind allows")
     num_cpus: float | None = Field(None, gt=0, description="Ray CPUs per replica; null = cluster.placement's choice")

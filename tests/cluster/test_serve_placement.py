@@ -91,3 +91,47 @@ def test_serving_plan_spreads_searcher_replicas_where_the_cluster_has_nodes():
     gpus = plan_serving([NodeResources(cpus=16, gpus=1), NodeResources(cpus=16, gpus=1)], num_shards=2,
                         searcher_replicas=2, generator_device="cpu")
     assert gpus.searcher.device == "gpu" and gpus.searcher_max_per_node == 1
+
+
+# --- the layout: fused when the whole index fits one replica's memory budget, else split ------------------------------
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("index_gib, node_gib, share, want", [
+    (0.1, 8, 0.25, "fused"), (2.0, 8, 0.25, "fused"), (2.1, 8, 0.25, "split"), (2.1, 8, 0.5, "fused"),
+    (30, 64, 0.25, "split"), (1.0, 0, 0.25, "split"),  # node memory unknown: split
+])
+def test_auto_layout_is_fused_when_the_index_fits_the_smallest_nodes_share(index_gib, node_gib, share, want):
+    nodes = [NodeResources(cpus=8, memory=node_gib * GIB), NodeResources(cpus=8, memory=4 * node_gib * GIB)]
+    plan = plan_serving(nodes, num_shards=4, layout="auto", index_bytes=int(index_gib * GIB), memory_share=share)
+    assert plan.layout == want, plan.reason
+    assert ("within" if want == "fused" else "over" if node_gib else "unknown") in plan.reason
+    if want == "fused":  # one replica type with every shard, embedding too
+        assert plan.groups == [[0, 1, 2, 3]] and plan.embedder == plan.searcher
+        assert plan.searcher.num_cpus == 1 and plan.searcher.threads == 4
+    else:
+        assert plan.groups == [[0], [1], [2], [3]] and plan.searcher.num_cpus == 0.5
+
+
+def test_layout_given_is_kept_and_an_unknown_index_size_is_split():
+    nodes = [NodeResources(cpus=8, memory=8 * GIB)]
+    assert plan_serving(nodes, num_shards=2).layout == "split"  # index size unknown
+    assert plan_serving(nodes, num_shards=2, layout="fused", index_bytes=100 * GIB).layout == "fused"
+    assert plan_serving(nodes, num_shards=2, layout="split", index_bytes=1).layout == "split"
+    assert "shards.layout = fused" in plan_serving(nodes, num_shards=2, layout="fused").reason
+
+
+def test_fused_replicas_scale_and_spread_like_a_shard_group_and_fit_a_laptop():
+    laptop = plan_serving([NodeResources(cpus=2, memory=8 * GIB)], num_shards=2, index_bytes=GIB // 10)
+    assert laptop.layout == "fused" and laptop.groups == [[0, 1]]
+    # one IndexReplica, the Generator, the Ingress: scaled together into 2 CPUs
+    assert laptop.searcher.num_cpus + laptop.generator.num_cpus + laptop.light.num_cpus <= 2 + 1e-9
+    assert laptop.searcher.threads == 2
+    nodes = [NodeResources(cpus=8, gpus=2, memory=64 * GIB)] * 2
+    plan = plan_serving(nodes, num_shards=8, groups=4, searcher_replicas=4, generator_replicas=2,
+                        index_bytes=GIB, layout="auto")
+    assert plan.layout == "fused" and plan.groups == [list(range(8))]  # shards.groups applies to split only
+    assert plan.searcher.device == "gpu" and plan.searcher.num_gpus == 0.5  # 2 GPUs left for 4 replicas
+    assert plan.searcher_max_per_node == 2  # 4 replicas over 2 nodes
+    assert plan.generator.num_gpus == 1 and plan.embedder.device == "gpu"

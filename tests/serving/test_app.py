@@ -1,8 +1,9 @@
 """The serving app on a real local Ray Serve: an index of SQuAD paragraphs built by the real embed and index jobs,
 the tiny generator with a LoRA adapter, the `openai` client against the HTTP API.
 
-One app for the whole module (Serve starts in ~15 s and stops in ~8 s). The tests that disturb it (a replica
-killed, an index version swapped, documents added and deleted) come last. Answers of the tiny model are
+One app for the whole module (Serve starts in ~15 s and stops in ~8 s), in the split layout, and the same config in
+the fused layout beside it (the `fused` fixture, at /fused), which must answer alike. The tests that disturb them
+(a replica killed, an index version swapped, documents added and deleted) come last. Answers of the tiny model are
 gibberish: the tests check the API contract (shapes, streaming, citations, errors, auth) and that retrieval
 returns exactly what `ragtune search` returns, under load and through failures.
 """
@@ -78,10 +79,12 @@ def served(ray_2_cpus, squad_retrieval, tmp_path_factory):
     port = free_port()
     cfg = ServeJobConfig.model_validate({
         "index": {"path": str(root), "poll_interval_s": None},
-        "embedder": {"max_batch_size": 16},
-        "shards": {"groups": 2, "health_check_period_s": 1},
+        # the split layout (auto would fuse an index this small); CPU reservations that leave room for the fused
+        # app beside it (the `fused` fixture)
+        "embedder": {"max_batch_size": 16, "num_cpus": 0.2},
+        "shards": {"layout": "split", "groups": 2, "health_check_period_s": 1, "num_cpus": 0.2},
         "generator": {"model": tiny_model_dir, "name": "tiny", "adapters": {"lora": str(adapter)},
-                      "defaults": {"max_tokens": 8}, "max_batch_size": 4},
+                      "defaults": {"max_tokens": 8}, "max_batch_size": 4, "num_cpus": 0.3},
         "retrieval": {"k": 3, "retries_s": 60},
         "http": {"port": port},
         "auth": {"api_keys": [KEY], "api_keys_env": None},
@@ -94,6 +97,21 @@ def served(ray_2_cpus, squad_retrieval, tmp_path_factory):
     probe = rows[-1]["text"].split(". ")[0]  # a sentence of a paragraph only version 2 holds
     yield url, cfg, root, probe, rows
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fused(served):
+    """The same config in the fused layout, a second app beside the split one: its base URL (/fused)."""
+    from ray import serve
+
+    from serving.app import ServeAppArgs, build_app
+
+    url, cfg, *_ = served
+    fused_cfg = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "fused"})})
+    serve.run(build_app(ServeAppArgs(config=fused_cfg.model_dump(mode="json"))), name="ragtune-fused",
+              route_prefix="/fused")
+    yield f"{url}/fused"
+    serve.delete("ragtune-fused")
 
 
 def post(url, path, body, key=KEY, **kw):
@@ -282,6 +300,47 @@ def test_chat_cites_the_passages_of_the_mode_it_asks_for(served, client):
             cites = r.model_extra["citations"]
             assert [c["chunk_id"] for c in cites] == ref[mode or "hybrid"][q].tolist(), (mode, QUERIES[q])
             assert [c["n"] for c in cites] == [1, 2, 3]
+
+
+# --- the fused layout: the same answers in one hop --------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_fused_and_split_layouts_answer_alike(served, fused):
+    """The same index and config in both layouts: identical /v1/search results in every mode, with fusion
+    overrides and filters, identical embeddings and identical greedy chat answers and citations; the plan picks
+    fused for this index by itself (auto) and a search then crosses one deployment."""
+    from cluster.placement import NodeResources
+    from serving.app import plan_for, route_hops
+
+    url, cfg, *_ = served
+    assert requests.get(f"{fused}/healthz", timeout=60).json()["ready"]
+    auto = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "auto"})})
+    plan = plan_for(auto, [NodeResources(cpus=2, memory=8 * 2**30)])
+    assert plan.layout == "fused", plan.reason
+    assert route_hops(plan)["/v1/search"] == "proxy -> Ingress -> IndexReplica (embed + 2 shard(s) + docstore)"
+    for mode, _, fusion in FUSION_CASES:
+        for flt in (None, {"title": ["Amazon rainforest", "Super Bowl 50"]}):
+            for q in QUERIES:
+                body = {"query": q, "k": 5, "mode": mode, **({"fusion": fusion} if fusion else {}),
+                        **({"filter": flt} if flt else {})}
+                split_body, fused_body = search_body(url, **body), search_body(fused, **body)
+                assert hits(fused_body) == hits(split_body), (mode, fusion, flt, q)
+                assert fused_body["mode"] == split_body["mode"] and fused_body["version"] == split_body["version"]
+                assert np.allclose([h["score"] for h in fused_body["data"]],
+                                   [h["score"] for h in split_body["data"]], atol=1e-4)
+    embed = {"model": "all-MiniLM-L6-v2", "input": QUERIES[:3], "encoding_format": "float"}
+    split_vectors, fused_vectors = (np.array([d["embedding"] for d in post(u, "/v1/embeddings", embed).json()["data"]])
+                                    for u in (url, fused))
+    assert split_vectors.shape == (3, 384) and np.allclose(split_vectors, fused_vectors, atol=1e-5)
+    for q in QUERIES[:2]:  # greedy, one at a time: the same passages give the same prompt and answer
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0}
+        split_chat, fused_chat = post(url, "/v1/chat/completions", chat).json(), \
+            post(fused, "/v1/chat/completions", chat).json()
+        assert fused_chat["citations"] == split_chat["citations"] and len(fused_chat["citations"]) == 3
+        assert fused_chat["choices"][0]["message"]["content"] == split_chat["choices"][0]["message"]["content"]
+    metrics = requests.get(f"{fused}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
+    assert 'ragtune_batch_size_count{deployment="embedder"}' in metrics and 'mode="hybrid"' in metrics
+    assert_openai_error(post(fused, "/v1/search", {"query": "q", "mode": "sparse"}), 400, param="mode")
 
 
 # --- auth and bad input -----------------------------------------------------------------------------------------------
@@ -486,6 +545,14 @@ def load(url, queries, stop, results, errors, concurrency=6):
     return pool, futures
 
 
+def stop_load(stop, pool, futures):
+    """Stop the load threads of :func:`load` and wait for them (their failures are in its ``errors``)."""
+    stop.set()
+    for f in futures:
+        f.result()
+    pool.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_shard_searcher_replica_killed_under_traffic(served, reference):
@@ -632,10 +699,7 @@ def test_add_and_delete_under_traffic_fail_no_request_and_gc_keeps_the_leased_ve
         g = freshness.gc(str(root), keep=1, grace_s=0)  # while traffic runs on the versions it must keep
         time.sleep(1)
     finally:
-        stop.set()
-        for f in futures:
-            f.result()
-        pool.shutdown()
+        stop_load(stop, pool, futures)
     assert not errors, errors[:5]
     served_versions = {v for _, _, v, _ in results}
     assert served_versions <= {"v-00002", added.version, deleted.version}, served_versions
@@ -652,3 +716,37 @@ def test_add_and_delete_under_traffic_fail_no_request_and_gc_keeps_the_leased_ve
     assert "v-00002" in g.deleted or "leased by" in g.kept.get("v-00002", "")
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert health["ready"] and health["version"].endswith(deleted.version)
+
+
+@pytest.mark.timeout(300)
+def test_fused_layout_reload_under_traffic_fails_no_request(served, fused):
+    """Last: the fused app (still on v-00001: nothing reloaded it) switches under traffic to the version LATEST
+    names now (the add and delete test's last, with deltas and tombstones): no request fails, each answer is
+    exactly its version's, and every request sent after the reload answered comes from the new version."""
+    from serving.rag import LocalRetriever
+    from sharding.manifest import resolve_index
+
+    _, _, root, probe, _ = served
+    latest = resolve_index(str(root)).uri.rsplit("/", 1)[-1]
+    assert search_ids(fused, probe)[1].endswith("v-00001") and latest != "v-00001"
+    queries = [probe, *QUERIES]
+    reference = {v: {q: [p.chunk_id for p in LocalRetriever(str(root / v)).search(q, 5)] for q in queries}
+                 for v in ("v-00001", latest)}
+    stop, results, errors = threading.Event(), [], []
+    pool, futures = load(fused, queries, stop, results, errors)
+    try:
+        time.sleep(2)
+        r = post(fused, "/admin/reload", {})
+        t_switched = time.monotonic()
+        assert r.status_code == 200 and r.json()["changed"] and r.json()["version"].endswith(latest), r.text
+        time.sleep(3)
+    finally:
+        stop_load(stop, pool, futures)
+    assert not errors, errors[:5]
+    assert {v for _, _, v, _ in results} == {"v-00001", latest}
+    wrong = [(q, v, ids) for q, ids, v, _ in results if ids != reference[v][q]]
+    assert not wrong, wrong[:3]
+    late = [v for _, _, v, t in results if t > t_switched]
+    assert late and set(late) == {latest}
+    health = requests.get(f"{fused}/healthz", timeout=30).json()
+    assert health["ready"] and health["version"].endswith(latest)

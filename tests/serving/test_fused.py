@@ -1,0 +1,156 @@
+"""The fused layout's IndexReplica (its class, without Serve) and the batched search it runs (serving.rag.search_many)
+on a synthetic index with BM25 shards: many queries searched together equal each searched alone, and the
+docstore is read off the event loop. The app in both layouts: tests/serving/test_app.py."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from tests.serving.test_rag import MODE_CASES, _Encoder, texts_index  # noqa: F401 (a module fixture)
+
+
+def test_search_many_equals_each_query_alone_across_modes_depths_and_fusions(texts_index):  # noqa: F811
+    from serving.rag import Query, make_fusion, search_many
+    from sharding.search import ShardedIndex, search
+
+    index = ShardedIndex.open(texts_index["path"])
+    xq, texts = texts_index["xq"], texts_index["queries"]
+    # a batch that mixes every mode, two candidate counts and the fusion overrides: one search per group of them
+    cases = [(mode, kk, make_fusion(None, overrides)) for mode, overrides in MODE_CASES for kk in (5, 150)]
+    queries = [Query(texts[n % len(texts)], *cases[n % len(cases)]) for n in range(3 * len(cases))]
+    rows = np.stack([xq[n % len(texts)] for n in range(len(queries))])
+    got = search_many(index, rows, queries)
+    for n, q in enumerate(queries):
+        D, I = search(index, rows[n:n + 1], [q.text], q.kk, q.mode, q.fusion)
+        assert np.array_equal(got[n][1], I[0]) and np.allclose(got[n][0], D[0], atol=1e-5), (q.mode, q.kk)
+    lexical = [Query(t, "lexical", 5, make_fusion(None)) for t in texts]
+    assert all(np.array_equal(i, search(index, None, [t], 5, "lexical")[1][0])
+               for (_, i), t in zip(search_many(index, None, lexical), texts, strict=True))
+
+
+class _StandIn(_Encoder):
+    """QueryEncoder stand-in for the synthetic index (no model): its query vectors, a token per word."""
+
+    def __init__(self, manifest, batch_size):
+        super().__init__(_StandIn.queries, _StandIn.xq)
+        self.dim = manifest.dim
+
+    def count_tokens(self, texts):
+        return [len(t.split()) for t in texts]
+
+
+@pytest.fixture
+def replica(texts_index, monkeypatch):  # noqa: F811
+    """An IndexReplica over the synthetic index (hybrid by default), batches of up to 16 queries."""
+    from ray.serve.batching import _BatchQueue
+
+    import serving.deployments as dep
+    from cluster.placement import ReplicaResources
+    from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
+    from serving.fused import IndexReplica
+
+    _StandIn.queries, _StandIn.xq = texts_index["queries"], texts_index["xq"]
+    monkeypatch.setattr(dep, "QueryEncoder", _StandIn)
+    # @serve.batch outside a replica: its check of the deployment's max_ongoing_requests has no replica to ask
+    monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    return IndexReplica.func_or_class(IndexSource(path=texts_index["path"], poll_interval_s=None),
+                                      EmbedderConfig(max_batch_size=16, batch_wait_timeout_s=0.05),
+                                      RetrievalConfig(mode="auto", filter_overfetch=3),
+                                      ReplicaResources(1, 0, 1, "cpu"))
+
+
+def test_concurrent_searches_are_batched_and_equal_one_search_each(replica, texts_index):  # noqa: F811
+    """Every mode at once, in one event loop (``@serve.batch`` keeps one queue per method, made on the loop of
+    its first call: one replica per process, as in Serve)."""
+    import serving.fused as fused
+    from serving.rag import make_fusion
+    from sharding.search import ShardedIndex, search
+
+    version = next(iter(replica.held.versions))
+    queries = texts_index["queries"]
+    threads, calls = [], []
+    real_passages, real_jobs = fused.passages_from, fused.search_jobs
+
+    def spy_passages(*args, **kw):
+        threads.append(threading.current_thread().name)
+        return real_passages(*args, **kw)
+
+    def spy_jobs(jobs):
+        calls.append(len(jobs))
+        return real_jobs(jobs)
+
+    async def ask(mode, overrides):
+        plain = [replica.search(version, q, 4, None, mode, overrides) for q in queries]
+        filtered = [replica.search(version, q, 4, {"lang": "de"}, mode, overrides) for q in queries[:4]]
+        return await asyncio.gather(*plain, *filtered)
+
+    async def every_mode():
+        return [await ask(mode, overrides) for mode, overrides in MODE_CASES], threading.current_thread().name
+
+    fused.passages_from, fused.search_jobs = spy_passages, spy_jobs
+    try:
+        answers, loop_thread = asyncio.run(every_mode())
+    finally:
+        fused.passages_from, fused.search_jobs = real_passages, real_jobs
+    full = ShardedIndex.open(texts_index["path"])
+    for (mode, overrides), results in zip(MODE_CASES, answers, strict=True):
+        fusion = make_fusion(None, overrides)
+        for n, q in enumerate(queries):
+            D, I = search(full, texts_index["xq"][n:n + 1], [q], 4, mode, fusion)
+            got = results[n]
+            assert got.mode == mode and got.version == version
+            assert [p.chunk_id for p in got.passages] == [c for c in I[0].tolist() if c >= 0], (mode, q)
+            assert np.allclose([p.score for p in got.passages], D[0][I[0] >= 0], atol=1e-5)
+        for got in results[len(queries):]:  # a filter: only passing passages, widened as the Retriever widens
+            assert got.passages and all(p.metadata["lang"] == "de" for p in got.passages)
+        if mode != "lexical":
+            assert max(r.embed_batch for r in results) > 1  # many queries per forward pass
+        else:
+            assert all(r.embed_batch == 0 for r in results)  # lexical embeds nothing
+    assert max(calls) > 1 and sum(calls) >= sum(len(r) for r in answers)  # many queries per search call
+    assert threads and all(t.startswith("docstore") and t != loop_thread for t in threads)
+
+
+def test_a_reload_loads_the_new_version_then_the_pointer_switches(replica, texts_index, tmp_path):  # noqa: F811
+    """The fused layout's reload: the Ingress's VersionPointer has a replica prepare the new version (shards and
+    docstore), then switches; a version the mode cannot serve is a 409 and the old one keeps serving."""
+    import shutil
+
+    from configs.errors import Conflict
+    from configs.schema.serve import IndexSource
+    from serving.versions import VersionPointer
+    from sharding.manifest import read_index_manifest, switch_latest, write_index_manifest
+    from sharding.storage import resolve
+
+    root = tmp_path / "index"
+    for name in ("v-00001", "v-00009"):  # two versions of the same chunks
+        shutil.copytree(resolve(texts_index["path"]).path, root / name)
+        m = read_index_manifest(resolve(str(root / name)))
+        write_index_manifest(resolve(str(root / name)), m.model_copy(update={"version": name}))
+    switch_latest(resolve(str(root)), "v-00001")
+    pointer = VersionPointer(IndexSource(path=str(root), poll_interval_s=None), "hybrid")
+
+    async def prepare(version, manifest):
+        await replica.prepare(version)
+
+    async def reload():
+        return await pointer.reload(prepare)
+
+    assert not asyncio.run(reload()).changed
+    switch_latest(resolve(str(root)), "v-00009")
+    out = asyncio.run(reload())
+    assert out.changed and out.version.endswith("v-00009") and pointer.version == out.version
+    assert out.version in replica.held.versions and out.version in replica.docstores.stores
+    health = asyncio.run(replica.ready(out.version))
+    assert health.ready and health.shards == 3 and health.loaded == [0, 1, 2]
+
+    shutil.copytree(root / "v-00009", root / "v-00010")
+    shutil.rmtree(root / "v-00010" / "lexical")
+    m = read_index_manifest(resolve(str(root / "v-00010")))
+    write_index_manifest(resolve(str(root / "v-00010")), m.model_copy(update={"lexical": None, "version": "v-00010"}))
+    switch_latest(resolve(str(root)), "v-00010")
+    with pytest.raises(Conflict, match="retrieval.mode = 'hybrid' needs a lexical"):
+        asyncio.run(reload())
+    assert pointer.version.endswith("v-00009")
