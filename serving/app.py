@@ -36,6 +36,7 @@ from configs.schema import load_config
 from configs.schema.serve import LOOPBACK, ServeJobConfig
 from serving.auth import api_key_hashes
 from serving.rag import resolve_mode
+from serving.vllm_engine import generator_deployment_options  # imports no vllm
 from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
 from sharding.search import resident_bytes
 from sharding.storage import Location
@@ -131,7 +132,8 @@ def plan_for(cfg: ServeJobConfig, nodes: list[NodeResources] | None = None) -> S
                         groups=s.groups, searcher_replicas=max(1, replicas),
                         searcher_max_replicas=s.autoscaling.max_replicas if s.autoscaling else s.replicas,
                         embedder_replicas=cfg.embedder.replicas,
-                        generator_replicas=cfg.generator.replicas, generator_device=cfg.generator.device,
+                        generator_replicas=cfg.generator.replicas, generator_device=cfg.generator.placement_device,
+                        generator_gpus=cfg.generator.gpus_per_replica,
                         searcher_device=s.device,
                         num_cpus={"embedder": cfg.embedder.num_cpus, "searcher": s.num_cpus,
                                   "generator": cfg.generator.num_cpus},
@@ -237,8 +239,8 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
             num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
         ).bind(embedder, searchers, cfg.index, cfg.retrieval)
 
-    generator = _deployment(Generator).options(
-        num_replicas=g.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.generator),
+    generator = _deployment(Generator).options(  # vllm with tensor parallelism: a placement group per replica
+        num_replicas=g.replicas, **_common(cfg), **generator_deployment_options(g, plan.generator),
         max_ongoing_requests=max(32, 2 * g.max_batch_size),
     ).bind(g, cfg.prompt, plan.generator)
 

@@ -36,8 +36,7 @@ from cluster.placement import ReplicaResources
 from configs.errors import InvalidRequest, NotFound, RagtuneError, Unavailable
 from configs.schema.serve import GeneratorConfig
 from models.generators import load_tokenizer, local_model_dir
-from serving.engine import EngineInfo
-from serving.generation import Delta, GenRequest, SamplingParams
+from serving.generation import Delta, EngineInfo, GenRequest, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
