@@ -290,6 +290,15 @@ def engine(monkeypatch, tiny_model_dir) -> VllmEngine:
     return VllmEngine.load(cfg, GPU)
 
 
+def test_the_generator_config_chooses_the_vllm_engine_through_load_engine(monkeypatch, tiny_model_dir):
+    from serving.engine import load_engine
+
+    fake_vllm(monkeypatch)  # the fake above, not vLLM: this checks the wiring from the config to the engine
+    FakeAsyncLLM.script = fixture("stream_length.json")["outputs"]
+    engine = load_engine(GeneratorConfig(model=tiny_model_dir, engine="vllm"), GPU)
+    assert isinstance(engine, VllmEngine) and engine.info().engine == "vllm"
+
+
 async def collect(stream):
     return [[d.text, d.finish_reason, d.completion_tokens] async for d in stream]
 
