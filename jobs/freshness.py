@@ -209,7 +209,7 @@ def _check_chunker(m: IndexManifest) -> tuple[EmbedderSpec, ChunkerSettings]:
 
 
 def _corpus_fields(m: IndexManifest, text_field: str | None, id_field: str | None,
-                   title_field: str | None) -> tuple[str, str, str]:
+                   title_field: str | None) -> tuple[str, str | None, str]:
     """The corpus fields: as given, else as the embed job that made the index read them, else the defaults."""
     recorded: CorpusConfig | None = None
     try:
@@ -242,7 +242,7 @@ def _unique_chunks(t: pa.Table) -> pa.Table:
 
 
 def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: str | None,
-                fields: tuple[str, str, str]) -> tuple[pa.Table, int]:
+                fields: tuple[str, str | None, str]) -> tuple[pa.Table, int]:
     """The chunks of the new corpus (DOC_COLUMNS; with ``vector`` when they come from --embeddings), and the
     number of documents read."""
     if embeddings is not None:
@@ -293,7 +293,7 @@ def _embed_local(m: IndexManifest, rows: pa.Table, batch_size: int) -> np.ndarra
     return QueryEncoder(m, batch_size=batch_size).encode(inputs)
 
 
-def _embed_ray(m: IndexManifest, root: Location, corpus: str | list[str], fields: tuple[str, str, str],
+def _embed_ray(m: IndexManifest, root: Location, corpus: str | list[str], fields: tuple[str, str | None, str],
                ids: np.ndarray, address: str | None) -> np.ndarray:
     """Embed through the embed job (Ray Data) into a staging folder under the index root, then take the
     vectors of ``ids``. The whole given corpus is embedded: this path is for large adds."""
@@ -323,7 +323,7 @@ def _embed_ray(m: IndexManifest, root: Location, corpus: str | list[str], fields
 
 
 def _embed(m: IndexManifest, root: Location, rows: pa.Table, ids: np.ndarray, corpus: str | list[str] | None,
-           embeddings: str | None, fields: tuple[str, str, str], ray_above: int, batch_size: int,
+           embeddings: str | None, fields: tuple[str, str | None, str], ray_above: int, batch_size: int,
            address: str | None) -> tuple[np.ndarray, str]:
     """The vectors of the chunks to add (given with them, or embedded here or on Ray Data), and who made them."""
     if "vector" in rows.column_names:

@@ -28,7 +28,7 @@ that importing the app's modules leaves it out).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -286,7 +286,7 @@ class VllmEngine:
                            "Fix: request a model that /v1/models lists", param="model", code="model_not_found")
         return self.loras[adapter]
 
-    async def generate(self, request: GenRequest, request_id: str) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenRequest, request_id: str) -> AsyncGenerator[Delta, None]:
         """vLLM's stream of one request as Deltas. Closing this generator (the client went away) closes vLLM's,
         which aborts the request there; a request that did not finish is also aborted explicitly."""
         n = len(request.prompt_ids)
