@@ -1,12 +1,15 @@
 """Stopping the real commands with the signals that process managers send (Kubernetes, Docker and systemd send
 SIGTERM): a clean exit, the embedded Ray shut down with every process it started, nothing left running."""
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -32,6 +35,38 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+@contextlib.contextmanager
+def command(args: list[str], log: Path) -> Iterator[Callable[[Callable[[], bool]], tuple[int, str]]]:
+    """Start ``python args`` (output to ``log``); yields ``stop(ready)``: wait until ``ready()``, send SIGTERM, wait
+    for the exit, check that every process the command had started is gone, return (status, output). Whatever is
+    still running at the end is killed."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def stop(ready: Callable[[], bool]) -> tuple[int, str]:
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        ray_procs = descendants(proc.pid)  # gcs_server, raylet, its agents and workers (Serve's actors too)
+        assert len(ray_procs) >= 3, [p.name() for p in ray_procs]
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+        _, alive = psutil.wait_procs(ray_procs, timeout=30)
+        assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+        return rc, log.read_text()
+
+    try:
+        yield stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in descendants(proc.pid):
+            p.kill()
+
+
 @pytest.mark.timeout(900)
 def test_sigterm_stops_ragtune_serve_with_status_0_and_leaves_no_ray_process(squad_flat_index, tiny_model_dir,
                                                                               tmp_path):
@@ -41,37 +76,20 @@ def test_sigterm_stops_ragtune_serve_with_status_0_and_leaves_no_ray_process(squ
     cfg.write_text(f"index:\n  path: {root / summary.version}\n  poll_interval_s: null\n"
                    f"generator:\n  model: {tiny_model_dir}\nhttp:\n  port: {port}\ncluster:\n  num_cpus: 2\n")
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--config", str(cfg)], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:  # ready, and the command has seen it (it logs "ready in")
-                if (requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-                        and "ready in" in log.read_text()):
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
-        ray_procs = descendants(proc.pid)  # gcs_server, raylet, its agents, Serve's controller, proxy, replicas
-        assert len(ray_procs) >= 5, [p.name() for p in ray_procs]
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(120)
-        text = log.read_text()
-        assert rc == 0, text[-3000:]
-        assert "stopping (SIGTERM)" in text, text[-3000:]
-        after = text[text.index("stopping (SIGTERM)"):]  # (replicas may log cancelled health checks at start)
-        assert "Traceback" not in after and "served ragtune at" in after, after[-3000:]
-        _, alive = psutil.wait_procs(ray_procs, timeout=30)
-        assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in descendants(proc.pid):
-            p.kill()
+
+    def ready() -> bool:  # answering, and the command has seen it (it logs "ready in")
+        try:
+            return (requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+                    and "ready in" in log.read_text())
+        except requests.RequestException:
+            return False
+
+    with command(["-m", "jobs.serve", "--config", str(cfg)], log) as stop:
+        rc, text = stop(ready)
+    assert rc == 0, text[-3000:]
+    assert "stopping (SIGTERM)" in text, text[-3000:]
+    after = text[text.index("stopping (SIGTERM)"):]  # (replicas may log cancelled health checks at start)
+    assert "Traceback" not in after and "served ragtune at" in after, after[-3000:]
 
 
 @pytest.mark.timeout(900)
@@ -81,31 +99,13 @@ def test_sigterm_stops_a_job_with_143_and_the_rerun_resumes_from_its_finished_pa
     cfg.write_text(f"corpus:\n  path: {squad_retrieval / 'corpus.jsonl'}\n  id_field: _id\n"
                    "chunk:\n  size: null\n  overlap: 32\n"  # as the session's squad_embeddings: 2,257 chunks
                    f"output:\n  path: {out}\n  num_parts: 16\ncluster:\n  num_cpus: 2\n")
-    cmd = [sys.executable, "-m", "jobs.embed", "--config", str(cfg)]
-    log = tmp_path / "embed.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list((out / "_parts").glob("part-*.json")):  # a part finished: something to resume from
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        ray_procs = descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(120)
-        text = log.read_text()
-        assert rc == 128 + signal.SIGTERM, text[-3000:]
-        assert "interrupted (SIGTERM)" in text, text[-3000:]
-        _, alive = psutil.wait_procs(ray_procs, timeout=30)
-        assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in descendants(proc.pid):
-            p.kill()
+    args = ["-m", "jobs.embed", "--config", str(cfg)]
+    with command(args, tmp_path / "embed.log") as stop:  # stopped once a part is finished: a resume has work
+        rc, text = stop(lambda: bool(list((out / "_parts").glob("part-*.json"))))
+    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    assert "interrupted (SIGTERM)" in text, text[-3000:]
     done = len(list((out / "_parts").glob("part-*.json")))
-    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
+    rerun = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=420)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["parts_skipped"] >= done >= 1 and summary["parts_written"] + summary["parts_skipped"] == 16

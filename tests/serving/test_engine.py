@@ -14,7 +14,8 @@ from cluster.placement import ReplicaResources
 from configs.errors import InvalidRequest, NotFound, RagtuneError
 from configs.schema.serve import GeneratorConfig
 from serving.engine import Engine, load_engine
-from serving.generation import Decoder, Delta, GenRequest, HFEngine, SamplingParams
+from serving.generation import Delta, GenRequest, HFEngine, SamplingParams
+from tests.serving.test_generation import decoder_with, ids, save_lora
 
 FACTS = [f"What is the capital of Zal{i}? Ophir{i % 7}. Where was Ana born? In Ophir." for i in range(300)]
 PROMPTS = ["What is the capital of Zal3?", "Where was Ana born? In", "A much longer question, about Zal1 and Zal2 "
@@ -43,28 +44,12 @@ def reader_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_dir(reader_dir, tmp_path_factory):
-    """A LoRA adapter with random (non-zero) weights, so that it changes the output."""
-    from peft import LoraConfig, get_peft_model
-
-    from models.generators import load_model
-
-    torch.manual_seed(1)
-    model = get_peft_model(load_model(reader_dir), LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
-                                                              target_modules=["q_proj", "v_proj"]))
-    out = tmp_path_factory.mktemp("qa") / "adapter"
-    model.save_pretrained(out)
-    return str(out)
+    return save_lora(reader_dir, tmp_path_factory.mktemp("qa") / "adapter", 32, ["q_proj", "v_proj"])
 
 
 @pytest.fixture(scope="module")
 def decoder(reader_dir, lora_dir):
-    d = Decoder.load(reader_dir, "cpu", "auto", None, 1)
-    d.add_adapter("qa", lora_dir)
-    return d
-
-
-def ids(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return decoder_with(reader_dir, "qa", lora_dir)
 
 
 async def collect(engine: Engine, request: GenRequest, rid: str, log: list | None = None,

@@ -10,26 +10,33 @@ PROMPTS = ["What is the capital of Zal3?", "Where was Ana born? In", "A much lon
                                                                     "and where Ana was born?"]
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter of the tiny model with random (non-zero) weights, so that it changes the output."""
+def save_lora(model_dir, out, alpha, targets):
+    """A LoRA adapter of a model with random (non-zero) weights, so that it changes the output."""
     from peft import LoraConfig, get_peft_model
 
     from models.generators import load_model
 
     torch.manual_seed(1)
-    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=8, lora_alpha=64, init_lora_weights=False,
-                                                                  target_modules=["q_proj", "v_proj", "lm_head"]))
-    out = tmp_path_factory.mktemp("lora") / "adapter"
+    model = get_peft_model(load_model(model_dir), LoraConfig(r=8, lora_alpha=alpha, init_lora_weights=False,
+                                                             target_modules=targets))
     model.save_pretrained(out)
     return str(out)
 
 
+def decoder_with(model_dir, adapter, adapter_dir):
+    d = Decoder.load(model_dir, "cpu", "auto", None, 1)
+    d.add_adapter(adapter, adapter_dir)
+    return d
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir, tmp_path_factory):
+    return save_lora(tiny_model_dir, tmp_path_factory.mktemp("lora") / "adapter", 64, ["q_proj", "v_proj", "lm_head"])
+
+
 @pytest.fixture(scope="module")
 def decoder(tiny_model_dir, lora_dir):
-    d = Decoder.load(tiny_model_dir, "cpu", "auto", None, 1)
-    d.add_adapter("lora", lora_dir)
-    return d
+    return decoder_with(tiny_model_dir, "lora", lora_dir)
 
 
 def ids(tok, text):
