@@ -117,7 +117,7 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
     t0 = time.monotonic()
-    version = "not ready"
+    version, deployed = "not ready", False
     # from here on a stop (Ctrl-C, or SIGTERM: cluster.runtime.Stopped), at start or while serving, drains and ends
     # with status 0: a server asked to stop has done its job
     try:
@@ -128,6 +128,7 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
             log.warning("NO API KEYS CONFIGURED: serving WITHOUT authentication, bound to %s only. Set %s to "
                         "require keys (and to listen beyond this machine).", host, cfg.auth.api_keys_env)
             log.warning("=" * 100)
+        deployed = True  # from here the app may be (partly) deployed: the stop deletes it
         serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name=cfg.http.app_name,
                   route_prefix=cfg.http.route_prefix, blocking=False)
         state = wait_ready(url)
@@ -139,7 +140,8 @@ def run(cfg: ServeJobConfig) -> ServeSummary | None:
     except KeyboardInterrupt as e:
         log.info("stopping (%s): draining requests under way", e or "SIGINT")
     finally:
-        serve.delete(cfg.http.app_name)  # replicas finish their requests (graceful_shutdown_timeout_s) and stop
+        if deployed:  # replicas finish their requests (graceful_shutdown_timeout_s) and stop
+            serve.delete(cfg.http.app_name)
         if started == "local":  # the embedded Ray and all its processes (agents included) go with the command
             import ray
 
