@@ -295,7 +295,8 @@ def scenario_serve(args) -> dict[str, Any]:
     [port] = free_ports(1)
     cfg = ServeJobConfig.model_validate({
         "index": {"path": str(work / "index"), "poll_interval_s": None},
-        "shards": {"groups": 2, "replicas": 2, "health_check_period_s": 1},
+        # the split layout: this scenario loses a node that holds ShardSearcher replicas of shard groups
+        "shards": {"layout": "split", "groups": 2, "replicas": 2, "health_check_period_s": 1},
         "generator": {"model": args.model, "name": "tiny", "defaults": {"max_tokens": 4}},
         "retrieval": {"k": 5, "retries_s": args.retries_s}, "http": {"port": port}, "serve": {"access_log": False},
         "auth": {"api_keys": [], "api_keys_env": None}})
