@@ -30,7 +30,7 @@ from ray import serve
 
 from cluster.placement import ReplicaResources
 from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
-from serving.deployments import BatchedEncoder, _configure_batching, replica_name, retriever_info
+from serving.deployments import BatchedEncoder, _configure_batching, replica_name
 from serving.rag import (
     FusionOverrides,
     Query,
@@ -46,7 +46,6 @@ from serving.schemas import (
     Embedding,
     Health,
     Passage,
-    RetrieverInfo,
     SearchResult,
     SearchTimings,
     ShardsLoaded,
@@ -169,9 +168,6 @@ class IndexReplica:
         shards = len(next(reversed(versions.values())).manifest.shards)
         return ShardsLoaded(shards=list(range(shards)), versions=list(versions),
                             ntotal={v: idx.ntotal for v, idx in versions.items()})
-
-    async def index_info(self, version: str) -> RetrieverInfo:
-        return retriever_info(version, (await self.held.get(version)).manifest, self.retrieval.mode)
 
     # --- embeddings -----------------------------------------------------------------------------------------------
 

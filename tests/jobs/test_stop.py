@@ -4,7 +4,6 @@ SIGTERM): a clean exit, the embedded Ray shut down with every process it started
 import contextlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ import pytest
 import requests
 
 from tests.conftest import REPO
+from tests.serving.test_app import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[psutil.Process]:
