@@ -61,7 +61,18 @@ from models.generators import (
     local_model_dir,
     lora_param_count,
 )
-from models.sft import Example, encode_record, is_validation, pack, pad_batch, to_messages
+from models.sft import (
+    IGNORE,
+    Block,
+    Example,
+    encode_record,
+    flatten_blocks,
+    is_validation,
+    pack,
+    pad_batch,
+    pad_blocks,
+    to_messages,
+)
 from sharding.corpus import CorpusError, list_corpus
 from sharding.storage import Location, atomic_write_bytes, exists, resolve
 
@@ -234,8 +245,10 @@ def _tokenize(batch: pa.Table, base: str, max_len: int, template: str, packing: 
             raise RagtuneError(f"record {r.get('id', i)}: its answer starts at token {first}, past data.max_length = "
                                f"{max_len}, so nothing of it would be learned. Fix: raise data.max_length to at least "
                                f"{len(full.input_ids)} (this record's length), or shorten the prompts")
-    if packing:
-        examples = pack(examples, max_len)
+    if packing:  # blocks keep each example's boundaries in position_ids, through Ray Data to the collate
+        blocks = pack(examples, max_len)
+        return {"input_ids": [b.input_ids for b in blocks], "labels": [b.labels for b in blocks],
+                "position_ids": [b.position_ids for b in blocks]}
     return {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
 
 
@@ -436,12 +449,42 @@ def resume(s: TrainState) -> None:
     log.info("rank %d resumed at step %d", s.rank, s.step)
 
 
-def _collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
+def _collate(batch: dict[str, Any], pad_id: int, device: Any, flatten: bool = False) -> dict[str, Any]:
+    """A micro batch as the model's inputs. Examples: right-padded, with an attention mask. Packed blocks
+    (``position_ids`` present): position ids and no attention mask, from which transformers masks every example
+    to itself; ``flatten`` puts the blocks in one row without padding (flash-attention's variable-length form)."""
     import torch
 
-    padded = pad_batch([Example(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"],
-                                                                      strict=True)], pad_id)
-    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in padded.items()}
+    if "position_ids" in batch:
+        blocks = [Block(list(i), list(lab), list(p)) for i, lab, p in zip(batch["input_ids"], batch["labels"],
+                                                                          batch["position_ids"], strict=True)]
+        cols = flatten_blocks(blocks) if flatten else pad_blocks(blocks, pad_id)
+    else:
+        cols = pad_batch([Example(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"],
+                                                                        strict=True)], pad_id)
+    out: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in cols.items()}
+    if "position_ids" in out:  # transformers masks packed sequences only without a KV cache (masking_utils)
+        out["use_cache"] = False
+    return out
+
+
+def n_tokens(batch: dict[str, Any]) -> int:
+    """The tokens of the examples in a collated micro batch, padding left out. A packed row's padding is its last
+    sequence (positions restart there) when that sequence has no label: every example has one (``_tokenize``)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    n = 0
+    for pos, labels in zip(batch["position_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        last = max(i for i, p in enumerate(pos) if p == 0)
+        n += last if all(x == IGNORE for x in labels[last:]) else len(pos)
+    return n
+
+
+def _flattens(model: Any) -> bool:
+    """Whether packed blocks go to ``model`` as one row: flash-attention finds the sequences in the position ids
+    only in a batch of one row (transformers' ``_is_packed_sequence``); sdpa and eager mask each row."""
+    inner = getattr(model, "module", model)  # under DDP
+    return "flash" in str(getattr(getattr(inner, "config", None), "_attn_implementation", None) or "")
 
 
 def micro_batches(s: TrainState, shard: Any, skip: int) -> Iterator[dict[str, Any]]:
@@ -450,12 +493,12 @@ def micro_batches(s: TrainState, shard: Any, skip: int) -> Iterator[dict[str, An
     The first ``skip`` (trained on before a resume) are streamed again and dropped without compute, so a resumed
     run sees the same batches as an uninterrupted one.
     """
-    seen = 0
+    seen, flatten = 0, _flattens(s.model)
     while True:
         for b in shard.iter_batches(batch_size=s.cfg.train.micro_batch, batch_format="numpy"):
             seen += 1
             if seen > skip:
-                yield _collate(b, s.tok.pad_token_id, s.device)
+                yield _collate(b, s.tok.pad_token_id, s.device, flatten)
 
 
 def forward_backward(s: TrainState, batch: dict[str, Any]) -> float:
@@ -504,7 +547,7 @@ def evaluate(s: TrainState, val_shard: Any) -> float:
     loss_sum, n_tok = 0.0, 0
     with torch.no_grad():
         for b in val_shard.iter_batches(batch_size=s.cfg.train.micro_batch, batch_format="numpy"):
-            batch = _collate(b, s.tok.pad_token_id, s.device)
+            batch = _collate(b, s.tok.pad_token_id, s.device, _flattens(s.model))
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += float(s.net(**batch).loss) * n
             n_tok += n
@@ -557,7 +600,7 @@ def train(s: TrainState, train_shard: Any, val_shard: Any, stop_at: int) -> None
     for batch in micro_batches(s, train_shard, skip=s.step * t.accumulation):
         if not micro_losses:
             lr = s.scheduler.get_last_lr()[0]  # the rate this step trains with
-        tokens += int(batch["attention_mask"].sum())
+        tokens += n_tokens(batch)
         micro_losses.append(forward_backward(s, batch))
         if len(micro_losses) < t.accumulation:
             continue

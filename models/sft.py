@@ -110,19 +110,57 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, list[list[i
     }
 
 
-def pack(examples: Iterable[Example], block: int) -> list[Example]:
-    """Concatenate examples into blocks of exactly ``block`` tokens (the last, shorter one is dropped).
+@dataclass(frozen=True)
+class Block:
+    """Examples packed into one row: each keeps its own positions (0, 1, ...), so each attends only to itself."""
 
-    Attention crosses example boundaries inside a block (plain packing); each example's labels keep their
-    masking, so only answer tokens count. Fewer pad tokens, more tokens per step.
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where the loss does not count, and on the first token of every example
+    position_ids: list[int]  # restart at 0 where an example starts: the boundaries the attention mask follows
+
+
+def pack(examples: Iterable[Example], block: int) -> list[Block]:
+    """Pack examples whole into blocks of at most ``block`` tokens, best fit decreasing; nothing is dropped.
+
+    An example is never split across blocks (its tail would lose its prompt), and no block mixes examples in
+    attention: the position ids restart at every example, which transformers turns into a block-diagonal causal
+    mask (sdpa, eager) or variable-length sequences (flash-attention). The first token of every example gets label
+    IGNORE, so the last token of one example does not predict the first of the next. Examples longer than
+    ``block`` are cut to it.
     """
-    out: list[Example] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    for e in examples:
-        ids += e.input_ids
-        labels += e.labels
-        while len(ids) >= block:
-            out.append(Example(ids[:block], labels[:block]))
-            ids, labels = ids[block:], labels[block:]
-    return out
+    sizes: list[int] = []  # tokens in each open block
+    members: list[list[Example]] = []
+    # longest first, and the fullest block it fits in: blocks come out nearly full (ties keep the input order)
+    for e in sorted(examples, key=lambda e: -len(e.input_ids)):
+        e = Example(e.input_ids[:block], e.labels[:block])
+        fits = [j for j, n in enumerate(sizes) if n + len(e.input_ids) <= block]
+        if fits:
+            j = max(fits, key=lambda j: sizes[j])
+            sizes[j] += len(e.input_ids)
+            members[j].append(e)
+        else:
+            sizes.append(len(e.input_ids))
+            members.append([e])
+    return [Block(input_ids=[t for e in m for t in e.input_ids],
+                  labels=[x for e in m for x in [IGNORE, *e.labels[1:]]],
+                  position_ids=[p for e in m for p in range(len(e.input_ids))]) for m in members]
+
+
+def pad_blocks(blocks: Sequence[Block], pad_id: int) -> dict[str, list[list[int]]]:
+    """Right-pad packed blocks to the longest: input_ids, labels (IGNORE on padding), position_ids.
+
+    No attention mask: transformers builds it from the position ids. The padding is one more sequence of its own
+    (positions 0, 1, ...), which no example attends to.
+    """
+    n = max(len(b.input_ids) for b in blocks)
+    return {
+        "input_ids": [b.input_ids + [pad_id] * (n - len(b.input_ids)) for b in blocks],
+        "labels": [b.labels + [IGNORE] * (n - len(b.labels)) for b in blocks],
+        "position_ids": [b.position_ids + list(range(n - len(b.position_ids))) for b in blocks],
+    }
+
+
+def flatten_blocks(blocks: Sequence[Block]) -> dict[str, list[list[int]]]:
+    """Packed blocks as one row without padding (transformers' padding-free format, as its
+    DataCollatorWithFlattening makes): what flash-attention needs to see the sequences, from the position ids."""
+    return {k: [[x for b in blocks for x in getattr(b, k)]] for k in ("input_ids", "labels", "position_ids")}

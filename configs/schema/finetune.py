@@ -43,7 +43,8 @@ class DataConfig(Section):
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of train held out when no validation")
     template: Literal["chat", "raw"] = Field("chat", description="chat = the tokenizer's chat template; raw = text")
     max_length: int = Field(512, ge=8, description="tokens per example (longer ones are cut)")
-    packing: bool = Field(False, description="concatenate examples into max_length blocks instead of padding")
+    packing: bool = Field(False, description="pack whole examples into max_length blocks (each attends "
+                                             "only to itself) instead of padding each")
 
 
 class LoraConfig(Section):

@@ -1,11 +1,14 @@
 """The fine-tuning job's setup, without Ray: configs, DeepSpeed dicts, LoRA checks, worker plans."""
 
+import random
+
 import pytest
 
 from cluster.placement import NodeResources, plan_training
 from configs.errors import RagtuneError
 from configs.schema import ConfigError, FinetuneJobConfig, load_config
-from jobs.finetune import apply_lora, check, deepspeed_config, lr_lambda
+from jobs.finetune import _collate, _tokenize, apply_lora, check, deepspeed_config, lr_lambda, n_tokens
+from models.sft import IGNORE, Block, Example, pack
 from tests.conftest import REPO
 
 TINY = REPO / "configs" / "finetune" / "tiny.yaml"
@@ -142,3 +145,119 @@ def test_a_local_base_model_is_given_to_the_workers_as_an_absolute_path(tiny_mod
     got = resolve_base_model(cfg("model.name=models/tiny"), [])
     assert Path(got).is_absolute() and Path(got) == (tmp_path / "models" / "tiny").resolve()
     assert resolve_base_model(cfg("model.name=org/some-hub-model"), []) == "org/some-hub-model"  # a hub id stays
+
+
+# --- packing: every example in a block attends only to itself ------------------------------------------------------
+
+def tiny_llama(attn: str, lora: bool):
+    """A 2-layer Llama built from its config (random weights, fp32), optionally with LoRA on q/v/mlp."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation=attn)
+    model = LlamaForCausalLM(config).eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                 init_lora_weights=False))  # B != 0: the adapter changes outputs
+    return model
+
+
+def random_examples(n: int, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt, answer = rng.randint(2, 9), rng.randint(1, 6)
+        ids = [rng.randrange(3, 64) for _ in range(prompt + answer)]
+        out.append(Example(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def rows(items) -> dict:
+    """A micro batch as Ray Data hands it to the collate (a column per field)."""
+    fields = ("input_ids", "labels", "position_ids") if isinstance(items[0], Block) else ("input_ids", "labels")
+    return {k: [getattr(x, k) for x in items] for k in fields}
+
+
+def per_example_losses(model, batch: dict) -> list[float]:
+    """The mean loss over each sequence's label tokens, sequences told apart by restarting position ids (padding
+    has no labels)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    labels = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none",
+                                           ignore_index=IGNORE)
+    pos = batch.get("position_ids", torch.arange(labels.shape[1] + 1).expand(labels.shape[0], -1))
+    seq = (pos == 0).cumsum(1)[:, 1:]  # the sequence of each predicted token, in its row
+    counted = labels != IGNORE
+    return [float(ce[r][counted[r] & (seq[r] == k)].mean()) for r in range(ce.shape[0])
+            for k in seq[r][counted[r]].unique().tolist()]
+
+
+def split_block(block: Block) -> list[Example]:
+    starts = [i for i, p in enumerate(block.position_ids) if p == 0] + [len(block.position_ids)]
+    return [Example(block.input_ids[a:b], block.labels[a:b]) for a, b in zip(starts, starts[1:], strict=False)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_a_packed_batch_gives_each_example_the_loss_it_has_alone(attn, lora):
+    import torch
+
+    model = tiny_llama(attn, lora)
+    examples = random_examples(12)
+    blocks = pack(examples, block=24)
+    assert len(blocks) < len(examples) and any(b.position_ids.count(0) > 1 for b in blocks)
+    # the examples in the order the blocks hold them, each alone: no padding, no mask, no neighbour
+    order = [e for b in blocks for e in split_block(b)]
+    alone = [per_example_losses(model, _collate(rows([e]), 0, "cpu"))[0] for e in order]
+    packed = _collate(rows(blocks), 0, "cpu")
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == len(blocks)
+    assert per_example_losses(model, packed) == pytest.approx(alone, abs=1e-5)
+    flat = _collate(rows(blocks), 0, "cpu", flatten=True)  # flash-attention's form, here through sdpa/eager
+    assert flat["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples))
+    assert per_example_losses(model, flat) == pytest.approx(alone, abs=1e-5)
+    assert n_tokens(packed) == n_tokens(flat) == n_tokens(_collate(rows(order), 0, "cpu")) == flat["input_ids"].numel()
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    # the micro batch's loss and gradients: packed = the same examples padded one per row
+    ref_loss, ref_grads = loss_and_grads(_collate(rows(order), 0, "cpu"))
+    loss, grads = loss_and_grads(packed)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads, strict=True))
+    # plain concatenation (the old packing: attention across the examples of a block) does not
+    concat = [Example(b.input_ids, b.labels) for b in blocks]
+    assert abs(loss_and_grads(_collate(rows(concat), 0, "cpu"))[0] - ref_loss) > 1e-3
+
+
+def test_packing_in_the_job_keeps_every_record_and_its_boundaries(tiny_model_dir):
+    import pyarrow as pa
+
+    records = [{"prompt": f"What is the capital of Zal{i}?", "completion": f"Ophir{i % 7}"} for i in range(40)]
+    table = pa.Table.from_pylist(records)
+    plain = _tokenize(table, tiny_model_dir, 64, "chat", packing=False)
+    packed = _tokenize(table, tiny_model_dir, 64, "chat", packing=True)
+    assert set(packed) == {"input_ids", "labels", "position_ids"} and len(packed["input_ids"]) < len(records)
+    assert all(len(ids) <= 64 for ids in packed["input_ids"])
+    # every record's tokens are there, whole: as many sequences as records, as many tokens
+    starts = sum(p.count(0) for p in packed["position_ids"])
+    assert starts == len(records)
+    assert sorted(map(tuple, (e.input_ids for b in packed_blocks(packed) for e in split_block(b)))) == sorted(
+        map(tuple, plain["input_ids"]))
+    batch = _collate(packed, 0, "cpu")
+    assert n_tokens(batch) == sum(len(ids) for ids in plain["input_ids"]) < batch["input_ids"].numel()
+
+
+def packed_blocks(cols: dict) -> list[Block]:
+    return [Block(*x) for x in zip(cols["input_ids"], cols["labels"], cols["position_ids"], strict=True)]

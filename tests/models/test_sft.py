@@ -1,7 +1,18 @@
 import pytest
 
 from configs.errors import RagtuneError
-from models.sft import IGNORE, Example, encode_raw, encode_record, is_validation, pack, pad_batch, to_messages
+from models.sft import (
+    IGNORE,
+    Example,
+    encode_raw,
+    encode_record,
+    flatten_blocks,
+    is_validation,
+    pack,
+    pad_batch,
+    pad_blocks,
+    to_messages,
+)
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": "Where was Ana born?"},
@@ -51,15 +62,12 @@ def test_bad_records_name_the_problem():
         to_messages({"messages": []})
 
 
-def test_padding_masks_pad_tokens_and_packing_keeps_masks():
+def test_padding_masks_pad_tokens():
     a, b = Example([1, 2, 3], [IGNORE, 2, 3]), Example([4], [4])
     batch = pad_batch([a, b], pad_id=0)
     assert batch["input_ids"] == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"] == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"] == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
-    blocks = pack([a, b, Example([5, 6, 7], [IGNORE, IGNORE, 7])], block=3)
-    assert [blk.input_ids for blk in blocks] == [[1, 2, 3], [4, 5, 6]]  # the remainder [7] is dropped
-    assert [blk.labels for blk in blocks] == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
 
 
 def test_validation_split_is_stable_and_near_the_fraction():
@@ -69,3 +77,21 @@ def test_validation_split_is_stable_and_near_the_fraction():
     assert 300 < len(picked) < 500
     assert picked != [k for k in keys if is_validation(k, 0.1, seed=1)]
     assert not any(is_validation(k, 0.0, 0) for k in keys)
+
+
+def test_packing_keeps_every_example_whole_and_marks_its_boundaries():
+    a, b, c = Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5], [4, 5]), Example([6, 7, 8, 9], [IGNORE, 7, 8, 9])
+    blocks = pack([a, b, c], block=5)
+    # longest first, each into the fullest block it fits: nothing is split or dropped
+    assert [blk.input_ids for blk in blocks] == [[6, 7, 8, 9], [1, 2, 3, 4, 5]]
+    assert [blk.position_ids for blk in blocks] == [[0, 1, 2, 3], [0, 1, 2, 0, 1]]
+    # the first token of every example is not predicted from the one before it (another example's last)
+    assert [blk.labels for blk in blocks] == [[IGNORE, 7, 8, 9], [IGNORE, 2, 3, IGNORE, 5]]
+    padded = pad_blocks(blocks, pad_id=0)
+    assert padded == {"input_ids": [[6, 7, 8, 9, 0], [1, 2, 3, 4, 5]],
+                      "labels": [[IGNORE, 7, 8, 9, IGNORE], [IGNORE, 2, 3, IGNORE, 5]],
+                      "position_ids": [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]}
+    assert flatten_blocks(blocks)["position_ids"] == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert sorted(t for blk in blocks for t in blk.input_ids) == list(range(1, 10))
+    assert [blk.input_ids for blk in pack([Example(list(range(7)), [1] * 7)], block=5)] == [[0, 1, 2, 3, 4]]
+
