@@ -48,6 +48,7 @@ from cluster.runtime import alive_nodes, init_ray
 from configs import CONFIG_DIR
 from configs.errors import RagtuneError
 from configs.schema import FinetuneJobConfig
+from configs.schema.finetune import QLORA_ZERO3
 from jobs.commands import job_main
 from jobs.plots import png, pyplot
 from jobs.progress import ensure_logging
@@ -60,6 +61,7 @@ from models.generators import (
     load_tokenizer,
     local_model_dir,
     lora_param_count,
+    qlora_available,
 )
 from models.sft import (
     IGNORE,
@@ -172,6 +174,25 @@ def check(cfg: FinetuneJobConfig) -> None:
             if first is not None and "messages" not in first and not {"prompt", "completion"} <= set(first):
                 raise RagtuneError(f"{key}: {f.uri}: the first record has neither `messages` nor `prompt` and "
                                    f"`completion` (fields: {', '.join(first)}). Fix: convert the data")
+
+
+def check_quantization(cfg: FinetuneJobConfig, plan: TrainPlan) -> None:
+    """A 4-bit base (QLoRA) needs GPU workers, bitsandbytes and ZeRO stage 0-2: refused before any worker starts.
+    (train.method and deepspeed.stage are checked with the config; here the plan, the package and the preset.)"""
+    if cfg.model.quantization == "none":
+        return
+    if not plan.use_gpu:
+        raise RagtuneError(f"model.quantization = {cfg.model.quantization!r} needs GPU workers (bitsandbytes' 4-bit "
+                           f"kernels), but this run trains on CPUs ({plan.reason}). Fix: set model.quantization: none, "
+                           "or run on a cluster with GPUs (scaling.use_gpu: auto)")
+    if (why := qlora_available()) is not None:
+        raise RagtuneError(f"model.quantization = {cfg.model.quantization!r}: {why}")
+    if cfg.deepspeed.enabled:
+        stage = cfg.deepspeed.stage
+        if stage is None:
+            stage = load_preset(cfg.deepspeed.preset).get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            raise RagtuneError(QLORA_ZERO3.format(where=f"deepspeed.preset = {cfg.deepspeed.preset!r}"))
 
 
 def _first_record(fs: Any, path: str) -> dict[str, Any] | None:
@@ -379,7 +400,7 @@ def setup_model(cfg: FinetuneJobConfig, base: str, precision: str, backend: str,
         zero3_config = HfDeepSpeedConfig(ds_config)
     tok = load_tokenizer(base)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = load_model(base, dtype=dtype)
+    model = load_model(base, dtype=dtype, quantization=cfg.model.quantization)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.method == "lora":
         model = apply_lora(model, cfg)
@@ -712,6 +733,7 @@ def run(cfg: FinetuneJobConfig, callbacks: Sequence[UserCallback] = ()) -> Finet
     plan = plan_training(alive_nodes(), cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
                          cfg.train.precision)
     log.info("%s", plan.reason)
+    check_quantization(cfg, plan)
     outputs = resolve(cfg.run.storage_path).join(cfg.run.name, "outputs")
 
     records = read_records(cfg.data.train)

@@ -133,17 +133,61 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, dtype: Any = None):
-    """The causal LM (hub id, local folder or URI) for training or inference, in ``dtype`` (default fp32)."""
+def load_model(name: str, dtype: Any = None, quantization: str = "none"):
+    """The causal LM (hub id, local folder or URI) for training or inference, in ``dtype`` (default fp32).
+
+    ``quantization="4bit"`` (QLoRA): the base's Linear layers in bitsandbytes NF4 with double quantization,
+    computing in ``dtype``, on this process's accelerator, prepared for training adapters on it (peft's
+    ``prepare_model_for_kbit_training``: every base weight frozen; activation checkpointing is left to the caller).
+    Needs an accelerator and bitsandbytes (the ``qlora`` extra).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = local_model_dir(name)
+    kwargs: dict[str, Any] = {}
+    if quantization == "4bit":
+        kwargs = {"quantization_config": qlora_config(dtype or torch.bfloat16), "device_map": {"": qlora_device()}}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
     except (OSError, ValueError) as e:
         raise RagtuneError(f"model {name!r}: cannot load it ({str(e).splitlines()[0]}). Fix: pass a local "
                            "folder with a transformers causal LM, or a hub id that is in the local cache") from None
+    if quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def qlora_config(compute_dtype: Any):
+    """transformers' BitsAndBytesConfig of QLoRA: NF4 weights, double quantization (the quantization constants
+    quantized too, ~0.4 bit a weight saved), matmuls in ``compute_dtype``. Built without bitsandbytes or a GPU."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def qlora_available() -> str | None:
+    """Why a 4-bit base cannot be loaded in this process (None when it can): bitsandbytes missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed. Fix: pip install 'ragtune[qlora]' (on the GPU nodes)"
+    return None
+
+
+def qlora_device() -> int:
+    """The index of this process's accelerator (Ray Train sets each worker's), where the 4-bit base is loaded."""
+    import torch
+
+    if (why := qlora_available()) is not None:
+        raise RagtuneError(f"model.quantization = '4bit': {why}")
+    if not torch.accelerator.is_available():
+        raise RagtuneError("model.quantization = '4bit' needs a GPU (bitsandbytes' 4-bit kernels); this process has "
+                           "none. Fix: set model.quantization: none, or train on GPU workers")
+    return torch.accelerator.current_device_index()
 
 
 def linear_module_names(model: Any) -> list[str]:

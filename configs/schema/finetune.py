@@ -9,6 +9,12 @@ from pydantic import Field, model_validator
 from configs.schema.base import Section
 from configs.schema.cluster import ClusterConfig
 
+# Why ZeRO-3 is refused with a 4-bit base (checked on the config here, on the preset's stage in jobs/finetune.py).
+QLORA_ZERO3 = ("model.quantization = '4bit' with ZeRO stage 3 ({where}): partitioning a 4-bit base needs "
+               "bnb_4bit_quant_storage set to the compute dtype and DeepSpeed to partition bitsandbytes' packed "
+               "weights, which this job does not set up. Fix: use deepspeed.preset zero2 (the 4-bit base is replicated "
+               "on every GPU: a quarter of its bf16 size, about 35 GB for 70B parameters) or model.quantization: none")
+
 
 class TinyConfig(Section):
     """Shape of the built-in `tiny` model (used when model.name is tiny)."""
@@ -31,6 +37,9 @@ class ModelConfig(Section):
 
     name: str = Field("tiny", description="hub id, local folder, URI of a folder, or `tiny` (built locally)")
     tiny: TinyConfig = Field(default_factory=TinyConfig)
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit = QLoRA: the base in bitsandbytes NF4 (double quantized), LoRA and compute in "
+                            "train.precision; GPU workers, train.method lora, ZeRO stage 0-2 (the `qlora` extra)")
 
 
 class DataConfig(Section):
@@ -141,6 +150,12 @@ class FinetuneJobConfig(Section):
                 f"{t.micro_batch} x {t.accumulation} x {n} = {t.micro_batch * t.accumulation * n}. Fix: set "
                 f"train.accumulation to {t.global_batch / (t.micro_batch * n):g} if that is whole, or drop "
                 "train.global_batch")
+        if self.model.quantization == "4bit" and t.method != "lora":
+            raise ValueError(f"model.quantization = '4bit' trains adapters on a frozen 4-bit base, but train.method "
+                             f"= {t.method!r} would train every (quantized) weight. Fix: set train.method: lora, or "
+                             "model.quantization: none")
+        if self.model.quantization == "4bit" and self.deepspeed.enabled and self.deepspeed.stage == 3:
+            raise ValueError(QLORA_ZERO3.format(where="deepspeed.stage = 3"))
         if t.stop_after_steps is not None and t.stop_after_steps > t.steps:
             raise ValueError(f"train.stop_after_steps ({t.stop_after_steps}) is past train.steps ({t.steps}). "
                              "Fix: lower it or leave it null")

@@ -1,4 +1,5 @@
-"""The fine-tuning job on a real local Ray: tiny model, 2 CPU workers, DeepSpeed ZeRO-2 and ZeRO-3."""
+"""The fine-tuning job on a real local Ray: tiny model, 2 CPU workers, DeepSpeed ZeRO-0, 2, 3 and 3 with offload,
+LoRA and full fine-tuning."""
 
 import json
 import os
@@ -117,6 +118,95 @@ def test_only_adapter_weights_change(stage, request):
 def test_saved_adapter_loads_with_plain_peft_and_gives_the_reported_eval_loss(stage, request, data):
     c, summary = request.getfixturevalue(stage)
     assert eval_loss_with_plain_peft(c, data) == pytest.approx(summary.eval_loss, rel=1e-4)
+
+
+# --- the other paths, cheaply: 6 steps each -----------------------------------------------------------------------
+# ZeRO-0 (with packing, so packed blocks cross Ray Data to the workers), ZeRO-3 with optimizer offload, and full
+# fine-tuning (every weight, under ZeRO-3: the save gathers every partition).
+
+SHORT = ("train.steps=6", "train.warmup_steps=2", "train.eval_every=6", "train.checkpoint_every=6")
+
+
+@pytest.fixture(scope="module")
+def zero0(ray_2_cpus, data, storage):
+    c = cfg(data, storage, "z0", "deepspeed.preset=zero0", "data.packing=true", *SHORT)
+    return c, run(c)
+
+
+@pytest.fixture(scope="module")
+def zero3_offload(ray_2_cpus, data, storage):
+    c = cfg(data, storage, "z3-offload", "deepspeed.preset=zero3-offload", *SHORT)
+    return c, run(c)
+
+
+@pytest.fixture(scope="module")
+def full(ray_2_cpus, data, storage):
+    c = cfg(data, storage, "full", "train.method=full", "deepspeed.preset=zero3", "train.lr=1e-3", *SHORT)
+    return c, run(c)
+
+
+def loss_falls(c: FinetuneJobConfig, summary) -> None:
+    m = metrics(c)
+    assert [r["step"] for r in m] == list(range(1, 7)) and summary.finished
+    first, last = sum(r["loss"] for r in m[:2]) / 2, sum(r["loss"] for r in m[-2:]) / 2
+    assert last < 0.9 * first, (first, last)
+
+
+@pytest.mark.parametrize("path", ["zero0", "zero3_offload"])
+def test_zero0_and_zero3_offload_train_only_the_adapter(path, request, data):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    c, summary = request.getfixturevalue(path)
+    loss_falls(c, summary)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(latest_checkpoint(c)), tag="state")
+    base = base_state(c)
+    frozen = {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
+              for k, v in trained.items() if "lora_" not in k}
+    assert set(frozen) == set(base) and all(torch.equal(v, base[k]) for k, v in frozen.items())
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+    assert eval_loss_with_plain_peft(c, data) == pytest.approx(summary.eval_loss, rel=1e-4)
+
+
+def test_full_fine_tuning_changes_every_weight_and_saves_a_plain_transformers_model(full, data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    c, summary = full
+    loss_falls(c, summary)
+    model_dir = Path(summary.outputs) / "model"
+    assert not (Path(summary.outputs) / "adapter").exists()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    AutoTokenizer.from_pretrained(model_dir)
+    base = base_state(c)
+    trained = model.state_dict()
+    assert set(trained) == set(base)
+    changed = [k for k, v in trained.items() if not torch.equal(v, base[k])]
+    assert set(changed) >= {k for k in base if k.endswith(("q_proj.weight", "down_proj.weight", "lm_head.weight"))}
+    total, n_tok = 0.0, 0
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for line in (data / "val.jsonl").read_text().splitlines():
+        ex = encode_record(tok, json.loads(line), c.data.max_length)
+        labels = torch.tensor([ex.labels])
+        n = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += float(model(input_ids=torch.tensor([ex.input_ids]), labels=labels).loss) * n
+        n_tok += n
+    assert total / n_tok == pytest.approx(summary.eval_loss, rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_qlora_trains_an_adapter_on_a_4bit_base_on_a_gpu(ray_2_cpus, data, storage):
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    c = cfg(data, storage, "qlora", "model.quantization=4bit", "deepspeed.preset=zero2", "scaling.num_workers=1",
+            *SHORT)
+    summary = run(c)
+    loss_falls(c, summary)
+    run_dir = Path(c.run.storage_path) / c.run.name
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"),
+                                        run_dir / "outputs" / "adapter")
+    assert any(float(p.abs().sum()) > 0 for n, p in adapter.named_parameters() if "lora_B" in n)
 
 
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(zero2, data, storage):

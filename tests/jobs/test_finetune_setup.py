@@ -7,7 +7,16 @@ import pytest
 from cluster.placement import NodeResources, plan_training
 from configs.errors import RagtuneError
 from configs.schema import ConfigError, FinetuneJobConfig, load_config
-from jobs.finetune import _collate, _tokenize, apply_lora, check, deepspeed_config, lr_lambda, n_tokens
+from jobs.finetune import (
+    _collate,
+    _tokenize,
+    apply_lora,
+    check,
+    check_quantization,
+    deepspeed_config,
+    lr_lambda,
+    n_tokens,
+)
 from models.sft import IGNORE, Block, Example, pack
 from tests.conftest import REPO
 
@@ -261,3 +270,89 @@ def test_packing_in_the_job_keeps_every_record_and_its_boundaries(tiny_model_dir
 
 def packed_blocks(cols: dict) -> list[Block]:
     return [Block(*x) for x in zip(cols["input_ids"], cols["labels"], cols["position_ids"], strict=True)]
+
+
+# --- QLoRA: a 4-bit base, chosen by config, on GPU workers only -----------------------------------------------------
+
+def gpu_plan(n: int = 2):
+    return plan_training([NodeResources(cpus=16, gpus=n)], n)
+
+
+def test_qlora_is_refused_with_full_fine_tuning_or_zero3_in_the_config():
+    with pytest.raises(ConfigError, match=r"model.quantization = '4bit' .* train.method = 'full'.*Fix: set "
+                                          r"train.method: lora"):
+        cfg("model.quantization=4bit", "train.method=full")
+    with pytest.raises(ConfigError, match=r"ZeRO stage 3 \(deepspeed.stage = 3\).*bnb_4bit_quant_storage.*"
+                                          r"Fix: use deepspeed.preset zero2"):
+        cfg("model.quantization=4bit", "deepspeed.stage=3")
+    assert cfg("model.quantization=4bit").model.quantization == "4bit"
+    with pytest.raises(ConfigError, match="model.quantization"):
+        cfg("model.quantization=8bit")
+
+
+def test_qlora_is_refused_before_launch_on_cpus_without_bitsandbytes_or_under_a_zero3_preset(monkeypatch):
+    cpu_plan = plan_training([NodeResources(cpus=4)], 2)
+    check_quantization(cfg(), cpu_plan)  # no quantization: nothing to refuse
+    with pytest.raises(RagtuneError, match=r"model.quantization = '4bit' needs GPU workers.*2 CPU worker\(s\).*"
+                                           r"Fix: set model.quantization: none"):
+        check_quantization(cfg("model.quantization=4bit"), cpu_plan)
+    import jobs.finetune
+
+    monkeypatch.setattr(jobs.finetune, "qlora_available", lambda: "bitsandbytes is not installed. Fix: pip install "
+                                                                   "'ragtune[qlora]' (on the GPU nodes)")
+    with pytest.raises(RagtuneError, match=r"'4bit': bitsandbytes is not installed. Fix: pip install 'ragtune\[qlora"):
+        check_quantization(cfg("model.quantization=4bit"), gpu_plan())
+    monkeypatch.setattr(jobs.finetune, "qlora_available", lambda: None)
+    check_quantization(cfg("model.quantization=4bit"), gpu_plan())  # zero2: allowed
+    check_quantization(cfg("model.quantization=4bit", "deepspeed.enabled=false"), gpu_plan())  # DDP: allowed
+    for preset in ("zero3", "zero3-offload"):
+        with pytest.raises(RagtuneError, match=rf"ZeRO stage 3 \(deepspeed.preset = '{preset}'\)"):
+            check_quantization(cfg("model.quantization=4bit", f"deepspeed.preset={preset}"), gpu_plan())
+
+
+def test_qlora_config_is_nf4_double_quantized_computing_in_the_training_precision():
+    import torch
+
+    from models.generators import qlora_config
+
+    q = qlora_config(torch.bfloat16)  # built here, without bitsandbytes or a GPU
+    assert q.load_in_4bit and not q.load_in_8bit
+    assert (q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == ("nf4", True,
+                                                                                             torch.bfloat16)
+
+
+@pytest.mark.skipif(__import__("torch").accelerator.is_available(), reason="checks the refusal without a GPU")
+def test_a_4bit_base_is_refused_in_a_process_without_a_gpu(tiny_model_dir):
+    from models.generators import load_model
+
+    with pytest.raises(RagtuneError, match=r"model.quantization = '4bit': bitsandbytes is not installed|"
+                                           r"model.quantization = '4bit' needs a GPU"):
+        load_model(tiny_model_dir, quantization="4bit")
+
+
+@pytest.mark.gpu
+def test_qlora_base_is_4bit_and_only_the_adapter_learns_on_a_gpu(tiny_model_dir):
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    from jobs.finetune import setup_model
+
+    c = cfg(f"model.name={tiny_model_dir}", "model.quantization=4bit", "lora.target_modules=[q_proj,v_proj,up_proj]")
+    model, tok, _ = setup_model(c, tiny_model_dir, "bf16", "nccl", None)
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    examples = [Example(tok("What is the capital of Zal1? Ophir1.")["input_ids"], tok("What is the capital of "
+                                                                                        "Zal1? Ophir1.")["input_ids"])]
+    batch = _collate(rows(pack(examples * 8, block=64)), tok.pad_token_id, device)
+    losses = []
+    for _ in range(6):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
