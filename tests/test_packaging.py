@@ -70,7 +70,8 @@ def test_every_third_party_import_of_the_product_is_a_declared_dependency():
     missing = []
     for module, files in sorted(imported_modules().items()):
         if module in LAZY_EXTRAS:
-            assert module in declared(extras[LAZY_EXTRAS[module]]), f"{module} is not in the {LAZY_EXTRAS[module]} extra"
+            extra = LAZY_EXTRAS[module]
+            assert module in declared(extras[extra]), f"{module} is not in the {extra} extra"
             continue
         names = {canonical(d) for d in dists.get(module, [])}
         assert names, f"{module} (imported by {sorted(files)}) is not installed here"
