@@ -16,7 +16,8 @@ The flow, top to bottom:
    the loss masked to the answers, shuffle once by seed; each worker gets its own shard of the train split;
 4. every worker: model + LoRA (seeded, so every rank starts alike) -> ``deepspeed.initialize`` with a DeepSpeed
    dict built from the job config and a preset -> resume from the latest checkpoint if there is one -> the loop,
-   with validation, metrics and a checkpoint every N steps (``ray.train.report``, best K by eval loss kept);
+   with validation, metrics (rank 0: every step to TensorBoard, MLflow, W&B: jobs/tracking.py) and a checkpoint
+   every N steps (``ray.train.report``, best K by eval loss kept);
 5. rank 0 saves the adapter (gathered first under ZeRO-3) and the metrics; the driver adds the resolved config,
    the loss curve, optionally the merged model, and prints a summary line.
 
@@ -635,12 +636,18 @@ def train_loop(config: dict[str, WorkerConfig]) -> None:
     # rank 0 tracks every step as it ends (jobs/tracking.py says why there, not in a driver callback)
     tracker = (tracking.Tracker.open(cfg, resolve(w.outputs), resolve(cfg.run.storage_path).portable, s.step)
                if s.rank == 0 else None)
-    train(s, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"), stop_at, tracker)
+    try:
+        train(s, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"), stop_at, tracker)
+    except BaseException:
+        if tracker is not None:
+            with contextlib.suppress(Exception):  # the tracker may be what failed: keep the first error
+                tracker.close("failed")
+        raise
     finished = s.step >= cfg.train.steps  # not stopped early by train.stop_after_steps
     if finished:
         save_outputs(s, w.outputs)
     if tracker is not None:
-        tracker.close(finished)
+        tracker.close("finished" if finished else "stopped")
 
 
 # --- the job -----------------------------------------------------------------------------------------------------

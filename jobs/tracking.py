@@ -59,7 +59,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from configs.errors import RagtuneError
 from sharding.storage import Location, atomic_write_bytes, makedirs
@@ -80,6 +80,9 @@ SCALARS = {
 }
 # tags that find a ragtune run's MLflow run again
 RUN_TAG, STORAGE_TAG = "ragtune.run", "ragtune.storage_path"
+# how an attempt ends: the run finished, stopped by train.stop_after_steps (continued by a rerun), or raised
+End = Literal["finished", "stopped", "failed"]
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 # distribution to install for each optional sink: (config field that turns it on, module, pip requirement)
 PACKAGES = {
     "mlflow": ("tracking.mlflow.uri", "mlflow", "mlflow-skinny==3.17.2"),
@@ -126,7 +129,7 @@ class Sink(Protocol):
     def sync(self) -> None:
         """Make what was logged durable where users read it (a checkpoint was just written)."""
 
-    def close(self, finished: bool) -> None: ...
+    def close(self, end: End) -> None: ...
 
 
 class TensorBoardSink:
@@ -168,7 +171,7 @@ class TensorBoardSink:
             for f in sorted(self.local.glob("events.out.tfevents.*")):
                 atomic_write_bytes(self.dest.join(f.name), f.read_bytes())
 
-    def close(self, finished: bool) -> None:
+    def close(self, end: End) -> None:
         self.writer.close()
         self.sync()
         if self._tmp is not None:
@@ -258,9 +261,9 @@ class MlflowSink:
     def sync(self) -> None:
         pass  # every log_batch is a synchronous request
 
-    def close(self, finished: bool) -> None:
-        # stopped early (train.stop_after_steps): KILLED until a rerun continues it (RUNNING again)
-        self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
+    def close(self, end: End) -> None:
+        # stopped early: KILLED; failed: FAILED; either is RUNNING again once a restart or a rerun continues it
+        self.client.set_terminated(self.run_id, status=MLFLOW_STATUS[end])
 
 
 def wandb_run_id(run_name: str, storage_path: str) -> str:
@@ -294,13 +297,13 @@ class WandbSink:
     def sync(self) -> None:
         pass  # W&B streams in its own process
 
-    def close(self, finished: bool) -> None:
-        self.run.finish(exit_code=0)
+    def close(self, end: End) -> None:
+        self.run.finish(exit_code=1 if end == "failed" else 0)
 
 
 class Tracker:
     """Rank 0's sinks: TensorBoard always, MLflow and W&B when configured. ``log(row)`` every step, ``sync()`` at
-    every checkpoint, ``close(finished)`` at the end of the attempt."""
+    every checkpoint, ``close(end)`` at the end of the attempt."""
 
     def __init__(self, sinks: list[Sink]):
         self.sinks = sinks
@@ -328,6 +331,6 @@ class Tracker:
         for s in self.sinks:
             s.sync()
 
-    def close(self, finished: bool) -> None:
+    def close(self, end: End) -> None:
         for s in self.sinks:
-            s.close(finished)
+            s.close(end)

@@ -59,11 +59,11 @@ def test_tensorboard_has_every_step_once_after_a_resume(tmp_path):
     first = tracking.TensorBoardSink(dest, start_step=0)
     for step in range(1, 11):  # the first attempt dies after step 10; its last checkpoint was step 6
         first.log(step, tracking.scalars(row(step, 10.0 - step)))
-    first.close(finished=False)
+    first.close("stopped")
     second = tracking.TensorBoardSink(dest, start_step=6)  # resumed at 6: steps 7..10 are redone
     for step in range(7, 13):
         second.log(step, tracking.scalars(row(step, 100.0 + step)))
-    second.close(finished=True)
+    second.close("finished")
 
     assert len(list((tmp_path / "outputs" / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per attempt
     got = read_tensorboard(tmp_path / "outputs" / "tensorboard")
@@ -84,7 +84,7 @@ def test_tensorboard_on_an_object_store_is_copied_at_every_sync(tmp_path):
                      for i in dest.fs.get_file_info(pafs.FileSelector(dest.path))}
     for step in range(5, 7):
         sink.log(step, tracking.scalars(row(step, float(step))))
-    sink.close(finished=True)
+    sink.close("finished")
     local_dir = sink.local
     assert not local_dir.exists()  # the local copy is gone once closed
 
@@ -117,7 +117,7 @@ def test_mlflow_run_is_continued_after_a_resume_with_each_step_once(mlflow_store
     second = tracking.Tracker.open(c2, outputs, STORAGE, start_step=6)
     for step in range(7, 13):
         second.log(row(step, 100.0 + step))
-    second.close(finished=True)
+    second.close("finished")
 
     client = tracking.mlflow_client(mlflow_store)
     exp = client.get_experiment_by_name("tests")
@@ -135,17 +135,17 @@ def test_mlflow_run_is_continued_after_a_resume_with_each_step_once(mlflow_store
     assert set(r.data.metrics) == set(tracking.SCALARS.values())
 
 
-def test_mlflow_runs_of_other_names_or_storage_paths_are_apart(mlflow_store, tmp_path):
+def test_mlflow_runs_of_other_names_or_storage_paths_are_apart_and_end_with_their_status(mlflow_store, tmp_path):
     outputs = resolve(str(tmp_path / "outputs"))
-    for name, storage in (("a", STORAGE), ("b", STORAGE), ("a", "s3://other/runs")):
+    for name, storage, end in (("a", STORAGE, "stopped"), ("b", STORAGE, "failed"), ("a", "s3://other", "finished")):
         t = tracking.Tracker.open(cfg(f"tracking.mlflow.uri={mlflow_store}", f"run.name={name}"), outputs, storage,
                                   start_step=0)
         t.log(row(1, 1.0))
-        t.close(finished=False)
+        t.close(end)
     client = tracking.mlflow_client(mlflow_store)
     runs = client.search_runs([client.get_experiment_by_name("ragtune-finetune").experiment_id])
     assert sorted((r.info.run_name, r.data.tags[tracking.STORAGE_TAG], r.info.status) for r in runs) == [
-        ("a", STORAGE, "KILLED"), ("a", "s3://other/runs", "KILLED"), ("b", STORAGE, "KILLED")]
+        ("a", STORAGE, "KILLED"), ("a", "s3://other", "FINISHED"), ("b", STORAGE, "FAILED")]
 
 
 class FakeWandb(types.ModuleType):
@@ -183,7 +183,7 @@ def test_wandb_run_is_resumed_by_its_id_and_skips_steps_it_has(tmp_path, monkeyp
     t = tracking.Tracker.open(c, outputs, STORAGE, start_step=6)
     for step in range(7, 11):
         t.log(row(step, float(step)))
-    t.close(finished=True)
+    t.close("finished")
 
     (_, init), *rest = fake.calls
     assert init["id"] == tracking.wandb_run_id("tiny.v2", STORAGE) and init["id"].startswith("tiny-v2-")
@@ -193,6 +193,58 @@ def test_wandb_run_is_resumed_by_its_id_and_skips_steps_it_has(tmp_path, monkeyp
     assert rest == [("log", 9, tracking.scalars(row(9, 9.0))), ("log", 10, tracking.scalars(row(10, 10.0))),
                     ("finish", 0)]
     assert tracking.wandb_run_id("tiny.v2", "s3://other") != init["id"]
+
+
+def read_wandb_history(path) -> tuple[list, list[dict]]:
+    """The run records and the history rows (user keys only) of an offline W&B run file (``run-<id>.wandb``): a
+    7-byte W&B header, then LevelDB's log format (32 KiB blocks; records of a 7-byte header -- crc32c, length,
+    kind: 1 full, 2 first, 3 middle, 4 last -- and data, a ``wandb_internal_pb2.Record``)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, block, pos = path.read_bytes(), 32768, 7
+    assert raw[:4] == b":W&B"
+    datas, part = [], b""
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if left < 7 or (length, kind) == (0, 0):  # a block's zero-filled tail
+            pos += left
+            continue
+        part += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            datas.append(part)
+            part = b""
+    runs, history = [], []
+    for data in datas:
+        r = pb.Record()
+        r.ParseFromString(data)
+        if r.WhichOneof("record_type") == "run":
+            runs.append(r.run)
+        elif r.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            history.append({k: v for k, v in items.items() if not k.startswith("_")} | {"step": r.history.step.num})
+    return runs, history
+
+
+def test_wandb_offline_run_has_every_step_under_the_same_names(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # the `wandb` extra: not in CI's install
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    c = cfg("tracking.wandb.project=p", "tracking.wandb.mode=offline", "run.name=r1")
+    outputs = resolve(str(tmp_path / "outputs"))
+    t = tracking.Tracker.open(c, outputs, STORAGE, start_step=0)
+    for step in range(1, 11):
+        t.log(row(step, 10.0 - step))
+    t.close("finished")
+
+    (path,) = (tmp_path / "outputs" / "wandb").glob("offline-run-*/run-*.wandb")
+    runs, history = read_wandb_history(path)
+    assert runs[0].run_id == tracking.wandb_run_id("r1", STORAGE) and runs[0].display_name == "r1"
+    assert [h["step"] for h in history] == list(range(1, 11))
+    assert history == [tracking.scalars(row(s, 10.0 - s)) | {"step": s} for s in range(1, 11)]
 
 
 def test_a_configured_sink_without_its_package_is_refused_before_launch(monkeypatch):
@@ -214,7 +266,7 @@ def test_tensorboard_files_open_in_tensorboard_cli_layout(tmp_path):
     for name in ("run-a", "run-b"):
         sink = tracking.TensorBoardSink(resolve(str(tmp_path / name / "outputs" / "tensorboard")), start_step=0)
         sink.log(1, tracking.scalars(row(1, 1.0)))
-        sink.close(finished=True)
+        sink.close("finished")
     mux = plugin_event_multiplexer.EventMultiplexer()
     mux.AddRunsFromDirectory(str(tmp_path))
     mux.Reload()
