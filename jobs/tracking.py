@@ -112,13 +112,12 @@ def check(cfg: FinetuneJobConfig) -> None:
     """Before launch: every configured sink's package is installed (here, on the driver; the cluster's workers
     need it too: the same image)."""
     t = cfg.tracking
-    wanted = [name for name, on in (("mlflow", t.mlflow.uri), ("wandb", t.wandb.project)) if on]
-    for name in wanted:
+    for name, value in (("mlflow", t.mlflow.uri), ("wandb", t.wandb.project)):
         field, module, requirement = PACKAGES[name]
-        if importlib.util.find_spec(module) is None:
-            raise RagtuneError(f"{field} is set ({getattr(t, name).model_dump(exclude_none=True)}), but the "
-                               f"`{module}` package is not installed. Fix: pip install '{requirement}' (on the "
-                               f"driver and in the workers' image), or remove {field}")
+        if value and importlib.util.find_spec(module) is None:
+            raise RagtuneError(f"{field} = {value!r} asks for {name}, but the `{module}` package is not installed. "
+                               f"Fix: pip install '{requirement}' (on the driver and in the workers' image), or "
+                               f"remove {field}")
 
 
 class Sink(Protocol):

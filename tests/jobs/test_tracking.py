@@ -11,6 +11,7 @@ import pytest
 from configs.errors import RagtuneError
 from configs.schema import FinetuneJobConfig, load_config
 from jobs import tracking
+from jobs.finetune import check as finetune_check
 from sharding.storage import resolve
 from tests.conftest import REPO
 
@@ -252,11 +253,15 @@ def test_a_configured_sink_without_its_package_is_refused_before_launch(monkeypa
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("mlflow", "wandb") else real(name, *a))
     tracking.check(cfg())  # nothing configured: TensorBoard only, nothing to check
-    with pytest.raises(RagtuneError, match=r"tracking.mlflow.uri is set .* the `mlflow` package is not installed. "
-                                           r"Fix: pip install 'mlflow-skinny==3.17.2'"):
+    with pytest.raises(RagtuneError, match=r"tracking.mlflow.uri = 'http://mlflow:5000' asks for mlflow, but the "
+                                           r"`mlflow` package is not installed. Fix: pip install "
+                                           r"'mlflow-skinny==3.17.2'"):
         tracking.check(cfg("tracking.mlflow.uri=http://mlflow:5000"))
-    with pytest.raises(RagtuneError, match=r"tracking.wandb.project is set .*Fix: pip install 'wandb==0.31.0'"):
+    with pytest.raises(RagtuneError, match=r"tracking.wandb.project = 'p' asks for wandb, .*Fix: pip install "
+                                           r"'wandb==0.31.0'"):
         tracking.check(cfg("tracking.wandb.project=p"))
+    with pytest.raises(RagtuneError, match=r"tracking.wandb.project = 'p' asks for wandb"):
+        finetune_check(cfg("tracking.wandb.project=p"))  # the job's checks before launch include it
 
 
 def test_tensorboard_files_open_in_tensorboard_cli_layout(tmp_path):
