@@ -151,10 +151,10 @@ class TensorBoardSink:
         # the name has the time in seconds and the host; TensorBoard reads a folder's files in name order, which must
         # be the attempts' order (the purge below relies on it): nanoseconds and the pid, for attempts a second apart
         self.writer = EventsWriter(str(self.local / "events"), f".{time.time_ns()}.{os.getpid()}")
-        if start_step:
-            # purge: TensorBoard drops what earlier attempts logged from this step on (this attempt redoes it)
-            self.writer.write_event(Event(wall_time=time.time(), step=start_step + 1,
-                                          session_log=SessionLog(status=SessionLog.START)))
+        # purge: TensorBoard drops what earlier attempts logged from this step on (this attempt redoes it); at step
+        # 1 too, for an attempt that died before its first checkpoint
+        self.writer.write_event(Event(wall_time=time.time(), step=start_step + 1,
+                                      session_log=SessionLog(status=SessionLog.START)))
         self.writer.flush()
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -75,6 +75,16 @@ def test_tensorboard_has_every_step_once_after_a_resume(tmp_path):
     assert [s for s, _ in got["system/max_rss_mib"]] == list(range(1, 13))
 
 
+def test_tensorboard_drops_an_attempt_that_died_before_its_first_checkpoint(tmp_path):
+    dest = resolve(str(tmp_path / "tensorboard"))
+    for attempt, last in ((1, 3), (2, 5)):  # the first dies at step 3; the restart begins again at step 0
+        sink = tracking.TensorBoardSink(dest, start_step=0)
+        for step in range(1, last + 1):
+            sink.log(step, tracking.scalars(row(step, 10.0 * attempt + step)))
+        sink.close("stopped")
+    assert read_tensorboard(tmp_path / "tensorboard")["train/loss"] == [(s, 20.0 + s) for s in range(1, 6)]
+
+
 def test_tensorboard_on_an_object_store_is_copied_at_every_sync(tmp_path):
     dest = resolve("memory://ragtune-tests/run/outputs/tensorboard")
     sink = tracking.TensorBoardSink(dest, start_step=0)
