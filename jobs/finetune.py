@@ -16,7 +16,8 @@ The flow, top to bottom:
    the loss masked to the answers, shuffle once by seed; each worker gets its own shard of the train split;
 4. every worker: model + LoRA (seeded, so every rank starts alike) -> ``deepspeed.initialize`` with a DeepSpeed
    dict built from the job config and a preset -> resume from the latest checkpoint if there is one -> the loop,
-   with validation, metrics and a checkpoint every N steps (``ray.train.report``, best K by eval loss kept);
+   with validation, metrics (rank 0: every step to TensorBoard, MLflow, W&B: jobs/tracking.py) and a checkpoint
+   every N steps (``ray.train.report``, best K by eval loss kept);
 5. rank 0 saves the adapter (gathered first under ZeRO-3) and the metrics; the driver adds the resolved config,
    the loss curve, optionally the merged model, and prints a summary line.
 
@@ -49,6 +50,7 @@ from configs import CONFIG_DIR
 from configs.errors import RagtuneError
 from configs.schema import FinetuneJobConfig
 from configs.schema.finetune import QLORA_ZERO3
+from jobs import tracking
 from jobs.commands import job_main
 from jobs.plots import png, pyplot
 from jobs.progress import ensure_logging
@@ -158,6 +160,7 @@ def check(cfg: FinetuneJobConfig) -> None:
     """Everything that can fail before work starts, without Ray or torch: preset, data files."""
     if cfg.deepspeed.enabled:
         load_preset(cfg.deepspeed.preset)
+    tracking.check(cfg)
     for key, paths in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation)):
         if paths is None:
             continue
@@ -607,9 +610,11 @@ def save_checkpoint(s: TrainState, row: dict[str, Any]) -> None:
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def train(s: TrainState, train_shard: Any, val_shard: Any, stop_at: int) -> None:
-    """Train from ``s.step`` to ``stop_at``: a metrics row per step, validation every ``train.eval_every`` steps,
-    and a checkpoint (validated) every ``train.checkpoint_every`` steps and at ``stop_at``."""
+def train(s: TrainState, train_shard: Any, val_shard: Any, stop_at: int,
+          tracker: tracking.Tracker | None = None) -> None:
+    """Train from ``s.step`` to ``stop_at``: a metrics row per step (to ``tracker`` too, on rank 0), validation
+    every ``train.eval_every`` steps, and a checkpoint (validated) every ``train.checkpoint_every`` steps and at
+    ``stop_at``."""
     t = s.cfg.train
     if s.step >= stop_at:
         log.info("run %s is already at step %d of %d: nothing to train", s.cfg.run.name, s.step, stop_at)
@@ -632,8 +637,12 @@ def train(s: TrainState, train_shard: Any, val_shard: Any, stop_at: int) -> None
             row["eval_loss"] = evaluate(s, val_shard)
         s.metrics.append(row)
         log_step(s, row, stop_at, t_run, step_run)
+        if tracker is not None:
+            tracker.log(row)
         if checkpoint_now:
             save_checkpoint(s, row)
+            if tracker is not None:
+                tracker.sync()
         if s.step >= stop_at:
             return
 
@@ -688,9 +697,21 @@ def train_loop(config: dict[str, WorkerConfig]) -> None:
     s = setup(cfg, w.base, w.precision, w.backend, w.deepspeed)
     resume(s)
     stop_at = min(cfg.train.steps, cfg.train.stop_after_steps or cfg.train.steps)
-    train(s, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"), stop_at)
-    if s.step >= cfg.train.steps:  # finished, not stopped early by train.stop_after_steps
+    # rank 0 tracks every step as it ends (jobs/tracking.py says why there, not in a driver callback)
+    tracker = (tracking.Tracker.open(cfg, resolve(w.outputs), resolve(cfg.run.storage_path).portable, s.step)
+               if s.rank == 0 else None)
+    try:
+        train(s, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"), stop_at, tracker)
+    except BaseException:
+        if tracker is not None:
+            with contextlib.suppress(Exception):  # the tracker may be what failed: keep the first error
+                tracker.close("failed")
+        raise
+    finished = s.step >= cfg.train.steps  # not stopped early by train.stop_after_steps
+    if finished:
         save_outputs(s, w.outputs)
+    if tracker is not None:
+        tracker.close("finished" if finished else "stopped")
 
 
 # --- the job -----------------------------------------------------------------------------------------------------
@@ -762,7 +783,9 @@ def fit(cfg: FinetuneJobConfig, plan: TrainPlan, base: str, train_ds: Any, val_d
         deepspeed=deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu, hidden_size(base))
         if cfg.deepspeed.enabled else None,
         outputs=outputs.portable)
-    env = {k: v for k, v in os.environ.items() if k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")}
+    # MLFLOW_*/WANDB_*: the trackers' credentials and modes, for rank 0 (a local Ray's workers may predate them)
+    env = {k: v for k, v in os.environ.items()
+           if k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") or k.startswith(("MLFLOW_", "WANDB_"))}
     for ds in (train_ds, val_ds):  # the workers stream them every epoch and eval pass: a progress bar each is noise
         ds.context.enable_progress_bars = False
         ds.context.print_on_execution_start = False

@@ -57,9 +57,9 @@ def imported_modules() -> dict[str, set[str]]:
     return found
 
 
-# Modules of extras that install only on GPU nodes (never here), imported lazily inside the code that needs them:
-# module -> the extra that declares its distribution.
-GPU_ONLY = {"vllm": "vllm"}
+# Modules of extras that install only on GPU nodes (never here), or only for those who ask (wandb), imported lazily
+# inside the code that needs them: module -> the extra that declares its distribution.
+LAZY_EXTRAS = {"vllm": "vllm", "wandb": "wandb"}
 
 
 def test_every_third_party_import_of_the_product_is_a_declared_dependency():
@@ -69,8 +69,9 @@ def test_every_third_party_import_of_the_product_is_a_declared_dependency():
     dists = packages_distributions()
     missing = []
     for module, files in sorted(imported_modules().items()):
-        if module in GPU_ONLY:
-            assert module in declared(extras[GPU_ONLY[module]]), f"{module} is not in the {GPU_ONLY[module]} extra"
+        if module in LAZY_EXTRAS:
+            extra = LAZY_EXTRAS[module]
+            assert module in declared(extras[extra]), f"{module} is not in the {extra} extra"
             continue
         names = {canonical(d) for d in dists.get(module, [])}
         assert names, f"{module} (imported by {sorted(files)}) is not installed here"

@@ -129,6 +129,33 @@ class RunConfig(Section):
     merge: bool = Field(False, description="also save the base model with the adapter merged in")
 
 
+class MlflowConfig(Section):
+    """MLflow: one MLflow run per ragtune run, continued on resume."""
+
+    uri: str | None = Field(None, description="tracking URI (http(s)://server, databricks, file:///folder); null = "
+                                              "no MLflow")
+    experiment: str = Field("ragtune-finetune", min_length=1, description="MLflow experiment (made if missing)")
+
+
+class WandbConfig(Section):
+    """Weights & Biases: one W&B run per ragtune run, resumed by id (needs `pip install 'ragtune[wandb]'`)."""
+
+    project: str | None = Field(None, description="W&B project; null = no W&B")
+    entity: str | None = Field(None, description="W&B team or user; null = your default entity")
+    group: str | None = Field(None, description="W&B group of runs (e.g. a sweep)")
+    mode: Literal["online", "offline"] | None = Field(None, description="offline = write locally only "
+                                                                         "(`wandb sync` later); null = WANDB_MODE "
+                                                                         "or online")
+
+
+class TrackingConfig(Section):
+    """Experiment tracking of every step (train/loss, eval/loss, train/lr, ...): TensorBoard event files always
+    (outputs/tensorboard/), MLflow and W&B when configured."""
+
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
 class FinetuneJobConfig(Section):
     """`ragtune finetune -c FILE`."""
 
@@ -140,6 +167,7 @@ class FinetuneJobConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _batch_adds_up(self) -> FinetuneJobConfig:

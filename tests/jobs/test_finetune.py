@@ -48,7 +48,7 @@ def metrics(c: FinetuneJobConfig) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def zero2(ray_2_cpus, data, storage):
-    c = cfg(data, storage, "z2", "deepspeed.preset=zero2")
+    c = cfg(data, storage, "z2", "deepspeed.preset=zero2", f"tracking.mlflow.uri={(storage / 'mlruns').as_uri()}")
     return c, run(c)
 
 
@@ -289,3 +289,47 @@ def test_finished_run_is_extended_by_more_steps(crashed, data, storage):
     assert run(more).finished
     after = metrics(more)
     assert [r["step"] for r in after] == list(range(1, 33)) and after[:24] == before
+
+
+def tensorboard_scalars(c: FinetuneJobConfig) -> dict[str, list[tuple[int, float]]]:
+    """The run's event files as TensorBoard shows them: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(c.run.storage_path) / c.run.name / "outputs" / "tensorboard"),
+                           size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_and_mlflow_have_every_step_of_the_run(zero2, monkeypatch):
+    from jobs.tracking import SCALARS, mlflow_client
+
+    c, _ = zero2
+    m = metrics(c)
+    evals = [(r["step"], r["eval_loss"]) for r in m if "eval_loss" in r]
+    assert [s for s, _ in evals] == [8, 16, 24]
+    tb = tensorboard_scalars(c)
+    assert set(tb) == set(SCALARS.values())
+    assert tb["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in m]  # float32 in TB
+    assert tb["eval/loss"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in evals]
+    assert [s for s, _ in tb["train/lr"]] == list(range(1, 25))
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow_client(c.tracking.mlflow.uri)
+    (r,) = client.search_runs([client.get_experiment_by_name(c.tracking.mlflow.experiment).experiment_id],
+                              "attributes.run_name = 'z2'")
+    assert r.info.status == "FINISHED" and r.data.params["deepspeed.preset"] == "zero2"
+    history = sorted((x.step, x.value) for x in client.get_metric_history(r.info.run_id, "train/loss"))
+    assert history == [(row["step"], pytest.approx(row["loss"], rel=1e-12)) for row in m]
+    assert sorted((x.step, x.value) for x in client.get_metric_history(r.info.run_id, "eval/loss")) == evals
+
+
+def test_tensorboard_of_a_restarted_run_has_each_step_once(crashed):
+    c, _, killed = crashed
+    m = metrics(c)  # 24 steps, or 32 once test_finished_run_is_extended_by_more_steps extended it
+    event_files = list((Path(c.run.storage_path) / c.run.name / "outputs" / "tensorboard").glob("events.*"))
+    assert len(event_files) >= 2  # the attempt killed after step 8 and the one restarted from it (and more)
+    tb = tensorboard_scalars(c)
+    # the killed attempt's steps after 8 were redone: TensorBoard shows each once, the redone value
+    assert tb["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in m]
+    assert [s for s, _ in tb["eval/loss"]] == [r["step"] for r in m if "eval_loss" in r]
