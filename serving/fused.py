@@ -50,7 +50,7 @@ from serving.schemas import (
     SearchTimings,
     ShardsLoaded,
 )
-from serving.versions import Docstores, LoadedVersions
+from serving.versions import Docstores, LoadedVersions, version_name
 from sharding.filters import Filter
 from sharding.manifest import IndexManifest
 from sharding.search import ShardedIndex
@@ -132,7 +132,8 @@ class IndexReplica:
         ``param`` as ``Retriever.search`` takes them. Lexical searches embed nothing."""
         index = await self.held.get(version)
         manifest = index.manifest
-        mode = resolve_mode(mode or self.retrieval.mode, manifest, version, param)  # a 400 before any work
+        # a 400 before any work
+        mode = resolve_mode(mode or self.retrieval.mode, manifest, version_name(version), param)
         fused = make_fusion(self.fusion, fusion)
         t0 = time.perf_counter()
         xq, batch = None, 0
@@ -161,7 +162,7 @@ class IndexReplica:
         """Whether this replica has loaded ``version`` (it loads it now if not: a replica that started after a
         switch)."""
         n = len((await self.held.get(version)).manifest.shards)
-        return Health(ready=True, version=version, shards=n, loaded=list(range(n)))
+        return Health(ready=True, version=version_name(version), shards=n, loaded=list(range(n)))
 
     def loaded(self) -> ShardsLoaded:
         versions = self.held.versions

@@ -80,8 +80,9 @@ from serving.schemas import (
     check_completion,
     check_embeddings,
     check_search,
+    json_depth,
 )
-from serving.versions import VersionPointer
+from serving.versions import VersionPointer, version_name
 from sharding.filters import Filter
 from sharding.manifest import IndexManifest
 
@@ -245,9 +246,13 @@ class Ingress:
             if len(body) > limit:
                 raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes "
                                     "(limits.max_body_bytes)", code="request_too_large")
+        openers = body.count(b"[") + body.count(b"{")  # the depth is at most this: most bodies stop here
+        if openers > self.limits.max_json_depth and (depth := json_depth(body)) > self.limits.max_json_depth:
+            raise ApiError(400, f"the body nests {depth} levels deep, over this server's limit of "
+                                f"{self.limits.max_json_depth} (limits.max_json_depth)", code="invalid_json")
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
@@ -314,7 +319,7 @@ class Ingress:
         self.metrics.stage.labels("search").observe(out.timings.search_s)
         self.metrics.search.labels(out.mode).observe(out.timings.search_s)
         self.metrics.version.clear()
-        self.metrics.version.labels(out.version).set(1)
+        self.metrics.version.labels(version_name(out.version)).set(1)
         return out
 
     async def _prepare(self, version: str, manifest: IndexManifest) -> None:
@@ -362,7 +367,8 @@ class Ingress:
             req = await self._read(request, SearchRequest)
             check_search(req, self.limits)
             out = await self._retrieve(req.query, req.k, req.filter, req.mode, req.fusion)
-            return SearchResponse(query=req.query, k=req.k, mode=out.mode, version=out.version, data=out.passages)
+            return SearchResponse(query=req.query, k=req.k, mode=out.mode, version=version_name(out.version),
+                                  data=out.passages)
 
         return _json(await self._timed("search", work()))
 

@@ -41,6 +41,12 @@ def current_version(path: str) -> str:
     return resolve_index(path).uri
 
 
+def version_name(version: str) -> str:
+    """What a client is told of a version: its folder's name (``v-00001``), never the path or URI it lives at
+    (which names the server's filesystem or bucket, and may carry credentials)."""
+    return version.rstrip("/").rsplit("/", 1)[-1]
+
+
 class LoadedVersions:
     """The opened versions of one searching replica (the newest ``KEEP_VERSIONS``) of its shards (``shards``;
     None = every shard of each version), loaded in a thread of their own, one load per version however many
@@ -98,7 +104,7 @@ class LoadedVersions:
         free = psutil.virtual_memory().available
         if need > 0.9 * free:
             raise Conflict(
-                f"{version}: shards {shards} need about {human_bytes(need)} in memory beside the version "
+                f"{version_name(version)}: shards {shards} need about {human_bytes(need)} in memory beside the version "
                 f"served, and {human_bytes(free)} is free here. Fix: give the replicas more memory, split the index "
                 "into more groups (shards.layout: split, shards.groups), keep shards memory-mapped on local disk "
                 "(index.mmap: true), or serve the new version with a new deployment (ragtune serve)",
@@ -195,17 +201,17 @@ class VersionPointer:
             new = current_version(self.path)
             old = self.version
             if new == old:
-                return Reloaded(version=new, previous=old, changed=False)
+                return Reloaded(version=version_name(new), previous=version_name(old), changed=False)
             manifest = read_index_manifest(resolve(new))
             try:  # retrieval.mode lexical or hybrid and a version without BM25 shards: keep serving the old one
-                resolve_mode(self.mode, manifest, new, "retrieval.mode")
+                resolve_mode(self.mode, manifest, version_name(new), "retrieval.mode")
             except InvalidRequest as e:
                 raise Conflict(f"not switching to it: {e.message}", code=e.code) from None
             await prepare(new, manifest)
             self.manifests[new] = manifest
             self.version = new
             log.info("index version %s -> %s", old, new)
-            return Reloaded(version=new, previous=old, changed=True)
+            return Reloaded(version=version_name(new), previous=version_name(old), changed=True)
 
 
 # The GPU resources of each index whose shards were moved onto the GPU, held as long as that index lives: its GPU

@@ -267,6 +267,8 @@ class LimitsConfig(Section):
     """Request limits: over a limit is a 4xx in OpenAI's error format, never a 500."""
 
     max_body_bytes: int = Field(1_000_000, ge=1024, description="request body size")
+    max_json_depth: int = Field(32, ge=4, le=256, description="how deeply a body's arrays and objects may nest "
+                                                              "(checked before parsing; OpenAI's bodies nest 5 deep)")
     max_messages: int = Field(64, ge=1, description="messages per chat request")
     max_input_chars: int = Field(32_000, ge=1, description="characters of all messages / a prompt / an input")
     max_tokens: int = Field(1024, ge=1, description="max_tokens a request may ask for")

@@ -214,7 +214,7 @@ def test_search_equals_ragtune_search(served, capsys):
         r = post(url, "/v1/search", {"query": item["query"], "k": 5, "mode": "dense"})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["version"].endswith("v-00001")
+        assert body["version"] == "v-00001"  # by name: the server's paths stay on the server
         assert [(h["rank"], h["chunk_id"], h["doc_id"], h["title"], h["text"]) for h in body["data"]] == \
             [(h["rank"], h["chunk_id"], h["doc_id"], h["title"], h["text"]) for h in item["results"]]
         assert np.allclose([h["score"] for h in body["data"]], [h["score"] for h in item["results"]], atol=1e-4)
@@ -424,6 +424,12 @@ def test_bad_input_is_a_4xx_in_openai_format_never_a_500(served):
                             timeout=60)  # no Content-Length: counted while read
     assert_openai_error(chunked, 413, "request_too_large")
     assert_openai_error(requests.get(f"{url}/v1/nothing", headers=h, timeout=60), 404)
+    for path in ("/v1/search", "/v1/chat/completions", "/v1/embeddings", "/v1/completions"):  # hostile nesting
+        for deep in (b"[" * 5000, b'{"a":' * 3000, b'{"query": "q", "filter": ' + b"[" * 40 + b"]" * 40 + b"}"):
+            assert_openai_error(requests.post(f"{url}{path}", data=deep, headers=h, timeout=60), 400, "invalid_json")
+    assert_openai_error(post(url, "/v1/chat/completions", {**ok, "response_format": {"type": "json_object"}}), 400,
+                        param="response_format")  # refused, not silently answered with free text
+    assert post(url, "/v1/chat/completions", {**ok, "response_format": {"type": "text"}}).status_code == 200
     metrics = requests.get(f"{url}/metrics", headers=h, timeout=60).text
     assert 'ragtune_requests_total{route="search",status="400"}' in metrics
     assert 'ragtune_stage_seconds_count{stage="embed"}' in metrics and 'stage="generate"' in metrics
@@ -605,7 +611,8 @@ def test_index_version_swap_under_traffic_fails_no_request(served, reference):
     switch_latest(resolve(str(root)), "v-00002")
     r = post(url, "/admin/reload", {})
     t_switched = time.monotonic()
-    assert r.status_code == 200 and r.json()["changed"] and r.json()["version"].endswith("v-00002"), r.text
+    assert r.status_code == 200 and r.json()["changed"] and r.json()["version"] == "v-00002", r.text
+    assert r.json()["previous"] == "v-00001"
     time.sleep(3)
     stop.set()
     for f in futures:
@@ -621,7 +628,8 @@ def test_index_version_swap_under_traffic_fails_no_request(served, reference):
     assert search_ids(url, probe)[0] == reference["v-00002"][probe]
     assert rows[-1]["_id"] in {h["doc_id"] for h in post(url, "/v1/search", {"query": probe, "k": 1}).json()["data"]}
     health = requests.get(f"{url}/healthz", timeout=30).json()
-    assert health["ready"] and health["version"].endswith("v-00002")
+    assert health["ready"] and health["version"] == "v-00002"  # unauthenticated: a name, never a path
+    assert str(root) not in requests.get(f"{url}/healthz", timeout=30).text
 
 
 @pytest.mark.timeout(300)

@@ -27,6 +27,7 @@ from serving.schemas import (
     check_chat,
     check_embeddings,
     check_search,
+    json_depth,
 )
 from sharding.filters import matches
 from sharding.search import merge_topk
@@ -189,10 +190,23 @@ def test_chat_requests_parse_openai_shapes_and_the_retrieval_extension():
     ({"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 3}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text content"),
     ({"messages": [{"role": "user", "content": "q"}]}, "model"),
+    ({"model": "m", "messages": [{"role": "user", "content": "q"}], "response_format": {"type": "json_object"}},
+     "'json_object' is not supported"),
+    ({"model": "m", "messages": [{"role": "user", "content": "q"}], "response_format": {"type": "yaml"}},
+     "response_format.type"),
 ])
 def test_malformed_chat_requests_are_refused(body, where):
     with pytest.raises(ValueError, match=where):
         ChatCompletionRequest.model_validate(body)
+
+
+def test_json_depth_counts_nesting_outside_strings_before_parsing():
+    assert json_depth(b'{"a": [1, {"b": "[[[[{{"}]}') == 3  # brackets inside strings do not nest
+    assert json_depth(b'{"q": "say \\"[[[\\" twice", "k": [[]]}') == 3  # nor after an escaped quote
+    assert json_depth(b'"x"') == 0 and json_depth(b"{}") == 1 and json_depth(b"[[],[],[]]") == 2
+    assert json_depth(b"[" * 5000) == 5000 and json_depth(b'{"a":' * 5000) == 5000  # json.loads: RecursionError
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "[{" * 100}]}).encode()
+    assert json_depth(body) == 3 and json.loads(body)
 
 
 def test_limits_are_400s_that_name_the_limit():
