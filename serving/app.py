@@ -241,12 +241,14 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
 
     generator = _deployment(Generator).options(  # vllm with tensor parallelism: a placement group per replica
         num_replicas=g.replicas, **_common(cfg), **generator_deployment_options(g, plan.generator),
-        max_ongoing_requests=max(32, 2 * g.max_batch_size),
+        max_ongoing_requests=max(32, 2 * g.max_batch_size), max_queued_requests=cfg.limits.max_queued_generations,
     ).bind(g, cfg.prompt, plan.generator)
 
     keys = sorted(api_key_hashes(cfg.auth.api_keys, cfg.auth.api_keys_env))  # only hashes travel to the replicas
     return _deployment(Ingress).options(
-        num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=512,
+        num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light),
+        # above limits.max_concurrent_requests: the requests over it reach the Ingress, which answers them a 429
+        max_ongoing_requests=max(512, cfg.limits.max_concurrent_requests + 64),
     ).bind(embedder, retriever, generator, generation=g, retrieval=cfg.retrieval, limits=cfg.limits,
            key_hashes=keys, api_keys_env=cfg.auth.api_keys_env, index=index)
 

@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -140,9 +140,83 @@ def _json(body: BaseModel, status: int = 200) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait (the Retry-After header)
+
+
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    # overloaded or unavailable: come back soon (OpenAI's clients read Retry-After; theirs retry 429 and 5xx)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def overloaded(e: BaseException) -> ApiError | None:
+    """A full queue of the answering path (Serve's BackPressureError, a deployment's ``max_queued_requests``) as a
+    503 to retry shortly; None for any other error."""
+    from ray.serve.exceptions import BackPressureError
+
+    cur: BaseException | None = e
+    while cur is not None:
+        if isinstance(cur, BackPressureError):
+            return ApiError(503, "the server is at capacity (its generation queue is full: "
+                                 "limits.max_queued_generations); retry shortly", code="overloaded")
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    return None
+
+
+class _HeldStream(StreamingResponse):
+    """A streamed response that releases its admission slot when it has ended: finished, failed, or its client
+    gone, even before its first byte (when its event generator never starts, so its own ``finally`` never runs)."""
+
+    def __init__(self, slot: "Slot", *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
+class Admission:
+    """Requests in flight in this Ingress replica, at most ``limit``: one more is refused at once with a 429
+    (OpenAI's ``rate_limit_exceeded``, Retry-After) instead of waiting in a queue without bound. A request holds
+    its slot until its response ends (a stream until its last event)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_flight = limit, 0
+
+    def take(self) -> "Slot":
+        if self.in_flight >= self.limit:
+            raise ApiError(429, f"this server is answering {self.in_flight} requests, its limit "
+                                f"(limits.max_concurrent_requests); retry shortly", code="rate_limit_exceeded")
+        self.in_flight += 1
+        return Slot(self)
+
+
+class Slot:
+    """One admitted request's place; ``release()`` once (more calls do nothing). Also a context manager."""
+
+    def __init__(self, admission: Admission):
+        self.admission: Admission | None = admission
+
+    def release(self) -> None:
+        if self.admission is not None:
+            self.admission.in_flight -= 1
+            self.admission = None
+
+    def hand_over(self) -> "Slot":
+        """The same place, held by a new owner (a stream's response); this one releases nothing any more."""
+        new = Slot.__new__(Slot)
+        new.admission, self.admission = self.admission, None
+        return new
+
+    def __enter__(self) -> "Slot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -181,6 +255,10 @@ class Metrics:
         self.tokens = Counter("ragtune_tokens", "tokens by kind: prompt, completion", ["kind"], registry=r)
         self.version = Gauge("ragtune_index_version_info", "the index version answered from", ["version"],
                              registry=r)
+        self.in_flight = Gauge("ragtune_requests_in_flight", "requests this replica is answering (streams until "
+                               "their last event)", registry=r)
+        self.rejected = Counter("ragtune_requests_rejected", "requests refused at once with a 429: "
+                                "limits.max_concurrent_requests in flight", registry=r)
 
 
 Kind = Literal["chat", "completion"]
@@ -213,6 +291,8 @@ class Ingress:
         self.models = [generation.name, *generation.adapters]
         self.embedder_info: EmbedderInfo | None = None  # model name and dimension: fixed for the deployment
         self.metrics = Metrics()
+        self.admission = Admission(limits.max_concurrent_requests)
+        self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.created = int(time.time())
 
     # --- plumbing -----------------------------------------------------------------------------------------------------
@@ -265,6 +345,16 @@ class Ingress:
                                 + (f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""),
                            param=where, code="invalid_request") from None
 
+    def _admit(self, route: str) -> Slot:
+        """A place for one request on ``route``, or a 429 at once (counted in the metrics) when the replica has
+        ``limits.max_concurrent_requests`` in flight."""
+        try:
+            return self.admission.take()
+        except ApiError:
+            self.metrics.requests.labels(route, "429").inc()
+            self.metrics.rejected.inc()
+            raise
+
     async def _timed(self, route: str, work: Awaitable[T]) -> T:
         """Run a route's work with the request timeout; count and time it; any failure in OpenAI's format."""
         t0 = time.perf_counter()
@@ -276,7 +366,7 @@ class Ingress:
             raise ApiError(504, f"the request took longer than {self.limits.request_timeout_s:g}s "
                                 "(limits.request_timeout_s)", code="timeout") from None
         except Exception as e:
-            api = api_error(e)
+            api = api_error(e) or overloaded(e)
             status = api.status if api else 500
             if api is None:
                 log.exception("%s failed", route)
@@ -370,7 +460,8 @@ class Ingress:
             return SearchResponse(query=req.query, k=req.k, mode=out.mode, version=version_name(out.version),
                                   data=out.passages)
 
-        return _json(await self._timed("search", work()))
+        with self._admit("search"):
+            return _json(await self._timed("search", work()))
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
@@ -398,7 +489,8 @@ class Ingress:
             return EmbeddingList(model=info.model, data=data,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
-        return _json(await self._timed("embeddings", work()))
+        with self._admit("embeddings"):
+            return _json(await self._timed("embeddings", work()))
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -415,10 +507,11 @@ class Ingress:
             return req, handle, ChatInput(messages=[m.plain() for m in req.messages], passages=passages,
                                           params=self._params(req, req.max_new_tokens()))
 
-        req, handle, payload = await self._timed("chat.prepare", start())
-        if req.stream:
-            return await self._stream("chat", req, handle, payload)
-        return _json(await self._timed("chat", self._complete("chat", req, handle, payload)))
+        with self._admit("chat") as slot:  # a stream takes the slot over, to its last event
+            req, handle, payload = await self._timed("chat.prepare", start())
+            if req.stream:
+                return await self._stream("chat", req, handle, payload, slot)
+            return _json(await self._timed("chat", self._complete("chat", req, handle, payload)))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -428,10 +521,11 @@ class Ingress:
             handle = self._generator_for(req.model)
             return req, handle, CompletionInput(prompt=req.text(), params=self._params(req, req.max_tokens))
 
-        req, handle, payload = await self._timed("completions.prepare", start())
-        if req.stream:
-            return await self._stream("completion", req, handle, payload)
-        return _json(await self._timed("completions", self._complete("completion", req, handle, payload)))
+        with self._admit("completions") as slot:
+            req, handle, payload = await self._timed("completions.prepare", start())
+            if req.stream:
+                return await self._stream("completion", req, handle, payload, slot)
+            return _json(await self._timed("completions", self._complete("completion", req, handle, payload)))
 
     # --- generation ---------------------------------------------------------------------------------------------------
 
@@ -456,9 +550,10 @@ class Ingress:
                               choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)])
 
     async def _stream(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, handle: DeploymentHandle,
-                      payload: ChatInput | CompletionInput) -> Response:
+                      payload: ChatInput | CompletionInput, slot: Slot) -> Response:
         """Server-sent events. The first event (the prompt) is awaited before answering 200, so that a prompt
-        that does not fit is still a 400; later failures end the stream with an error event."""
+        that does not fit is still a 400; later failures end the stream with an error event. The response holds
+        the request's admission ``slot`` until it has ended, however it ends."""
         t0 = time.perf_counter()
         deadline = t0 + self.limits.request_timeout_s
         gen = handle.options(stream=True).stream.remote(payload)
@@ -516,5 +611,5 @@ class Ingress:
                 self.metrics.latency.labels(f"{kind}.stream").observe(time.perf_counter() - t0)
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _HeldStream(slot.hand_over(), events(), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

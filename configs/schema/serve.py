@@ -278,6 +278,12 @@ class LimitsConfig(Section):
     max_embedding_inputs: int = Field(256, ge=1, description="inputs per /v1/embeddings request")
     max_stop: int = Field(4, ge=0, description="stop sequences per request")
     request_timeout_s: float = Field(60.0, gt=0, description="a request (a whole stream) is cut after this")
+    max_concurrent_requests: int = Field(256, ge=1, le=100_000, description=(
+        "requests one Ingress replica answers at once (a stream until its end); one more is a 429 with "
+        "Retry-After at once, never an unbounded wait"))
+    max_queued_generations: int = Field(64, ge=0, description=(
+        "requests waiting for a Generator replica beyond those it is decoding (Serve's max_queued_requests); "
+        "one more is a 503 with Retry-After"))
 
 
 class ServeConfig(Section):

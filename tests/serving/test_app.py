@@ -101,13 +101,15 @@ def served(ray_2_cpus, squad_retrieval, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fused(served):
-    """The same config in the fused layout, a second app beside the split one: its base URL (/fused)."""
+    """The same config in the fused layout, a second app beside the split one: its base URL (/fused). It answers
+    at most 4 requests at once (the overload test)."""
     from ray import serve
 
     from serving.app import ServeAppArgs, build_app
 
     url, cfg, *_ = served
-    fused_cfg = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "fused"})})
+    fused_cfg = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "fused"}),
+                                       "limits": cfg.limits.model_copy(update={"max_concurrent_requests": 4})})
     serve.run(build_app(ServeAppArgs(config=fused_cfg.model_dump(mode="json"))), name="ragtune-fused",
               route_prefix="/fused")
     yield f"{url}/fused"
@@ -727,6 +729,44 @@ def test_add_and_delete_under_traffic_fail_no_request_and_gc_keeps_the_leased_ve
 
 
 @pytest.mark.timeout(300)
+def test_more_requests_than_the_limit_get_a_429_with_retry_after_at_once_and_every_slot_comes_back(fused):
+    """32 streamed chats at once against an app that answers 4 at a time: the excess is refused at once with
+    OpenAI's 429 and Retry-After (no 500, no wait in a queue), the admitted ones answer in full, and once they have
+    ended every slot is free again (the in-flight gauge is 0 and a new request is answered)."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": QUERIES[0]}], "max_tokens": 16,
+            "stream": True}
+    start = threading.Barrier(32)
+
+    def one(_):
+        start.wait()
+        t0 = time.monotonic()
+        r = post(fused, "/v1/chat/completions", chat)  # reads the whole stream
+        return r.status_code, r.headers.get("retry-after"), r.text, time.monotonic() - t0
+
+    with ThreadPoolExecutor(32) as pool:
+        out = list(pool.map(one, range(32)))
+    statuses = sorted({s for s, *_ in out})
+    refused = [(retry, text, dt) for s, retry, text, dt in out if s == 429]
+    assert statuses == [200, 429] and 4 <= len(out) - len(refused) < 32, statuses
+    for retry, text, _ in refused:
+        err = json.loads(text)["error"]
+        assert retry == "1" and err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error", err
+        assert "limits.max_concurrent_requests" in err["message"]
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert median([dt for *_, dt in refused]) < median([dt for s, _, _, dt in out if s == 200])  # refused at once
+    assert all(text.rstrip().endswith("data: [DONE]") for s, _, text, _ in out if s == 200)
+    deadline = time.monotonic() + 10
+    while True:  # a stream's slot is released just after its last byte is sent
+        metrics = requests.get(f"{fused}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
+        if "ragtune_requests_in_flight 0.0" in metrics or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "ragtune_requests_in_flight 0.0" in metrics
+    assert f"ragtune_requests_rejected_total {float(len(refused))}" in metrics
+    assert search_body(fused, QUERIES[1], k=3)["data"]  # the slots came back
+
+
+@pytest.mark.timeout(300)
 def test_fused_layout_reload_under_traffic_fails_no_request(served, fused):
     """Last: the fused app (still on v-00001: nothing reloaded it) switches under traffic to the version LATEST
     names now (the add and delete test's last, with deltas and tombstones): no request fails, each answer is
@@ -741,7 +781,7 @@ def test_fused_layout_reload_under_traffic_fails_no_request(served, fused):
     reference = {v: {q: [p.chunk_id for p in LocalRetriever(str(root / v)).search(q, 5)] for q in queries}
                  for v in ("v-00001", latest)}
     stop, results, errors = threading.Event(), [], []
-    pool, futures = load(fused, queries, stop, results, errors)
+    pool, futures = load(fused, queries, stop, results, errors, concurrency=3)  # under the app's limit of 4
     try:
         time.sleep(2)
         r = post(fused, "/admin/reload", {})

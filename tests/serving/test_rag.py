@@ -231,6 +231,42 @@ def test_limits_are_400s_that_name_the_limit():
         CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]})
 
 
+def test_admission_refuses_past_its_limit_until_a_slot_is_released_and_overload_is_a_503_to_retry():
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    from serving.ingress import Admission, _api_error, overloaded
+
+    adm = Admission(2)
+    first, second = adm.take(), adm.take()
+    with pytest.raises(ApiError) as e:
+        adm.take()
+    assert e.value.status == 429 and e.value.code == "rate_limit_exceeded" and adm.in_flight == 2
+    held = second.hand_over()  # a stream's response takes the place over
+    second.release()
+    assert adm.in_flight == 2  # the old owner releases nothing
+    held.release()
+    held.release()  # once only
+    assert adm.in_flight == 1
+    with adm.take():
+        assert adm.in_flight == 2
+    first.release()
+    assert adm.in_flight == 0
+
+    class Wrapper(Exception):  # Ray's RayTaskError keeps the user's exception in `cause`
+        def __init__(self, cause):
+            self.cause = cause
+
+    busy = overloaded(Wrapper(BackPressureError(num_queued_requests=64, max_queued_requests=64)))
+    assert busy is not None and busy.status == 503 and busy.code == "overloaded"
+    assert overloaded(RuntimeError("other")) is None
+    for err, retry in ((busy, "1"), (ApiError(429, "slow down"), "1"), (ApiError(400, "bad"), None)):
+        response = asyncio.run(_api_error(None, err))
+        assert response.status_code == err.status and response.headers.get("retry-after") == retry
+        assert json.loads(response.body)["error"]["message"] == err.message
+
+
 def test_errors_survive_pickling_and_the_ingress_finds_their_status_behind_wrappers():
     e = NotFound("no such model", param="model", code="model_not_found")
     back = pickle.loads(pickle.dumps(e))
