@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -38,7 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable, user_error
 from configs.schema.serve import GeneratorConfig, IndexSource, LimitsConfig, RetrievalConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
-from serving.deployments import call_retrying, replica_errors
+from serving.deployments import replica_name
+from serving.fused import PUBLISH_WAIT_S, FusedIndex, IndexReplica, Local, follow_board
 from serving.generation import SamplingParams
 from serving.rag import sampling_params
 from serving.schemas import (
@@ -272,17 +273,31 @@ class Ingress:
     the environment variable the replica reads more keys from (``auth.api_keys_env``).
 
     Split layout: ``embedder`` is the Embedder, ``retriever`` the Retriever (which holds the index version).
-    Fused layout (``index`` given): both are the IndexReplica, and this Ingress holds the version pointer
-    (``serving.versions.VersionPointer``: polling ``index.poll_interval_s``, ``/admin/reload``) and names the
-    version of each search, so a search is one call.
+    Fused layout (``fused`` given): this replica holds the whole index itself (``serving.fused.IndexReplica``,
+    called through ``Local``, so a search crosses no process) and a version pointer
+    (``serving.versions.VersionPointer``: polling ``index.poll_interval_s``, ``/admin/reload``), kept in step with
+    the other replicas' through the ``board`` (``serving.fused.VersionBoard``).
     """
 
-    def __init__(self, embedder: DeploymentHandle, retriever: DeploymentHandle, generator: DeploymentHandle, *,
-                 generation: GeneratorConfig, retrieval: RetrievalConfig, limits: LimitsConfig,
-                 key_hashes: list[str], api_keys_env: str | None, index: IndexSource | None = None):
-        self.embedder, self.retriever, self.generator = embedder, retriever, generator
-        self.pointer = VersionPointer(index, retrieval.mode) if index is not None else None
-        self.retry_errors = replica_errors()
+    def __init__(self, embedder: DeploymentHandle | None, retriever: DeploymentHandle | None,
+                 generator: DeploymentHandle, *, generation: GeneratorConfig, retrieval: RetrievalConfig,
+                 limits: LimitsConfig, key_hashes: list[str], api_keys_env: str | None,
+                 index: IndexSource | None = None, fused: FusedIndex | None = None,
+                 board: DeploymentHandle | None = None):
+        self.generator = generator
+        self.pointer: VersionPointer | None = None
+        self.index_replica: IndexReplica | None = None
+        self.board, self.synced = board, asyncio.Event()
+        self.follower: asyncio.Task[None] | None = None
+        if fused is not None:
+            if index is None:
+                raise ValueError("the fused layout needs the index")
+            self.index_replica = IndexReplica(index, fused.embedder, retrieval, fused.resources)
+            embedder = retriever = cast(DeploymentHandle, Local(self.index_replica))  # called the same way
+            self.pointer = VersionPointer(index, retrieval.mode, on_switch=self._publish if board else None)
+        if embedder is None or retriever is None:
+            raise ValueError("the split layout needs the Embedder's and the Retriever's handles")
+        self.embedder, self.retriever = embedder, retriever
         self.generation, self.retrieval, self.limits = generation, retrieval, limits
         self.keys = set(key_hashes) | api_key_hashes([], api_keys_env)
         if not self.keys:
@@ -294,6 +309,11 @@ class Ingress:
         self.admission = Admission(limits.max_concurrent_requests)
         self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.created = int(time.time())
+
+    def check_health(self) -> None:
+        """Serve's health check: in the fused layout, whether this replica's index is loaded."""
+        if self.index_replica is not None:
+            self.index_replica.check_health()
 
     # --- plumbing -----------------------------------------------------------------------------------------------------
 
@@ -398,11 +418,9 @@ class Ingress:
         overrides = fusion.overrides() if fusion else None
         if self.pointer is None:
             out: SearchResult = await self.retriever.search.remote(query, k, filter, mode, overrides, param)
-        else:  # fused: the one call of a search, to the version this Ingress serves (retried while a replica restarts)
-            self.pointer.poll(self._prepare)
-            out = await call_retrying(self.retriever, "search", time.monotonic() + self.retrieval.retries_s,
-                                      self.retry_errors, self.pointer.version, query, k, filter, mode, overrides,
-                                      param)
+        else:  # fused: this replica's own index, the version it serves (in step with the other replicas)
+            await self._follow(wait=True)
+            out = await self.retriever.search.remote(self.pointer.version, query, k, filter, mode, overrides, param)
         if out.mode != "lexical":  # lexical searches embed nothing
             self.metrics.stage.labels("embed").observe(out.timings.embed_s)
             self.metrics.batch.labels("embedder").observe(out.embed_batch)
@@ -413,14 +431,35 @@ class Ingress:
         return out
 
     async def _prepare(self, version: str, manifest: IndexManifest) -> None:
-        """Fused: load a new version in a replica before switching to it (the others load it when asked)."""
+        """Fused: load a new version (shards and docstore) in this replica before switching to it."""
         await self.retriever.prepare.remote(version)
+
+    async def _follow(self, wait: bool = False) -> None:
+        """Fused: start following the board (and polling LATEST) once, from the first request that needs the
+        version; ``wait``: until the board has answered once, so that a new replica never answers a search from
+        another version than the others'."""
+        if self.pointer is None:
+            return
+        self.pointer.poll(self._prepare)
+        if self.follower is None and self.board is not None:
+            self.follower = asyncio.get_running_loop().create_task(
+                follow_board(self.board, self.pointer, replica_name(), self._prepare, self.synced))
+        if wait and self.board is not None and not self.synced.is_set():
+            await self.synced.wait()
+
+    async def _publish(self, version: str) -> None:
+        """Fused: after this replica switched, have every other replica switch before the switch is answered."""
+        behind = await self.board.publish.remote(version) if self.board is not None else []
+        if behind:
+            log.warning("index version %s: replicas %s have not switched to it after %.0fs; they answer from the "
+                        "version before until they do", version, ", ".join(behind), PUBLISH_WAIT_S)
 
     # --- routes -------------------------------------------------------------------------------------------------------
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
+            await self._follow()
             ready = (self.retriever.ready.remote() if self.pointer is None else
                      self.retriever.ready.remote(self.pointer.version))
             state: Health = await asyncio.wait_for(ready, 10)
@@ -447,6 +486,7 @@ class Ingress:
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> JSONResponse:
         self._auth(request)
+        await self._follow(wait=True)
         reloaded: Reloaded = await self._timed("reload", self.retriever.reload.remote() if self.pointer is None else
                                                self.pointer.reload(self._prepare))
         return _json(reloaded)
