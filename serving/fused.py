@@ -254,7 +254,10 @@ def _pulse(event: asyncio.Event) -> asyncio.Event:
     return asyncio.Event()
 
 
-@serve.deployment(name="VersionBoard", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+# graceful_shutdown_timeout_s: its requests are long polls that never finish by themselves; nothing is lost by
+# cutting them (a replica's loop asks again)
+@serve.deployment(name="VersionBoard", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+                  graceful_shutdown_timeout_s=1)
 class VersionBoard:
     """The index version the fused app answers from, and which of its Ingress replicas have switched to it.
 
