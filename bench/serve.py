@@ -8,8 +8,9 @@ fixed number of requests at a fixed concurrency to each route, first with batchi
     python bench/serve.py                                     # ~6 minutes on 2 cores
     python bench/serve.py --requests 1000 --concurrency 64 --repeats 2
 
-Routes: ``embedder``, the deployment that embeds (the Embedder; the IndexReplica in the fused layout) called through
-a Serve handle from this process (the embedder path without the HTTP hops: what dynamic batching acts on);
+Routes: ``embedder``, the deployment that embeds (the Embedder of the split layout; the fused layout embeds inside
+the Ingress, so it has no such route) called through a Serve handle from this process (the embedder path without
+the HTTP hops: what dynamic batching acts on);
 ``embeddings``, ``/v1/embeddings`` with one input per request (the embedder path over HTTP); ``search``,
 ``/v1/search`` (embed, search every shard, merge, docstore: hops as the plan lays them out); ``chat``, RAG chat
 (``/v1/chat/completions``: search, prompt, ``--max-tokens`` greedy tokens of the tiny model). Printed per route and
@@ -444,13 +445,17 @@ def main() -> None:
                 "limits": {"request_timeout_s": 300}, "serve": {"access_log": args.access_log}})
             serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name="bench", route_prefix="/")
             wait_ready(url)
-            # the deployment that embeds: the Embedder (split), or the IndexReplica (fused)
-            handle = serve.get_deployment_handle("IndexReplica" if plan_for(cfg).layout == "fused" else "Embedder",
-                                                 app_name="bench")
-            for path, bodies, conc in routes.values():  # warm up (adapters, caches)
+            # the deployment that embeds: the Embedder (split); in the fused layout the Ingress embeds in its own
+            # process, so there is no handle to call without HTTP
+            fused = plan_for(cfg).layout == "fused"
+            handle = None if fused else serve.get_deployment_handle("Embedder", app_name="bench")
+            active = {n: route for n, route in routes.items() if route[0] != "handle" or handle is not None}
+            if len(active) < len(routes) and r == 0 and on:
+                print("fused layout: the Ingress embeds in its own process; no `embedder` handle route", flush=True)
+            for path, bodies, conc in active.values():  # warm up (adapters, caches)
                 asyncio.run(load_handle(handle, bodies[:conc * 2], conc) if path == "handle" else
                             load(url + path, bodies[: max(conc * 2, 16)], conc))
-            for name, (path, bodies, conc) in routes.items():
+            for name, (path, bodies, conc) in active.items():
                 dep = "generator" if name == "chat" else "embedder"
                 s0, c0 = batch_totals(url, dep)
                 if path == "handle":

@@ -217,9 +217,9 @@ class ServePlan:
     """Resources of every deployment of the serving app, its layout, and which index shards each ShardSearcher
     holds.
 
-    ``layout`` fused: one replica type (``IndexReplica``) holds the query encoder, every shard and the docstore;
-    ``searcher`` is its resources (``embedder`` too: it embeds), ``groups`` one group of every shard, and ``light``
-    the Ingress's. Split: an Embedder, one ShardSearcher deployment per group, a Retriever and the Ingress.
+    ``layout`` fused: the Ingress replicas hold the query encoder, every shard and the docstore themselves;
+    ``searcher`` is their resources (``embedder`` too: they embed), ``groups`` one group of every shard, and
+    ``light`` is unused. Split: an Embedder, one ShardSearcher deployment per group, a Retriever and the Ingress.
     """
 
     embedder: ReplicaResources
@@ -363,7 +363,7 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
     search_share = round(min(1.0, left / n_search), 3) if search_gpu else 0.0
     defaults = {"embedder": 1.0, "generator": 1.0, "searcher": 1.0 if fused else 0.5, "light": 0.1}
     counts = {"embedder": 0 if fused else embedder_replicas, "generator": generator_replicas, "searcher": n_search,
-              "light": max(1, light_replicas - 1) if fused else light_replicas}
+              "light": 0 if fused else light_replicas}
     total_cpus = sum(n.cpus for n in nodes)
     fixed = sum((num_cpus.get(r) or 0) * counts[r] for r in counts)
     if fixed > total_cpus:
@@ -397,7 +397,7 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
         light=ReplicaResources(cpus("light"), 0.0, 1, "cpu"),
         groups=grouped,
         reason=(f"{kind} layout ({why}); "
-                + (f"one IndexReplica type with all {num_shards} shard(s)" if fused else
+                + (f"Ingress replicas holding all {num_shards} shard(s)" if fused else
                    f"{len(grouped)} shard group(s) of {num_shards} shard(s)")
                 + f"; generator on {'GPU' if gen_gpu else 'CPU'}, {'index replicas' if fused else 'searchers'} on "
                 f"{f'GPU ({search_share:g} of one each)' if search_gpu else 'CPU'}"

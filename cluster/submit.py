@@ -11,9 +11,12 @@ by ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``, and is sent as a bearer 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shlex
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +28,15 @@ from configs.errors import RagtuneError
 # Never uploaded with the working directory, whatever the ignore files say.
 EXCLUDES = [".venv/", "venv/", ".git/", "runs/", "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",
             ".mypy_cache/"]
+log = logging.getLogger("ragtune.submit")
+
+# What a job server that is not ready answers (Ray's JobSubmissionClient raises RuntimeError("Request failed with
+# status code 500: No available agent to submit job, please try again later..")): its agent has not registered yet
+# (a head node just started) or a stale agent holds its port; or 503 from a proxy in front of it. Neither took the
+# job, so a retry cannot submit it twice (a 502 or 504 could have, after the job was taken: those are not retried).
+NOT_READY = re.compile(r"status code (?:503|500: No available agent)")
+SUBMIT_RETRY_S = 60.0
+
 # Environment a job needs wherever it runs: no hub downloads at run time unless the user allows them.
 DEFAULT_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 
@@ -76,6 +88,32 @@ def connect(address: str | None):
                 else "check the address and that the head node's dashboard is running")
         raise RagtuneError(f"cannot reach the Ray job server at {url} ({name}: {str(e).splitlines()[0]}). "
                            f"Fix: {hint}") from None
+
+
+def submit_retrying(submit: Callable[[], str], url: str, retry_s: float = SUBMIT_RETRY_S,
+                    sleep: Callable[[float], None] = time.sleep) -> str:
+    """``submit()`` (a JobSubmissionClient.submit_job call: the job id), retried for up to ``retry_s`` seconds
+    (backing off 1, 2, 4 ... 8 s) while the job server answers that it is not ready; then a clear error that says
+    what to check. Any other failure is raised at once."""
+    deadline, wait, tries = time.monotonic() + retry_s, 1.0, 0
+    while True:
+        tries += 1
+        try:
+            return submit()
+        except RuntimeError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not NOT_READY.search(first):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise RagtuneError(
+                    f"the Ray job server at {url} is not ready to take jobs: after {tries} tries over "
+                    f"{retry_s:g} s it still answers: {first.rstrip('.')}. Fix: check that the head node's Ray is "
+                    "up (`ray status` there); Ray processes left from an earlier cluster on the head can hold the "
+                    "job agent's port (`ray stop --force` there, then `ray start --head`); then submit again"
+                ) from None
+            log.warning("the job server at %s is not ready (%s); retrying in %.0f s", url, first.rstrip("."), wait)
+            sleep(wait)
+            wait = min(2 * wait, 8.0)
 
 
 def alive_nodes(address: str | None) -> int:

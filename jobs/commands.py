@@ -34,6 +34,7 @@ class Job:
     ``ragtune validate`` also runs)."""
 
     help: str
+    example: tuple[str, str]  # a packaged config (relative to the repository) and an override that config takes
     # boolean command-line flags that are shorthands for a config override
     flags: dict[str, tuple[str, str]] = field(default_factory=dict)
     epilog: str | None = None
@@ -42,15 +43,21 @@ class Job:
 
 JOBS: dict[str, Job] = {
     "embed": Job("embed a corpus into embedding parts on Ray Data",
+                 ("configs/embed/sample.yaml", "embed.batch_size=128"),
                  {"--overwrite": ("output.overwrite=true", "replace embeddings in output.path made differently")}),
     "index": Job("build a sharded FAISS index (a new version) from embedding parts",
+                 ("configs/index/sample.yaml", "index.shards=4"),
                  epilog="also: ragtune index add|delete|compact|gc|history -i INDEX ... (`ragtune index add -h`): "
                         "change an index without rebuilding it"),
-    "finetune": Job("fine-tune a causal LM with LoRA on Ray Train + DeepSpeed ZeRO"),
-    "compare": Job("measure base vs fine-tuned vs RAG vs RAFT on the same questions"),
+    "finetune": Job("fine-tune a causal LM with LoRA on Ray Train + DeepSpeed ZeRO",
+                    ("configs/finetune/tiny.yaml", "train.steps=80")),
+    "compare": Job("measure base vs fine-tuned vs RAG vs RAFT on the same questions",
+                   ("configs/compare/squad-slice.yaml", "questions.max_eval=50")),
     "demo": Job("the whole comparison on a fictional world, on a local Ray (about 8 minutes on a laptop)",
+                ("configs/demo/default.yaml", "world.people=60"),
                 default_config=str(CONFIG_DIR / "demo" / "default.yaml")),
     "serve": Job("serve RAG on Ray Serve behind an OpenAI-compatible API (until Ctrl-C)",
+                 ("configs/serve/sample.yaml", "http.port=8001"),
                  {"--print-serve-config": ("serve.print_config=true",
                                            "print the Serve config YAML (KubeRay RayService) and exit")}),
 }
@@ -68,9 +75,9 @@ def add_job_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argum
         p.add_argument("-c", "--config", default=job.default_config,
                        help=f"YAML config (default {Path(job.default_config).relative_to(CONFIG_DIR.parent)})")
     else:
-        p.add_argument("-c", "--config", required=True, help=f"YAML config, e.g. configs/{name}/sample.yaml")
+        p.add_argument("-c", "--config", required=True, help=f"YAML config, e.g. {job.example[0]}")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
-                   help="dotted overrides of config values, e.g. embed.batch_size=128")
+                   help=f"dotted overrides of config values, e.g. {job.example[1]}")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     for flag, (_, text) in job.flags.items():
         p.add_argument(flag, action="store_true", help=text)

@@ -22,8 +22,8 @@ The flow, top to bottom:
 6. the update (optional): new and changed documents arrive. RAG and RAFT: ``index add`` and a reload of the
    serving app; fine-tuned: retraining on the seen and the new question/answer pairs. Time-to-knowledge is the
    seconds from the update's arrival until a system serves it, and its accuracy on the affected questions then;
-7. the report: ``report.md`` (a table shaped like the comparison people decide with), ``results.json`` (every
-   number), ``comparison.png``.
+7. the report: ``report.md`` (a table shaped like the comparison people decide with), ``report.html`` (the same
+   with the chart inline, one self-contained page), ``results.json`` (every number), ``comparison.png``.
 
 What is measured is what is served: answers come from the serving app's own prompt assembly and generation
 (``models.prompt``, ``serving.rag``), asked over its HTTP API (``serving.client``), and RAFT's training prompts are
@@ -55,7 +55,7 @@ from jobs import embed, finetune, freshness
 from jobs import index as index_job
 from jobs.commands import job_main
 from jobs.compare_questions import QA, read_questions, sample, split_questions
-from jobs.compare_report import describe, plot, render_table
+from jobs.compare_report import describe, plot, render_html, render_table, render_terminal
 from jobs.compare_results import (
     CompareResults,
     Example,
@@ -455,13 +455,17 @@ def assemble(cfg: CompareJobConfig, qs: Questions, stages: Stages, measured: Map
 
 
 def write_report(cfg: CompareJobConfig, results: CompareResults) -> CompareSummary:
-    """``report.md``, ``results.json`` and ``comparison.png`` into ``output.path``; the table printed."""
+    """``report.md``, ``report.html``, ``results.json`` and ``comparison.png`` into ``output.path``; the table's
+    numbers printed for a terminal, with where the whole report is."""
     report = render_table(results.systems)
     root = resolve(cfg.output.path)
+    chart = plot(results.systems)
     atomic_write_bytes(root.join("report.md"), (report + "\n").encode())
     atomic_write_bytes(root.join("results.json"), results.to_json().encode())
-    atomic_write_bytes(root.join("comparison.png"), plot(results.systems))
-    print(report)
+    atomic_write_bytes(root.join("comparison.png"), chart)
+    atomic_write_bytes(root.join("report.html"), render_html(results, chart).encode())
+    print(f"\n{render_terminal(results.systems)}\n\nthe whole table: {root.join('report.md').uri}\n"
+          f"as a page (opens in a browser, no server): {root.join('report.html').uri}")
     summary = {name: {"seen_em": s.seen.em, "held_out_em": s.held_out.em,
                       "new_em": s.update.after.em if s.update else None,
                       "time_to_knowledge_s": s.update.time_to_knowledge_s if s.update else None}
@@ -536,7 +540,8 @@ def _join(root: str, *names: str) -> str:
     return str(Path(root, *names))
 
 
-OWN_OUTPUTS = ("embeddings", "index", "runs", "data", "base_model", "report.md", "results.json", "comparison.png")
+OWN_OUTPUTS = ("embeddings", "index", "runs", "data", "base_model", "report.md", "report.html", "results.json",
+               "comparison.png")
 
 
 def prepare_output(cfg: CompareJobConfig) -> None:

@@ -1,22 +1,49 @@
 """The compare job's report: the Markdown table people decide with (``report.md``), its chart
-(``comparison.png``), and the table's qualitative columns (data needed, compute to build, maintenance)."""
+(``comparison.png``), the same as one self-contained page (``report.html``), the table's numbers for a terminal,
+and the table's qualitative columns (data needed, compute to build, maintenance)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+import html
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
 
 from configs.schema.compare import SYSTEMS, CompareJobConfig
-from jobs.compare_results import IndexStage, Retrain, Split, SplitScore, Stages, SystemResult, TrainStage
+from jobs.compare_results import (
+    CompareResults,
+    IndexStage,
+    Retrain,
+    Split,
+    SplitScore,
+    Stages,
+    SystemResult,
+    TrainStage,
+)
 from jobs.plots import png, pyplot
 
 LABELS = {"base": "base model", "finetuned": "fine-tuned (LoRA)", "rag": "RAG", "raft": "RAFT (fine-tuned + RAG)"}
 
 
-def render_table(systems: Mapping[str, SystemResult]) -> str:
-    """The comparison as Markdown: one row per system, the columns people decide with."""
-    rows = ["| approach | data it needs | seen facts EM / F1 | held-out facts EM / F1 | new knowledge EM "
-            "(after update) | time-to-knowledge | gold passage recall@k | latency p50 / p95 | compute to build | "
-            "maintenance |", "|" + "---|" * 10]
+HEADER = ["approach", "data it needs", "seen facts EM / F1", "held-out facts EM / F1",
+          "new knowledge EM (after update)", "time-to-knowledge", "gold passage recall@k", "latency p50 / p95",
+          "compute to build", "maintenance"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the comparison, whether this run's numbers hold it, and the numbers (the demo checks them)."""
+
+    text: str
+    holds: bool
+    evidence: str
+
+
+def table_rows(systems: Mapping[str, SystemResult]) -> list[list[str]]:
+    """The comparison's cells, one row per system in SYSTEMS order, the columns of ``HEADER``."""
+    rows = []
     for name in SYSTEMS:
         s = systems.get(name)
         if s is None:
@@ -32,11 +59,84 @@ def render_table(systems: Mapping[str, SystemResult]) -> str:
         lat_text = f"{lat.p50_s * 1000:.0f} / {lat.p95_s * 1000:.0f} ms" if lat.p50_s is not None and \
             lat.p95_s is not None else "-"
         before = f" (before: {_cell(new.before)})" if new else ""
-        rows.append(f"| {LABELS[name]} | {s.data_needed} | "
-                    f"{_cell(seen)} / {_cell(seen, 'f1')} | {_cell(held)} / {_cell(held, 'f1')} | "
-                    f"{_cell(new.after if new else None)}{before} | "
-                    f"{ttk_text} | {recall} | {lat_text} | {s.cost_text} | {s.maintenance} |")
-    return "\n".join(rows)
+        rows.append([LABELS[name], s.data_needed, f"{_cell(seen)} / {_cell(seen, 'f1')}",
+                     f"{_cell(held)} / {_cell(held, 'f1')}", f"{_cell(new.after if new else None)}{before}",
+                     ttk_text, recall, lat_text, s.cost_text, s.maintenance])
+    return rows
+
+
+def render_table(systems: Mapping[str, SystemResult]) -> str:
+    """The comparison as Markdown: one row per system, the columns people decide with."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(systems)]
+    return "\n".join(lines)
+
+
+def render_terminal(systems: Mapping[str, SystemResult]) -> str:
+    """The table's numbers in a terminal of 80 columns: exact match per split, the update, time-to-knowledge and
+    latency (the qualitative columns are in report.md and report.html)."""
+    head = f"{'approach':<24}{'seen':>6}{'held-out':>10}{'new: before -> after':>22}{'to know':>10}{'p50':>8}"
+    lines = [head, "-" * len(head)]
+    for name in SYSTEMS:
+        s = systems.get(name)
+        if s is None:
+            continue
+        new = s.update
+        update = f"{_cell(new.before)} -> {_cell(new.after)}" if new else "-"
+        ttk = new.time_to_knowledge_s if new else None
+        to_know = "never" if name == "base" and new else "-" if ttk is None else seconds_text(ttk)
+        p50 = "-" if s.latency.p50_s is None else f"{s.latency.p50_s * 1000:.0f} ms"
+        lines.append(f"{LABELS[name]:<24}{_cell(s.seen):>6}{_cell(s.held_out):>10}{update:>22}{to_know:>10}{p50:>8}")
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    """The versions of ragtune and the libraries that made the numbers (from the installed distributions)."""
+    out = {}
+    for dist in ("ragtune", "torch", "ray", "deepspeed", "transformers", "peft", "faiss-cpu", "faiss-gpu",
+                 "sentence-transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def render_html(results: CompareResults, chart_png: bytes, claims: Sequence[Claim] = ()) -> str:
+    """``report.html``: the table, the claims (the demo's), the chart inline, the settings and the versions, in
+    one page that opens in a browser with no server and no network (no external stylesheet, script or image)."""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{e(c).replace('`', '')}</td>" for c in row) + "</tr>"
+                   for row in table_rows(results.systems))
+    claim_items = "".join(f'<li class="{"yes" if c.holds else "no"}"><b>{"holds" if c.holds else "does NOT hold"}'
+                          f"</b>: {e(c.text)} <span>({e(c.evidence)})</span></li>" for c in claims)
+    claims_html = f"<h2>What the comparison claims, and what this run measured</h2><ul>{claim_items}</ul>" \
+        if claims else ""
+    q = results.questions
+    chart = base64.b64encode(chart_png).decode()
+    vers = ", ".join(f"{k} {v}" for k, v in versions().items())
+    settings = e(json.dumps(results.config, indent=2, default=str))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ragtune: fine-tuning vs RAG vs RAFT</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 75em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }}
+th {{ background: #f3f3f3; }}
+li.yes b {{ color: #1a7f37; }} li.no b {{ color: #cf222e; }} li span {{ color: #555; }}
+img {{ max-width: 100%; }} pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.85em; }}
+</style></head><body>
+<h1>Fine-tuning vs RAG vs RAFT on the same data</h1>
+<p>{q.total:,} questions: {q.seen:,} about facts the trained systems learned (seen), {q.held_out:,} held out,
+{q.update:,} about the update's new documents. The whole comparison took {seconds_text(results.seconds)}.</p>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{claims_html}
+<h2>Chart</h2><img alt="exact match per system and split; time-to-knowledge" src="data:image/png;base64,{chart}">
+<h2>Settings</h2><details><summary>the resolved config</summary><pre>{settings}</pre></details>
+<p>Versions: {e(vers)}.</p>
+</body></html>
+"""
 
 
 def _cell(m: SplitScore | None, key: str = "em") -> str:

@@ -30,6 +30,7 @@ import json
 import logging
 import random
 import shutil
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from configs.schema.demo import DemoJobConfig
 from configs.schema.serve import PromptConfig
 from jobs import compare, finetune
 from jobs.commands import job_main
+from jobs.compare_report import Claim, render_html
 from jobs.compare_results import Split, SystemResult, read_results
 from jobs.jsonl import write_jsonl
 from jobs.world import PERSON_ATTRIBUTES, Doc, Question, Update, World, make_world, more_people, update_world
@@ -147,13 +149,6 @@ def train_reader(cfg: DemoJobConfig, out: Path, world: World, exclude: set[str])
 
 # --- 4. the claims ---------------------------------------------------------------------------------------------------
 
-@dataclass
-class Claim:
-    text: str
-    holds: bool
-    evidence: str
-
-
 def _em(systems: Mapping[str, SystemResult], system: str, split: Split) -> float | None:
     s = systems.get(system)
     m = None if s is None else s.score(split)
@@ -197,9 +192,12 @@ def check_claims(systems: Mapping[str, SystemResult]) -> list[Claim]:
     return out
 
 
-def print_claims(claims: Sequence[Claim]) -> str:
+def print_claims(claims: Sequence[Claim], width: int = 88) -> str:
+    """The verdicts, each wrapped to ``width`` columns (a terminal of 80-100), printed; the text returned."""
     lines = ["", "What the comparison claims, and what this run measured:"]
-    lines += [f"  [{'yes' if c.holds else 'NO '}] {c.text}: {c.evidence}" for c in claims]
+    for c in claims:
+        lines += textwrap.wrap(f"[{'yes' if c.holds else 'NO '}] {c.text}: {c.evidence}", width,
+                               initial_indent="  ", subsequent_indent="        ")
     text = "\n".join(lines)
     print(text)
     return text
@@ -217,7 +215,7 @@ class DemoSummary:
 
     def line(self) -> str:
         return (f"demo finished in {self.seconds / 60:.1f} min: {self.claims_hold} of {self.claims} claims hold; "
-                f"report {self.report}, chart {Path(self.report).with_name('comparison.png')}")
+                f"report {self.report}, as a page {Path(self.report).with_name('report.html')}")
 
 
 class Stages:
@@ -266,10 +264,13 @@ def run(cfg: DemoJobConfig) -> DemoSummary:
     summary = compare.run(compare_config(cfg, inputs, base), on_stage=stages)
 
     stages("the claims")
-    claims = check_claims(read_results(out / "compare" / "results.json").systems)
+    results = read_results(out / "compare" / "results.json")
+    claims = check_claims(results.systems)
     text = print_claims(claims)
     report = resolve(str(out / "compare" / "report.md"))
     atomic_write_bytes(report, (Path(report.path).read_text() + text + "\n").encode())
+    chart = (out / "compare" / "comparison.png").read_bytes()
+    atomic_write_bytes(resolve(str(out / "compare" / "report.html")), render_html(results, chart, claims).encode())
     return DemoSummary(str(out), summary.report, sum(c.holds for c in claims), len(claims), time.perf_counter() - t0)
 
 

@@ -79,9 +79,11 @@ def submit(args: argparse.Namespace) -> int:
     if len(env) != len(args.env):
         raise RagtuneError(f"--env takes KEY=VALUE, got {args.env}")
     pip = cs.pinned_requirements() if args.pip else None
-    job_id = client.submit_job(entrypoint=cs.entrypoint(name, config, overrides),
-                               runtime_env=cs.runtime_env(args.working_dir, env, pip),
-                               submission_id=args.submission_id, metadata={"ragtune.job": name})
+    job_id = cs.submit_retrying(
+        lambda: client.submit_job(entrypoint=cs.entrypoint(name, config, overrides),
+                                  runtime_env=cs.runtime_env(args.working_dir, env, pip),
+                                  submission_id=args.submission_id, metadata={"ragtune.job": name}),
+        cs.dashboard_address(args.address))
     print(f"submitted {name} as {job_id}")
     if not args.wait:
         print(f"follow it with: ragtune jobs logs {job_id} --follow --address {cs.dashboard_address(args.address)}")

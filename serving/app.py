@@ -7,8 +7,9 @@
 Deployments (``serving.deployments``, ``serving.fused``, ``serving.ingress``), composed by handles, in one of two
 layouts (``shards.layout``; auto = fused when the whole index fits one replica's memory budget)::
 
-    fused:  Ingress --> IndexReplica (embed + every shard + docstore)   (/v1/search, chat retrieval, /v1/embeddings)
-               \\----> Generator                                        (LoRA adapters multiplexed)
+    fused:  Ingress (HTTP + embed + every shard + docstore)   (/v1/search, chat retrieval, /v1/embeddings)
+               \\----> Generator                              (LoRA adapters multiplexed)
+            VersionBoard                                      (the version every Ingress replica answers from)
 
     split:  Ingress --> Retriever --> Embedder
                |            \\------> ShardSearcher0 .. ShardSearcherN-1   (one per shard group)
@@ -168,10 +169,10 @@ def route_hops(plan: ServePlan) -> dict[str, str]:
     """Each route's path through the deployments under this plan (logged at start, printed by bench/serve.py)."""
     n = len(plan.groups[0]) if plan.layout == "fused" else sum(len(g) for g in plan.groups)
     if plan.layout == "fused":
-        index = f"IndexReplica (embed + {n} shard(s) + docstore)"
-        return {"/v1/search": f"proxy -> Ingress -> {index}",
-                "/v1/embeddings": "proxy -> Ingress -> IndexReplica (embed)",
-                "/v1/chat/completions": f"proxy -> Ingress -> {index} -> Ingress -> Generator"}
+        index = f"Ingress (embed + {n} shard(s) + docstore, in process)"
+        return {"/v1/search": f"proxy -> {index}",
+                "/v1/embeddings": "proxy -> Ingress (embed, in process)",
+                "/v1/chat/completions": f"proxy -> {index} -> Generator"}
     groups = f"ShardSearcher x{len(plan.groups)} ({n} shard(s), in parallel)"
     search = f"Retriever -> Embedder -> Retriever -> {groups} -> Retriever (docstore)"
     return {"/v1/search": f"proxy -> Ingress -> {search} -> Ingress",
@@ -201,7 +202,7 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     # imported here: they import Ray at their top, and importing this module (jobs.serve does, for
     # `ragtune --help`) must not
     from serving.deployments import Embedder, Generator, Retriever, ShardSearcher
-    from serving.fused import IndexReplica
+    from serving.fused import FusedIndex, VersionBoard
     from serving.ingress import Ingress
 
     if not isinstance(args, ServeAppArgs):
@@ -217,38 +218,40 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     health: dict[str, Any] = {"health_check_period_s": s.health_check_period_s,
                               "health_check_timeout_s": max(10.0, s.health_check_period_s)}
 
-    index: Any = None
-    if plan.layout == "fused":
-        embedder = retriever = _deployment(IndexReplica).options(
-            **_common(cfg), ray_actor_options=_actor_options(plan.searcher), **health, **_scaling(cfg, plan),
-            max_ongoing_requests=max(64, 4 * e.max_batch_size),  # searches and embeddings fill one replica's batches
-        ).bind(cfg.index, e, cfg.retrieval, plan.searcher)
-        index = cfg.index  # the Ingress holds the version pointer
-    else:
-        embedder = _deployment(Embedder).options(
-            num_replicas=e.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.embedder),
-            max_ongoing_requests=max(64, 2 * e.max_batch_size),  # Serve's default (5) would keep batches from filling
-        ).bind(cfg.index, e, plan.embedder)
-        searchers = [
-            _deployment(ShardSearcher).options(
-                name=f"ShardSearcher{n}", **_common(cfg), ray_actor_options=_actor_options(plan.searcher),
-                max_ongoing_requests=64, **health, **_scaling(cfg, plan),
-            ).bind(cfg.index, shards, plan.searcher, cfg.retrieval.mode)
-            for n, shards in enumerate(plan.groups)]
-        retriever = _deployment(Retriever).options(
-            num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
-        ).bind(embedder, searchers, cfg.index, cfg.retrieval)
-
     generator = _deployment(Generator).options(  # vllm with tensor parallelism: a placement group per replica
         num_replicas=g.replicas, **_common(cfg), **generator_deployment_options(g, plan.generator),
-        max_ongoing_requests=max(32, 2 * g.max_batch_size),
+        max_ongoing_requests=max(32, 2 * g.max_batch_size), max_queued_requests=cfg.limits.max_queued_generations,
     ).bind(g, cfg.prompt, plan.generator)
-
     keys = sorted(api_key_hashes(cfg.auth.api_keys, cfg.auth.api_keys_env))  # only hashes travel to the replicas
+    ingress: dict[str, Any] = {"generation": g, "retrieval": cfg.retrieval, "limits": cfg.limits,
+                               "key_hashes": keys, "api_keys_env": cfg.auth.api_keys_env}
+    # above limits.max_concurrent_requests: the requests over it reach the Ingress, which answers them a 429
+    max_ongoing = max(512, cfg.limits.max_concurrent_requests + 64)
+
+    if plan.layout == "fused":  # the Ingress replicas hold the index: scaled like a shard group, in step by the board
+        board = _deployment(VersionBoard).options(**_common(cfg)).bind()
+        return _deployment(Ingress).options(
+            **_common(cfg), ray_actor_options=_actor_options(plan.searcher), **health, **_scaling(cfg, plan),
+            max_ongoing_requests=max_ongoing,
+        ).bind(None, None, generator, **ingress, index=cfg.index, fused=FusedIndex(e, plan.searcher), board=board)
+
+    # split: an Embedder, the shard groups and a Retriever behind one Ingress
+    embedder = _deployment(Embedder).options(
+        num_replicas=e.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.embedder),
+        max_ongoing_requests=max(64, 2 * e.max_batch_size),  # Serve's default (5) would keep batches from filling
+    ).bind(cfg.index, e, plan.embedder)
+    searchers = [
+        _deployment(ShardSearcher).options(
+            name=f"ShardSearcher{n}", **_common(cfg), ray_actor_options=_actor_options(plan.searcher),
+            max_ongoing_requests=64, **health, **_scaling(cfg, plan),
+        ).bind(cfg.index, shards, plan.searcher, cfg.retrieval.mode)
+        for n, shards in enumerate(plan.groups)]
+    retriever = _deployment(Retriever).options(
+        num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,
+    ).bind(embedder, searchers, cfg.index, cfg.retrieval)
     return _deployment(Ingress).options(
-        num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=512,
-    ).bind(embedder, retriever, generator, generation=g, retrieval=cfg.retrieval, limits=cfg.limits,
-           key_hashes=keys, api_keys_env=cfg.auth.api_keys_env, index=index)
+        num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=max_ongoing,
+    ).bind(embedder, retriever, generator, **ingress)
 
 
 def serve_config(cfg: ServeJobConfig) -> dict[str, Any]:

@@ -68,7 +68,7 @@ from serving.schemas import (
     ShardsLoaded,
     Step,
 )
-from serving.versions import Docstores, LoadedVersions, VersionPointer
+from serving.versions import Docstores, LoadedVersions, VersionPointer, version_name
 from sharding.filters import Filter
 from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
 
@@ -262,8 +262,8 @@ class Retriever:
         groups = await asyncio.gather(*(self._call(h, "prepare", deadline, new) for h in self.searchers))
         covered = sorted(s for g in groups for s in g)
         if covered != list(range(len(manifest.shards))):
-            raise Conflict(f"{new}: has {len(manifest.shards)} shards but the shard groups serve {covered}: "
-                           "a version with another shard count needs a new deployment (ragtune serve)",
+            raise Conflict(f"{version_name(new)}: has {len(manifest.shards)} shards but the shard groups serve "
+                           f"{covered}: a version with another shard count needs a new deployment (ragtune serve)",
                            code="shard_count_changed")
         await asyncio.get_running_loop().run_in_executor(self.docstore_pool, self.docstores.get, new, manifest)
 
@@ -284,7 +284,8 @@ class Retriever:
         self.pointer.poll(self._prepare)
         version = self.pointer.version
         manifest = self.pointer.manifest
-        mode = resolve_mode(mode or self.retrieval.mode, manifest, version, param)  # a 400 before any work
+        # a 400 before any work
+        mode = resolve_mode(mode or self.retrieval.mode, manifest, version_name(version), param)
         fused = make_fusion(self.fusion, fusion)
         t0 = time.perf_counter()
         xq, batch = None, 0
@@ -316,9 +317,10 @@ class Retriever:
             states: list[ShardsLoaded] = await asyncio.wait_for(
                 asyncio.gather(*(h.loaded.remote() for h in self.searchers)), 5)
         except not_answering as e:
-            return Health(ready=False, version=version, reason=f"a shard group is not answering ({e!r:.80})")
+            return Health(ready=False, version=version_name(version),
+                          reason=f"a shard group is not answering ({e!r:.80})")
         covered = sorted(s for st in states if version in st.versions for s in st.shards)
-        return Health(ready=covered == list(range(n)), version=version, shards=n, loaded=covered)
+        return Health(ready=covered == list(range(n)), version=version_name(version), shards=n, loaded=covered)
 
     def info(self) -> RetrieverInfo:
         return retriever_info(self.pointer.version, self.pointer.manifest, self.retrieval.mode)

@@ -1,36 +1,46 @@
-"""The fused layout's one replica type: the query encoder, every shard (FAISS and BM25) and the docstore.
+"""The fused layout: the Ingress replicas hold the whole index themselves, the query encoder, every shard (FAISS and
+BM25) and the docstore (an :class:`IndexReplica` object in each Ingress replica's process).
 
-    Ingress --> IndexReplica (embed + every shard + docstore)     /v1/search, chat retrieval, /v1/embeddings
-       \\----> Generator
+    proxy --> Ingress (HTTP + embed + every shard + docstore)     /v1/search, chat retrieval, /v1/embeddings
+                 \\----> Generator                                 chat, completions
+    VersionBoard: the index version every Ingress replica answers from
 
 The serving plan (``cluster.placement.plan_serving``, ``shards.layout``) chooses it when the whole index fits
-one replica's memory budget: a search is then one Serve call from the Ingress, where the split layout makes
-five (Retriever, Embedder, the shard groups, back). Concurrent queries are batched twice: their texts go through
+one replica's memory budget: a search then crosses no deployment at all (proxy -> Ingress), where the split
+layout makes five calls (Retriever, Embedder, the shard groups, back); the Ingress replicas scale like a shard
+group (``shards.replicas``, ``shards.autoscaling``). Concurrent queries are batched twice: their texts go through
 one forward pass of the encoder (``BatchedEncoder``, shared with ``/v1/embeddings``), then their vectors through
 one FAISS search and their texts through one BM25 search per (mode, depth) (``serving.rag.search_many``); the
 docstore is read in a thread of its own, never on the event loop. Results are those of the split layout and of
 ``sharding.search.search`` over all shards: the same functions (``resolve_mode``, ``search_k``, ``widen_k``,
 ``group_rankings``, ``combine``, ``passages_from``) with the whole index as one group.
 
-Versions: the Ingress holds the version pointer (``serving.versions.VersionPointer``) and names the version of
-each search; a replica holds the newest two it was asked for (``LoadedVersions``), loaded on demand and checked
-for room before a swap, exactly as a ShardSearcher does. Replicas scale like a shard group (``shards.replicas``,
-``shards.autoscaling``).
+Versions: each Ingress replica holds a version pointer (``serving.versions.VersionPointer``) and names the
+version of each of its searches; its IndexReplica holds the newest two versions (``LoadedVersions``), loaded on
+demand and checked for room before a swap, exactly as a ShardSearcher does. The replicas agree through the
+:class:`VersionBoard`: a replica that switches (``/admin/reload`` or polling) loads the new version, switches,
+and publishes it; the board answers once every other live replica has loaded it and switched too (each follows
+the board by a long poll, :func:`follow_board`), so a request sent after a reload was answered is answered from
+the new version, whichever replica takes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from ray import serve
 
 from cluster.placement import ReplicaResources
 from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
-from serving.deployments import BatchedEncoder, _configure_batching, replica_name
+from serving.deployments import BatchedEncoder, _configure_batching
 from serving.rag import (
     FusionOverrides,
     Query,
@@ -50,7 +60,7 @@ from serving.schemas import (
     SearchTimings,
     ShardsLoaded,
 )
-from serving.versions import Docstores, LoadedVersions
+from serving.versions import Docstores, LoadedVersions, VersionPointer, version_name
 from sharding.filters import Filter
 from sharding.manifest import IndexManifest
 from sharding.search import ShardedIndex
@@ -81,10 +91,21 @@ def search_jobs(jobs: list[_Job]) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-@serve.deployment(name="IndexReplica")
+log = logging.getLogger("ragtune.serve")
+
+
+@dataclass(frozen=True)
+class FusedIndex:
+    """What a fused Ingress replica builds its IndexReplica from, besides the index and ``retrieval`` sections it
+    takes anyway: the encoder's batching and the replica's resources (threads, device)."""
+
+    embedder: EmbedderConfig
+    resources: ReplicaResources
+
+
 class IndexReplica:
-    """The whole index in one replica: encoder, shards, BM25 shards (unless ``retrieval.mode`` is dense) and
-    docstore, for every version asked for (the newest two kept).
+    """The whole index in one process (an Ingress replica's): encoder, shards, BM25 shards (unless
+    ``retrieval.mode`` is dense) and docstore, for every version asked for (the newest two kept).
 
     ``embedder`` sizes the batches (``max_batch_size``, ``batch_wait_timeout_s``; ``batching: false`` = every
     query alone), ``retrieval`` gives the mode, fusion and filter candidate counts, ``resources`` the device of
@@ -132,7 +153,8 @@ class IndexReplica:
         ``param`` as ``Retriever.search`` takes them. Lexical searches embed nothing."""
         index = await self.held.get(version)
         manifest = index.manifest
-        mode = resolve_mode(mode or self.retrieval.mode, manifest, version, param)  # a 400 before any work
+        # a 400 before any work
+        mode = resolve_mode(mode or self.retrieval.mode, manifest, version_name(version), param)
         fused = make_fusion(self.fusion, fusion)
         t0 = time.perf_counter()
         xq, batch = None, 0
@@ -161,7 +183,7 @@ class IndexReplica:
         """Whether this replica has loaded ``version`` (it loads it now if not: a replica that started after a
         switch)."""
         n = len((await self.held.get(version)).manifest.shards)
-        return Health(ready=True, version=version, shards=n, loaded=list(range(n)))
+        return Health(ready=True, version=version_name(version), shards=n, loaded=list(range(n)))
 
     def loaded(self) -> ShardsLoaded:
         versions = self.held.versions
@@ -179,9 +201,124 @@ class IndexReplica:
 
     # --- replica ----------------------------------------------------------------------------------------------------
 
-    def whoami(self) -> str:
-        return replica_name()
-
     def check_health(self) -> None:
         if not self.held.versions:
             raise RuntimeError("no index version loaded")
+
+
+class Local:
+    """An object of this process called the way a deployment handle is: ``local.method.remote(*args)`` is an
+    awaitable of the method's result (awaited when the method is async). The Ingress calls its IndexReplica
+    through it, so the routes read alike in both layouts and a fused search crosses no process."""
+
+    def __init__(self, obj: object):
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self._obj, name))
+
+
+class _LocalMethod:
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+
+    async def _call(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        return await out if inspect.isawaitable(out) else out
+
+    def remote(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return self._call(*args, **kwargs)
+
+
+# --- versions across the fused replicas -------------------------------------------------------------------------------
+
+FOLLOW_S = 20.0  # a follow call answers after this at the latest (a heartbeat): a replica silent for
+LIVE_S = 3 * FOLLOW_S  # longer than this is gone, and not waited for
+PUBLISH_WAIT_S = 60.0  # how long a switch waits for the other replicas before it answers anyway (logged)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Whether ``event`` is set within ``timeout`` seconds. (Not ``asyncio.wait_for``: on Python 3.11 it can
+    swallow the cancellation of the task that awaits it, and a replica's loop would then never stop.)"""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+        return bool(done)
+    finally:
+        waiter.cancel()
+
+
+def _pulse(event: asyncio.Event) -> asyncio.Event:
+    """Wake everyone waiting on ``event``; the fresh event to wait on next."""
+    event.set()
+    return asyncio.Event()
+
+
+# graceful_shutdown_timeout_s: its requests are long polls that never finish by themselves; nothing is lost by
+# cutting them (a replica's loop asks again)
+@serve.deployment(name="VersionBoard", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+                  graceful_shutdown_timeout_s=1)
+class VersionBoard:
+    """The index version the fused app answers from, and which of its Ingress replicas have switched to it.
+
+    Every Ingress replica calls :meth:`follow` in a loop (a long poll: it says which version the replica serves
+    and answers when the board's differs, or after ``FOLLOW_S``); a replica that switched calls :meth:`publish`,
+    which answers once every replica heard from in the last ``LIVE_S`` serves the new version (or after
+    ``PUBLISH_WAIT_S``, naming the ones behind). One replica of no CPU: it only holds a name per replica. A board
+    that restarted knows no version: it takes the first one a replica reports.
+    """
+
+    def __init__(self) -> None:
+        self.version: str | None = None
+        self.serving: dict[str, tuple[str, float]] = {}  # replica -> (version it serves, when it last said so)
+        self.new_version = asyncio.Event()  # pulsed when the version changes
+        self.heard = asyncio.Event()  # pulsed when a replica reports
+
+    async def follow(self, replica: str, have: str) -> str:
+        """``replica`` serves ``have``; the version to serve, as soon as it is not ``have`` (else after
+        ``FOLLOW_S``)."""
+        if self.version is None:
+            self.version = have
+        self.serving[replica] = (have, time.monotonic())
+        self.heard = _pulse(self.heard)  # a publish may be waiting for this replica
+        if self.version == have:
+            await _wait(self.new_version, FOLLOW_S)
+        return self.version
+
+    def behind(self, version: str) -> list[str]:
+        """The live replicas (heard from in the last ``LIVE_S``) that do not serve ``version``."""
+        now = time.monotonic()
+        return sorted(r for r, (v, seen) in self.serving.items() if v != version and now - seen < LIVE_S)
+
+    async def publish(self, version: str) -> list[str]:
+        """Make ``version`` the one to serve; answered once every live replica serves it: the replicas still
+        behind after ``PUBLISH_WAIT_S`` (empty when all switched)."""
+        if version != self.version:
+            self.version = version
+            self.new_version = _pulse(self.new_version)
+        deadline = time.monotonic() + PUBLISH_WAIT_S
+        while self.behind(version) and (left := deadline - time.monotonic()) > 0:
+            await _wait(self.heard, min(left, 1.0))  # again each second: a silent replica stops being live
+        return self.behind(version)
+
+
+async def follow_board(board: Any, pointer: VersionPointer, replica: str,
+                       prepare: Callable[[str, IndexManifest], Awaitable[None]],
+                       first: asyncio.Event) -> None:
+    """An Ingress replica's part in keeping the fused replicas on one version, for as long as it runs: tell the
+    board which version ``pointer`` serves, switch to the version the board names (``prepare`` loads it first),
+    again. ``first`` is set once the board has answered (a replica answers no search before it has)."""
+    delay = 1.0
+    while True:
+        try:
+            version = await board.follow.remote(replica, pointer.version)
+            if version != pointer.version:
+                await pointer.switch_to(version, prepare)
+            delay = 1.0
+        except Exception as e:  # the board restarting, or a version this replica cannot load: try again
+            log.warning("%s following the index version (%s: %s); again in %.0fs", replica, type(e).__name__, e,
+                        delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 30.0)
+        finally:
+            first.set()

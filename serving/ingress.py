@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -38,7 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable, user_error
 from configs.schema.serve import GeneratorConfig, IndexSource, LimitsConfig, RetrievalConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
-from serving.deployments import call_retrying, replica_errors
+from serving.deployments import replica_name
+from serving.fused import PUBLISH_WAIT_S, FusedIndex, IndexReplica, Local, follow_board
 from serving.generation import SamplingParams
 from serving.rag import sampling_params
 from serving.schemas import (
@@ -80,8 +81,9 @@ from serving.schemas import (
     check_completion,
     check_embeddings,
     check_search,
+    json_depth,
 )
-from serving.versions import VersionPointer
+from serving.versions import VersionPointer, version_name
 from sharding.filters import Filter
 from sharding.manifest import IndexManifest
 
@@ -139,9 +141,83 @@ def _json(body: BaseModel, status: int = 200) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait (the Retry-After header)
+
+
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    # overloaded or unavailable: come back soon (OpenAI's clients read Retry-After; theirs retry 429 and 5xx)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def overloaded(e: BaseException) -> ApiError | None:
+    """A full queue of the answering path (Serve's BackPressureError, a deployment's ``max_queued_requests``) as a
+    503 to retry shortly; None for any other error."""
+    from ray.serve.exceptions import BackPressureError
+
+    cur: BaseException | None = e
+    while cur is not None:
+        if isinstance(cur, BackPressureError):
+            return ApiError(503, "the server is at capacity (its generation queue is full: "
+                                 "limits.max_queued_generations); retry shortly", code="overloaded")
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    return None
+
+
+class _HeldStream(StreamingResponse):
+    """A streamed response that releases its admission slot when it has ended: finished, failed, or its client
+    gone, even before its first byte (when its event generator never starts, so its own ``finally`` never runs)."""
+
+    def __init__(self, slot: "Slot", *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
+class Admission:
+    """Requests in flight in this Ingress replica, at most ``limit``: one more is refused at once with a 429
+    (OpenAI's ``rate_limit_exceeded``, Retry-After) instead of waiting in a queue without bound. A request holds
+    its slot until its response ends (a stream until its last event)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_flight = limit, 0
+
+    def take(self) -> "Slot":
+        if self.in_flight >= self.limit:
+            raise ApiError(429, f"this server is answering {self.in_flight} requests, its limit "
+                                f"(limits.max_concurrent_requests); retry shortly", code="rate_limit_exceeded")
+        self.in_flight += 1
+        return Slot(self)
+
+
+class Slot:
+    """One admitted request's place; ``release()`` once (more calls do nothing). Also a context manager."""
+
+    def __init__(self, admission: Admission):
+        self.admission: Admission | None = admission
+
+    def release(self) -> None:
+        if self.admission is not None:
+            self.admission.in_flight -= 1
+            self.admission = None
+
+    def hand_over(self) -> "Slot":
+        """The same place, held by a new owner (a stream's response); this one releases nothing any more."""
+        new = Slot.__new__(Slot)
+        new.admission, self.admission = self.admission, None
+        return new
+
+    def __enter__(self) -> "Slot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -180,6 +256,10 @@ class Metrics:
         self.tokens = Counter("ragtune_tokens", "tokens by kind: prompt, completion", ["kind"], registry=r)
         self.version = Gauge("ragtune_index_version_info", "the index version answered from", ["version"],
                              registry=r)
+        self.in_flight = Gauge("ragtune_requests_in_flight", "requests this replica is answering (streams until "
+                               "their last event)", registry=r)
+        self.rejected = Counter("ragtune_requests_rejected", "requests refused at once with a 429: "
+                                "limits.max_concurrent_requests in flight", registry=r)
 
 
 Kind = Literal["chat", "completion"]
@@ -193,17 +273,31 @@ class Ingress:
     the environment variable the replica reads more keys from (``auth.api_keys_env``).
 
     Split layout: ``embedder`` is the Embedder, ``retriever`` the Retriever (which holds the index version).
-    Fused layout (``index`` given): both are the IndexReplica, and this Ingress holds the version pointer
-    (``serving.versions.VersionPointer``: polling ``index.poll_interval_s``, ``/admin/reload``) and names the
-    version of each search, so a search is one call.
+    Fused layout (``fused`` given): this replica holds the whole index itself (``serving.fused.IndexReplica``,
+    called through ``Local``, so a search crosses no process) and a version pointer
+    (``serving.versions.VersionPointer``: polling ``index.poll_interval_s``, ``/admin/reload``), kept in step with
+    the other replicas' through the ``board`` (``serving.fused.VersionBoard``).
     """
 
-    def __init__(self, embedder: DeploymentHandle, retriever: DeploymentHandle, generator: DeploymentHandle, *,
-                 generation: GeneratorConfig, retrieval: RetrievalConfig, limits: LimitsConfig,
-                 key_hashes: list[str], api_keys_env: str | None, index: IndexSource | None = None):
-        self.embedder, self.retriever, self.generator = embedder, retriever, generator
-        self.pointer = VersionPointer(index, retrieval.mode) if index is not None else None
-        self.retry_errors = replica_errors()
+    def __init__(self, embedder: DeploymentHandle | None, retriever: DeploymentHandle | None,
+                 generator: DeploymentHandle, *, generation: GeneratorConfig, retrieval: RetrievalConfig,
+                 limits: LimitsConfig, key_hashes: list[str], api_keys_env: str | None,
+                 index: IndexSource | None = None, fused: FusedIndex | None = None,
+                 board: DeploymentHandle | None = None):
+        self.generator = generator
+        self.pointer: VersionPointer | None = None
+        self.index_replica: IndexReplica | None = None
+        self.board, self.synced = board, asyncio.Event()
+        self.follower: asyncio.Task[None] | None = None
+        if fused is not None:
+            if index is None:
+                raise ValueError("the fused layout needs the index")
+            self.index_replica = IndexReplica(index, fused.embedder, retrieval, fused.resources)
+            embedder = retriever = cast(DeploymentHandle, Local(self.index_replica))  # called the same way
+            self.pointer = VersionPointer(index, retrieval.mode, on_switch=self._publish if board else None)
+        if embedder is None or retriever is None:
+            raise ValueError("the split layout needs the Embedder's and the Retriever's handles")
+        self.embedder, self.retriever = embedder, retriever
         self.generation, self.retrieval, self.limits = generation, retrieval, limits
         self.keys = set(key_hashes) | api_key_hashes([], api_keys_env)
         if not self.keys:
@@ -212,7 +306,14 @@ class Ingress:
         self.models = [generation.name, *generation.adapters]
         self.embedder_info: EmbedderInfo | None = None  # model name and dimension: fixed for the deployment
         self.metrics = Metrics()
+        self.admission = Admission(limits.max_concurrent_requests)
+        self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.created = int(time.time())
+
+    def check_health(self) -> None:
+        """Serve's health check: in the fused layout, whether this replica's index is loaded."""
+        if self.index_replica is not None:
+            self.index_replica.check_health()
 
     # --- plumbing -----------------------------------------------------------------------------------------------------
 
@@ -245,9 +346,13 @@ class Ingress:
             if len(body) > limit:
                 raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes "
                                     "(limits.max_body_bytes)", code="request_too_large")
+        openers = body.count(b"[") + body.count(b"{")  # the depth is at most this: most bodies stop here
+        if openers > self.limits.max_json_depth and (depth := json_depth(body)) > self.limits.max_json_depth:
+            raise ApiError(400, f"the body nests {depth} levels deep, over this server's limit of "
+                                f"{self.limits.max_json_depth} (limits.max_json_depth)", code="invalid_json")
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
@@ -260,6 +365,16 @@ class Ingress:
                                 + (f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""),
                            param=where, code="invalid_request") from None
 
+    def _admit(self, route: str) -> Slot:
+        """A place for one request on ``route``, or a 429 at once (counted in the metrics) when the replica has
+        ``limits.max_concurrent_requests`` in flight."""
+        try:
+            return self.admission.take()
+        except ApiError:
+            self.metrics.requests.labels(route, "429").inc()
+            self.metrics.rejected.inc()
+            raise
+
     async def _timed(self, route: str, work: Awaitable[T]) -> T:
         """Run a route's work with the request timeout; count and time it; any failure in OpenAI's format."""
         t0 = time.perf_counter()
@@ -271,7 +386,7 @@ class Ingress:
             raise ApiError(504, f"the request took longer than {self.limits.request_timeout_s:g}s "
                                 "(limits.request_timeout_s)", code="timeout") from None
         except Exception as e:
-            api = api_error(e)
+            api = api_error(e) or overloaded(e)
             status = api.status if api else 500
             if api is None:
                 log.exception("%s failed", route)
@@ -303,29 +418,48 @@ class Ingress:
         overrides = fusion.overrides() if fusion else None
         if self.pointer is None:
             out: SearchResult = await self.retriever.search.remote(query, k, filter, mode, overrides, param)
-        else:  # fused: the one call of a search, to the version this Ingress serves (retried while a replica restarts)
-            self.pointer.poll(self._prepare)
-            out = await call_retrying(self.retriever, "search", time.monotonic() + self.retrieval.retries_s,
-                                      self.retry_errors, self.pointer.version, query, k, filter, mode, overrides,
-                                      param)
+        else:  # fused: this replica's own index, the version it serves (in step with the other replicas)
+            await self._follow(wait=True)
+            out = await self.retriever.search.remote(self.pointer.version, query, k, filter, mode, overrides, param)
         if out.mode != "lexical":  # lexical searches embed nothing
             self.metrics.stage.labels("embed").observe(out.timings.embed_s)
             self.metrics.batch.labels("embedder").observe(out.embed_batch)
         self.metrics.stage.labels("search").observe(out.timings.search_s)
         self.metrics.search.labels(out.mode).observe(out.timings.search_s)
         self.metrics.version.clear()
-        self.metrics.version.labels(out.version).set(1)
+        self.metrics.version.labels(version_name(out.version)).set(1)
         return out
 
     async def _prepare(self, version: str, manifest: IndexManifest) -> None:
-        """Fused: load a new version in a replica before switching to it (the others load it when asked)."""
+        """Fused: load a new version (shards and docstore) in this replica before switching to it."""
         await self.retriever.prepare.remote(version)
+
+    async def _follow(self, wait: bool = False) -> None:
+        """Fused: start following the board (and polling LATEST) once, from the first request that needs the
+        version; ``wait``: until the board has answered once, so that a new replica never answers a search from
+        another version than the others'."""
+        if self.pointer is None:
+            return
+        self.pointer.poll(self._prepare)
+        if self.follower is None and self.board is not None:
+            self.follower = asyncio.get_running_loop().create_task(
+                follow_board(self.board, self.pointer, replica_name(), self._prepare, self.synced))
+        if wait and self.board is not None and not self.synced.is_set():
+            await self.synced.wait()
+
+    async def _publish(self, version: str) -> None:
+        """Fused: after this replica switched, have every other replica switch before the switch is answered."""
+        behind = await self.board.publish.remote(version) if self.board is not None else []
+        if behind:
+            log.warning("index version %s: replicas %s have not switched to it after %.0fs; they answer from the "
+                        "version before until they do", version, ", ".join(behind), PUBLISH_WAIT_S)
 
     # --- routes -------------------------------------------------------------------------------------------------------
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
+            await self._follow()
             ready = (self.retriever.ready.remote() if self.pointer is None else
                      self.retriever.ready.remote(self.pointer.version))
             state: Health = await asyncio.wait_for(ready, 10)
@@ -352,6 +486,7 @@ class Ingress:
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> JSONResponse:
         self._auth(request)
+        await self._follow(wait=True)
         reloaded: Reloaded = await self._timed("reload", self.retriever.reload.remote() if self.pointer is None else
                                                self.pointer.reload(self._prepare))
         return _json(reloaded)
@@ -362,9 +497,11 @@ class Ingress:
             req = await self._read(request, SearchRequest)
             check_search(req, self.limits)
             out = await self._retrieve(req.query, req.k, req.filter, req.mode, req.fusion)
-            return SearchResponse(query=req.query, k=req.k, mode=out.mode, version=out.version, data=out.passages)
+            return SearchResponse(query=req.query, k=req.k, mode=out.mode, version=version_name(out.version),
+                                  data=out.passages)
 
-        return _json(await self._timed("search", work()))
+        with self._admit("search"):
+            return _json(await self._timed("search", work()))
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
@@ -392,7 +529,8 @@ class Ingress:
             return EmbeddingList(model=info.model, data=data,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
-        return _json(await self._timed("embeddings", work()))
+        with self._admit("embeddings"):
+            return _json(await self._timed("embeddings", work()))
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -409,10 +547,11 @@ class Ingress:
             return req, handle, ChatInput(messages=[m.plain() for m in req.messages], passages=passages,
                                           params=self._params(req, req.max_new_tokens()))
 
-        req, handle, payload = await self._timed("chat.prepare", start())
-        if req.stream:
-            return await self._stream("chat", req, handle, payload)
-        return _json(await self._timed("chat", self._complete("chat", req, handle, payload)))
+        with self._admit("chat") as slot:  # a stream takes the slot over, to its last event
+            req, handle, payload = await self._timed("chat.prepare", start())
+            if req.stream:
+                return await self._stream("chat", req, handle, payload, slot)
+            return _json(await self._timed("chat", self._complete("chat", req, handle, payload)))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -422,10 +561,11 @@ class Ingress:
             handle = self._generator_for(req.model)
             return req, handle, CompletionInput(prompt=req.text(), params=self._params(req, req.max_tokens))
 
-        req, handle, payload = await self._timed("completions.prepare", start())
-        if req.stream:
-            return await self._stream("completion", req, handle, payload)
-        return _json(await self._timed("completions", self._complete("completion", req, handle, payload)))
+        with self._admit("completions") as slot:
+            req, handle, payload = await self._timed("completions.prepare", start())
+            if req.stream:
+                return await self._stream("completion", req, handle, payload, slot)
+            return _json(await self._timed("completions", self._complete("completion", req, handle, payload)))
 
     # --- generation ---------------------------------------------------------------------------------------------------
 
@@ -450,9 +590,10 @@ class Ingress:
                               choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)])
 
     async def _stream(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, handle: DeploymentHandle,
-                      payload: ChatInput | CompletionInput) -> Response:
+                      payload: ChatInput | CompletionInput, slot: Slot) -> Response:
         """Server-sent events. The first event (the prompt) is awaited before answering 200, so that a prompt
-        that does not fit is still a 400; later failures end the stream with an error event."""
+        that does not fit is still a 400; later failures end the stream with an error event. The response holds
+        the request's admission ``slot`` until it has ended, however it ends."""
         t0 = time.perf_counter()
         deadline = t0 + self.limits.request_timeout_s
         gen = handle.options(stream=True).stream.remote(payload)
@@ -510,5 +651,5 @@ class Ingress:
                 self.metrics.latency.labels(f"{kind}.stream").observe(time.perf_counter() - t0)
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _HeldStream(slot.hand_over(), events(), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -41,6 +41,12 @@ def current_version(path: str) -> str:
     return resolve_index(path).uri
 
 
+def version_name(version: str) -> str:
+    """What a client is told of a version: its folder's name (``v-00001``), never the path or URI it lives at
+    (which names the server's filesystem or bucket, and may carry credentials)."""
+    return version.rstrip("/").rsplit("/", 1)[-1]
+
+
 class LoadedVersions:
     """The opened versions of one searching replica (the newest ``KEEP_VERSIONS``) of its shards (``shards``;
     None = every shard of each version), loaded in a thread of their own, one load per version however many
@@ -98,7 +104,7 @@ class LoadedVersions:
         free = psutil.virtual_memory().available
         if need > 0.9 * free:
             raise Conflict(
-                f"{version}: shards {shards} need about {human_bytes(need)} in memory beside the version "
+                f"{version_name(version)}: shards {shards} need about {human_bytes(need)} in memory beside the version "
                 f"served, and {human_bytes(free)} is free here. Fix: give the replicas more memory, split the index "
                 "into more groups (shards.layout: split, shards.groups), keep shards memory-mapped on local disk "
                 "(index.mmap: true), or serve the new version with a new deployment (ragtune serve)",
@@ -161,11 +167,15 @@ class VersionPointer:
 
     ``mode`` is ``retrieval.mode``: a version it cannot serve (lexical or hybrid without BM25 shards) is refused at
     start and never switched to. ``prepare(version, manifest)`` loads a new version where it is searched (every
-    shard group, or a fused replica) and raises to keep the old one.
+    shard group, or a fused replica) and raises to keep the old one. ``on_switch(version)``, when given, is
+    awaited after a switch to what LATEST names (by ``reload``, so also by polling), before the switch is answered:
+    the fused layout publishes it to its other replicas there (``serving.fused.VersionBoard``).
     """
 
-    def __init__(self, index: IndexSource, mode: SearchMode):
+    def __init__(self, index: IndexSource, mode: SearchMode,
+                 on_switch: Callable[[str], Awaitable[None]] | None = None):
         self.path, self.poll_interval_s, self.mode = index.path, index.poll_interval_s, mode
+        self.on_switch = on_switch
         self.version = current_version(index.path)
         self.manifests = {self.version: read_index_manifest(resolve_index(self.version))}
         resolve_mode(mode, self.manifests[self.version], self.version, "retrieval.mode")
@@ -190,22 +200,32 @@ class VersionPointer:
                 log.warning("polling %s for a new version: %s", self.path, e)
 
     async def reload(self, prepare: Prepare) -> Reloaded:
-        """Switch to the version LATEST names now, once ``prepare`` has loaded it."""
+        """Switch to the version LATEST names now, once ``prepare`` has loaded it (then ``on_switch``)."""
         async with self.switching:
             new = current_version(self.path)
             old = self.version
-            if new == old:
-                return Reloaded(version=new, previous=old, changed=False)
-            manifest = read_index_manifest(resolve(new))
-            try:  # retrieval.mode lexical or hybrid and a version without BM25 shards: keep serving the old one
-                resolve_mode(self.mode, manifest, new, "retrieval.mode")
-            except InvalidRequest as e:
-                raise Conflict(f"not switching to it: {e.message}", code=e.code) from None
-            await prepare(new, manifest)
-            self.manifests[new] = manifest
-            self.version = new
-            log.info("index version %s -> %s", old, new)
-            return Reloaded(version=new, previous=old, changed=True)
+            if new != old:
+                await self._switch(new, prepare)
+            if self.on_switch is not None:  # also when unchanged here: other replicas may still be behind
+                await self.on_switch(new)
+            return Reloaded(version=version_name(new), previous=version_name(old), changed=new != old)
+
+    async def switch_to(self, version: str, prepare: Prepare) -> None:
+        """Switch to ``version`` (another replica's switch, published), once ``prepare`` has loaded it."""
+        async with self.switching:
+            if version != self.version:
+                await self._switch(version, prepare)
+
+    async def _switch(self, new: str, prepare: Prepare) -> None:
+        manifest = read_index_manifest(resolve(new))
+        try:  # retrieval.mode lexical or hybrid and a version without BM25 shards: keep serving the old one
+            resolve_mode(self.mode, manifest, version_name(new), "retrieval.mode")
+        except InvalidRequest as e:
+            raise Conflict(f"not switching to it: {e.message}", code=e.code) from None
+        await prepare(new, manifest)
+        self.manifests[new] = manifest
+        log.info("index version %s -> %s", self.version, new)
+        self.version = new
 
 
 # The GPU resources of each index whose shards were moved onto the GPU, held as long as that index lives: its GPU

@@ -267,6 +267,8 @@ class LimitsConfig(Section):
     """Request limits: over a limit is a 4xx in OpenAI's error format, never a 500."""
 
     max_body_bytes: int = Field(1_000_000, ge=1024, description="request body size")
+    max_json_depth: int = Field(32, ge=4, le=256, description="how deeply a body's arrays and objects may nest "
+                                                              "(checked before parsing; OpenAI's bodies nest 5 deep)")
     max_messages: int = Field(64, ge=1, description="messages per chat request")
     max_input_chars: int = Field(32_000, ge=1, description="characters of all messages / a prompt / an input")
     max_tokens: int = Field(1024, ge=1, description="max_tokens a request may ask for")
@@ -276,6 +278,12 @@ class LimitsConfig(Section):
     max_embedding_inputs: int = Field(256, ge=1, description="inputs per /v1/embeddings request")
     max_stop: int = Field(4, ge=0, description="stop sequences per request")
     request_timeout_s: float = Field(60.0, gt=0, description="a request (a whole stream) is cut after this")
+    max_concurrent_requests: int = Field(256, ge=1, le=100_000, description=(
+        "requests one Ingress replica answers at once (a stream until its end); one more is a 429 with "
+        "Retry-After at once, never an unbounded wait"))
+    max_queued_generations: int = Field(64, ge=0, description=(
+        "requests waiting for a Generator replica beyond those it is decoding (Serve's max_queued_requests); "
+        "one more is a 503 with Retry-After"))
 
 
 class ServeConfig(Section):

@@ -125,8 +125,8 @@ def test_layout_given_is_kept_and_an_unknown_index_size_is_split():
 def test_fused_replicas_scale_and_spread_like_a_shard_group_and_fit_a_laptop():
     laptop = plan_serving([NodeResources(cpus=2, memory=8 * GIB)], num_shards=2, index_bytes=GIB // 10)
     assert laptop.layout == "fused" and laptop.groups == [[0, 1]]
-    # one IndexReplica, the Generator, the Ingress: scaled together into 2 CPUs
-    assert laptop.searcher.num_cpus + laptop.generator.num_cpus + laptop.light.num_cpus <= 2 + 1e-9
+    # the Ingress holding the index and the Generator: 1 CPU each, no scaling down (no light replica beside)
+    assert laptop.searcher.num_cpus == laptop.generator.num_cpus == 1.0
     assert laptop.searcher.threads == 2
     nodes = [NodeResources(cpus=8, gpus=2, memory=64 * GIB)] * 2
     plan = plan_serving(nodes, num_shards=8, groups=4, searcher_replicas=4, generator_replicas=2,

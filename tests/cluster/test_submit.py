@@ -88,3 +88,43 @@ def test_pinned_requirements_are_the_projects_own():
     reqs = cs.pinned_requirements()
     assert "ray[data,serve,train]==2.60.0" in reqs and "torch==2.13.0" in reqs
     assert not any("extra ==" in r for r in reqs)
+
+
+def test_a_job_server_that_is_not_ready_is_retried_for_a_bounded_time_then_explained():
+    from cluster.submit import submit_retrying
+
+    not_ready = RuntimeError("Request failed with status code 500: No available agent to submit job, please try "
+                             "again later..")
+    answers = [not_ready, not_ready, "raysubmit_123"]
+    waits: list[float] = []
+
+    def submit():
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    assert submit_retrying(submit, "http://head:8265", retry_s=60, sleep=waits.append) == "raysubmit_123"
+    assert waits == [1.0, 2.0]  # backing off
+
+    calls = []
+
+    def never_ready():
+        calls.append(1)
+        raise not_ready
+
+    with pytest.raises(RagtuneError, match=r"http://head:8265 is not ready to take jobs: after \d+ tries over 3 s "
+                                           r"it still answers: .*No available agent.*`ray stop --force`"):
+        submit_retrying(never_ready, "http://head:8265", retry_s=3, sleep=lambda s: None)
+    assert len(calls) >= 2  # bounded by time, not one try
+
+    other = RuntimeError("Request failed with status code 400: runtime_env working_dir is too large.")
+    tries = []
+
+    def bad():
+        tries.append(1)
+        raise other
+
+    with pytest.raises(RuntimeError, match="status code 400"):  # not the server's readiness: raised at once
+        submit_retrying(bad, "http://head:8265", sleep=lambda s: None)
+    assert len(tries) == 1

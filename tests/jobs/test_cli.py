@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from configs.schema import JOB_SCHEMAS, load_config
+from jobs.commands import JOBS
 from tests.conftest import REPO
 
 
@@ -75,3 +77,17 @@ def test_storage_that_cannot_be_reached_is_one_line_with_the_fix(tmp_path):
     line = out.stdout.strip().splitlines()[-1]
     assert line.startswith(f"{cfg}: object storage: the storage cannot be reached or read (When ")
     assert "AWS Error NETWORK_CONNECTION" in line and "Fix: check the network" in line
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_each_commands_help_names_a_config_that_exists_and_an_override_it_takes(name, capsys):
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    config, override = JOBS[name].example
+    assert f"e.g. {override}" in text and config in text, text
+    assert (REPO / config).is_file()
+    load_config(JOB_SCHEMAS[name], REPO / config, [override])  # the override is a field of that job's config

@@ -1,6 +1,7 @@
 """The compare job's pure parts: questions and splits, training records (RAFT's gold fraction and distractors), the
 scores and the table; and the demo's reading records and claims."""
 
+import base64
 import json
 import re
 
@@ -105,12 +106,13 @@ def test_scores_are_squad_em_f1_recall_of_the_cited_gold_and_latency():
     assert "recall_at_k" not in score(qs, answers, k=None).model_dump()
 
 
-def test_the_table_has_a_row_per_system_and_the_columns_people_decide_with():
-    def split(em):
-        return {"em": em, "f1": em, "n": 10, "recall_at_k": 0.9, "errors": 0, "latency_p50_s": 0.1,
-                "latency_p95_s": 0.2}
+def _split(em):
+    return {"em": em, "f1": em, "n": 10, "recall_at_k": 0.9, "errors": 0, "latency_p50_s": 0.1, "latency_p95_s": 0.2}
 
-    results = {"systems": {
+
+def two_systems(split=_split):
+    """A results dict of the base model and RAG, with an update."""
+    return {"systems": {
         "base": {"seen": split(0.0), "held_out": split(0.0), "data_needed": "nothing", "cost_text": "-",
                  "maintenance": "none", "latency": {"p50_s": 0.1, "p95_s": 0.2}, "examples": [],
                  "update": {"before": split(0.0), "after": split(0.0)}},
@@ -119,12 +121,40 @@ def test_the_table_has_a_row_per_system_and_the_columns_people_decide_with():
                 "update": {"before": split(0.1), "after": split(0.9), "time_to_knowledge_s": 4.2,
                            "how": "index add + reload"}},
     }}
+
+
+def test_the_table_has_a_row_per_system_and_the_columns_people_decide_with():
+    results = two_systems()
     table = render_table(typed(results)).splitlines()
     assert table[0].startswith("| approach | data it needs | seen facts EM / F1 | held-out facts EM / F1 |")
     assert len(table) == 4 and table[2].startswith("| base model | nothing |")
     assert "never (closed-book, not retrained)" in table[2]
     assert "| RAG | the corpus | 90% / 0.90 | 85% / 0.85 | 90% (before: 10%) | 4.2 s (index add + reload) | " \
            "90% / 90% | 300 / 500 ms | 30 s | index add |" == table[3]
+
+
+def test_the_terminal_table_fits_80_columns_and_the_page_is_self_contained():
+    from jobs.compare_report import Claim, render_html, render_terminal
+    from jobs.compare_results import CompareResults
+
+    results = two_systems()
+    term = render_terminal(typed(results)).splitlines()
+    assert max(len(line) for line in term) <= 80 and len(term) == 4
+    assert term[3].split() == ["RAG", "90%", "85%", "10%", "->", "90%", "4.2", "s", "300", "ms"]
+    assert term[2].split()[-3:] == ["never", "100", "ms"]
+    full = CompareResults.model_validate({
+        **results, "config": {"model": {"name": "tiny <b>"}}, "seconds": 99.0,
+        "questions": {"total": 40, "seen": 20, "held_out": 10, "update": 10},
+        "stages": {"index": {"seconds": 3, "embed_s": 1, "index_s": 2, "docs": 5, "chunks": 9}}})
+    chart = b"\x89PNG-not-really"
+    page = render_html(full, chart, [Claim("RAG answers new facts", True, "10% -> 90%"),
+                                     Claim("RAFT beats RAG", False, "80% vs 90%")])
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
+    assert f'src="data:image/png;base64,{base64.b64encode(chart).decode()}"' in page  # the chart inline
+    assert page.count("<tr>") == 3 and "<td>4.2 s (index add + reload)</td>" in page
+    assert '<li class="yes"><b>holds</b>: RAG answers new facts' in page and '<li class="no">' in page
+    assert "tiny &lt;b&gt;" in page and "tiny <b>" not in page  # the settings, escaped
+    assert "ragtune 0.1.0" in page and "torch " in page  # the versions that made the numbers
 
 
 def test_the_compare_config_refuses_a_half_given_update_and_repeated_systems():

@@ -81,6 +81,9 @@ def test_the_demo_writes_its_inputs_report_json_and_chart(demo):
     report = (out / "compare" / "report.md").read_text()
     assert report.startswith("| approach |") and "What the comparison claims" in report
     assert (out / "compare" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "compare" / "report.html").read_text()  # the table, the verdicts and the chart in one page
+    assert page.count("<tr>") == 5 and page.count('<li class="') == summary.claims and "https://" not in page
+    assert "data:image/png;base64," in page
     assert results["stages"]["index_add"]["add"]["docs_added"] > 0 and results["stages"]["index_add"]["seconds"] > 0
     assert f"{summary.claims_hold} of {summary.claims} claims hold" in summary.line()
 

@@ -9,6 +9,7 @@ returns exactly what `ragtune search` returns, under load and through failures.
 """
 
 import json
+import re
 import socket
 import threading
 import time
@@ -101,13 +102,16 @@ def served(ray_2_cpus, squad_retrieval, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fused(served):
-    """The same config in the fused layout, a second app beside the split one: its base URL (/fused)."""
+    """The same config in the fused layout, a second app beside the split one: its base URL (/fused). Two Ingress
+    replicas, each holding the index (the reload test: they switch versions in step); each answers at most 4
+    requests at once (the overload test)."""
     from ray import serve
 
     from serving.app import ServeAppArgs, build_app
 
     url, cfg, *_ = served
-    fused_cfg = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "fused"})})
+    fused_cfg = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "fused", "replicas": 2}),
+                                       "limits": cfg.limits.model_copy(update={"max_concurrent_requests": 4})})
     serve.run(build_app(ServeAppArgs(config=fused_cfg.model_dump(mode="json"))), name="ragtune-fused",
               route_prefix="/fused")
     yield f"{url}/fused"
@@ -214,7 +218,7 @@ def test_search_equals_ragtune_search(served, capsys):
         r = post(url, "/v1/search", {"query": item["query"], "k": 5, "mode": "dense"})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["version"].endswith("v-00001")
+        assert body["version"] == "v-00001"  # by name: the server's paths stay on the server
         assert [(h["rank"], h["chunk_id"], h["doc_id"], h["title"], h["text"]) for h in body["data"]] == \
             [(h["rank"], h["chunk_id"], h["doc_id"], h["title"], h["text"]) for h in item["results"]]
         assert np.allclose([h["score"] for h in body["data"]], [h["score"] for h in item["results"]], atol=1e-4)
@@ -317,7 +321,7 @@ def test_fused_and_split_layouts_answer_alike(served, fused):
     auto = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "auto"})})
     plan = plan_for(auto, [NodeResources(cpus=2, memory=8 * 2**30)])
     assert plan.layout == "fused", plan.reason
-    assert route_hops(plan)["/v1/search"] == "proxy -> Ingress -> IndexReplica (embed + 2 shard(s) + docstore)"
+    assert route_hops(plan)["/v1/search"] == "proxy -> Ingress (embed + 2 shard(s) + docstore, in process)"
     for mode, _, fusion in FUSION_CASES:
         for flt in (None, {"title": ["Amazon rainforest", "Super Bowl 50"]}):
             for q in QUERIES:
@@ -424,6 +428,12 @@ def test_bad_input_is_a_4xx_in_openai_format_never_a_500(served):
                             timeout=60)  # no Content-Length: counted while read
     assert_openai_error(chunked, 413, "request_too_large")
     assert_openai_error(requests.get(f"{url}/v1/nothing", headers=h, timeout=60), 404)
+    for path in ("/v1/search", "/v1/chat/completions", "/v1/embeddings", "/v1/completions"):  # hostile nesting
+        for deep in (b"[" * 5000, b'{"a":' * 3000, b'{"query": "q", "filter": ' + b"[" * 40 + b"]" * 40 + b"}"):
+            assert_openai_error(requests.post(f"{url}{path}", data=deep, headers=h, timeout=60), 400, "invalid_json")
+    assert_openai_error(post(url, "/v1/chat/completions", {**ok, "response_format": {"type": "json_object"}}), 400,
+                        param="response_format")  # refused, not silently answered with free text
+    assert post(url, "/v1/chat/completions", {**ok, "response_format": {"type": "text"}}).status_code == 200
     metrics = requests.get(f"{url}/metrics", headers=h, timeout=60).text
     assert 'ragtune_requests_total{route="search",status="400"}' in metrics
     assert 'ragtune_stage_seconds_count{stage="embed"}' in metrics and 'stage="generate"' in metrics
@@ -605,7 +615,8 @@ def test_index_version_swap_under_traffic_fails_no_request(served, reference):
     switch_latest(resolve(str(root)), "v-00002")
     r = post(url, "/admin/reload", {})
     t_switched = time.monotonic()
-    assert r.status_code == 200 and r.json()["changed"] and r.json()["version"].endswith("v-00002"), r.text
+    assert r.status_code == 200 and r.json()["changed"] and r.json()["version"] == "v-00002", r.text
+    assert r.json()["previous"] == "v-00001"
     time.sleep(3)
     stop.set()
     for f in futures:
@@ -621,7 +632,8 @@ def test_index_version_swap_under_traffic_fails_no_request(served, reference):
     assert search_ids(url, probe)[0] == reference["v-00002"][probe]
     assert rows[-1]["_id"] in {h["doc_id"] for h in post(url, "/v1/search", {"query": probe, "k": 1}).json()["data"]}
     health = requests.get(f"{url}/healthz", timeout=30).json()
-    assert health["ready"] and health["version"].endswith("v-00002")
+    assert health["ready"] and health["version"] == "v-00002"  # unauthenticated: a name, never a path
+    assert str(root) not in requests.get(f"{url}/healthz", timeout=30).text
 
 
 @pytest.mark.timeout(300)
@@ -719,6 +731,43 @@ def test_add_and_delete_under_traffic_fail_no_request_and_gc_keeps_the_leased_ve
 
 
 @pytest.mark.timeout(300)
+def test_more_requests_than_the_limit_get_a_429_with_retry_after_at_once_and_every_slot_comes_back(fused):
+    """32 streamed chats at once against an app that answers 4 at a time per replica: the excess is refused at once
+    with
+    OpenAI's 429 and Retry-After (no 500, no wait in a queue), the admitted ones answer in full, and once they have
+    ended every slot is free again (the in-flight gauge is 0 and a new request is answered)."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": QUERIES[0]}], "max_tokens": 16,
+            "stream": True}
+    start = threading.Barrier(32)
+
+    def one(_):
+        start.wait()
+        t0 = time.monotonic()
+        r = post(fused, "/v1/chat/completions", chat)  # reads the whole stream
+        return r.status_code, r.headers.get("retry-after"), r.text, time.monotonic() - t0
+
+    with ThreadPoolExecutor(32) as pool:
+        out = list(pool.map(one, range(32)))
+    statuses = sorted({s for s, *_ in out})
+    refused = [(retry, text, dt) for s, retry, text, dt in out if s == 429]
+    assert statuses == [200, 429] and 4 <= len(out) - len(refused) < 32, statuses
+    for retry, text, _ in refused:
+        err = json.loads(text)["error"]
+        assert retry == "1" and err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error", err
+        assert "limits.max_concurrent_requests" in err["message"]
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert median([dt for *_, dt in refused]) < median([dt for s, _, _, dt in out if s == 200])  # refused at once
+    assert all(text.rstrip().endswith("data: [DONE]") for s, _, text, _ in out if s == 200)
+    time.sleep(1)  # a stream's slot is released just after its last byte is sent
+    scrapes = [requests.get(f"{fused}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
+               for _ in range(8)]  # each from either replica (metrics are per replica)
+    assert all("ragtune_requests_in_flight 0.0" in m for m in scrapes)
+    rejected = [float(re.search(r"^ragtune_requests_rejected_total (\S+)$", m, re.M).group(1)) for m in scrapes]
+    assert 0 < max(rejected) <= len(refused)
+    assert search_body(fused, QUERIES[1], k=3)["data"]  # the slots came back
+
+
+@pytest.mark.timeout(300)
 def test_fused_layout_reload_under_traffic_fails_no_request(served, fused):
     """Last: the fused app (still on v-00001: nothing reloaded it) switches under traffic to the version LATEST
     names now (the add and delete test's last, with deltas and tombstones): no request fails, each answer is
@@ -733,7 +782,7 @@ def test_fused_layout_reload_under_traffic_fails_no_request(served, fused):
     reference = {v: {q: [p.chunk_id for p in LocalRetriever(str(root / v)).search(q, 5)] for q in queries}
                  for v in ("v-00001", latest)}
     stop, results, errors = threading.Event(), [], []
-    pool, futures = load(fused, queries, stop, results, errors)
+    pool, futures = load(fused, queries, stop, results, errors, concurrency=3)  # under the app's limit of 4
     try:
         time.sleep(2)
         r = post(fused, "/admin/reload", {})

@@ -4,6 +4,7 @@ docstore is read off the event loop. The app in both layouts: tests/serving/test
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def replica(texts_index, monkeypatch):  # noqa: F811
     monkeypatch.setattr(dep, "QueryEncoder", _StandIn)
     # @serve.batch outside a replica: its check of the deployment's max_ongoing_requests has no replica to ask
     monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-    return IndexReplica.func_or_class(IndexSource(path=texts_index["path"], poll_interval_s=None),
+    return IndexReplica(IndexSource(path=texts_index["path"], poll_interval_s=None),
                                       EmbedderConfig(max_batch_size=16, batch_wait_timeout_s=0.05),
                                       RetrievalConfig(mode="auto", filter_overfetch=3),
                                       ReplicaResources(1, 0, 1, "cpu"))
@@ -141,9 +142,10 @@ def test_a_reload_loads_the_new_version_then_the_pointer_switches(replica, texts
     assert not asyncio.run(reload()).changed
     switch_latest(resolve(str(root)), "v-00009")
     out = asyncio.run(reload())
-    assert out.changed and out.version.endswith("v-00009") and pointer.version == out.version
-    assert out.version in replica.held.versions and out.version in replica.docstores.stores
-    health = asyncio.run(replica.ready(out.version))
+    assert out.changed and out.version == "v-00009" and out.previous == "v-00001"  # names, never paths
+    assert pointer.version == resolve(str(root / "v-00009")).uri
+    assert pointer.version in replica.held.versions and pointer.version in replica.docstores.stores
+    health = asyncio.run(replica.ready(pointer.version))
     assert health.ready and health.shards == 3 and health.loaded == [0, 1, 2]
 
     shutil.copytree(root / "v-00009", root / "v-00010")
@@ -154,3 +156,72 @@ def test_a_reload_loads_the_new_version_then_the_pointer_switches(replica, texts
     with pytest.raises(Conflict, match="retrieval.mode = 'hybrid' needs a lexical"):
         asyncio.run(reload())
     assert pointer.version.endswith("v-00009")
+
+
+def test_the_board_keeps_the_fused_replicas_on_one_version(tmp_path, monkeypatch):
+    """Three fused replicas (their version pointers and board loops, in one event loop; the board called as a
+    handle would be): a reload on one answers once the others have loaded and switched too; a replica that cannot
+    load the new version is waited for only PUBLISH_WAIT_S, keeps its old version and is named; a replica that
+    stopped following is not waited for."""
+    import shutil
+
+    from configs.schema.serve import IndexSource
+    from serving import fused
+    from serving.fused import Local, VersionBoard, follow_board
+    from serving.versions import VersionPointer
+    from sharding.manifest import read_index_manifest, switch_latest, write_index_manifest
+    from sharding.storage import resolve
+    from tests.serving.test_rag import build_texts_version
+
+    monkeypatch.setattr(fused, "FOLLOW_S", 0.2)
+    monkeypatch.setattr(fused, "LIVE_S", 3.0)  # longer than c's backoff (1 s, 2 s) between failed loads
+    monkeypatch.setattr(fused, "PUBLISH_WAIT_S", 1.5)
+    root = tmp_path / "index"
+    built, _, _ = build_texts_version(tmp_path / "one", ["alpha", "beta", "gamma"], 1, lexical=False)
+    for name in ("v-00001", "v-00002"):
+        shutil.copytree(resolve(built).path, root / name)
+        m = read_index_manifest(resolve(str(root / name)))
+        write_index_manifest(resolve(str(root / name)), m.model_copy(update={"version": name}))
+    switch_latest(resolve(str(root)), "v-00001")
+    v2 = resolve(str(root / "v-00002")).uri
+    source = IndexSource(path=str(root), poll_interval_s=None)
+    board = Local(VersionBoard.func_or_class())
+    loaded: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+
+    def prepare_for(name, fails=False):
+        async def prepare(version, manifest):
+            await asyncio.sleep(0.05)  # loading takes a while
+            if fails:
+                raise RuntimeError("no room")
+            loaded[name].append(version)
+        return prepare
+
+    async def scenario():
+        async def publish(version):
+            return await board.publish.remote(version)
+
+        pointers = {n: VersionPointer(source, "dense", on_switch=publish) for n in "abc"}
+        synced = {n: asyncio.Event() for n in "abc"}
+        loops = {n: asyncio.create_task(follow_board(board, pointers[n], n, prepare_for(n, fails=n == "c"),
+                                                     synced[n])) for n in "abc"}
+        for e in synced.values():
+            await e.wait()
+        switch_latest(resolve(str(root)), "v-00002")
+        t0 = time.monotonic()
+        out = await pointers["a"].reload(prepare_for("a"))
+        waited = time.monotonic() - t0
+        versions = {n: p.version for n, p in pointers.items()}
+        loops["c"].cancel()  # c stops following: after LIVE_S it is no longer waited for
+        await asyncio.sleep(3.2)
+        t1 = time.monotonic()
+        again = await pointers["a"].reload(prepare_for("a"))
+        for task in loops.values():
+            task.cancel()
+        return out, waited, versions, again, time.monotonic() - t1
+
+    out, waited, versions, again, waited_again = asyncio.run(scenario())
+    assert out.changed and out.version == "v-00002"
+    assert versions["a"] == versions["b"] == v2 and loaded["a"] == loaded["b"] == [v2]  # b switched before the
+    assert versions["c"].endswith("v-00001") and loaded["c"] == []                       # reload answered
+    assert 1.4 < waited < 5  # it waited PUBLISH_WAIT_S for c, which cannot load it, then answered anyway
+    assert not again.changed and waited_again < 0.5  # c is gone: nobody is behind

@@ -27,6 +27,7 @@ from serving.schemas import (
     check_chat,
     check_embeddings,
     check_search,
+    json_depth,
 )
 from sharding.filters import matches
 from sharding.search import merge_topk
@@ -189,10 +190,23 @@ def test_chat_requests_parse_openai_shapes_and_the_retrieval_extension():
     ({"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 3}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text content"),
     ({"messages": [{"role": "user", "content": "q"}]}, "model"),
+    ({"model": "m", "messages": [{"role": "user", "content": "q"}], "response_format": {"type": "json_object"}},
+     "'json_object' is not supported"),
+    ({"model": "m", "messages": [{"role": "user", "content": "q"}], "response_format": {"type": "yaml"}},
+     "response_format.type"),
 ])
 def test_malformed_chat_requests_are_refused(body, where):
     with pytest.raises(ValueError, match=where):
         ChatCompletionRequest.model_validate(body)
+
+
+def test_json_depth_counts_nesting_outside_strings_before_parsing():
+    assert json_depth(b'{"a": [1, {"b": "[[[[{{"}]}') == 3  # brackets inside strings do not nest
+    assert json_depth(b'{"q": "say \\"[[[\\" twice", "k": [[]]}') == 3  # nor after an escaped quote
+    assert json_depth(b'"x"') == 0 and json_depth(b"{}") == 1 and json_depth(b"[[],[],[]]") == 2
+    assert json_depth(b"[" * 5000) == 5000 and json_depth(b'{"a":' * 5000) == 5000  # json.loads: RecursionError
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "[{" * 100}]}).encode()
+    assert json_depth(body) == 3 and json.loads(body)
 
 
 def test_limits_are_400s_that_name_the_limit():
@@ -215,6 +229,42 @@ def test_limits_are_400s_that_name_the_limit():
         check_embeddings(EmbeddingRequest(model="m", input=["a"] * 300), LimitsConfig())
     with pytest.raises(ValueError, match="one prompt per request"):
         CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]})
+
+
+def test_admission_refuses_past_its_limit_until_a_slot_is_released_and_overload_is_a_503_to_retry():
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    from serving.ingress import Admission, _api_error, overloaded
+
+    adm = Admission(2)
+    first, second = adm.take(), adm.take()
+    with pytest.raises(ApiError) as e:
+        adm.take()
+    assert e.value.status == 429 and e.value.code == "rate_limit_exceeded" and adm.in_flight == 2
+    held = second.hand_over()  # a stream's response takes the place over
+    second.release()
+    assert adm.in_flight == 2  # the old owner releases nothing
+    held.release()
+    held.release()  # once only
+    assert adm.in_flight == 1
+    with adm.take():
+        assert adm.in_flight == 2
+    first.release()
+    assert adm.in_flight == 0
+
+    class Wrapper(Exception):  # Ray's RayTaskError keeps the user's exception in `cause`
+        def __init__(self, cause):
+            self.cause = cause
+
+    busy = overloaded(Wrapper(BackPressureError(num_queued_requests=64, max_queued_requests=64)))
+    assert busy is not None and busy.status == 503 and busy.code == "overloaded"
+    assert overloaded(RuntimeError("other")) is None
+    for err, retry in ((busy, "1"), (ApiError(429, "slow down"), "1"), (ApiError(400, "bad"), None)):
+        response = asyncio.run(_api_error(None, err))
+        assert response.status_code == err.status and response.headers.get("retry-after") == retry
+        assert json.loads(response.body)["error"]["message"] == err.message
 
 
 def test_errors_survive_pickling_and_the_ingress_finds_their_status_behind_wrappers():
