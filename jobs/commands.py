@@ -46,7 +46,9 @@ JOBS: dict[str, Job] = {
     "index": Job("build a sharded FAISS index (a new version) from embedding parts",
                  epilog="also: ragtune index add|delete|compact|gc|history -i INDEX ... (`ragtune index add -h`): "
                         "change an index without rebuilding it"),
-    "finetune": Job("fine-tune a causal LM with LoRA on Ray Train + DeepSpeed ZeRO"),
+    "finetune": Job("fine-tune a causal LM with LoRA on Ray Train + DeepSpeed ZeRO",
+                    {"--plan": ("run.plan_only=true", "print the memory plan per worker and whether it fits the "
+                                                      "cluster, then exit without training")}),
     "compare": Job("measure base vs fine-tuned vs RAG vs RAFT on the same questions"),
     "demo": Job("the whole comparison on a fictional world, on a local Ray (about 8 minutes on a laptop)",
                 default_config=str(CONFIG_DIR / "demo" / "default.yaml")),
