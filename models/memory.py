@@ -336,39 +336,38 @@ def with_changes(f: ModelFacts, s: TrainSettings, **changes: Any) -> MemoryPlan:
 
 
 def fixes(f: ModelFacts, s: TrainSettings, available: int, more_workers: int | None = None) -> list[str]:
-    """The single changes that make the plan fit in ``available`` bytes per worker, cheapest first (by the
-    throughput they cost: a higher ZeRO stage and checkpointing before offload, shorter data, more workers).
+    """The changes that make the plan fit in ``available`` bytes per worker, each found by re-running the plan
+    with it, cheapest first by what it costs: activation checkpointing (~1/3 more compute) and a higher ZeRO stage
+    (more communication), then both, then optimizer offload (the optimizer step on the host), then a smaller
+    micro batch or a shorter ``data.max_length`` (the largest that fits), then more workers (the fewest that fit).
 
     Args:
         more_workers: How many workers the cluster could run at most (None: don't suggest more workers).
     """
-    tried: list[tuple[str, MemoryPlan]] = []
+    candidates: list[list[tuple[str, dict[str, Any]]]] = []  # groups: from each, the first change that fits
     if not s.checkpointing:
-        tried.append(("train.activation_checkpointing=true", with_changes(f, s, checkpointing=True)))
-    for stage in range(max(s.stage, 0) + 1, 4):
-        if s.deepspeed:
-            tried.append((f"deepspeed.stage={stage}", with_changes(f, s, stage=stage)))
-    if s.deepspeed and not s.offload and s.stage >= 2:
-        tried.append(("deepspeed.offload=true", with_changes(f, s, offload=True)))
-    if s.deepspeed and s.stage < 3:
-        tried.append(("deepspeed.stage=3 deepspeed.offload=true", with_changes(f, s, stage=3, offload=True)))
-    if not s.checkpointing and s.deepspeed and s.stage < 3:
-        tried.append(("deepspeed.stage=3 train.activation_checkpointing=true",
-                      with_changes(f, s, stage=3, checkpointing=True)))
-    for mb in (s.micro_batch // 2, 1):
-        if 1 <= mb < s.micro_batch:
-            tried.append((f"train.micro_batch={mb} (raise train.accumulation to keep the batch)",
-                          with_changes(f, s, micro_batch=mb)))
-    length = s.max_length // 2
-    while length >= 128:
-        tried.append((f"data.max_length={length}", with_changes(f, s, max_length=length)))
-        length //= 2
-    if more_workers and more_workers > s.workers and s.deepspeed and s.stage >= 1:
-        for n in sorted({min(more_workers, s.workers * 2), more_workers}):
-            tried.append((f"scaling.num_workers={n}", with_changes(f, s, workers=n)))
-    seen, out = set(), []
-    for fix, plan in tried:
-        if plan.total <= available and fix not in seen:
-            seen.add(fix)
-            out.append(f"{fix} ({_gib(plan.total)})")
+        candidates.append([("train.activation_checkpointing=true", {"checkpointing": True})])
+    if s.deepspeed:
+        candidates.append([(f"deepspeed.stage={st}", {"stage": st}) for st in range(s.stage + 1, 4)])
+        if not s.checkpointing and s.stage < 3:
+            candidates.append([("deepspeed.stage=3 train.activation_checkpointing=true",
+                                {"stage": 3, "checkpointing": True})])
+        if not s.offload:
+            candidates.append([(f"deepspeed.stage={st} deepspeed.offload=true" if st != s.stage
+                                else "deepspeed.offload=true", {"stage": st, "offload": True})
+                               for st in range(max(2, s.stage), 4)])
+    candidates.append([(f"train.micro_batch={mb} (raise train.accumulation to keep the batch)", {"micro_batch": mb})
+                       for mb in range(s.micro_batch - 1, 0, -1)])
+    candidates.append([(f"data.max_length={n}", {"max_length": n})
+                       for n in (s.max_length * 3 // 4, s.max_length // 2, s.max_length // 4) if n >= 64])
+    if more_workers and s.deepspeed and s.stage >= 1:
+        candidates.append([(f"scaling.num_workers={n}", {"workers": n})
+                           for n in range(s.workers + 1, more_workers + 1)])
+    out = []
+    for group in candidates:
+        for fix, change in group:
+            plan = with_changes(f, s, **change)
+            if plan.total <= available:
+                out.append(f"{fix} ({_gib(plan.total)})")
+                break
     return out
