@@ -114,3 +114,31 @@ def test_finetune_plan_prints_the_plan_and_trains_nothing(ray_2_cpus, tmp_path, 
     out = capsys.readouterr().out
     assert "memory plan: tiny" in out and "activation checkpointing off" in out and "fits" in out
     assert not any(tmp_path.iterdir())  # no base model built, no checkpoint, no outputs
+
+
+def test_cpu_workers_give_freed_tensors_back_to_the_os():
+    """After a freed 24 MiB tensor, glibc serves the next ones from its heap and keeps them resident when freed;
+    with return_freed_memory (what setup_worker does on CPU workers) resident memory falls back after a free."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys, psutil, torch
+from jobs.finetune import return_freed_memory
+if sys.argv[1] == "set":
+    assert return_freed_memory()
+def rss():
+    return psutil.Process().memory_info().rss / 2**20
+t = torch.ones(6 << 20)  # 24 MiB, mmapped and freed: glibc raises its threshold above it
+del t
+before = rss()
+x = [torch.ones(5 << 20) for _ in range(4)]  # 4 x 20 MiB
+del x
+print(rss() - before)
+"""
+    kept = {}
+    for mode in ("default", "set"):
+        out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, cwd=REPO,
+                             check=True)
+        kept[mode] = float(out.stdout.strip().splitlines()[-1])
+    assert kept["default"] > 15 and kept["set"] < 5, kept
