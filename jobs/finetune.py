@@ -476,6 +476,12 @@ def setup_worker(cfg: FinetuneJobConfig) -> tuple[int, int, Any]:
     import torch
 
     ensure_logging()
+    # the libraries the model's setup imports, imported now: the baseline measured after this function (a
+    # worker's memory before its model, what the memory plan's "above the baseline" leaves out) includes them
+    import deepspeed  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per eval pass is noise
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
