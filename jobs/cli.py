@@ -30,7 +30,7 @@ from configs.schema import JOB_SCHEMAS, ConfigError, load_config
 from jobs import ask, compare, demo, embed, finetune, freshness, index, search, serve, submit
 from jobs.commands import INDEX_OPS, JOBS, add_job_parser, guarded, job_of, run_config_job
 
-RUN: dict[str, Callable[[Any], Any]] = {"embed": embed.run, "index": index.run, "finetune": finetune.run,
+RUN: dict[str, Callable[[Any], Any]] = {"embed": embed.run, "index": index.run, "finetune": finetune.command,
                                         "compare": compare.run, "demo": demo.run, "serve": serve.run}
 CHECK: dict[str, Callable[[Any], Any]] = {"embed": embed.check, "index": index.check, "finetune": finetune.check,
                                           "compare": compare.check, "serve": serve.check}

@@ -50,7 +50,9 @@ JOBS: dict[str, Job] = {
                  epilog="also: ragtune index add|delete|compact|gc|history -i INDEX ... (`ragtune index add -h`): "
                         "change an index without rebuilding it"),
     "finetune": Job("fine-tune a causal LM with LoRA on Ray Train + DeepSpeed ZeRO",
-                    ("configs/finetune/tiny.yaml", "train.steps=80")),
+                    ("configs/finetune/tiny.yaml", "train.steps=80"),
+                    {"--plan": ("run.plan_only=true", "print the memory plan per worker and whether it fits the "
+                                                      "cluster, then exit without training")}),
     "compare": Job("measure base vs fine-tuned vs RAG vs RAFT on the same questions",
                    ("configs/compare/squad-slice.yaml", "questions.max_eval=50")),
     "demo": Job("the whole comparison on a fictional world, on a local Ray (about 8 minutes on a laptop)",

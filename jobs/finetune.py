@@ -36,7 +36,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.placement import TrainPlan, plan_training
+from cluster.placement import NodeResources, TrainPlan, plan_training
 from cluster.runtime import alive_nodes, init_ray
 from configs import CONFIG_DIR
 from configs.errors import RagtuneError
@@ -64,7 +64,9 @@ from models.generators import (
     local_model_dir,
     lora_param_count,
     qlora_available,
+    tiny_config,
 )
+from models.memory import GiB, MemoryPlan, TrainSettings, fixes, model_facts, plan_memory
 from models.sft import (
     IGNORE,
     Block,
@@ -209,6 +211,142 @@ def _first_record(fs: Any, path: str) -> dict[str, Any] | None:
     return None
 
 
+# --- 1b. the memory plan (driver) -----------------------------------------------------------------------------------
+
+AUTO_CHECKPOINTING_ABOVE = 1 * GiB  # train.activation_checkpointing auto: on when activations dominate above this
+# Memory per GPU of Ray's accelerator types, where the type has one size (A100 and V100 come in two: not guessed)
+GPU_MEMORY_GIB = {"H100": 80, "H200": 141, "A10G": 24, "L4": 24, "L40S": 48, "T4": 16, "A10": 24, "B200": 180}
+
+
+def tiny_spec(cfg: FinetuneJobConfig) -> TinySpec:
+    """The shape of the ``tiny`` preset this job builds (``model.tiny``)."""
+    t = cfg.model.tiny
+    return TinySpec(layers=t.layers, hidden=t.hidden, heads=t.heads, intermediate=4 * t.hidden, vocab=t.vocab,
+                    seed=cfg.train.seed)
+
+
+def base_model_config(cfg: FinetuneJobConfig) -> Any:
+    """The base model's transformers config, read without its weights: a local folder's or a hub id's config.json
+    (the hub sends that file alone), a URI's config.json, or the ``tiny`` preset's (its run folder's once built)."""
+    from transformers import AutoConfig
+
+    name = cfg.model.name
+    if name == "tiny":
+        built = resolve(cfg.run.storage_path).join(cfg.run.name, "base_model", "config.json")
+        if not exists(built):
+            return tiny_config(tiny_spec(cfg))
+        name = built.portable.rsplit("/", 1)[0]
+    if "://" in name:
+        loc = resolve(name).join("config.json")
+        with loc.fs.open_input_stream(loc.path) as f:
+            values = json.loads(f.read())
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    try:
+        return AutoConfig.from_pretrained(absolute_model_name(name))
+    except (OSError, ValueError) as e:
+        raise RagtuneError(f"model.name = {name!r}: cannot read its config.json for the memory plan "
+                           f"({str(e).splitlines()[0]}). Fix: a local folder, a URI or a hub id in the local cache"
+                           ) from None
+
+
+def memory_plan(cfg: FinetuneJobConfig, plan: TrainPlan) -> MemoryPlan:
+    """The job's memory plan per worker (models.memory), with ``train.activation_checkpointing: auto`` decided:
+    on when the plan without it has activations as its largest term and above ``AUTO_CHECKPOINTING_ABOVE`` (the
+    demo's tiny models, whose activations are a few MiB, stay without it: recomputing costs ~1/3 more compute)."""
+    config = base_model_config(cfg)
+    facts = model_facts(config, cfg.train.method, cfg.lora.target_modules, cfg.lora.r,
+                        name="tiny" if cfg.model.name == "tiny" else cfg.model.name)
+    ds = deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu, facts.hidden) \
+        if cfg.deepspeed.enabled else None
+    zero = (ds or {}).get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    buckets = sum(int(zero.get(k, 0)) for k in (("reduce_bucket_size", "stage3_prefetch_bucket_size") if stage == 3
+                                                 else ("reduce_bucket_size", "allgather_bucket_size")))
+    attention = getattr(config, "_attn_implementation", None)
+    settings = TrainSettings(
+        method=cfg.train.method, stage=stage, deepspeed=ds is not None, offload=bool(zero.get("offload_optimizer")),
+        precision=plan.precision, micro_batch=cfg.train.micro_batch, max_length=cfg.data.max_length,
+        checkpointing=cfg.train.activation_checkpointing is True, workers=plan.num_workers,
+        device="gpu" if plan.use_gpu else "cpu", attention="eager" if attention == "eager" else "sdpa",
+        targets=tuple(cfg.lora.target_modules), r=cfg.lora.r, dropout=cfg.lora.dropout,
+        buckets=buckets if stage >= 1 else 0)
+    mem = plan_memory(facts, settings)
+    if cfg.train.activation_checkpointing == "auto" and mem.dominant == "activations" \
+            and mem.activations > AUTO_CHECKPOINTING_ABOVE:
+        mem = plan_memory(facts, replace(settings, checkpointing=True))
+    return mem
+
+
+def worker_memory(cfg: FinetuneJobConfig, plan: TrainPlan, nodes: list[NodeResources]) -> tuple[int | None, str]:
+    """(bytes each worker may use, where the figure comes from); None when unknown.
+
+    GPUs: ``scaling.gpu_memory_gib``, else the driver's own GPU (``torch.cuda``), else the nodes' Ray accelerator
+    type (Ray's resources have no GPU memory). CPUs: the Ray ``memory`` of the node that packs the most workers,
+    divided among them (Ray Train packs a worker group onto as few nodes as it can).
+    """
+    if plan.use_gpu:
+        if cfg.scaling.gpu_memory_gib:
+            return int(cfg.scaling.gpu_memory_gib * GiB), f"scaling.gpu_memory_gib = {cfg.scaling.gpu_memory_gib:g}"
+        import torch
+
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            return int(p.total_memory), f"a {p.name} (the driver's GPU)"
+        import ray
+
+        types = {k.split(":", 1)[1] for n in ray.nodes() if n.get("Alive") for k in n.get("Resources", {})
+                 if k.startswith("accelerator_type:")}
+        known = [GPU_MEMORY_GIB[t] for t in types if t in GPU_MEMORY_GIB]
+        if types and len(known) == len(types):
+            return int(min(known) * GiB), f"a {'/'.join(sorted(types))} GPU ({min(known)} GiB)"
+        return None, (f"GPU memory unknown (accelerator types: {', '.join(sorted(types)) or 'none reported'}): set "
+                      "scaling.gpu_memory_gib to check the plan")
+    per = [(n.memory / min(plan.num_workers, max(1, int(n.cpus // cfg.scaling.cpus_per_worker))), n)
+           for n in nodes if n.cpus >= cfg.scaling.cpus_per_worker and n.memory > 0]
+    if not per:
+        return None, "node memory unknown"
+    share, node = min(per, key=lambda x: x[0])
+    k = min(plan.num_workers, max(1, int(node.cpus // cfg.scaling.cpus_per_worker)))
+    return int(share), f"{node.memory / GiB:.1f} GiB of Ray memory on a node, shared by {k} worker(s)"
+
+
+def check_memory(cfg: FinetuneJobConfig, plan: TrainPlan, mem: MemoryPlan, nodes: list[NodeResources]) -> str:
+    """A line that says the plan fits, or a RagtuneError naming predicted vs available and the fixes that fit
+    (each a re-run of the plan with one change)."""
+    available, where = worker_memory(cfg, plan, nodes)
+    unit = "GPU" if plan.use_gpu else "worker"
+    if available is None:
+        return f"memory plan: {mem.total / GiB:.2f} GiB per {unit}, not checked: {where}"
+    if mem.total <= available:
+        return f"memory plan: {mem.total / GiB:.2f} GiB per {unit} fits {available / GiB:.2f} GiB ({where})"
+    more = int(sum(n.gpus for n in nodes)) if plan.use_gpu else None
+    found = fixes(mem.facts, mem.settings, available, more_workers=more)
+    raise RagtuneError(
+        f"the memory plan predicts {mem.total / GiB:.2f} GiB per {unit} at its peak ({mem.dominant} "
+        f"{getattr(mem, mem.dominant) / GiB:.2f} GiB is the largest term) but {where} gives "
+        f"{available / GiB:.2f} GiB. Fix: "
+        + ("; or ".join(found[:5]) if found else "a larger machine, or a smaller model / shorter data.max_length")
+        + " (`ragtune finetune --plan` prints the plan)")
+
+
+def preflight(cfg: FinetuneJobConfig, say: Any = log.info) -> tuple[FinetuneJobConfig, TrainPlan, MemoryPlan]:
+    """Check the config, plan the workers and their memory, say the plan, and refuse a job that will not fit.
+    Returns the config with ``train.activation_checkpointing`` resolved (what the workers and config.json see)."""
+    check(cfg)
+    init_ray(cfg.cluster)
+    nodes = alive_nodes()
+    plan = plan_training(nodes, cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
+                         cfg.train.precision)
+    say(plan.reason)
+    check_quantization(cfg, plan)
+    mem = memory_plan(cfg, plan)
+    say(mem.table())
+    say(check_memory(cfg, plan, mem, nodes))
+    resolved = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"activation_checkpointing": mem.settings.checkpointing})})
+    return resolved, plan, mem
+
+
 # --- 2/3. base model and data (driver) -----------------------------------------------------------------------------
 
 def read_records(paths: str | list[str]):
@@ -237,8 +375,7 @@ def resolve_base_model(cfg: FinetuneJobConfig, records) -> str:
     if exists(dest.join("config.json")):  # a rerun of the run keeps its base model (and tokenizer)
         return dest.portable
     t = cfg.model.tiny
-    spec = TinySpec(layers=t.layers, hidden=t.hidden, heads=t.heads, intermediate=4 * t.hidden, vocab=t.vocab,
-                    seed=cfg.train.seed)
+    spec = tiny_spec(cfg)
     texts = [_record_text(r) for r in records.iter_rows()]
     log.info("building the tiny base model (%d layers x %d) with a tokenizer trained on %d records", t.layers,
              t.hidden, len(texts))
@@ -360,6 +497,7 @@ class TrainState:
     zero3_config: Any  # transformers' HfDeepSpeedConfig under ZeRO-3, else None; it keeps only a weak reference
     #                    to it, so it lives here as long as the model
     step: int = 0  # optimizer steps done
+    baseline_rss_mib: float = 0.0  # this worker's resident memory before the model was built (memory plan's baseline)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per step done
 
     @property
@@ -376,12 +514,41 @@ def setup_worker(cfg: FinetuneJobConfig) -> tuple[int, int, Any]:
     import torch
 
     ensure_logging()
+    # the libraries the model's setup imports, imported now: the baseline measured after this function (a
+    # worker's memory before its model, what the memory plan's "above the baseline" leaves out) includes them
+    import deepspeed  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per eval pass is noise
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # as many torch threads as the CPUs the worker reserved (a fraction: one)
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        return_freed_memory()
     return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: allocations above it are mmapped by glibc, and unmapped when freed
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give freed tensors back to the OS on a CPU worker (True where it could be set).
+
+    glibc's malloc raises its mmap threshold to the size of any mmapped block freed (up to 32 MiB), after which
+    tensors of up to that size come from the heap, and freed heap memory mostly stays resident: a CPU worker
+    measured ~2x the bytes it had live at its peak, growing step by step (bench/finetune.py). A fixed threshold
+    (``mallopt(M_MMAP_THRESHOLD)``, which also turns the adjustment off) keeps resident memory at what the tensors
+    hold, which is what the memory plan predicts; torch's own CPU allocator has no cache to return.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD = -3 (malloc.h)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
+        return False
 
 
 def setup_model(cfg: FinetuneJobConfig, base: str, precision: str, backend: str,
@@ -390,7 +557,10 @@ def setup_model(cfg: FinetuneJobConfig, base: str, precision: str, backend: str,
 
     Under ZeRO-3 transformers loads the weights straight into each rank's partition (zero.Init, switched on by
     the returned HfDeepSpeedConfig, None otherwise), so no worker ever holds the whole model. The seed is set
-    right before get_peft_model, so every rank starts alike.
+    right before get_peft_model, so every rank starts alike. With ``train.activation_checkpointing`` (resolved
+    to true by the driver) every decoder layer keeps only its input and is recomputed in the backward,
+    non-reentrant (torch.utils.checkpoint's recommended mode: it works with ZeRO-3's parameter hooks and with
+    inputs that do not require gradients).
     """
     import torch
 
@@ -404,9 +574,18 @@ def setup_model(cfg: FinetuneJobConfig, base: str, precision: str, backend: str,
     tok = load_tokenizer(base)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     model = load_model(base, dtype=dtype, quantization=cfg.model.quantization)
+    model.config.use_cache = False  # training never reads the KV cache; it would hold every layer's keys and values
+    checkpointing = cfg.train.activation_checkpointing is True
+    if checkpointing and not model.supports_gradient_checkpointing:
+        raise RagtuneError(f"train.activation_checkpointing = true but {type(model).__name__} does not support it. "
+                           "Fix: set train.activation_checkpointing to false or auto")
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.train.seed)
     if cfg.train.method == "lora":
         model = apply_lora(model, cfg)
+        if checkpointing:  # the frozen embeddings' output requires grad, as PEFT + checkpointing expect
+            model.enable_input_require_grads()
     return model, tok, zero3_config
 
 
@@ -442,10 +621,11 @@ def setup(cfg: FinetuneJobConfig, base: str, precision: str, backend: str,
           ds_config: dict[str, Any] | None) -> TrainState:
     """The worker, its model and its optimizer, at step 0."""
     rank, world, device = setup_worker(cfg)
+    baseline = psutil.Process().memory_info().rss / 2**20  # Python, torch, DeepSpeed, Ray: before the model
     model, tok, zero3_config = setup_model(cfg, base, precision, backend, ds_config)
     model, engine, optimizer, scheduler = setup_optimizer(cfg, model, ds_config, on_gpu=device.type != "cpu")
     return TrainState(cfg=cfg, rank=rank, world=world, device=device, tok=tok, model=model, engine=engine,
-                      optimizer=optimizer, scheduler=scheduler, zero3_config=zero3_config)
+                      optimizer=optimizer, scheduler=scheduler, zero3_config=zero3_config, baseline_rss_mib=baseline)
 
 
 def resume(s: TrainState) -> None:
@@ -528,7 +708,7 @@ def micro_batches(s: TrainState, shard: Any, skip: int) -> Iterator[dict[str, An
 def forward_backward(s: TrainState, batch: dict[str, Any]) -> float:
     """One micro batch's loss and gradients; DeepSpeed's engine also steps at its accumulation boundary."""
     out = s.net(**batch).loss
-    loss = float(out)
+    loss = float(out.detach())  # the value only (float() of a tensor that needs grad warns)
     if s.engine is not None:
         s.engine.backward(out)
         s.engine.step()
@@ -553,14 +733,16 @@ def optimizer_step(s: TrainState, micro_losses: list[float], tokens: int, lr: fl
         s.optimizer.zero_grad()
     s.step += 1
     agg = torch.tensor([sum(micro_losses) / len(micro_losses), float(tokens)], dtype=torch.float64, device=s.device)
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                        psutil.Process().memory_info().rss / 2**20], dtype=torch.float64, device=s.device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = torch.tensor([peak, psutil.Process().memory_info().rss / 2**20, s.baseline_rss_mib,
+                        peak - s.baseline_rss_mib], dtype=torch.float64, device=s.device)
     if dist.is_initialized():
         dist.all_reduce(agg)
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     dt = time.perf_counter() - t_start
     return {"step": s.step, "loss": float(agg[0]) / s.world, "lr": lr, "tokens_per_s": float(agg[1]) / dt,
-            "max_rss_mib": float(rss[0]), "rss_mib": float(rss[1]), "time": time.time()}
+            "max_rss_mib": float(rss[0]), "rss_mib": float(rss[1]), "baseline_rss_mib": float(rss[2]),
+            "peak_above_baseline_mib": float(rss[3]), "time": time.time()}
 
 
 def evaluate(s: TrainState, val_shard: Any) -> float:
@@ -749,12 +931,7 @@ def run(cfg: FinetuneJobConfig, callbacks: Sequence[UserCallback] = ()) -> Finet
         The summary, also written to ``<storage_path>/<run.name>/outputs/summary.json``.
     """
     t0 = time.perf_counter()
-    check(cfg)
-    init_ray(cfg.cluster)
-    plan = plan_training(alive_nodes(), cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
-                         cfg.train.precision)
-    log.info("%s", plan.reason)
-    check_quantization(cfg, plan)
+    cfg, plan, _ = preflight(cfg)  # refuses a job whose memory plan does not fit, before any data or model work
     outputs = resolve(cfg.run.storage_path).join(cfg.run.name, "outputs")
 
     records = read_records(cfg.data.train)
@@ -769,6 +946,14 @@ def run(cfg: FinetuneJobConfig, callbacks: Sequence[UserCallback] = ()) -> Finet
 
     result = fit(cfg, plan, base, train_ds, val_ds, outputs, callbacks)
     return finish(cfg, base, result, outputs, t0)
+
+
+def command(cfg: FinetuneJobConfig) -> FinetuneSummary | None:
+    """``ragtune finetune``: ``run`` it, or with ``--plan`` (``run.plan_only``) print the memory plan and exit."""
+    if cfg.run.plan_only:
+        preflight(cfg, say=print)
+        return None
+    return run(cfg)
 
 
 def fit(cfg: FinetuneJobConfig, plan: TrainPlan, base: str, train_ds: Any, val_ds: Any, outputs: Location,
@@ -867,4 +1052,4 @@ def merge_adapter(base: str, adapter: str, dest: str) -> None:
 
 
 if __name__ == "__main__":  # python -m jobs.finetune --config FILE [overrides] (what `ray job submit` calls)
-    job_main("finetune", run)
+    job_main("finetune", command)

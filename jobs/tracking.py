@@ -2,16 +2,20 @@
 
 Every sink gets the same scalars under the same names, at the optimizer step (the x axis everywhere):
 
-==========================  ==========================================================  ==========================
-scalar                      what                                                        metrics.jsonl key
-==========================  ==========================================================  ==========================
-``train/loss``              mean loss per micro batch of the global batch, all workers  ``loss``
-``train/lr``                the learning rate the step trained with                     ``lr``
-``train/tokens_per_s``      tokens (padding excluded) of the global batch per second    ``tokens_per_s``
-``eval/loss``               mean loss per answer token on the validation set            ``eval_loss`` (eval steps)
-``system/max_rss_mib``      the largest worker's peak resident memory so far (MiB)      ``max_rss_mib``
-``system/rss_mib``          the largest worker's resident memory after the step (MiB)   ``rss_mib``
-==========================  ==========================================================  ==========================
+==================================  ===============================================  ===========================
+scalar                              what                                             metrics.jsonl key
+==================================  ===============================================  ===========================
+``train/loss``                      mean loss per micro batch, all workers           ``loss``
+``train/lr``                        the learning rate the step trained with          ``lr``
+``train/tokens_per_s``              tokens (no padding) of the global batch per s    ``tokens_per_s``
+``eval/loss``                       mean loss per answer token, validation set       ``eval_loss`` (eval steps)
+``system/max_rss_mib``              largest worker's peak resident memory so far     ``max_rss_mib``
+``system/rss_mib``                  largest worker's resident memory after the step  ``rss_mib``
+``system/peak_above_baseline_mib``  largest worker's peak above its memory before    ``peak_above_baseline_mib``
+                                    its model was built (the memory plan's figure)
+==================================  ===============================================  ===========================
+
+Memory scalars are in MiB.
 
 - TensorBoard: ``<storage_path>/<run>/outputs/tensorboard/``, one event file per attempt (a worker restart or a
   rerun opens a new one); ``tensorboard --logdir <storage_path>`` shows every run of a storage path side by side.
@@ -77,6 +81,7 @@ SCALARS = {
     "eval_loss": "eval/loss",
     "max_rss_mib": "system/max_rss_mib",
     "rss_mib": "system/rss_mib",
+    "peak_above_baseline_mib": "system/peak_above_baseline_mib",
 }
 # tags that find a ragtune run's MLflow run again
 RUN_TAG, STORAGE_TAG = "ragtune.run", "ragtune.storage_path"

@@ -62,21 +62,28 @@ def train_tokenizer(texts: Iterable[str], vocab: int):
     return fast
 
 
+def tiny_config(spec: TinySpec, vocab: int | None = None, **token_ids: Any):
+    """The transformers config of the tiny preset (``vocab``: its tokenizer's size, default ``spec.vocab``)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab or spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.context, tie_word_embeddings=False, **token_ids,
+    )
+
+
 def build_tiny(out_dir: str | Path, texts: Iterable[str], spec: TinySpec = TinySpec()) -> Path:
     """Build the tiny preset into ``out_dir`` (atomically: a finished folder or none). Deterministic by seed."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out
     tok = train_tokenizer(texts, spec.vocab)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-        max_position_embeddings=spec.context, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
+    config = tiny_config(spec, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")

@@ -89,6 +89,9 @@ class TrainConfig(Section):
     keep_best: int = Field(2, ge=1, description="checkpoints kept, best by eval loss (the latest is kept too)")
     stop_after_steps: int | None = Field(None, ge=1, description="stop this run at this step (continue by rerun)")
     max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from a checkpoint")
+    activation_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute each layer in the backward instead of keeping its activations (~1/3 more "
+                            "compute); auto = on when the memory plan's largest term is activations above 1 GiB")
 
 
 class DeepSpeedConfig(Section):
@@ -117,6 +120,8 @@ class ScalingConfig(Section):
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto = GPUs when the cluster has them")
     cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs reserved per worker (a fraction shares a core "
                                                         "with other work, e.g. an idle serving app)")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="memory per GPU for the memory plan's check; "
+                                                                 "null = from the driver's GPU or the node type")
 
 
 class RunConfig(Section):
@@ -127,6 +132,8 @@ class RunConfig(Section):
     storage_path: str = Field(description="local folder or URI for checkpoints and outputs",
                               json_schema_extra={"storage": "output"})
     merge: bool = Field(False, description="also save the base model with the adapter merged in")
+    plan_only: bool = Field(False, description="print the memory plan and its check, then exit without training "
+                                               "(ragtune finetune --plan)")
 
 
 class MlflowConfig(Section):

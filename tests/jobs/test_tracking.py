@@ -26,7 +26,8 @@ def cfg(*overrides) -> FinetuneJobConfig:
 def row(step: int, loss: float, eval_every: int = 4) -> dict:
     """A metrics row as optimizer_step makes it (and train adds eval_loss at eval steps)."""
     r = {"step": step, "loss": loss, "lr": 1e-3 * step, "tokens_per_s": 100.0 + step, "max_rss_mib": 900.0 + step,
-         "rss_mib": 800.0 + step, "time": 1.7e9 + step}
+         "rss_mib": 800.0 + step, "baseline_rss_mib": 700.0, "peak_above_baseline_mib": 200.0 + step,
+         "time": 1.7e9 + step}
     if step % eval_every == 0:
         r["eval_loss"] = loss + 0.5
     return r
@@ -44,7 +45,8 @@ def read_tensorboard(logdir) -> dict[str, list[tuple[int, float]]]:
 def test_every_metrics_key_has_one_scalar_name():
     r = row(8, 2.0)
     assert tracking.scalars(r) == {"train/loss": 2.0, "train/lr": 8e-3, "train/tokens_per_s": 108.0,
-                                   "eval/loss": 2.5, "system/max_rss_mib": 908.0, "system/rss_mib": 808.0}
+                                   "eval/loss": 2.5, "system/max_rss_mib": 908.0, "system/rss_mib": 808.0,
+                                   "system/peak_above_baseline_mib": 208.0}
     assert "eval/loss" not in tracking.scalars(row(7, 2.0))  # only at eval steps
 
 
