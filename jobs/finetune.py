@@ -269,7 +269,7 @@ def memory_plan(cfg: FinetuneJobConfig, plan: TrainPlan) -> MemoryPlan:
         checkpointing=cfg.train.activation_checkpointing is True, workers=plan.num_workers,
         device="gpu" if plan.use_gpu else "cpu", attention="eager" if attention == "eager" else "sdpa",
         targets=tuple(cfg.lora.target_modules), r=cfg.lora.r, dropout=cfg.lora.dropout,
-        buckets=buckets if stage >= 1 else 0)
+        buckets=buckets if stage >= 1 else 0, quantization=cfg.model.quantization)
     mem = plan_memory(facts, settings)
     if cfg.train.activation_checkpointing == "auto" and mem.dominant == "activations" \
             and mem.activations > AUTO_CHECKPOINTING_ABOVE:

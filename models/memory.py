@@ -10,7 +10,12 @@ micro batch (``micro_batch x max_length``: batches are padded to their longest e
 Model states (per worker, ZeRO stage s; DeepSpeed's accounting, ZeRO paper section 3.1):
 
 - **weights**: w P (s <= 2, every worker holds the whole model); w P / N + w Lp under ZeRO-3 (its partition, plus
-  the largest layer gathered whole for its forward/backward).
+  the largest layer gathered whole for its forward/backward). With a 4-bit base (QLoRA, ``model.quantization:
+  4bit``; ZeRO <= 2 only) bitsandbytes stores the Linear layers below the output head (Q of the P parameters) in
+  NF4 with double quantization: 4 bits a parameter, one 8-bit absmax per block of 64 and one fp32 constant per
+  256 blocks, ``NF4_BYTES`` = 1/2 + 1/64 + 1/4096 bytes a parameter; the rest (embeddings, norms, the output head)
+  is cast to fp32 by ``prepare_model_for_kbit_training``: NF4_BYTES Q + 4 (P - Q). DeepSpeed's estimators do not
+  know quantized weights; the plan reports none for it.
 - **gradients**: w T (s = 0; DDP without DeepSpeed: 2 w T, its buckets are copies of the gradients); w T + 4 T/N
   (s = 1: full low-precision gradients, the fp32 partition of them); (w + 4) T / N (s = 2: the reduced gradient
   partition in w bytes and its fp32 copy); 4 T / N + w Lt (s = 3: the fp32 partition, plus the gathered layer's
@@ -75,6 +80,8 @@ GPU_RUNTIME = 1 * GiB  # CUDA context (~0.5 GiB on Hopper/Ampere), cuBLAS worksp
 CPU_RUNTIME = 640 * MiB  # a Ray Train worker with torch, DeepSpeed, peft, transformers imported, before the model
 #                          (measured 586 MiB by bench/finetune.py: torch 2.13, DeepSpeed 0.19.8), rounded up
 
+NF4_BYTES = 0.5 + 1 / 64 + 1 / 4096  # bytes a parameter of a 4-bit (NF4, double-quantized) Linear weight
+
 ATTENTION_IN = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
 KNOWN_LINEARS = (*ATTENTION_IN, "o_proj", *MLP_IN, "down_proj", "lm_head")
@@ -98,6 +105,7 @@ class ModelFacts:
     experts: int = 0  # experts per MoE layer (0 = dense)
     experts_per_token: int = 0
     tied: bool = False
+    quantizable: int = 0  # parameters of the Linear layers below the output head: what a 4-bit base quantizes
 
 
 def text_config(config: Any) -> Any:
@@ -132,6 +140,9 @@ def model_facts(config: Any, method: Literal["lora", "full"] = "lora", targets: 
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     trainable = params if method == "full" else lora_param_count(model, list(targets or []), r)
+    head = model.get_output_embeddings()
+    quantizable = sum(p.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear) and mod is not head
+                      for p in mod.parameters(recurse=False))
     c = text_config(config)
     heads = c.num_attention_heads
     return ModelFacts(
@@ -141,7 +152,7 @@ def model_facts(config: Any, method: Literal["lora", "full"] = "lora", targets: 
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab=c.vocab_size,
         experts=getattr(c, "num_local_experts", 0) or getattr(c, "num_experts", 0) or 0,
         experts_per_token=getattr(c, "num_experts_per_tok", 0) or 0,
-        tied=bool(getattr(config, "tie_word_embeddings", False)))
+        tied=bool(getattr(config, "tie_word_embeddings", False)), quantizable=quantizable)
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,7 @@ class TrainSettings:
     r: int = 8
     dropout: float = 0.0  # LoRA's
     buckets: int = 0  # elements of DeepSpeed's communication buckets (reduce + all-gather or prefetch); 0 = h^2 each
+    quantization: Literal["none", "4bit"] = "none"  # model.quantization: 4bit = a QLoRA base (ZeRO <= 2)
 
 
 @dataclass(frozen=True)
@@ -291,6 +303,8 @@ def plan_memory(f: ModelFacts, s: TrainSettings) -> MemoryPlan:
     on_host = s.offload and stage >= 2
     # weights
     weights = w * P if stage < 3 else math.ceil(w * P / N) + w * Lp
+    if s.quantization == "4bit":  # NF4 Linear weights, the rest in fp32 (prepare_model_for_kbit_training)
+        weights = math.ceil(NF4_BYTES * f.quantizable) + 4 * (P - f.quantizable)
     # gradients: the w-byte ones (device) and the fp32 partition (device, or host with offload)
     grads_low = {0: w * T * (1 if s.deepspeed else 2), 1: w * T, 2: math.ceil(w * T / N), 3: w * Lt}[stage]
     grads_fp32 = 0 if stage == 0 else math.ceil(4 * T / N)
@@ -308,7 +322,7 @@ def plan_memory(f: ModelFacts, s: TrainSettings) -> MemoryPlan:
     bucket = s.buckets or (2 * f.hidden**2 if stage >= 1 and s.deepspeed else 0)
     runtime = GPU_RUNTIME if s.device == "gpu" else CPU_RUNTIME
     estimate = None
-    if s.deepspeed and stage in (2, 3) and s.device == "gpu":
+    if s.deepspeed and stage in (2, 3) and s.device == "gpu" and s.quantization == "none":
         estimate = deepspeed_model_states(f, stage, N, s.offload, w)
     return MemoryPlan(facts=f, settings=s, weights=weights, gradients=gradients, optimizer=optimizer,
                       activations=sum(parts.values()), overhead=w * bucket + runtime, runtime=runtime, host=host,

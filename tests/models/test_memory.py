@@ -78,6 +78,22 @@ def test_lora_states_count_frozen_weights_as_weights_only():
     assert cpu.deepspeed_estimate is None  # its estimators are for GPUs in mixed precision
 
 
+def test_a_4bit_base_holds_its_linear_weights_in_nf4_and_the_rest_in_fp32():
+    """QLoRA on Llama-3-8B: the 32 layers' Linear weights (7 projections) in NF4 with double quantization, 1/2 +
+    1/64 + 1/4096 bytes a parameter; the embeddings, norms and lm_head in fp32 (prepare_model_for_kbit_training)."""
+    lora = model_facts(LlamaConfig(**LLAMA3_8B), "lora", ALL, r=16)
+    linear = 32 * (2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert lora.quantizable == linear == 6_979_321_856  # lm_head is not quantized
+    rest = 8_030_261_248 - linear  # embeddings + lm_head (2 x 128256 x 4096) and 65 norms of 4096
+    assert rest == 2 * 128256 * 4096 + 65 * 4096
+    q = plan_memory(lora, TrainSettings(stage=2, workers=4, precision="bf16", targets=tuple(ALL), r=16,
+                                        quantization="4bit"))
+    # linear / 2 + linear / 64 + linear / 4096 = 3,489,660,928 + 109,051,904 + 1,703,936
+    assert q.weights == 3_600_416_768 + 4 * rest == 7_804_174_336  # 7.27 GiB, against 14.96 GiB in bf16
+    assert q.weights < plan_memory(lora, TrainSettings(stage=2, workers=4, targets=tuple(ALL), r=16)).weights / 2
+    assert q.deepspeed_estimate is None  # DeepSpeed's estimators know no quantized weights
+
+
 def test_activations_of_a_stated_batch():
     facts = model_facts(LlamaConfig(**LLAMA3_8B), "lora", ["q_proj", "v_proj"], r=8)
     s = TrainSettings(method="lora", precision="bf16", micro_batch=1, max_length=2048, targets=("q_proj", "v_proj"))
