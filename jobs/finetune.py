@@ -301,13 +301,12 @@ def worker_memory(cfg: FinetuneJobConfig, plan: TrainPlan, nodes: list[NodeResou
             return int(min(known) * GiB), f"a {'/'.join(sorted(types))} GPU ({min(known)} GiB)"
         return None, (f"GPU memory unknown (accelerator types: {', '.join(sorted(types)) or 'none reported'}): set "
                       "scaling.gpu_memory_gib to check the plan")
-    per = [(n.memory / min(plan.num_workers, max(1, int(n.cpus // cfg.scaling.cpus_per_worker))), n)
-           for n in nodes if n.cpus >= cfg.scaling.cpus_per_worker and n.memory > 0]
-    if not per:
+    packed = [(n, min(plan.num_workers, max(1, int(n.cpus // cfg.scaling.cpus_per_worker))))
+              for n in nodes if n.cpus >= cfg.scaling.cpus_per_worker and n.memory > 0]  # (node, its workers)
+    if not packed:
         return None, "node memory unknown"
-    share, node = min(per, key=lambda x: x[0])
-    k = min(plan.num_workers, max(1, int(node.cpus // cfg.scaling.cpus_per_worker)))
-    return int(share), f"{node.memory / GiB:.1f} GiB of Ray memory on a node, shared by {k} worker(s)"
+    node, k = min(packed, key=lambda x: x[0].memory / x[1])
+    return int(node.memory / k), f"{node.memory / GiB:.1f} GiB of Ray memory on a node, shared by {k} worker(s)"
 
 
 def check_memory(cfg: FinetuneJobConfig, plan: TrainPlan, mem: MemoryPlan, nodes: list[NodeResources]) -> str:
