@@ -60,6 +60,8 @@ from sharding.choice import (
     default_num_shards,
     explicit_choice,
     human_bytes,
+    lexical_build_task_bytes,
+    lexical_stats_task_bytes,
     row_bytes,
     shard_task_bytes,
     shards_for_memory,
@@ -85,7 +87,7 @@ from sharding.faiss_index import (
     train_index,
     write_index_file,
 )
-from sharding.freshness import with_stats
+from sharding.freshness import stats_of_all, with_stats
 from sharding.layout import (
     DOCSTORE_DIR,
     MANIFEST,
@@ -99,6 +101,7 @@ from sharding.layout import (
 from sharding.lexical import (
     LEXICAL_DIR,
     CorpusStats,
+    DocTerms,
     LexicalManifest,
     LexicalParams,
     LexicalRecord,
@@ -107,7 +110,6 @@ from sharding.lexical import (
     tokenizer,
     write_lexical_file,
 )
-from sharding.lexical import build_shard as build_lexical_shard
 from sharding.manifest import (
     BuildRecord,
     EmbeddingsRecord,
@@ -522,30 +524,35 @@ def _gather(pending: dict[Any, int], nb: int, n: int) -> list[BuiltShard]:
 
 # --- 4b. lexical shards: corpus statistics, then one BM25 shard per FAISS shard (Ray tasks) ----------------------
 
-def _lexical_rows(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord]) -> tuple[np.ndarray, list[str]]:
+LEXICAL_BATCH = 8192  # rows tokenized at once by a BM25 task (their texts and token lists: a few tens of MiB)
+
+
+def _lexical_batches(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord]) -> Iterator[pa.Table]:
+    """The shard's rows, the text columns only, in batches: a BM25 task never holds the parts' vectors, nor
+    the shard's texts or token lists at once."""
     emb = resolve(emb_uri)
-    ids, texts = [], []
-    for piece in pieces:  # the text columns only, streamed: a BM25 task never holds the parts' vectors
-        for t in piece_batches(emb, records[piece.part], piece, ["chunk_id", "title", "text"], 65_536):
-            ids.append(t["chunk_id"].to_numpy())
-            texts += chunk_texts(t["title"].to_pylist(), t["text"].to_pylist())
-    return (np.concatenate(ids) if ids else np.zeros(0)).astype(np.int64), texts
+    for piece in pieces:
+        yield from piece_batches(emb, records[piece.part], piece, ["chunk_id", "title", "text"], LEXICAL_BATCH)
 
 
 def lexical_stats(pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord],
                   params: LexicalParams) -> CorpusStats:
-    """First pass: the BM25 statistics of one shard's chunks (documents, length, document frequencies)."""
-    _, texts = _lexical_rows(pieces, emb_uri, records)
-    return CorpusStats.of(tokenizer(params)(texts))
+    """First pass: the BM25 statistics of one shard's chunks (documents, length, document frequencies), counted
+    a batch at a time."""
+    return stats_of_all(_lexical_batches(pieces, emb_uri, records), params)
 
 
 def build_lexical(shard: int, pieces: list[Piece], emb_uri: str, records: dict[str, PartRecord],
                   stats: CorpusStats, params: LexicalParams, version_uri: str) -> LexicalRecord:
     """Second pass: this shard's BM25 scores with the whole corpus' statistics, written atomically. The task
-    holds its shard's rows; ``stats`` comes from the object store (numpy arrays, mapped, not copied)."""
+    holds its shard's (chunk, term, count) triples (:class:`DocTerms`), not its texts or token lists; ``stats``
+    comes from the object store (numpy arrays, mapped, not copied)."""
     t0 = time.perf_counter()
-    ids, texts = _lexical_rows(pieces, emb_uri, records)
-    lex = build_lexical_shard(tokenizer(params)(texts), ids, stats, params)
+    tokenize, terms, ids = tokenizer(params), DocTerms(), []
+    for t in _lexical_batches(pieces, emb_uri, records):
+        ids.append(t["chunk_id"].to_numpy().astype(np.int64))
+        terms.add(tokenize(chunk_texts(t["title"].to_pylist(), t["text"].to_pylist())))
+    lex = terms.finish(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), stats, params)
     sha, size = write_lexical_file(lex, params, resolve(version_uri).join(lexical_name(shard)))
     return LexicalRecord(file=lexical_name(shard), ntotal=lex.ntotal, terms=len(lex.terms) - 1,
                          sha256=sha, bytes=size, seconds=time.perf_counter() - t0)
@@ -565,27 +572,62 @@ def lexical_manifest(stats: CorpusStats, version_uri: str, params: LexicalParams
     return with_stats(resolve(version_uri), empty, stats)
 
 
+def lexical_sizes(stats: CorpusStats) -> tuple[int, int]:
+    """(chunk, distinct term) pairs and terms of a shard's statistics: what its BM25 shard task will hold."""
+    return int(stats.counts.sum()), len(stats.terms)
+
+
+def _task_memory(need: int, why: str, what: str, node_memory: float) -> int:
+    """Ray's ``memory=`` for a task that needs ``need`` bytes, logged; capped at 90% of the smallest node (a task
+    asking more than any node has would wait forever), with a warning that it may not fit."""
+    if node_memory and need > 0.9 * node_memory:
+        log.warning("memory of a %s (%s) is more than 90%% of a node's %s: asking for that much instead; it may "
+                    "run out of memory. Fix: more shards (index.shards) or lexical search off (index.lexical."
+                    "enabled: false)", what, why, human_bytes(node_memory))
+        return int(0.9 * node_memory)
+    return need
+
+
 def _lexical_stats_tasks(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord]) -> list[Any]:
-    """The first pass, one task per shard, queued beside the FAISS shard tasks."""
+    """The first pass, one task per shard, queued beside the FAISS shard tasks; each task's ``memory=`` bounds
+    its batch and the shard's vocabulary."""
     import ray
 
-    stats_task = ray.remote(lexical_stats).options(num_cpus=1)
-    return [stats_task.remote(pieces, layout.plan.emb.uri, records, lexical_params(cfg)) for pieces in layout.shards]
+    plan = layout.plan
+    doc_row, _ = row_bytes(sum(r.bytes for r in plan.embeddings.parts.values()), plan.nb, plan.d)
+    node_memory = min((nd.memory for nd in alive_nodes() if nd.memory > 0), default=0)
+    rows = max(sum(p.rows for p in pieces) for pieces in layout.shards)
+    need, why = lexical_stats_task_bytes(rows, doc_row, LEXICAL_BATCH)
+    log.info("memory of a BM25 statistics task (Ray memory=): %s", why)
+    stats_task = ray.remote(lexical_stats).options(num_cpus=1, memory=_task_memory(need, why, "BM25 statistics task",
+                                                                                   node_memory))
+    return [stats_task.remote(pieces, plan.emb.uri, records, lexical_params(cfg)) for pieces in layout.shards]
 
 
 def _build_lexical(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], stats_refs: list[Any],
                    vdir: Location) -> LexicalManifest:
     """The corpus statistics merged in a task and put in the object store once (every shard task reads that one
-    copy), then the second pass, then the statistics file: the driver never holds the vocabulary."""
+    copy), then the second pass, each shard's task sized (``memory=``) by what the first pass counted of it, then
+    the statistics file: the driver never holds the vocabulary."""
     import bm25s
     import ray
 
     t_lex = time.perf_counter()
     lparams = lexical_params(cfg)
+    plan = layout.plan
+    doc_row, _ = row_bytes(sum(r.bytes for r in plan.embeddings.parts.values()), plan.nb, plan.d)
+    node_memory = min((nd.memory for nd in alive_nodes() if nd.memory > 0), default=0)
+    sizes: list[tuple[int, int]] = ray.get([ray.remote(lexical_sizes).options(num_cpus=0).remote(r)
+                                           for r in stats_refs])
     stats_ref = ray.remote(merge_lexical_stats).options(num_cpus=1).remote(*stats_refs)
-    lex_task = ray.remote(build_lexical).options(num_cpus=1)
-    refs = [lex_task.remote(i, pieces, layout.plan.emb.uri, records, stats_ref, lparams, vdir.uri)
-            for i, pieces in enumerate(layout.shards)]
+    largest, refs = max(range(len(sizes)), key=lambda j: sizes[j][0]), []
+    for i, (pieces, (pairs, terms)) in enumerate(zip(layout.shards, sizes, strict=True)):
+        need, why = lexical_build_task_bytes(pairs, terms, sum(p.rows for p in pieces), doc_row, LEXICAL_BATCH)
+        if i == largest:
+            log.info("memory of the largest BM25 shard task (Ray memory=): %s", why)
+        lex_task = ray.remote(build_lexical).options(num_cpus=1, memory=_task_memory(need, why, "BM25 shard task",
+                                                                                     node_memory))
+        refs.append(lex_task.remote(i, pieces, plan.emb.uri, records, stats_ref, lparams, vdir.uri))
     lex_records: list[LexicalRecord] = ray.get(refs)
     lexical: LexicalManifest = ray.get(ray.remote(lexical_manifest).options(num_cpus=1).remote(
         stats_ref, vdir.uri, lparams, bm25s.__version__, lex_records))

@@ -349,6 +349,44 @@ def train_task_bytes(train_rows: int, d: int, part_rows: int, part_row_bytes: in
     return total, why
 
 
+# BM25 shard tasks. The build holds about 28 bytes per (chunk, distinct term) pair at its peak (traced; the CSC
+# sort), about 38 in RSS (bench/lexical_memory.py, SQuAD paragraphs, 25k-100k rows a shard), plus the float64
+# temporaries of scoring one slice of pairs; a term of the shard's vocabulary costs a Python str, a dict slot and
+# its sorted key
+LEX_PAIR_BYTES = 40
+LEX_SLICE_BYTES = 48  # per pair of the slice being scored (sharding.lexical.SCORE_SLICE pairs at most)
+LEX_SCORE_SLICE = 1 << 18  # = sharding.lexical.SCORE_SLICE (tests hold them equal)
+LEX_TERM_BYTES = 200
+LEX_TERMS_PER_ROW = 4  # a bound for a shard's vocabulary before it is counted (Heaps' law gives far fewer at scale)
+LEX_MIN_TERMS = 50_000
+
+
+def lexical_stats_task_bytes(rows: int, doc_row_bytes: int, batch_rows: int) -> tuple[int, str]:
+    """Peak memory of a BM25 statistics task (the first pass) and the arithmetic behind it: it counts its shard
+    ``batch_rows`` rows at a time (their texts and token lists, about 3 x the decoded row) into one count per term
+    of the shard's vocabulary, bounded by ``LEX_TERMS_PER_ROW`` terms a row (at least ``LEX_MIN_TERMS``)."""
+    terms = max(LEX_MIN_TERMS, LEX_TERMS_PER_ROW * rows)
+    batch = 3 * min(batch_rows, rows) * doc_row_bytes
+    total = TASK_BASE_BYTES + terms * LEX_TERM_BYTES + batch
+    why = (f"{human_bytes(TASK_BASE_BYTES)} base + at most {terms:,} terms x {LEX_TERM_BYTES} B + 3 x "
+           f"{min(batch_rows, rows):,} rows x {doc_row_bytes} B batch = {human_bytes(total)}")
+    return total, why
+
+
+def lexical_build_task_bytes(pairs: int, terms: int, rows: int, doc_row_bytes: int,
+                             batch_rows: int) -> tuple[int, str]:
+    """Peak memory of a BM25 shard task (the second pass) and the arithmetic behind it, from what the first pass
+    counted of its shard: ``pairs`` (chunk, distinct term) pairs (the sum of the shard's document frequencies) at
+    ``LEX_PAIR_BYTES`` each, ``terms`` terms at ``LEX_TERM_BYTES``, a batch of rows and the chunk ids."""
+    batch = 3 * min(batch_rows, rows) * doc_row_bytes
+    scoring = min(pairs, LEX_SCORE_SLICE) * LEX_SLICE_BYTES
+    total = TASK_BASE_BYTES + pairs * LEX_PAIR_BYTES + scoring + terms * LEX_TERM_BYTES + batch + 8 * rows
+    why = (f"{human_bytes(TASK_BASE_BYTES)} base + {pairs:,} (chunk, term) pairs x {LEX_PAIR_BYTES} B + "
+           f"{human_bytes(scoring)} scoring + {terms:,} terms x {LEX_TERM_BYTES} B + 3 x {min(batch_rows, rows):,} "
+           f"rows x {doc_row_bytes} B batch + ids = {human_bytes(total)}")
+    return total, why
+
+
 def shards_for_memory(kind: str, factory: str, nb: int, d: int, limit: int, *, doc_row_bytes: int,
                       part_row_bytes: int = 0, batch_rows: int = ADD_BATCH) -> int:
     """The fewest shards whose tasks each fit ``limit`` bytes (``shard_task_bytes``), at least 1; a RagtuneError

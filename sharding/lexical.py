@@ -419,41 +419,99 @@ class LexicalShard:
         return D, I
 
 
+class DocTerms:
+    """One shard's (chunk, distinct term, count) triples, gathered a batch of token lists at a time: a dict of the
+    shard's terms (ids in order of first sight) and three int32 arrays, 12 bytes a triple. The token lists of the
+    whole shard are never held (they took about 16 bytes a token, as Python lists, plus the texts); ``finish``
+    scores the triples into a :class:`LexicalShard`."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {"": 0}  # bm25s' empty token (BM25.index adds it too; no chunk holds it)
+        self._docs: list[np.ndarray] = []
+        self._terms: list[np.ndarray] = []
+        self._tfs: list[np.ndarray] = []
+        self._lens: list[np.ndarray] = []
+        self.n_docs = 0
+
+    def add(self, tokens: Sequence[Sequence[str]]) -> None:
+        """Count a batch of documents (token lists), the next rows of the shard in order."""
+        if not len(tokens):
+            return
+        vocab = self.vocab
+        lens = np.fromiter((len(d) for d in tokens), dtype=np.int64, count=len(tokens))
+        flat = np.fromiter((vocab.setdefault(t, len(vocab)) for d in tokens for t in d), dtype=np.int64,
+                           count=int(lens.sum()))
+        doc = np.repeat(np.arange(self.n_docs, self.n_docs + len(tokens), dtype=np.int64), lens)
+        key, tf = np.unique((doc << 32) | flat, return_counts=True)  # sorted: by row, then term
+        self._docs.append((key >> 32).astype(np.int32))
+        self._terms.append((key & 0xFFFFFFFF).astype(np.int32))
+        self._tfs.append(tf.astype(np.int32))
+        self._lens.append(lens.astype(np.int32))
+        self.n_docs += len(tokens)
+
+    @property
+    def nnz(self) -> int:
+        return sum(len(d) for d in self._docs)
+
+    def finish(self, chunk_ids: np.ndarray, stats: CorpusStats, params: LexicalParams) -> LexicalShard:
+        """BM25 scores of the counted rows with the whole corpus' statistics ``stats``. The shard's terms are
+        sorted; a term's column is its rank. Scored in slices of ``SCORE_SLICE`` triples (the float64 temporaries
+        of bm25s' formulas stay small); the same arithmetic as bm25s' ``BM25.index``, so the same float32 scores."""
+        import bm25s
+        from bm25s.scoring import _build_idf_array, _select_idf_scorer, _select_tfc_scorer
+
+        if len(chunk_ids) != self.n_docs:
+            raise ValueError(f"{len(chunk_ids)} chunk ids for {self.n_docs} counted rows")
+        keys = [_key(t) for t in self.vocab]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        rank = np.empty(len(keys), dtype=np.int32)
+        rank[np.asarray(order, dtype=np.int64)] = np.arange(len(keys), dtype=np.int32)
+        keys = [keys[i] for i in order]
+        self.vocab = {}
+        df = stats.df_of(keys)
+        missing = np.flatnonzero(df[1:] == 0) + 1
+        if len(missing):
+            raise RagtuneError(f"lexical shard holds terms the corpus statistics do not "
+                               f"({[keys[i] for i in missing[:3]]}): the shard was tokenized differently from "
+                               "the statistics pass. Fix: rerun `ragtune index`")
+        model = bm25s.BM25(k1=params.k1, b=params.b, method=params.method)
+        idf = _build_idf_array(doc_frequencies=dict(enumerate(df.tolist())), n_docs=stats.n_docs,
+                               compute_idf_fn=_select_idf_scorer(model.idf_method), dtype=model.dtype)
+        tfc = _select_tfc_scorer(params.method)
+        rows, self._docs = _joined(self._docs, np.int32), []  # each list let go once joined: one copy at a time
+        cols, self._terms = rank[_joined(self._terms, np.int32)], []
+        tfs, self._tfs = _joined(self._tfs, np.int32), []
+        lens, self._lens = _joined(self._lens, np.int32), []
+        data = np.empty(len(rows), dtype=model.dtype)
+        avg = np.float64(stats.avg_len)  # a float64 scalar, as BM25.index passes it (NumPy computes in float64)
+        for s in range(0, len(rows), SCORE_SLICE):
+            sl = slice(s, s + SCORE_SLICE)
+            data[sl] = idf[cols[sl]] * tfc(tf_array=tfs[sl].astype(model.dtype), l_d=lens[rows[sl]], l_avg=avg,
+                                           k1=params.k1, b=params.b, delta=model.delta)
+        del tfs
+        # CSC: triples come sorted by row, so a stable sort by column gives (column, row) order, as bm25s'
+        # _np_csc_python does with one int64 key per triple (8 bytes a triple less here)
+        sorter = np.argsort(cols, kind="stable")
+        indptr = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cols, minlength=len(keys)), out=indptr[1:])
+        data, indices = data[sorter], rows[sorter]
+        return _shard(model, data, indices, indptr, self.n_docs, Terms.of(keys), chunk_ids)
+
+
+SCORE_SLICE = 1 << 18  # triples scored at once: a few float64 temporaries of this length (12 MiB)
+
+
+def _joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
 def build_shard(tokens: Sequence[Sequence[str]], chunk_ids: np.ndarray, stats: CorpusStats,
                 params: LexicalParams) -> LexicalShard:
-    """BM25 scores of one shard's chunks with the whole corpus' statistics ``stats`` (see the module doc). The
-    shard's terms are sorted; a term's column is its rank."""
-    import bm25s
-    from bm25s.scoring import (
-        _build_idf_array,
-        _build_scores_and_indices_for_matrix,
-        _np_csc_python,
-        _select_idf_scorer,
-    )
-
-    # bm25s' empty token "" (BM25.index adds it too; no chunk holds it): the first term, df 0, idf 0
-    terms = sorted(set().union(*tokens, [""]), key=_key)
-    keys = [_key(t) for t in terms]
-    vocab = {t: i for i, t in enumerate(terms)}  # this shard's terms only
-    token_ids = [[vocab[t] for t in doc] for doc in tokens]
-    df = stats.df_of(keys)
-    missing = np.flatnonzero(df[1:] == 0) + 1
-    if len(missing):
-        raise RagtuneError(f"lexical shard holds terms the corpus statistics do not ({[keys[i] for i in missing[:3]]}"
-                           "): the shard was tokenized differently from the statistics pass. Fix: rerun "
-                           "`ragtune index`")
-    model = bm25s.BM25(k1=params.k1, b=params.b, method=params.method)
-    idf = _build_idf_array(doc_frequencies=dict(enumerate(df.tolist())), n_docs=stats.n_docs,
-                           compute_idf_fn=_select_idf_scorer(model.idf_method), dtype=model.dtype)
-    # the local df sizes the arrays (one entry per (document, distinct term) of this shard); avg_doc_len as a
-    # float64 scalar, as BM25.index passes it (NumPy then computes in float64 before storing float32)
-    local_df = Counter(i for doc in token_ids for i in set(doc))
-    data, rows, cols = _build_scores_and_indices_for_matrix(
-        corpus_token_ids=token_ids, idf_array=idf, avg_doc_len=np.float64(stats.avg_len), doc_frequencies=local_df,
-        k1=params.k1, b=params.b, delta=model.delta, nonoccurrence_array=None, method=params.method,
-        dtype=model.dtype, int_dtype=model.int_dtype, show_progress=False)
-    data, indices, indptr = _np_csc_python(data, rows, cols, shape=(len(token_ids), len(keys)))
-    return _shard(model, data, indices, indptr, len(token_ids), Terms.of(keys), chunk_ids)
+    """BM25 scores of one shard's chunks (their token lists) with the whole corpus' statistics ``stats`` (see the
+    module doc and :class:`DocTerms`, which a large shard fills a batch at a time)."""
+    terms = DocTerms()
+    terms.add(tokens)
+    return terms.finish(chunk_ids, stats, params)
 
 
 def _shard(model: Any, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_docs: int,

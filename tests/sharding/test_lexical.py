@@ -12,10 +12,13 @@ import pytest
 
 from configs.errors import RagtuneError
 from configs.schema import IndexJobConfig
-from jobs.index import lexical_params
+from jobs.index import lexical_params, lexical_sizes
+from sharding.choice import LEX_SCORE_SLICE, TASK_BASE_BYTES, lexical_build_task_bytes
 from sharding.docstore import write_docstore
 from sharding.lexical import (
+    SCORE_SLICE,
     CorpusStats,
+    DocTerms,
     LexicalManifest,
     LexicalParams,
     LexicalRecord,
@@ -115,6 +118,53 @@ def test_one_shard_scores_exactly_as_bm25s_index():
     ours = build_shard(tokens, np.arange(len(tokens)), CorpusStats.of(tokens), LexicalParams())
     for q in tok(texts_for(20, seed=3)):
         assert np.array_equal(ref.get_scores(q), ours.model.get_scores(q))
+
+
+@pytest.mark.parametrize("method", ["lucene", "robertson", "atire"])
+def test_a_shard_counted_in_batches_scores_exactly_as_bm25s_index(method):
+    """What the index job does with a large shard: token lists counted a batch at a time (uneven batches, an
+    empty one), never held together; the scores are bm25s' own to the bit."""
+    tok = tokenizer(LexicalParams())
+    tokens = tok(texts_for(300) + ["", "the and of"])
+    ref = bm25s.BM25(method=method)
+    ref.index(tokens, show_progress=False)
+    terms = DocTerms()
+    for lo, hi in [(0, 7), (7, 7), (7, 150), (150, len(tokens))]:
+        terms.add(tokens[lo:hi])
+    assert terms.n_docs == len(tokens)
+    assert terms.nnz == sum(len(set(t)) for t in tokens)
+    ours = terms.finish(np.arange(len(tokens)), CorpusStats.of(tokens), LexicalParams(method=method))
+    for q in tok(texts_for(20, seed=3)):
+        assert np.array_equal(ref.get_scores(q), ours.model.get_scores(q))
+    with pytest.raises(ValueError, match="3 chunk ids for 0 counted rows"):
+        DocTerms().finish(np.arange(3), CorpusStats.of(tokens), LexicalParams())
+
+
+def test_a_bm25_shard_task_asks_for_at_least_what_its_build_holds():
+    """The driver sizes each BM25 shard task (Ray memory=) from its first pass: pairs = the sum of the shard's
+    document frequencies, which is what DocTerms holds; the estimate covers the build's traced peak (numpy and
+    Python allocations) without asking for several times it."""
+    import tracemalloc
+
+    tok, n = tokenizer(LexicalParams()), 20_000
+    texts = texts_for(n, seed=5)
+    batches = [tok(texts[i:i + 4096]) for i in range(0, n, 4096)]
+    stats = CorpusStats.merge_all([CorpusStats.of(b) for b in batches])
+    pairs, terms = lexical_sizes(stats)
+    tracemalloc.start()
+    try:
+        built = DocTerms()
+        for b in batches:
+            built.add(b)
+        assert built.nnz == pairs
+        shard = built.finish(np.arange(n), stats, LexicalParams())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(shard.model.scores["data"]) == pairs and len(shard.terms) == terms + 1  # + bm25s' empty token
+    need, why = lexical_build_task_bytes(pairs, terms, n, doc_row_bytes=0, batch_rows=4096)
+    assert peak < need - TASK_BASE_BYTES < 3 * peak, why
+    assert LEX_SCORE_SLICE == SCORE_SLICE
 
 
 def test_tokenizer_stems_and_drops_stopwords():
