@@ -50,10 +50,10 @@ from sharding.layout import TRAINED, delta_docstore_name, delta_name, tombstone_
 from sharding.lexical import (
     STATS_NAME,
     CorpusStats,
+    DocTerms,
     LexicalManifest,
     LexicalRecord,
     LexicalStatsRecord,
-    build_shard,
     chunk_texts,
     lexical_delta_name,
     tokenizer,
@@ -305,11 +305,16 @@ def write_delta(vdir: Location, version: str, shard: int, pos: int, index: Any, 
                        lexical=lex, version=version)
 
 
+TOKENIZE_BATCH = 8192  # rows tokenized at once when BM25 rows are written (a delta, or a compacted shard)
+
+
 def write_lexical(vdir: Location, name: str, rows: pa.Table, params: Any, stats: CorpusStats) -> LexicalRecord:
     """BM25 rows for ``rows`` (chunk_id, title, text) scored with ``stats``, written as ``name``."""
     ids = rows["chunk_id"].to_numpy().astype(np.int64)
-    tokens = tokenizer(params)(chunk_texts(rows["title"].to_pylist(), rows["text"].to_pylist()))
-    shard = build_shard(tokens, ids, stats, params)
+    tokenize, terms = tokenizer(params), DocTerms()
+    for b in rows.select(["title", "text"]).to_batches(TOKENIZE_BATCH):  # token lists of one batch at a time
+        terms.add(tokenize(chunk_texts(b.column("title").to_pylist(), b.column("text").to_pylist())))
+    shard = terms.finish(ids, stats, params)
     sha, size = write_lexical_file(shard, params, vdir.join(name))
     return LexicalRecord(file=name, ntotal=shard.ntotal, terms=len(shard.model.vocab_dict) - 1, sha256=sha,
                          bytes=size)
