@@ -349,11 +349,11 @@ def train_task_bytes(train_rows: int, d: int, part_rows: int, part_row_bytes: in
     return total, why
 
 
-# BM25 shard tasks. The build holds about 28 bytes per (chunk, distinct term) pair at its peak (traced; the CSC
-# sort), about 38 in RSS (bench/lexical_memory.py, SQuAD paragraphs, 25k-100k rows a shard), plus the float64
-# temporaries of scoring one slice of pairs; a term of the shard's vocabulary costs a Python str, a dict slot and
-# its sorted key
-LEX_PAIR_BYTES = 40
+# BM25 shard tasks. The build holds about 28 bytes per (chunk, distinct term) pair at its peak (traced: the CSC
+# sort), 47 in RSS (bench/lexical_memory.py, SQuAD paragraphs, 50k-100k rows a shard: the batches' triples freed
+# at the join stay in malloc's heap), plus the float64 temporaries of scoring one slice of pairs; a term of the
+# shard's vocabulary costs a Python str, a dict slot and its sorted key
+LEX_PAIR_BYTES = 48
 LEX_SLICE_BYTES = 48  # per pair of the slice being scored (sharding.lexical.SCORE_SLICE pairs at most)
 LEX_SCORE_SLICE = 1 << 18  # = sharding.lexical.SCORE_SLICE (tests hold them equal)
 LEX_TERM_BYTES = 200
