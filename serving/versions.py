@@ -44,7 +44,8 @@ def current_version(path: str) -> str:
 def version_name(version: str) -> str:
     """What a client is told of a version: its folder's name (``v-00001``), never the path or URI it lives at
     (which names the server's filesystem or bucket, and may carry credentials)."""
-    return version.rstrip("/").rsplit("/", 1)[-1]
+    return version.partition("?")[0].rstrip("/").rsplit("/", 1)[-1] if "://" in version else \
+        version.rstrip("/").rsplit("/", 1)[-1]
 
 
 class LoadedVersions:
