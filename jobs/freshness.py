@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from configs.errors import RagtuneError
+from configs.errors import RagtuneError, redact
 from configs.schema import EmbedJobConfig, IndexJobConfig
 from configs.schema.embed import CorpusConfig
 from configs.schema.index import IndexConfig
@@ -115,7 +115,15 @@ from sharding.manifest import (
     write_index_manifest,
 )
 from sharding.search import shard_segments
-from sharding.storage import Location, delete_file, exists, makedirs, resolve, with_credentials_of
+from sharding.storage import (
+    Location,
+    delete_dir_if_empty,
+    delete_file,
+    exists,
+    makedirs,
+    resolve,
+    with_credentials_of,
+)
 from sharding.tuning import RECALL_K as K
 from sharding.tuning import TuneRow, apply_params, held_out_count
 from sharding.versions import GRACE_S, WriterLock, gc_versions, next_version, read_leases, version_states
@@ -321,6 +329,12 @@ def _embed_ray(m: IndexManifest, root: Location, corpus: str | list[str], fields
     finally:
         if stage.is_local:
             shutil.rmtree(stage.path, ignore_errors=True)
+        else:  # an object store: every key under the staging prefix (they were left in the bucket before)
+            try:
+                stage.fs.delete_dir(stage.path)
+                delete_dir_if_empty(stage.parent)
+            except OSError as e:
+                log.warning("could not remove the staging folder %s: %s", stage.shown, redact(str(e)))
 
 
 def _embed(m: IndexManifest, root: Location, rows: pa.Table, ids: np.ndarray, corpus: str | list[str] | None,

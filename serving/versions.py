@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from configs.errors import Conflict, InvalidRequest
+from configs.errors import Conflict, InvalidRequest, redact
 from configs.schema.serve import IndexSource, SearchMode
 from serving.rag import resolve_mode
 from serving.schemas import Reloaded
@@ -90,7 +90,7 @@ class LoadedVersions:
         if lexical:
             index.lexical_shards()
         log.info("%s %s of %s loaded in %.2fs (%d vectors%s)", self.owner,
-                 "every shard" if self.shards is None else f"shards {list(self.shards)}", version,
+                 "every shard" if self.shards is None else f"shards {list(self.shards)}", redact(version),
                  time.perf_counter() - t0, index.ntotal, ", BM25 too" if lexical else "")
         return index
 
@@ -138,7 +138,7 @@ class LoadedVersions:
             try:
                 await self.get(current_version(self.source.path))
             except Exception as e:  # a half-written version or a storage hiccup: the next poll tries again
-                log.warning("polling %s for a new version: %s", self.source.path, e)
+                log.warning("polling %s for a new version: %s", redact(self.source.path), redact(str(e)))
 
 
 class Docstores:
@@ -198,7 +198,7 @@ class VersionPointer:
             try:
                 await self.reload(prepare)
             except Exception as e:
-                log.warning("polling %s for a new version: %s", self.path, e)
+                log.warning("polling %s for a new version: %s", redact(self.path), redact(str(e)))
 
     async def reload(self, prepare: Prepare) -> Reloaded:
         """Switch to the version LATEST names now, once ``prepare`` has loaded it (then ``on_switch``)."""
@@ -225,7 +225,7 @@ class VersionPointer:
             raise Conflict(f"not switching to it: {e.message}", code=e.code) from None
         await prepare(new, manifest)
         self.manifests[new] = manifest
-        log.info("index version %s -> %s", self.version, new)
+        log.info("index version %s -> %s", redact(self.version), redact(new))
         self.version = new
 
 

@@ -162,8 +162,13 @@ def test_the_cli_with_the_standard_aws_environment_variables(s3, built):
         assert "Traceback" not in p.stderr and SECRET not in p.stdout + p.stderr
         return p.stdout
 
-    out = ragtune("index", "add", "-i", f"s3://{BUCKET}/index", "--corpus", f"s3://{BUCKET}/updates/env.jsonl")
-    assert json.loads(out.strip().splitlines()[-1])["docs_added"] == 1
+    # --ray-above 0: embedded by the embed job on the local Ray the command starts, whose workers read and write
+    # the bucket with the same environment (staged under the index root, removed after)
+    out = ragtune("index", "add", "-i", f"s3://{BUCKET}/index", "--corpus", f"s3://{BUCKET}/updates/env.jsonl",
+                  "--ray-above", "0")
+    s = json.loads(out.strip().splitlines()[-1])
+    assert (s["docs_added"], s["embedded_by"]) == (1, "ray data (the embed job)")
+    assert "index/_staging/" not in bucket_text(s3)
     out = ragtune("search", "-i", f"s3://{BUCKET}/index", "--json", "-k", "3",
                   "where are paper lanterns floated on the fen?", "Which NFL team won Super Bowl 50?")
     lanterns, nfl = json.loads(out)
