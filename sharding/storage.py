@@ -151,9 +151,15 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, loc.path)
         return
+    if isinstance(loc.fs, pafs.S3FileSystem):
+        # S3 shows a key only once its upload (one PUT, or a multipart upload's completion) is whole: written in
+        # place. A temporary + move would be a CopyObject, which S3 refuses above 5 GiB (a large FAISS shard)
+        with loc.fs.open_output_stream(loc.path) as f:
+            f.write(data)
+        return
     with loc.fs.open_output_stream(tmp) as f:
         f.write(data)
-    loc.fs.move(tmp, loc.path)  # a copy + delete on object stores: the final key appears whole or not at all
+    loc.fs.move(tmp, loc.path)  # a copy + delete elsewhere: the final key appears whole or not at all
 
 
 def create_exclusive(loc: Location, data: bytes) -> bool:

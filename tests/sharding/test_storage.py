@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 
 from configs.errors import RagtuneError
@@ -76,14 +78,19 @@ def s3_server():
     server.stop()
 
 
-def test_writes_listing_and_exclusive_create_on_a_real_s3_server(s3_server):
+def test_writes_listing_and_exclusive_create_on_a_real_s3_server(s3_server, caplog):
     from sharding.storage import create_exclusive, delete_dir_if_empty, delete_file, list_files
 
     loc = resolve(s3_server).join("sub")
     f = loc.join("x.bin")
     assert not exists(f) and list_dir(loc) == []
-    atomic_write_bytes(f, b"one")
-    atomic_write_bytes(f, b"two")
+    with caplog.at_level(logging.INFO, logger="werkzeug"):  # the server's log: a line per request
+        atomic_write_bytes(f, b"one")
+        atomic_write_bytes(f, b"two")
+    # written in place (an upload is whole or absent on S3), never a temporary copied over: CopyObject stops at 5 GiB
+    requests = [r.getMessage() for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+    assert sum('"PUT /ragtune-unit/root/sub/x.bin?' in r for r in requests) == 2, requests
+    assert not any(".tmp-" in r for r in requests), requests
     assert read_bytes(f) == b"two"
     assert [i.base_name for i in list_dir(loc)] == ["x.bin"]  # the temporary was moved, not left behind
     assert create_exclusive(loc.join("LOCK"), b"me") and not create_exclusive(loc.join("LOCK"), b"other")
