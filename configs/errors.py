@@ -8,7 +8,21 @@ CLI prints it, the Ingress answers 500.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+# credentials a URI can carry: `s3://KEY:SECRET@bucket/...` (pyarrow's S3 and GCS filesystems read them there) and
+# query values such as `?secret_key=...&session_token=...`
+_URI_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", re.IGNORECASE)
+_URI_SECRET_PARAM = re.compile(r"([?&][a-z_]*(?:secret|token|password|passwd|access_key)[a-z_]*=)[^&\s'\"]+",
+                               re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it taken out: the userinfo dropped (what is left still opens
+    with the credentials of the environment), secret query values as ``***``. For messages, logs, summaries and
+    manifests: what a URI says about the storage may be shown, never its keys."""
+    return _URI_SECRET_PARAM.sub(r"\1***", _URI_USERINFO.sub(r"\1", text))
 
 
 class RagtuneError(Exception):
@@ -21,6 +35,7 @@ class RagtuneError(Exception):
     """
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        message = redact(message)  # a message quotes paths and URIs; never the credentials of one
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from cluster.runtime import Stopped, stop_on_sigterm
 from configs import CONFIG_DIR
-from configs.errors import RagtuneError, user_error
+from configs.errors import RagtuneError, redact, user_error
 from configs.schema import JOB_SCHEMAS, load_config
 from sharding.freshness import COMPACT_MAX_DELTAS, COMPACT_THRESHOLD
 
@@ -171,8 +171,8 @@ def index_ops_parser() -> argparse.ArgumentParser:
 
 def print_summary(summary: Any) -> None:
     """A job's summary line, then its JSON (the last line: machine-readable)."""
-    print(summary.line())
-    print(json.dumps(dataclasses.asdict(summary)))
+    print(redact(summary.line()))  # a summary names its paths and URIs, never their credentials
+    print(redact(json.dumps(dataclasses.asdict(summary))))
 
 
 def run_config_job(name: str, run: Callable[[Any], Any], args: argparse.Namespace) -> int:

@@ -464,13 +464,13 @@ def write_report(cfg: CompareJobConfig, results: CompareResults) -> CompareSumma
     atomic_write_bytes(root.join("results.json"), results.to_json().encode())
     atomic_write_bytes(root.join("comparison.png"), chart)
     atomic_write_bytes(root.join("report.html"), render_html(results, chart).encode())
-    print(f"\n{render_terminal(results.systems)}\n\nthe whole table: {root.join('report.md').uri}\n"
-          f"as a page (opens in a browser, no server): {root.join('report.html').uri}")
+    print(f"\n{render_terminal(results.systems)}\n\nthe whole table: {root.join('report.md').shown}\n"
+          f"as a page (opens in a browser, no server): {root.join('report.html').shown}")
     summary = {name: {"seen_em": s.seen.em, "held_out_em": s.held_out.em,
                       "new_em": s.update.after.em if s.update else None,
                       "time_to_knowledge_s": s.update.time_to_knowledge_s if s.update else None}
                for name, s in results.systems.items()}
-    return CompareSummary(cfg.output.path, root.join("report.md").uri, summary, results.seconds)
+    return CompareSummary(cfg.output.path, root.join("report.md").shown, summary, results.seconds)
 
 
 # --- the sub-jobs' configs, the output folder, the base model ------------------------------------------------------

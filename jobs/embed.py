@@ -267,7 +267,7 @@ def run(cfg: EmbedJobConfig) -> EmbedSummary:
     plan = check(cfg)
     finished = finished_summary(plan)
     if finished is not None:
-        log.info("%s is complete for this config: nothing to do", plan.out.uri)
+        log.info("%s is complete for this config: nothing to do", plan.out.shown)
         finished.seconds = time.perf_counter() - t_start
         return finished
 
@@ -464,7 +464,7 @@ def finish_manifest(plan: Plan, manifest: EmbeddingManifest, records: dict[int, 
     _delete_temporaries(out)  # of an actor lost with its node while writing (its part was embedded again)
     embedded = sum(min(r.embedded, r.rows) for r in records.values())
     summary = EmbedSummary(
-        output=out.uri, model=plan.spec.name, dim=manifest.dim, docs=docs,
+        output=out.shown, model=plan.spec.name, dim=manifest.dim, docs=docs,
         empty_docs=sum(r.empty_docs for r in records.values()), chunks=chunks,
         duplicates_skipped=chunks - embedded, repeated_rows=sum(r.repeated_rows for r in records.values()),
         parts=len(manifest.parts), parts_written=written, parts_skipped=len(done), actors=actors,

@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from configs.errors import RagtuneError
+from configs.errors import RagtuneError, redact
 from configs.schema import EmbedJobConfig, IndexJobConfig
 from configs.schema.embed import CorpusConfig
 from configs.schema.index import IndexConfig
@@ -115,7 +115,15 @@ from sharding.manifest import (
     write_index_manifest,
 )
 from sharding.search import shard_segments
-from sharding.storage import Location, delete_file, exists, makedirs, resolve
+from sharding.storage import (
+    Location,
+    delete_dir_if_empty,
+    delete_file,
+    exists,
+    makedirs,
+    resolve,
+    with_credentials_of,
+)
 from sharding.tuning import RECALL_K as K
 from sharding.tuning import TuneRow, apply_params, held_out_count
 from sharding.versions import GRACE_S, WriterLock, gc_versions, next_version, read_leases, version_states
@@ -208,14 +216,15 @@ def _check_chunker(m: IndexManifest) -> tuple[EmbedderSpec, ChunkerSettings]:
     return spec, settings
 
 
-def _corpus_fields(m: IndexManifest, text_field: str | None, id_field: str | None,
+def _corpus_fields(m: IndexManifest, root: Location, text_field: str | None, id_field: str | None,
                    title_field: str | None) -> tuple[str, str | None, str]:
     """The corpus fields: as given, else as the embed job that made the index read them, else the defaults."""
     recorded: CorpusConfig | None = None
     try:
-        em = read_manifest(resolve(m.embeddings.path)) if m.embeddings else None
+        em = read_manifest(resolve(with_credentials_of(m.embeddings.path, root))) if m.embeddings else None
         recorded = EmbedJobConfig.model_validate(em.config).corpus if em and em.config else None
-    except (RagtuneError, ValidationError):  # the embeddings moved or were made otherwise: the defaults
+    except (RagtuneError, ValidationError, OSError):  # the embeddings moved, were made otherwise, or cannot be
+        # read with this process's credentials (a manifest names them without the URI's): the defaults
         pass
     d = CorpusConfig.model_fields
     return (text_field or (recorded.text_field if recorded else d["text_field"].default),
@@ -320,6 +329,12 @@ def _embed_ray(m: IndexManifest, root: Location, corpus: str | list[str], fields
     finally:
         if stage.is_local:
             shutil.rmtree(stage.path, ignore_errors=True)
+        else:  # an object store: every key under the staging prefix (they were left in the bucket before)
+            try:
+                stage.fs.delete_dir(stage.path)
+                delete_dir_if_empty(stage.parent)
+            except OSError as e:
+                log.warning("could not remove the staging folder %s: %s", stage.shown, redact(str(e)))
 
 
 def _embed(m: IndexManifest, root: Location, rows: pa.Table, ids: np.ndarray, corpus: str | list[str] | None,
@@ -422,11 +437,11 @@ def add(index_path: str, corpus: str | list[str] | None = None, embeddings: str 
     root = _root(index_path)
     with WriterLock(root, f"ragtune index add {corpus or embeddings or 'chunks'}"):
         base_dir, m = _latest(root)
-        fields = _corpus_fields(m, text_field, id_field, title_field)
+        fields = _corpus_fields(m, root, text_field, id_field, title_field)
         new, docs = _given_chunks(chunks) if chunks is not None else _new_chunks(m, corpus, embeddings, fields)
         plan = _plan(base_dir, m, new)
         if plan.add.num_rows == 0 and plan.dead.num_rows == 0:
-            return AddSummary(root.uri, m.version, m.version, False, docs, 0, 0, plan.docs_skipped, 0, 0, m.ntotal,
+            return AddSummary(root.shown, m.version, m.version, False, docs, 0, 0, plan.docs_skipped, 0, 0, m.ntotal,
                               "-", 0.0, time.perf_counter() - t0)
         ids = plan.add["chunk_id"].to_numpy().astype(np.int64)
         t_embed = time.perf_counter()
@@ -451,7 +466,7 @@ def add(index_path: str, corpus: str | list[str] | None = None, embeddings: str 
             log.warning("%s holds %d vectors, expected %d", nm.version, nm.ntotal,
                         m.ntotal + len(ids) - plan.dead.num_rows)
     _gc_after(index_path, m, keep_versions)
-    return AddSummary(root.uri, nm.version, m.version, True, docs, plan.docs_added, plan.docs_updated,
+    return AddSummary(root.shown, nm.version, m.version, True, docs, plan.docs_added, plan.docs_updated,
                       plan.docs_skipped, len(ids), plan.dead.num_rows, nm.ntotal, by, embed_seconds,
                       time.perf_counter() - t0, segments, touched)
 
@@ -517,7 +532,7 @@ def delete(index_path: str, doc_ids: list[str] | None = None, where: list[str] |
     root = _root(index_path)
     with WriterLock(root, f"ragtune index delete {' '.join(doc_ids or where or [])[:80]}"):
         base_dir, m = _latest(root)
-        t = _rows_to_delete(base_dir, m, f"{root.uri}/{m.version}", doc_ids, cond, where)
+        t = _rows_to_delete(base_dir, m, root.join(m.version).shown, doc_ids, cond, where)
         version = next_version(root)
         vdir = root.join(version)
         nm = carried_manifest(m, version)
@@ -532,7 +547,7 @@ def delete(index_path: str, doc_ids: list[str] | None = None, where: list[str] |
         docs = len(set(t["doc_id"].to_pylist()))
         _finish(root, vdir, nm, m, "delete", t0, {"docs_deleted": docs, "chunks_deleted": t.num_rows})
     _gc_after(index_path, m, keep_versions)
-    return DeleteSummary(root.uri, version, m.version, docs, t.num_rows, nm.ntotal, time.perf_counter() - t0)
+    return DeleteSummary(root.shown, version, m.version, docs, t.num_rows, nm.ntotal, time.perf_counter() - t0)
 
 
 # --- compact -----------------------------------------------------------------------------------------------------
@@ -582,7 +597,7 @@ def compact(index_path: str, *, force: bool = False, threshold: float = COMPACT_
         before = current_recall(base_dir, m) if check_recall and not force else None
         todo = _shards_to_compact(m, force, threshold, max_deltas, before, target)
         if not todo:
-            return CompactSummary(root.uri, m.version, m.version, False, 0, {}, 0, m.ntotal, m.search_params,
+            return CompactSummary(root.shown, m.version, m.version, False, 0, {}, 0, m.ntotal, m.search_params,
                                   None, None, time.perf_counter() - t0, before)
 
         vdir, nm, trained = _new_version(root, base_dir, m)
@@ -604,7 +619,7 @@ def compact(index_path: str, *, force: bool = False, threshold: float = COMPACT_
             raise RagtuneError(f"compaction changed the live vectors ({m.ntotal} -> {nm.ntotal}); LATEST now names "
                                f"{nm.version}: reopen {m.version} by its folder and report this")
     _gc_after(index_path, m, keep_versions)
-    return CompactSummary(root.uri, nm.version, m.version, True, len(todo), {str(n): r for n, r in todo.items()},
+    return CompactSummary(root.shown, nm.version, m.version, True, len(todo), {str(n): r for n, r in todo.items()},
                           dropped, nm.ntotal, nm.search_params, chosen.recall if chosen else None,
                           target if chosen else None, time.perf_counter() - t0, before)
 
@@ -767,7 +782,7 @@ def gc(index_path: str, keep: int = 3, *, grace_s: float | None = None, dry_run:
     t0 = time.perf_counter()
     root = _root(index_path)
     plan = gc_versions(root, keep, GRACE_S if grace_s is None else grace_s, dry_run)
-    return GcSummary(root.uri, plan.keep, plan.delete, plan.incomplete, len(plan.files), dry_run,
+    return GcSummary(root.shown, plan.keep, plan.delete, plan.incomplete, len(plan.files), dry_run,
                      time.perf_counter() - t0)
 
 
@@ -807,7 +822,7 @@ def history(index_path: str) -> HistorySummary:
         if name not in seen:
             rows.append({"version": name, "state": _state(name, states, latest, leased)})
     rows.sort(key=lambda r: r["version"])
-    return HistorySummary(root.uri, latest, rows)
+    return HistorySummary(root.shown, latest, rows)
 
 
 def _state(v: str, states: dict[str, str], latest: str, leased: dict[str, int]) -> str:

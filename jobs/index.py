@@ -724,7 +724,7 @@ def _manifest(cfg: IndexJobConfig, layout: Layout, version: str, vdir: Location,
         metric=plan.embeddings.metric, dim=plan.d, normalize=plan.embeddings.normalize,
         ntotal=sum(s.ntotal for s in shard_records), est_bytes=plan.choice.est_bytes, model=plan.embeddings.model,
         chunker=plan.embeddings.chunker,
-        embeddings=EmbeddingsRecord(path=plan.emb.uri, rows=plan.nb, parts=len(plan.parts),
+        embeddings=EmbeddingsRecord(path=plan.emb.shown, rows=plan.nb, parts=len(plan.parts),
                                     updated_at=plan.embeddings.updated_at),
         shards=shard_records,
         trained=TrainedRecord(**training, file=TRAINED, file_sha256=sha256_hex(trained)),
@@ -830,7 +830,7 @@ def _build(cfg: IndexJobConfig, plan: Plan, t_start: float) -> IndexSummary:
     _publish(plan.root, vdir, manifest, plan.nb, t_start)
     chosen = tuned.chosen
     return IndexSummary(
-        path=plan.root.uri, version=version, factory=layout.factory, kind=plan.choice.kind,
+        path=plan.root.shown, version=version, factory=layout.factory, kind=plan.choice.kind,
         reason=plan.choice.reason, ntotal=manifest.ntotal, dim=plan.d, metric=plan.embeddings.metric,
         shards=len(layout.shards), search_params=manifest.search_params, recall=chosen.recall if chosen else None,
         target_recall=cfg.index.target_recall, reached=tuned.reached, qps=chosen.qps if chosen else None,

@@ -109,7 +109,7 @@ def describe(index: ShardedIndex) -> str:
     params = ", ".join(f"{k}={v}" for k, v in index.params.items() if k != "k_factor_rf") or "exact"
     recall = f", recall@{m.recall.k} {m.recall.recall:.3f}" if m.recall else ""
     lexical = f", BM25 ({m.lexical.library} {m.lexical.library_version})" if m.lexical else ", no lexical part"
-    return (f"{index.location.uri}: {m.factory}, {m.ntotal:,} vectors in {len(m.shards)} shard(s), {params}"
+    return (f"{index.location.shown}: {m.factory}, {m.ntotal:,} vectors in {len(m.shards)} shard(s), {params}"
             f"{recall}, model {m.model.name}{lexical}")
 
 
@@ -208,7 +208,7 @@ def eval_main(args: argparse.Namespace) -> int:
     print("| metric | value |\n|---|---|")
     for name in names:
         print(f"| {name} | {metrics[name]:.4f} |")
-    result = {"index": index.location.uri, "version": index.manifest.version, "factory": index.manifest.factory,
+    result = {"index": index.location.shown, "version": index.manifest.version, "factory": index.manifest.factory,
               "params": index.params, "mode": args.mode,
               **({"fusion": vars(fusion)} if args.mode == "hybrid" else {}), **metrics}
     if args.output:

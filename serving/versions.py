@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from configs.errors import Conflict, InvalidRequest
+from configs.errors import Conflict, InvalidRequest, redact
 from configs.schema.serve import IndexSource, SearchMode
 from serving.rag import resolve_mode
 from serving.schemas import Reloaded
@@ -44,7 +44,8 @@ def current_version(path: str) -> str:
 def version_name(version: str) -> str:
     """What a client is told of a version: its folder's name (``v-00001``), never the path or URI it lives at
     (which names the server's filesystem or bucket, and may carry credentials)."""
-    return version.rstrip("/").rsplit("/", 1)[-1]
+    return version.partition("?")[0].rstrip("/").rsplit("/", 1)[-1] if "://" in version else \
+        version.rstrip("/").rsplit("/", 1)[-1]
 
 
 class LoadedVersions:
@@ -89,7 +90,7 @@ class LoadedVersions:
         if lexical:
             index.lexical_shards()
         log.info("%s %s of %s loaded in %.2fs (%d vectors%s)", self.owner,
-                 "every shard" if self.shards is None else f"shards {list(self.shards)}", version,
+                 "every shard" if self.shards is None else f"shards {list(self.shards)}", redact(version),
                  time.perf_counter() - t0, index.ntotal, ", BM25 too" if lexical else "")
         return index
 
@@ -137,7 +138,7 @@ class LoadedVersions:
             try:
                 await self.get(current_version(self.source.path))
             except Exception as e:  # a half-written version or a storage hiccup: the next poll tries again
-                log.warning("polling %s for a new version: %s", self.source.path, e)
+                log.warning("polling %s for a new version: %s", redact(self.source.path), redact(str(e)))
 
 
 class Docstores:
@@ -197,7 +198,7 @@ class VersionPointer:
             try:
                 await self.reload(prepare)
             except Exception as e:
-                log.warning("polling %s for a new version: %s", self.path, e)
+                log.warning("polling %s for a new version: %s", redact(self.path), redact(str(e)))
 
     async def reload(self, prepare: Prepare) -> Reloaded:
         """Switch to the version LATEST names now, once ``prepare`` has loaded it (then ``on_switch``)."""
@@ -224,7 +225,7 @@ class VersionPointer:
             raise Conflict(f"not switching to it: {e.message}", code=e.code) from None
         await prepare(new, manifest)
         self.manifests[new] = manifest
-        log.info("index version %s -> %s", self.version, new)
+        log.info("index version %s -> %s", redact(self.version), redact(new))
         self.version = new
 
 

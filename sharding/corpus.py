@@ -124,7 +124,7 @@ def list_corpus(paths: str | Sequence[str]) -> Corpus:
 
 def _file(root: Location, fi: pafs.FileInfo, rel: str, kind: Kind) -> CorpusFile:
     # rel == base name when the root itself is the file; the uri is only for messages
-    uri = root.uri if root.path.rstrip("/") == fi.path.rstrip("/") else root.uri.rstrip("/") + "/" + rel
+    uri = root.uri if root.path.rstrip("/") == fi.path.rstrip("/") else root.join(rel).uri
     mtime = int(fi.mtime.timestamp() * 1e9) if fi.mtime is not None else 0
     return CorpusFile(path=fi.path, uri=uri, rel=rel, kind=kind, size=fi.size or 0, mtime_ns=mtime)
 

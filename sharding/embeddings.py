@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, BeforeValidator, Field
 
-from configs.errors import RagtuneError
+from configs.errors import RagtuneError, redact
 from sharding.chunking import CHUNKER_VERSION, Chunker, ChunkerSettings, embed_input
 from sharding.ids import chunk_id, hash64
 from sharding.inputs import PartInput
@@ -222,7 +222,7 @@ def record_name(index: int) -> str:
 
 def write_part_record(out: Location, index: int, record: PartRecord) -> None:
     """Record a finished part in a file of its own (atomic): O(1) per part, whatever the number of parts."""
-    atomic_write_bytes(out.join(record_name(index)), record.model_dump_json().encode())
+    atomic_write_bytes(out.join(record_name(index)), redact(record.model_dump_json()).encode())
 
 
 def read_part_records(out: Location) -> dict[int, PartRecord]:
@@ -393,7 +393,8 @@ def read_manifest(out: Location) -> EmbeddingManifest | None:
 
 def write_manifest(out: Location, manifest: EmbeddingManifest) -> None:
     manifest.updated_at = time.time()
-    atomic_write_bytes(out.join(MANIFEST), manifest.model_dump_json(indent=2).encode())
+    # the recorded config and paths name the storage, never its credentials
+    atomic_write_bytes(out.join(MANIFEST), redact(manifest.model_dump_json(indent=2)).encode())
 
 
 def read_part_table(emb: Location, record: PartRecord, columns: list[str] | None = None) -> pa.Table:

@@ -357,7 +357,7 @@ def read_stats(vloc: Location, m: IndexManifest, verify: bool = True) -> CorpusS
             raise RagtuneError(f"{vloc.join(rec.file).uri}: checksum mismatch (BM25 statistics changed). Fix: run "
                                "`ragtune index compact --force`, which counts them again")
         return CorpusStats.from_bytes(data)
-    log.info("%s has no BM25 statistics file: counting them from the docstore (once)", vloc.uri)
+    log.info("%s has no BM25 statistics file: counting them from the docstore (once)", vloc.shown)
     return stats_of_all((t for _, _, t in scan_live(vloc, m, ("chunk_id", "title", "text"), verify=verify)),
                         m.lexical.params)
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from configs.errors import RagtuneError
+from configs.errors import RagtuneError, redact
 from sharding.embeddings import EMPTY_IS_NONE, ChunkerRecord, EmbedderRecord
 from sharding.layout import LATEST, MANIFEST, PUBLISHED, Piece, carry
 from sharding.lexical import LexicalManifest, LexicalRecord, lexical_files
@@ -188,7 +188,8 @@ class IndexManifest(BaseModel):
 
 
 def write_index_manifest(version_dir: Location, manifest: IndexManifest) -> None:
-    atomic_write_bytes(version_dir.join(MANIFEST), manifest.model_dump_json(indent=2).encode())
+    # the recorded config and paths name the storage, never its credentials
+    atomic_write_bytes(version_dir.join(MANIFEST), redact(manifest.model_dump_json(indent=2)).encode())
 
 
 def read_index_manifest(version_dir: Location) -> IndexManifest:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from configs.errors import RagtuneError, storage_error
+from configs.errors import RagtuneError, redact, storage_error
 
 TMP_MARK = ".tmp-"
 
@@ -40,14 +41,54 @@ class Location:
         else the URI."""
         return self.path if self.is_local else self.uri
 
+    @property
+    def shown(self) -> str:
+        """The URI without its credentials: for messages, logs, summaries and manifests."""
+        return redact(self.uri)
+
     def join(self, *names: str) -> Location:
         """A path inside this folder; ``..`` segments (manifests name files of earlier versions as
-        ``../v-00002/shard-00000.faiss``) are resolved here, so object stores see plain keys."""
+        ``../v-00002/shard-00000.faiss``) are resolved here, so object stores see plain keys. A URI's query
+        (``?endpoint_override=...``) stays at its end, so that the joined URI opens the same storage."""
+        base, query = split_query(self.uri)
         path = "/".join([self.path.rstrip("/"), *names])
-        uri = "/".join([self.uri.rstrip("/"), *names])
+        uri = "/".join([base.rstrip("/"), *names])
         if any(".." in n.split("/") for n in names):
             path, uri = _normpath(path), _normpath(uri)
-        return Location(self.fs, path, uri)
+        return Location(self.fs, path, uri + query)
+
+    @property
+    def parent(self) -> Location:
+        """The folder this file or folder is in (the query of a URI kept)."""
+        base, query = split_query(self.uri)
+        return Location(self.fs, self.path.rstrip("/").rsplit("/", 1)[0], base.rstrip("/").rsplit("/", 1)[0] + query)
+
+    @property
+    def name(self) -> str:
+        """The last segment of the path (``v-00001``)."""
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def with_credentials_of(recorded: str, given: Location) -> str:
+    """A URI a manifest records (without credentials: :func:`configs.errors.redact`) with the credentials of the
+    URI the user gave to reach that manifest, when both are on the same scheme and the recorded one carries
+    none; else as recorded (a local path, other storage, or credentials from the environment)."""
+    m = _USERINFO.match(given.uri)
+    scheme, sep, rest = recorded.partition("://")
+    if m is None or not sep or scheme != m.group(1) or _USERINFO.match(recorded):
+        return recorded
+    return f"{scheme}://{m.group(2)}@{rest}"
+
+
+_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*)://([^/@?#]+)@", re.IGNORECASE)
+
+
+def split_query(uri: str) -> tuple[str, str]:
+    """``(the URI up to its query, "?query" or "")``; a local path has no query (``?`` is a character of it)."""
+    if "://" not in uri:
+        return uri, ""
+    base, sep, query = uri.partition("?")
+    return base, sep + query
 
 
 def _normpath(p: str) -> str:
@@ -110,9 +151,15 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, loc.path)
         return
+    if isinstance(loc.fs, pafs.S3FileSystem):
+        # S3 shows a key only once its upload (one PUT, or a multipart upload's completion) is whole: written in
+        # place. A temporary + move would be a CopyObject, which S3 refuses above 5 GiB (a large FAISS shard)
+        with loc.fs.open_output_stream(loc.path) as f:
+            f.write(data)
+        return
     with loc.fs.open_output_stream(tmp) as f:
         f.write(data)
-    loc.fs.move(tmp, loc.path)  # a copy + delete on object stores: the final key appears whole or not at all
+    loc.fs.move(tmp, loc.path)  # a copy + delete elsewhere: the final key appears whole or not at all
 
 
 def create_exclusive(loc: Location, data: bytes) -> bool:

@@ -36,7 +36,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from configs.errors import RagtuneError
+from configs.errors import RagtuneError, redact
 from sharding.layout import MANIFEST, PUBLISHED, root_relative, version_name
 from sharding.manifest import list_versions, manifest_files, read_index_manifest, read_latest
 from sharding.storage import (
@@ -62,8 +62,7 @@ GRACE_S = 600.0  # gc keeps versions superseded less than this ago (readers with
 
 def root_of(version_dir: Location) -> Location:
     """The index root a version folder lives in (its parent)."""
-    path, uri = version_dir.path.rstrip("/"), version_dir.uri.rstrip("/")
-    return Location(version_dir.fs, path.rsplit("/", 1)[0], uri.rsplit("/", 1)[0])
+    return version_dir.parent
 
 
 def _pid_alive(pid: int) -> bool:
@@ -91,7 +90,7 @@ class WriterLock:
         return self.root.join(LOCK)
 
     def __enter__(self) -> WriterLock:
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command, "since": time.time(),
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "command": redact(self.command), "since": time.time(),
                 "token": self.token}
         if create_exclusive(self.loc, json.dumps(info).encode()):
             if self.loc.is_local or self._holder().get("token") == self.token:
@@ -152,7 +151,7 @@ class Lease:
         try:
             delete_file(self.loc)
         except OSError as e:  # the store is unreachable: the lease expires by itself
-            log.warning("could not remove lease %s: %s", self.loc.uri, e)
+            log.warning("could not remove lease %s: %s", self.loc.shown, e)
 
 
 _ACTIVE: set[Lease] = set()
@@ -167,7 +166,7 @@ def _renew_forever() -> None:
             try:
                 lease.renew()
             except OSError as e:  # a storage hiccup: the next round tries again, well before expiry
-                log.warning("could not renew lease %s: %s", lease.loc.uri, e)
+                log.warning("could not renew lease %s: %s", lease.loc.shown, e)
 
 
 def hold_lease(version_dir: Location, owner: str, holder: Any = None, ttl_s: float = LEASE_TTL_S) -> Lease:
