@@ -66,6 +66,7 @@ from sharding.storage import (
     read_bytes,
     sha256_file,
     sha256_hex,
+    uploads_whole,
 )
 
 LEXICAL_FORMAT = "ragtune.lexical/2"  # a folder of .npy arrays + shard.json
@@ -538,8 +539,8 @@ class _Hashing:
 
 
 def _write_npy(loc: Location, arr: np.ndarray) -> dict[str, Any]:
-    """``np.save`` to a temporary sibling, renamed (after an fsync on local disks), hashed on the way out;
-    returns the file's entry of ``shard.json``."""
+    """``np.save`` to a temporary sibling, renamed (after an fsync on local disks; on S3 in place), hashed on the
+    way out; returns the file's entry of ``shard.json``."""
     tmp = f"{loc.path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     if loc.is_local:
         with open(tmp, "wb") as f:
@@ -549,10 +550,12 @@ def _write_npy(loc: Location, arr: np.ndarray) -> dict[str, Any]:
             os.fsync(f.fileno())
         os.replace(tmp, loc.path)
     else:
-        with loc.fs.open_output_stream(tmp) as f:
+        in_place = uploads_whole(loc)  # S3: a key appears whole or not at all (storage.uploads_whole)
+        with loc.fs.open_output_stream(loc.path if in_place else tmp) as f:
             w = _Hashing(f)
             np.save(w, arr, allow_pickle=False)  # type: ignore[arg-type]
-        loc.fs.move(tmp, loc.path)
+        if not in_place:
+            loc.fs.move(tmp, loc.path)
     return {"bytes": w.bytes, "sha256": w.sha.hexdigest(), "dtype": arr.dtype.str, "shape": list(arr.shape)}
 
 

@@ -140,6 +140,13 @@ def read_bytes(loc: Location) -> bytes:
         return f.read()
 
 
+def uploads_whole(loc: Location) -> bool:
+    """Whether ``loc``'s storage shows a file only once it is whole, so it is written in place: S3 shows a key
+    only once its upload (one PUT, or a multipart upload's completion) is complete. A temporary + move there
+    would be a CopyObject, which S3 refuses above 5 GiB (a large FAISS shard) and which writes the bytes twice."""
+    return isinstance(loc.fs, pafs.S3FileSystem)
+
+
 def atomic_write_bytes(loc: Location, data: bytes) -> None:
     """Write ``data`` to ``loc`` so that readers see the old file or the whole new one, never a part."""
     tmp = f"{loc.path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
@@ -151,9 +158,7 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, loc.path)
         return
-    if isinstance(loc.fs, pafs.S3FileSystem):
-        # S3 shows a key only once its upload (one PUT, or a multipart upload's completion) is whole: written in
-        # place. A temporary + move would be a CopyObject, which S3 refuses above 5 GiB (a large FAISS shard)
+    if uploads_whole(loc):
         with loc.fs.open_output_stream(loc.path) as f:
             f.write(data)
         return

@@ -1,4 +1,5 @@
 import logging
+import re
 
 import pytest
 
@@ -99,6 +100,33 @@ def test_writes_listing_and_exclusive_create_on_a_real_s3_server(s3_server, capl
     delete_file(f)
     delete_file(loc.join("LOCK"))
     assert delete_dir_if_empty(loc) and not exists(loc.join("x.bin"))
+
+
+def test_bm25_shard_arrays_are_written_in_place_on_s3_and_read_back(s3_server, caplog):
+    import numpy as np
+
+    from sharding.lexical import (
+        ARRAYS,
+        CorpusStats,
+        LexicalParams,
+        build_shard,
+        read_lexical_file,
+        tokenizer,
+        write_lexical_file,
+    )
+
+    tokens = tokenizer(LexicalParams())(["cats chase mice", "dogs chase cats", "birds sing"])
+    shard = build_shard(tokens, np.arange(3), CorpusStats.of(tokens), LexicalParams())
+    loc = resolve(s3_server).join("lexical", "shard-00000")
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        sha, _ = write_lexical_file(shard, LexicalParams(), loc)
+    requests = [r.getMessage() for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+    written = {m.group(1) for r in requests if (m := re.search(r'"(?:PUT|POST) /ragtune-unit/root/([^? ]+)', r))}
+    files = {k for k in written if not k.endswith("/")}  # folder markers aside
+    assert files == {f"lexical/shard-00000/{f}" for f in ["shard.json", *ARRAYS.values()]}, requests  # no temporary
+    back = read_lexical_file(loc, sha)
+    q = tokenizer(LexicalParams())(["chase cats"])
+    assert all(np.array_equal(a, b) for a, b in zip(back.search(q, 3), shard.search(q, 3), strict=True))
 
 
 def test_a_missing_bucket_or_wrong_endpoint_is_one_line_without_the_credentials(s3_server):
