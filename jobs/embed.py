@@ -55,6 +55,7 @@ from sharding.embeddings import (
     IdClash,
     PartCounts,
     PartRecord,
+    check_part_dims,
     chunk_documents,
     drop_ids,
     id_clash,
@@ -461,6 +462,7 @@ def finish_manifest(plan: Plan, manifest: EmbeddingManifest, records: dict[int, 
     manifest.parts = {f"{i:05d}": rec for i, rec in sorted(records.items()) if rec.rows > 0}
     if manifest.dim is None:
         manifest.dim = _dim_of(out, next(iter(manifest.parts.values())))
+    check_part_dims(out, manifest)  # never marked done with parts of another model among them
     _delete_temporaries(out)  # of an actor lost with its node while writing (its part was embedded again)
     embedded = sum(min(r.embedded, r.rows) for r in records.values())
     summary = EmbedSummary(

@@ -62,6 +62,7 @@ from sharding.corpus import read_documents_local
 from sharding.docstore import write_docstore
 from sharding.embeddings import (
     check_finite,
+    check_part_dims,
     chunk_documents,
     read_manifest,
     read_part_table,
@@ -260,6 +261,7 @@ def _new_chunks(m: IndexManifest, corpus: str | list[str] | None, embeddings: st
         if em is None or em.state != "done":
             raise RagtuneError(f"--embeddings {embeddings}: no complete embeddings here (manifest "
                                f"{'missing' if em is None else em.state!r}). Fix: run `ragtune embed` to the end first")
+        check_part_dims(emb, em)
         problems = recipe_differences(em, m, "the index's")
         if em.dim != m.dim:
             problems.append(f"d = {em.dim} vs the index's {m.dim}")

@@ -74,6 +74,7 @@ from sharding.embeddings import (
     EmbeddingManifest,
     PartRecord,
     check_finite,
+    check_part_dims,
     read_manifest,
     vectors_from_arrow,
 )
@@ -172,6 +173,7 @@ def check(cfg: IndexJobConfig, use_gpu: bool | None = None) -> Plan:
     if m.state != "done" or m.dim is None:
         raise RagtuneError(f"embeddings at {emb.uri} are not complete (state {m.state!r}, {len(m.parts)}/"
                            f"{m.num_parts} parts). Fix: rerun the same `ragtune embed` command to finish them")
+    check_part_dims(emb, m)
     parts = [(rec.file, rec.rows) for _, rec in sorted(m.parts.items())]
     nb = sum(rows for _, rows in parts)
     if nb == 0:

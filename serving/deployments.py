@@ -35,7 +35,7 @@ from configs.errors import Conflict, NotFound, Unavailable
 from configs.schema.serve import EmbedderConfig, GeneratorConfig, IndexSource, PromptConfig, RetrievalConfig, SearchMode
 from models.embedders import QueryEncoder
 from models.prompt import completion_prompt
-from serving.engine import load_engine
+from serving.engine import EngineInfo, load_engine
 from serving.generation import GenRequest
 from serving.rag import (
     RANKINGS,
@@ -446,6 +446,11 @@ class Generator:
                 batch = max(batch, event.batch)
         return Generated(prompt=prompt, text=text, finish_reason=finish_reason, completion_tokens=completion_tokens,
                          batch=batch)
+
+    def engine_info(self) -> EngineInfo:
+        """The engine's state now: its adapters loaded, its requests decoding and waiting (a request that timed
+        out or whose client went away must leave none behind)."""
+        return self.engine.info()
 
     def info(self) -> GeneratorInfo:
         info = self.engine.info()

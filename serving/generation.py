@@ -287,9 +287,17 @@ class Decoder:
                     from None
 
     def remove_adapter(self, name: str) -> None:
+        """Unload ``name`` (an LRU eviction). The last one unloaded leaves the bare base model."""
         with self.lock:
-            if self.peft is not None and name in self.peft.peft_config:
-                self.peft.delete_adapter(name)
+            if self.peft is None or name not in self.peft.peft_config:
+                return
+            if len(self.peft.peft_config) == 1:  # a PeftModel cannot hold none: back to the base
+                self.model = self.peft.unload().eval()
+                self.peft = None
+                return
+            if name in self.peft.active_adapters:  # PEFT keeps a deleted adapter active, and forward looks it up
+                self.peft.set_adapter(next(a for a in self.peft.peft_config if a != name))
+            self.peft.delete_adapter(name)
 
     # --- the step code --------------------------------------------------------------------------------------------
 

@@ -137,6 +137,19 @@ def api_error(e: BaseException) -> ApiError | None:
     return ApiError(status, err.message, param=err.param, code=err.code)
 
 
+async def abandoned_cancels(call: Awaitable[T]) -> T:
+    """Await a call of another deployment; when this request gives it up (its timeout, its client gone), cancel
+    the call there too, so that what it holds (a generation slot, a searcher call) is freed at once, not when it
+    would have ended. A call in this process (the fused layout's ``Local``) is simply awaited."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        cancel = getattr(call, "cancel", None)  # a DeploymentResponse; Ray's own await does not cancel it
+        if callable(cancel):
+            cancel()
+        raise
+
+
 def _json(body: BaseModel, status: int = 200) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
@@ -417,7 +430,8 @@ class Ingress:
                         fusion: FusionOptions | None, param: str = "mode") -> SearchResult:
         overrides = fusion.overrides() if fusion else None
         if self.pointer is None:
-            out: SearchResult = await self.retriever.search.remote(query, k, filter, mode, overrides, param)
+            out: SearchResult = await abandoned_cancels(
+                self.retriever.search.remote(query, k, filter, mode, overrides, param))
         else:  # fused: this replica's own index, the version it serves (in step with the other replicas)
             await self._follow(wait=True)
             out = await self.retriever.search.remote(self.pointer.version, query, k, filter, mode, overrides, param)
@@ -578,7 +592,7 @@ class Ingress:
     async def _complete(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, handle: DeploymentHandle,
                         payload: ChatInput | CompletionInput) -> ChatCompletion | TextCompletion:
         t0 = time.perf_counter()
-        out: Generated = await handle.complete.remote(payload)
+        out: Generated = await abandoned_cancels(handle.complete.remote(payload))
         self._record(out.prompt.prompt_tokens, out.completion_tokens, out.batch, time.perf_counter() - t0)
         usage = Usage.of(out.prompt.prompt_tokens, out.completion_tokens)
         if kind == "chat":
@@ -598,7 +612,11 @@ class Ingress:
         deadline = t0 + self.limits.request_timeout_s
         gen = handle.options(stream=True).stream.remote(payload)
         assert isinstance(gen, DeploymentResponseGenerator)
-        prompt: PromptInfo = await self._timed(f"{kind}.stream", gen.__anext__())
+        try:
+            prompt: PromptInfo = await self._timed(f"{kind}.stream", gen.__anext__())
+        except BaseException:  # timed out or refused before its first event: nothing runs on for it
+            gen.cancel()
+            raise
         created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -615,7 +633,7 @@ class Ingress:
             return CompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage)
 
         async def events() -> AsyncIterator[bytes]:
-            status, completion_tokens, batch = 200, 0, 1
+            status, completion_tokens, batch, ended = 200, 0, 1, False
             try:
                 if kind == "chat":
                     yield _sse(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
@@ -627,6 +645,7 @@ class Ingress:
                     try:
                         step: Step = await asyncio.wait_for(gen.__anext__(), remaining)
                     except StopAsyncIteration:
+                        ended = True
                         break
                     completion_tokens = step.completion_tokens
                     batch = max(batch, step.batch)
@@ -639,13 +658,16 @@ class Ingress:
                 if isinstance(e, TimeoutError):
                     api = ApiError(504, f"the stream took longer than {self.limits.request_timeout_s:g}s "
                                         "(limits.request_timeout_s)", code="timeout")
-                    gen.cancel()
                 elif api is None:
                     log.exception("stream failed")
                     api = ApiError(500, f"internal error ({type(e).__name__})", code="internal_error")
                 status = api.status
                 yield _sse(api.body())
             finally:
+                if not ended:  # timed out, failed, or its client gone (the stream cancelled here): free its slot
+                    gen.cancel()
+                    if status == 200:
+                        status = 499  # the client closed the connection (nginx's code)
                 self._record(prompt.prompt_tokens, completion_tokens, batch, time.perf_counter() - t0)
                 self.metrics.requests.labels(f"{kind}.stream", str(status)).inc()
                 self.metrics.latency.labels(f"{kind}.stream").observe(time.perf_counter() - t0)

@@ -208,6 +208,10 @@ def _first_jsonl_record(fs: pafs.FileSystem, f: CorpusFile) -> dict[str, Any] | 
     compression = "detect" if f.path.endswith((".gz", ".zst")) else None
     with fs.open_input_stream(f.path, compression=compression) as s:
         head = s.read(_HEAD_BYTES)
+    for magic, kind, ext in ((b"\x1f\x8b", "gzip", ".gz"), (b"\x28\xb5\x2f\xfd", "zstd", ".zst")):
+        if compression is None and head.startswith(magic):  # compressed, and named as if it were not
+            raise CorpusError(f"{f.uri}: {kind}-compressed, but its name does not end in {ext}. Fix: rename it "
+                              f"{f.rel}{ext} (compressed JSON Lines are read as such), or decompress it")
     text = _decode(head, f.uri, partial=len(head) == _HEAD_BYTES).removeprefix("\ufeff")  # a BOM: read as UTF-8
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -397,6 +397,26 @@ def write_manifest(out: Location, manifest: EmbeddingManifest) -> None:
     atomic_write_bytes(out.join(MANIFEST), redact(manifest.model_dump_json(indent=2)).encode())
 
 
+def part_dim(emb: Location, record: PartRecord) -> int | None:
+    """The dimension of a part's vectors, from its Parquet footer (None: no fixed-size ``vector`` column)."""
+    field = pq.read_schema(emb.join(record.file).path, filesystem=emb.fs).field("vector")
+    return getattr(field.type, "list_size", None)
+
+
+def check_part_dims(emb: Location, m: EmbeddingManifest) -> None:
+    """Refuse a folder whose parts hold vectors of another dimension than the manifest's ``dim`` (parts of two
+    models mixed in one folder): FAISS would fail deep inside the build, or a search would compare unlike vectors.
+    Reads each part's footer only; a missing part is left to :func:`read_part_table` to report."""
+    wrong = {name: d for name, rec in sorted(m.parts.items())
+             if exists(emb.join(rec.file)) and (d := part_dim(emb, rec)) != m.dim}
+    if wrong:
+        shown = ", ".join(f"part {name}: d = {d}" for name, d in list(wrong.items())[:5])
+        raise RagtuneError(f"embeddings at {emb.uri} mix vector dimensions: the manifest says d = {m.dim} "
+                           f"({m.model.name}) but {len(wrong)} of {len(m.parts)} parts differ ({shown}). These parts "
+                           "were made by another model. Fix: embed again into a new output.path, or rerun `ragtune "
+                           "embed` with output.overwrite=true")
+
+
 def read_part_table(emb: Location, record: PartRecord, columns: list[str] | None = None) -> pa.Table:
     """One embedding part, read once and checked against the embeddings manifest's sha256."""
     loc = emb.join(record.file)

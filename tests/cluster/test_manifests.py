@@ -427,18 +427,46 @@ def test_cluster_shapes_count_groups_at_min_replicas_and_max():
     assert any("minReplicas and maxReplicas are required" in p for p in cm.kuberay_nodes(cluster, "min")[1])
 
 
+def placeable(bundles, nodes) -> bool:
+    """Whether the bundles fit the nodes whole in any assignment (exhaustive: the cases below are small)."""
+    free = [list(n) for n in nodes]
+
+    def place(i):
+        if i == len(bundles):
+            return True
+        c, g = bundles[i]
+        for f in free:
+            if f[0] + 1e-9 >= c and f[1] + 1e-9 >= g:
+                f[0], f[1] = f[0] - c, f[1] - g
+                if place(i + 1):
+                    return True
+                f[0], f[1] = f[0] + c, f[1] + g
+        return False
+
+    return place(0)
+
+
 @pytest.mark.parametrize("nodes", [[(4, 0)], [(4, 4), (8, 0)], [(16, 4), (16, 4), (2, 1)], [(1, 8), (32, 0)]])
 @pytest.mark.parametrize("bundles", [[(1, 1)] * 4, [(1, 0)] * 9, [(0.5, 0.5)] * 6, [(4, 1), (1, 0), (2, 0)] * 2])
 def test_pack_never_overfills_a_node_and_places_every_bundle_or_none(nodes, bundles):
+    """pack places every bundle whole without overfilling a node whenever any placement exists, and says None
+    only when none does (checked against an exhaustive search)."""
     shapes = [cm.NodeShape("n", c, g) for c, g in nodes]
     where = cm.pack(bundles, shapes)
-    if where is None:  # then at least the totals or the largest bundle cannot be met by first-fit
+    assert (where is not None) == placeable(bundles, nodes), (nodes, bundles, where)
+    if where is None:
         return
+    assert len(where) == len(bundles) and all(0 <= w < len(nodes) for w in where)
     for j, (c, g) in enumerate(nodes):
         mine = [b for b, w in zip(bundles, where, strict=True) if w == j]
         assert sum(b[0] for b in mine) <= c + 1e-9 and sum(b[1] for b in mine) <= g + 1e-9
+
+
+def test_pack_refuses_what_does_not_fit_and_never_splits_a_bundle():
     assert cm.pack([(1, 1)] * 3, [cm.NodeShape("n", 8, 2)]) is None  # 3 GPUs asked, 2 there
     assert cm.pack([(3, 0), (3, 0)], [cm.NodeShape("a", 4, 0), cm.NodeShape("b", 4, 0)]) == [0, 1]  # never split
+    assert cm.pack([(3, 0), (3, 0)], [cm.NodeShape("a", 4, 0), cm.NodeShape("b", 2, 0)]) is None  # 6 CPUs free, split
+    assert cm.pack([], [cm.NodeShape("a", 1, 0)]) == []
 
 
 def test_entrypoints_and_job_lines_parse_as_ragtune_submit_takes_them():

@@ -67,7 +67,17 @@ def test_the_demo_shows_each_claim(demo):
     # RAFT at least as good as RAG on average (a question or two of slack: 24 questions per split)
     mean = {n: sum(em(n, x) for x in ("seen", "held_out", "after")) / 3 for n in ("rag", "raft")}
     assert mean["raft"] >= mean["rag"] - 0.05, mean
-    assert summary.claims == 4 and summary.claims_hold >= 3, (out / "compare" / "report.md").read_text()
+    # the demo's own verdicts, claim by claim: the two whose margins are wide must hold as the demo states them;
+    # the other two compare EMs of 24 questions (one question = 4 points) and are asserted above with that slack,
+    # so a run may print NO for them while the test passes (measured: they held, 4 of 4)
+    from jobs.compare_results import read_results
+    from jobs.demo import check_claims
+
+    verdicts = {c.text: c.holds for c in check_claims(read_results(out / "compare" / "results.json").systems)}
+    report = (out / "compare" / "report.md").read_text()
+    assert len(verdicts) == summary.claims == 4 and summary.claims_hold == sum(verdicts.values()), report
+    assert verdicts["fine-tuning answers the facts it was trained on, closed-book"], report
+    assert verdicts["RAG answers new facts as soon as they are indexed"], report
 
 
 @pytest.mark.integration

@@ -118,6 +118,45 @@ def fused(served):
     serve.delete("ragtune-fused")
 
 
+STRICT_TIMEOUT_S = 2  # the `strict` app's limits.request_timeout_s
+LONG = 2000  # max_tokens of a generation that runs well past it (the tiny model's context is 2048)
+
+
+@pytest.fixture(scope="module")
+def strict(served, tmp_path_factory):
+    """A third app beside the split one (/strict): its own Ingress with a 2 s request timeout and room for long
+    generations, and its own Generator holding at most 1 adapter of 2 (each eviction unloads one), over the split
+    app's Retriever and Embedder. (base URL, the Generator's handle) for the timeout, disconnect and eviction
+    tests."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from ray import serve
+
+    from cluster.placement import ReplicaResources
+    from models.generators import load_model
+    from serving.auth import api_key_hashes
+    from serving.deployments import Generator
+    from serving.ingress import Ingress
+
+    _, cfg, *_ = served
+    torch.manual_seed(2)
+    lora2 = tmp_path_factory.mktemp("strict") / "adapter2"
+    lora = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    get_peft_model(load_model(cfg.generator.model), lora).save_pretrained(lora2)
+    g = cfg.generator.model_copy(update={"adapters": {**cfg.generator.adapters, "lora2": str(lora2)},
+                                         "max_adapters_per_replica": 1})
+    limits = cfg.limits.model_copy(update={"request_timeout_s": STRICT_TIMEOUT_S, "max_tokens": LONG})
+    generator = Generator.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32).bind(
+        g, cfg.prompt, ReplicaResources(num_cpus=0.1, num_gpus=0, threads=1, device="cpu"))
+    others = [serve.get_deployment_handle(name, app_name="ragtune") for name in ("Embedder", "Retriever")]
+    serve.run(Ingress.options(ray_actor_options={"num_cpus": 0.05}).bind(
+        *others, generator, generation=g, retrieval=cfg.retrieval, limits=limits,
+        key_hashes=sorted(api_key_hashes([KEY], None)), api_keys_env=None), name="ragtune-strict",
+        route_prefix="/strict")
+    yield f"{served[0]}/strict", serve.get_deployment_handle("Generator", app_name="ragtune-strict")
+    serve.delete("ragtune-strict")
+
+
 def post(url, path, body, key=KEY, **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return requests.post(f"{url}{path}", json=body, headers=headers, timeout=120, **kw)
@@ -186,6 +225,25 @@ def test_openai_client_chat_plain_and_streamed_with_citations(served, client):
     comp = client.completions.create(model="tiny", prompt="Super Bowl 50 was", max_tokens=5)
     assert comp.object == "text_completion" and comp.usage.completion_tokens <= 5
     assert isinstance(comp.choices[0].text, str)
+
+
+@pytest.mark.timeout(300)
+def test_completions_streamed_equal_the_plain_answer(client):
+    """/v1/completions with stream: text_completion chunks whose text is the plain (greedy) answer's, its finish
+    reason last, then the usage chunk; an adapter streams its own answer."""
+    plain = client.completions.create(model="tiny", prompt="Super Bowl 50 was", max_tokens=8)
+    chunks = list(client.completions.create(model="tiny", prompt="Super Bowl 50 was", max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert all(c.object == "text_completion" and c.model == "tiny" for c in chunks)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    with_text = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in with_text) == plain.choices[0].text and len(with_text) > 1
+    assert with_text[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_text[:-1])
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    lora = client.completions.create(model="lora", prompt="Super Bowl 50 was", max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in lora if c.choices) != plain.choices[0].text
 
 
 @pytest.mark.timeout(300)
@@ -271,7 +329,8 @@ def test_search_modes_equal_ragtune_search_across_two_shard_groups(served, capsy
     local = LocalRetriever(str(root / "v-00001"))  # the in-process path (ragtune ask --config, compare)
     for mode, _, fusion in FUSION_CASES:
         for flt in ({"title": "Normans"}, {"title": ["Amazon rainforest", "Super Bowl 50"]}):
-            for q in QUERIES[:3]:
+            answered = []
+            for q in QUERIES[:4]:
                 body = search_body(url, q, k=4, mode=mode, filter=flt, **({"fusion": fusion} if fusion else {}))
                 want = [p.model_dump() for p in local.search(q, 4, flt, mode=mode, fusion=fusion)]
                 assert hits(body) == hits(want), (mode, flt, q)
@@ -279,6 +338,9 @@ def test_search_modes_equal_ragtune_search_across_two_shard_groups(served, capsy
                 titles = flt["title"] if isinstance(flt["title"], list) else [flt["title"]]
                 assert {h["title"] for h in body["data"]} <= set(titles)
                 assert np.allclose([h["score"] for h in body["data"]], [h["score"] for h in want], atol=1e-4)
+                answered += [q] if body["data"] else []
+            # lexical too answers the queries that share terms with the filtered chunks: never empty for all
+            assert (QUERIES[3] if flt["title"] == "Normans" else QUERIES[0]) in answered, (mode, flt, answered)
 
     metrics = requests.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
     for mode in ("dense", "lexical", "hybrid"):
@@ -368,6 +430,11 @@ def test_requests_without_a_valid_key_are_401(served):
     assert_openai_error(post(url, "/v1/chat/completions", chat, key=None), 401, "invalid_api_key")
     assert_openai_error(post(url, "/v1/chat/completions", chat, key="wrong-key-0123456789"), 401, "invalid_api_key")
     assert_openai_error(post(url, "/v1/search", {"query": "q"}, key=None), 401)
+    for path, body in (("/admin/reload", {}), ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "q"}),
+                       ("/v1/completions", {"model": "tiny", "prompt": "q", "max_tokens": 2}),
+                       ("/v1/completions", {"model": "tiny", "prompt": "q", "max_tokens": 2, "stream": True})):
+        assert_openai_error(post(url, path, body, key=None), 401, "invalid_api_key")
+        assert_openai_error(post(url, path, body, key="wrong-key-0123456789"), 401, "invalid_api_key")
     assert requests.get(f"{url}/v1/models", timeout=30).status_code == 401
     assert requests.get(f"{url}/metrics", timeout=30).status_code == 401
     with pytest.raises(openai.AuthenticationError):
@@ -439,6 +506,169 @@ def test_bad_input_is_a_4xx_in_openai_format_never_a_500(served):
     assert 'ragtune_stage_seconds_count{stage="embed"}' in metrics and 'stage="generate"' in metrics
     assert 'ragtune_batch_size_count{deployment="embedder"}' in metrics
     assert 'status="500"' not in metrics
+
+
+# --- timeouts, clients that go away, adapter eviction (the `strict` app) --------------------------------------------
+
+LONG_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me about Super Bowl 50."}],
+             "max_tokens": LONG, "retrieval": False}
+LONG_COMPLETION = {"model": "tiny", "prompt": "Super Bowl 50 was", "max_tokens": LONG}
+
+
+def scrape(url):
+    return requests.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
+
+
+def metric(text, name):
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def idle_after(generator, within_s):
+    """Seconds until the Generator's engine has no request decoding or waiting; None if not within ``within_s``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within_s:
+        info = generator.engine_info.remote().result(timeout_s=30)
+        if info.running == 0 and info.waiting == 0:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return None
+
+
+def open_stream(url, path, body):
+    """A streamed request on a connection of its own (closed by the caller): (connection, response)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", f"{u.path}{path}", json.dumps({**body, "stream": True}),
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def read_events(resp, n):
+    """The next ``n`` SSE data payloads of a streamed response."""
+    out = []
+    while len(out) < n:
+        line = resp.readline()
+        assert line, "the stream ended early"
+        if line.startswith(b"data: "):
+            out.append(line[6:].strip().decode())
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_a_request_past_the_timeout_gets_a_504_and_frees_its_generation_slot(strict):
+    """limits.request_timeout_s cuts a generation that would run on for much longer: a 504 in OpenAI's format (in
+    the stream, an error event then [DONE]), and the request's generation slot is freed at once, well before its
+    2000 tokens would have been decoded; a request after it is answered at once."""
+    url, generator = strict
+    tokens_before = metric(scrape(url), 'ragtune_tokens_total{kind="completion"}')
+    t0 = time.monotonic()
+    r = post(url, "/v1/chat/completions", {**LONG_CHAT, "stream": True})
+    elapsed = time.monotonic() - t0
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]", r.text[-300:]
+    err = json.loads(events[-2])["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "timeout" and err["type"] == "timeout"
+    assert "limits.request_timeout_s" in err["message"]
+    assert STRICT_TIMEOUT_S <= elapsed < STRICT_TIMEOUT_S + 5
+    decoded = metric(scrape(url), 'ragtune_tokens_total{kind="completion"}') - tokens_before
+    assert 0 < decoded < LONG, decoded  # cut, not finished
+    whole_s = LONG * elapsed / decoded  # what the whole generation takes at the rate measured
+    assert (idle := idle_after(generator, whole_s)) is not None and elapsed + idle < 0.6 * whole_s, \
+        (idle, whole_s, generator.engine_info.remote().result())
+
+    for path, body in (("/v1/chat/completions", LONG_CHAT), ("/v1/completions", LONG_COMPLETION)):
+        t0 = time.monotonic()
+        r = post(url, path, body)
+        assert_openai_error(r, 504, "timeout")
+        assert r.json()["error"]["type"] == "timeout" and "limits.request_timeout_s" in r.json()["error"]["message"]
+        elapsed = time.monotonic() - t0
+        assert STRICT_TIMEOUT_S <= elapsed < STRICT_TIMEOUT_S + 5
+        assert (idle := idle_after(generator, whole_s)) is not None and elapsed + idle < 0.6 * whole_s, \
+            (path, idle, whole_s, generator.engine_info.remote().result())
+    metrics = scrape(url)
+    assert metric(metrics, "ragtune_requests_in_flight") == 0
+    for route in ("chat", "completions"):
+        assert metric(metrics, f'ragtune_requests_total{{route="{route}",status="504"}}') == 1, route
+    t0 = time.monotonic()
+    assert post(url, "/v1/chat/completions", {**LONG_CHAT, "max_tokens": 2}).status_code == 200
+    assert time.monotonic() - t0 < 0.5 * whole_s  # its slot was free: not queued behind an abandoned generation
+
+
+@pytest.mark.timeout(300)
+def test_a_client_that_closes_a_stream_midway_frees_its_slot(strict):
+    """A client reads a few events of a long streamed chat (then a completion) and closes the connection: the
+    generation is cancelled at once, the Ingress's in-flight gauge is back to 0, and the metrics count the stream
+    as closed by its client (499; the request timeout would have counted a 504)."""
+    url, generator = strict
+    for route, path, body in (("chat.stream", "/v1/chat/completions", LONG_CHAT),
+                              ("completion.stream", "/v1/completions", LONG_COMPLETION)):
+        before = scrape(url)
+        conn, resp = open_stream(url, path, body)
+        assert resp.status == 200
+        read_events(resp, 4)
+        assert generator.engine_info.remote().result(timeout_s=30).running == 1  # decoding it now
+        assert metric(scrape(url), "ragtune_requests_in_flight") == 1
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        assert idle_after(generator, 5) is not None, (route, generator.engine_info.remote().result())
+        time.sleep(0.3)  # the stream's response ends just after the cancel
+        after = scrape(url)
+        assert metric(after, "ragtune_requests_in_flight") == 0, route
+        for status, more in (("499", 1), ("504", 0)):
+            name = f'ragtune_requests_total{{route="{route}",status="{status}"}}'
+            assert metric(after, name) == metric(before, name) + more, (route, status)
+        decoded = (metric(after, 'ragtune_tokens_total{kind="completion"}')
+                   - metric(before, 'ragtune_tokens_total{kind="completion"}'))
+        assert 4 <= decoded < LONG / 2, decoded  # stopped early, not decoded to the end
+
+
+@pytest.mark.timeout(300)
+def test_adapter_eviction_when_a_replica_holds_its_maximum(strict):
+    """A Generator that holds at most 1 adapter of 2: asking for the other evicts the first (unloaded from the
+    engine), and asking for the first again answers as before. Evicted while a stream decodes with it, an adapter
+    stays until that stream ends, which answers as it would have unevicted (through the Generator's handle: the
+    stream runs longer than the strict app's request timeout)."""
+    from serving.generation import SamplingParams
+    from serving.schemas import CompletionInput, Step
+
+    url, generator = strict
+    msgs = [{"role": "user", "content": "Which NFL team won Super Bowl 50?"}]
+
+    def ask(model, max_tokens=8):
+        r = post(url, "/v1/chat/completions", {"model": model, "messages": msgs, "max_tokens": max_tokens,
+                                               "retrieval": False})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    def loaded():
+        return sorted(generator.engine_info.remote().result(timeout_s=30).adapters)
+
+    first = ask("lora")
+    assert loaded() == ["lora"]
+    other = ask("lora2")
+    assert loaded() == ["lora2"] and other != first  # evicted, and each answers with its own weights
+    assert ask("lora") == first and loaded() == ["lora"]
+
+    request = CompletionInput(prompt="Super Bowl 50 was", params=SamplingParams(max_tokens=600))
+    lora = generator.options(multiplexed_model_id="lora")
+    want = lora.complete.remote(request).result(timeout_s=120)
+    assert want.completion_tokens > 100
+    stream = lora.options(stream=True).stream.remote(request)
+    events = [next(stream), next(stream), next(stream)]
+    short = CompletionInput(prompt="Super Bowl 50 was", params=SamplingParams(max_tokens=4))
+    generator.options(multiplexed_model_id="lora2").complete.remote(short).result(timeout_s=120)  # evicts lora
+    info = generator.engine_info.remote().result(timeout_s=30)
+    assert info.running == 1 and sorted(info.adapters) == ["lora", "lora2"]  # kept while the stream decodes
+    events += list(stream)
+    assert "".join(e.text for e in events if isinstance(e, Step)) == want.text  # its own adapter to the end
+    deadline = time.monotonic() + 5
+    while loaded() != ["lora2"] and time.monotonic() < deadline:  # unloaded once its last request ended
+        time.sleep(0.05)
+    assert loaded() == ["lora2"]
 
 
 # --- the commands: ragtune ask, ragtune serve's preflight and Serve config --------------------------------------------

@@ -116,3 +116,28 @@ def test_rows_finish_on_their_own_budget_and_the_context_limit(decoder):
         decoder.generate([GenRequest(ids(tok, "x " * 600)[: decoder.context], SamplingParams(5))])
     with pytest.raises(Exception, match="not loaded"):
         decoder.generate([GenRequest(ids(tok, "x"), SamplingParams(5), "other")])
+
+
+def test_evicting_adapters_in_any_order_leaves_the_others_and_then_the_base_answering(tiny_model_dir, lora_dir,
+                                                                                       tmp_path):
+    """What a Generator's LRU does when it holds its maximum: the first adapter loaded (PEFT's active one) is
+    removed while another stays; then the last one, which leaves the bare base; then one is loaded again. Each
+    answer equals that of a decoder that never held the removed ones."""
+    other_dir = save_lora(tiny_model_dir, tmp_path / "other", 32, ["q_proj", "v_proj"])
+    d = decoder_with(tiny_model_dir, "lora", lora_dir)
+    d.add_adapter("other", other_dir)
+    tok = d.tokenizer
+
+    def answer(dec, adapter):
+        return dec.generate([GenRequest(ids(tok, PROMPTS[0]), SamplingParams(max_tokens=8), adapter)])[0].text
+
+    fresh = decoder_with(tiny_model_dir, "other", other_dir)
+    want = {"other": answer(fresh, "other"), None: answer(fresh, None), "lora": answer(decoder_with(
+        tiny_model_dir, "lora", lora_dir), "lora")}
+    assert len(set(want.values())) == 3
+    d.remove_adapter("lora")  # the active one
+    assert d.adapters == ["other"] and answer(d, "other") == want["other"] and answer(d, None) == want[None]
+    d.remove_adapter("other")  # the last one
+    assert d.adapters == [] and d.peft is None and answer(d, None) == want[None]
+    d.add_adapter("lora", lora_dir)
+    assert d.adapters == ["lora"] and answer(d, "lora") == want["lora"] and answer(d, None) == want[None]

@@ -434,34 +434,67 @@ def test_auto_mode_and_an_index_without_a_lexical_part(texts_index, tmp_path, mo
         r.search("w1", 3, mode="lexical")
 
 
-def test_a_reload_to_a_version_without_a_lexical_part_is_refused_when_the_mode_needs_one(tmp_path):
-    """retrieval.mode hybrid: a new version without BM25 shards is a 409, and the old version keeps serving."""
+def test_a_reload_to_a_version_without_a_lexical_part_is_refused_when_the_mode_needs_one(tmp_path, monkeypatch):
+    """retrieval.mode hybrid: a new version without BM25 shards is a 409, and the old version keeps serving.
+    retrieval.mode auto: the Retriever switches to it and answers dense there (exactly the dense ranking of the
+    version), where it answered hybrid before; a request for hybrid on it is a 400. The shard groups are real
+    ShardSearchers, called in this process."""
     import asyncio
     import shutil
 
-    from serving.deployments import Retriever
+    from cluster.placement import ReplicaResources
+    from serving.deployments import Retriever, ShardSearcher
+    from serving.fused import Local
+    from serving.rag import LocalRetriever
+    from serving.schemas import Embedding
     from sharding.manifest import read_index_manifest, switch_latest, write_index_manifest
     from sharding.storage import resolve
     from tests.sharding.test_lexical import texts_for
 
-    build_texts_version(tmp_path / "index", texts_for(60), 2)
+    texts = texts_for(60)
+    _, xb, _ = build_texts_version(tmp_path / "index", texts, 2)
     root = resolve(str(tmp_path / "index"))
     shutil.copytree(tmp_path / "index" / "v-00001", tmp_path / "index" / "v-00002")
+    shutil.rmtree(tmp_path / "index" / "v-00002" / "lexical")  # only the manifest says so: no stray BM25 files
     m = read_index_manifest(root.join("v-00002"))
     write_index_manifest(root.join("v-00002"), m.model_copy(update={"lexical": None, "version": "v-00002"}))
-    for mode, changed in (("hybrid", False), ("auto", True)):
+    query = " ".join(texts[7].split()[:4])
+    xq = normalized_queries(xb[7:8], 1)[0]
+
+    class QueryEmbedder:  # the Embedder's answer for the query: the synthetic index has no model
+        async def embed(self, text):
+            return Embedding(vector=xq, tokens=4, batch=1)
+
+    def want(version, mode):
+        local = LocalRetriever(str(tmp_path / "index" / version), mode="auto")
+        return [p.chunk_id for p in local.search(query, 5, mode=mode)]
+
+    async def scenario(mode):  # one event loop for the deployments' objects, as in a replica
         switch_latest(root, "v-00001")
-        r = Retriever.func_or_class(None, [], IndexSource(path=str(tmp_path / "index"), poll_interval_s=None),
-                                    RetrievalConfig(mode=mode))
+        source = IndexSource(path=str(tmp_path / "index"), poll_interval_s=None)
+        res = ReplicaResources(num_cpus=1, num_gpus=0, threads=1, device="cpu")
+        searchers = [Local(ShardSearcher.func_or_class(source, [g], res, mode)) for g in (0, 1)]
+        r = Retriever.func_or_class(Local(QueryEmbedder()), searchers, source, RetrievalConfig(mode=mode))
+        before = await r.search(query, 5)
+        assert before.mode == "hybrid" and [p.chunk_id for p in before.passages] == want("v-00001", "hybrid")
         switch_latest(root, "v-00002")
-        if not changed:
+        if mode == "hybrid":
             with pytest.raises(Conflict) as e:
-                asyncio.run(r.reload())
+                await r.reload()
             assert api_error(e.value).status == 409 and "retrieval.mode = 'hybrid' needs a lexical" in e.value.message
-            assert r.version.endswith("v-00001")
-        else:  # auto: dense on the new version; it gets past the mode check to the shard groups (none here)
-            with pytest.raises(Conflict, match="shard groups serve"):
-                asyncio.run(r.reload())
+            assert r.version.endswith("v-00001") and (await r.search(query, 5)).mode == "hybrid"
+            return
+        reloaded = await r.reload()
+        assert reloaded.changed and reloaded.version == "v-00002" and r.version.endswith("v-00002")
+        after = await r.search(query, 5)
+        assert after.mode == "dense" and after.version.endswith("v-00002")
+        assert [p.chunk_id for p in after.passages] == want("v-00002", "dense") != want("v-00001", "hybrid")
+        with pytest.raises(InvalidRequest, match="needs a lexical"):
+            await r.search(query, 5, mode="hybrid")
+
+    monkeypatch.setattr(LocalRetriever, "_load_encoder", lambda self: _Encoder([query], xq[None, :]))
+    for mode in ("hybrid", "auto"):
+        asyncio.run(scenario(mode))
 
 
 # --- schemas: retrieval.mode and fusion in the config and in requests -------------------------------------------------

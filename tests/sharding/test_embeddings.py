@@ -198,3 +198,32 @@ def test_unreadable_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "_manifest.json").write_text('{"format": "something/else"}')
     with pytest.raises(RagtuneError, match="not a ragtune embeddings manifest"):
         read_manifest(resolve(str(tmp_path)))
+
+
+def test_parts_of_another_dimension_are_refused_before_any_index_work(chunker, tmp_path):
+    """A folder whose parts hold vectors of two dimensions (parts of another model copied in, or a rerun with
+    another model): refused with the parts named, before any FAISS work, by the index job's preflight."""
+    from configs.schema import IndexJobConfig
+    from jobs.index import check
+    from sharding.embeddings import EmbedderRecord, check_part_dims
+
+    out = resolve(str(tmp_path / "emb"))
+    good = write_part(make_part(chunker, tmp_path), out, 0, embedded=3)
+    wide = make_part(chunker, tmp_path, first=3)
+    wide = wide.set_column(wide.schema.get_field_index("vector"), "vector",
+                           vectors_to_arrow(np.ones((wide.num_rows, 8), dtype="float32")))
+    other = write_part(wide, out, 1, embedded=3)
+    m = EmbeddingManifest(state="done", model=EmbedderRecord(name="m"), dim=4, normalize=True, metric="ip",
+                          chunker=None, corpus={}, num_parts=2, parts={"00000": good})
+    write_manifest(out, m)
+    check_part_dims(out, m)  # one dimension: fine
+    m.parts["00001"] = other
+    write_manifest(out, m)
+    with pytest.raises(RagtuneError) as e:
+        check_part_dims(out, m)
+    assert "mix vector dimensions: the manifest says d = 4 (m) but 1 of 2 parts differ (part 00001: d = 8)" \
+        in e.value.message and "Fix: embed again into a new output.path" in e.value.message
+    cfg = IndexJobConfig.model_validate({"embeddings": {"path": str(tmp_path / "emb")},
+                                         "index": {"path": str(tmp_path / "index")}})
+    with pytest.raises(RagtuneError, match="mix vector dimensions"):
+        check(cfg)

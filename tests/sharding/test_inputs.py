@@ -84,3 +84,35 @@ def test_a_20k_chunk_single_file_corpus_gives_every_actor_several_parts(tmp_path
     sizes = [p.bytes for p in parts]
     assert max(sizes) - min(sizes) <= 1
     assert plan_parts(corpus, 10**5) == plan_parts(list_corpus(str(tmp_path / "c.jsonl")), 10**5)
+
+
+def test_compressed_jsonl_reads_as_the_plain_file_and_a_misnamed_one_is_refused(tmp_path):
+    """gzip and zstd JSON Lines (a BOM inside too) give the plain file's documents, in the embed job's reading and
+    in this process's (``ragtune index add``); compressed bytes under a plain .jsonl name are refused with the
+    rename that fixes it, not read as text."""
+    from sharding.corpus import CorpusError, read_documents_local
+
+    write_jsonl(tmp_path / "plain.jsonl", 60, np.random.default_rng(3))
+    data = (tmp_path / "plain.jsonl").read_bytes()
+    want = read_all(list_corpus(str(tmp_path / "plain.jsonl")), plan_parts(list_corpus(str(tmp_path / "plain.jsonl")),
+                                                                           10**6))
+    assert [d["doc_id"] for d in want] == [f"d{i}" for i in range(60)]
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "c.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "c.jsonl.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + data))
+    (tmp_path / "zst").mkdir()
+    with pa.output_stream(str(tmp_path / "zst" / "c.jsonl.zst"), compression="zstd") as out:
+        out.write(data)
+    for folder in ("gz", "bom", "zst"):
+        corpus = list_corpus(str(tmp_path / folder))
+        assert preflight(corpus, "text", "id") is None, folder
+        for target in (200, 10**6):  # never cut: one slice whatever the target
+            assert read_all(corpus, plan_parts(corpus, target)) == want, folder
+        assert read_documents_local(str(tmp_path / folder), **FIELDS).to_pylist() == want, folder
+
+    (tmp_path / "misnamed").mkdir()
+    (tmp_path / "misnamed" / "c.jsonl").write_bytes(gzip.compress(data))
+    with pytest.raises(CorpusError, match=r"c.jsonl: gzip-compressed, but its name does not end in .gz. Fix: rename "
+                                          r"it c.jsonl.gz"):
+        preflight(list_corpus(str(tmp_path / "misnamed")), "text", "id")
