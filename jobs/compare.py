@@ -51,7 +51,7 @@ from configs.errors import RagtuneError
 from configs.schema import EmbedJobConfig, FinetuneJobConfig, IndexJobConfig, ServeJobConfig
 from configs.schema.compare import CompareJobConfig
 from configs.schema.finetune import TrainConfig
-from jobs import embed, finetune, freshness
+from jobs import console, embed, finetune, freshness
 from jobs import index as index_job
 from jobs.commands import job_main
 from jobs.compare_questions import QA, read_questions, sample, split_questions
@@ -464,7 +464,7 @@ def write_report(cfg: CompareJobConfig, results: CompareResults) -> CompareSumma
     atomic_write_bytes(root.join("results.json"), results.to_json().encode())
     atomic_write_bytes(root.join("comparison.png"), chart)
     atomic_write_bytes(root.join("report.html"), render_html(results, chart).encode())
-    print(f"\n{render_terminal(results.systems)}\n\nthe whole table: {root.join('report.md').uri}\n"
+    console.out(f"\n{render_terminal(results.systems)}\n\nthe whole table: {root.join('report.md').uri}\n"
           f"as a page (opens in a browser, no server): {root.join('report.html').uri}")
     summary = {name: {"seen_em": s.seen.em, "held_out_em": s.held_out.em,
                       "new_em": s.update.after.em if s.update else None,
