@@ -118,7 +118,11 @@ class Console:
         if self.live:
             import rich.console
 
-            self.rich = rich.console.Console(file=self.err_stream, force_terminal=True, highlight=False)
+            try:  # fds 1 and 2 are the log file now: ask the terminal itself
+                width: int | None = os.get_terminal_size(self.err_stream.fileno()).columns or None
+            except (OSError, ValueError, AttributeError):
+                width = None  # rich then reads COLUMNS, else 80
+            self.rich = rich.console.Console(file=self.err_stream, force_terminal=True, highlight=False, width=width)
 
     def line(self, text: str) -> None:
         """A line of ragtune's on the terminal (above the live display)."""
@@ -168,7 +172,8 @@ class Console:
             self.bars = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
                                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} {task.fields[unit]}"),
                                  TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[times]}"),
-                                 TextColumn("{task.fields[figure]}"), console=self.rich, transient=False)
+                                 TextColumn("{task.fields[figure]}"), console=self.rich, transient=False,
+                                 redirect_stdout=False, redirect_stderr=False)  # sys.stdout/err: the log file
             self.bars.start()
         fields = {"unit": unit, "rate": f"{rate:,.1f}/s", "times": f"{fmt_seconds(elapsed)} ETA {eta}",
                   "figure": st.figure}
@@ -342,7 +347,7 @@ def board(poll_s: float = 1.0) -> Iterator[Any]:
         return
     import ray
 
-    actor = ray.remote(num_cpus=0)(Board).remote()
+    actor: Any = ray.remote(num_cpus=0)(Board).remote()
     stop = threading.Event()
 
     def poll() -> None:
