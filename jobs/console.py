@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -272,6 +271,11 @@ def session(job: str, output: str | None, verbose: bool = False) -> Iterator[Con
             os.close(f)
         out_stream.close()
         err_stream.close()
+        if path.stat().st_size == 0:  # nothing ran (e.g. a config refused at its check): no log to keep
+            path.unlink()
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+            last_log = None
 
 
 def _shutdown_ray() -> None:
@@ -302,10 +306,11 @@ def log_tail(path: Path, n: int = TAIL_LINES) -> list[str]:
 
 
 def failure(message: str) -> str:
-    """The paragraph a failed command ends with: the error (with its fix) wrapped, then the last lines of the
-    session's log and its path (when the command had a session)."""
+    """What a failed command ends with: the error with its fix as one paragraph (one line, which the terminal
+    wraps: paths in it stay whole for a copy), then the last lines of the session's log and its path (when the
+    command had a session whose log holds anything)."""
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 100))
-    parts = [textwrap.fill(f"error: {message}", width, subsequent_indent="  ", break_on_hyphens=False)]
+    parts = [f"error: {message}"]
     if last_log is not None:
         tail = log_tail(last_log)
         if tail:
