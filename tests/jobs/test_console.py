@@ -253,3 +253,23 @@ def test_embed_on_a_terminal_draws_the_live_display_and_a_failure_ends_with_para
     tail = plain.split("the last lines of the log")[1].split("the whole log")[0]
     assert len([line for line in tail.splitlines() if line.startswith("  | ")]) >= 3
     assert not NOISE.search(plain.split("the last lines of the log")[0])
+
+
+@pytest.mark.integration
+def test_workers_report_steps_to_the_drivers_display_through_a_board(ray_2_cpus):
+    c, _, err = _console()
+    console._current = c
+    try:
+        with console.board(poll_s=0.2) as board:
+            @ray_2_cpus.remote(num_cpus=0)
+            def worker(board) -> None:  # what rank 0 of the training does (jobs.finetune.log_step)
+                for step in range(1, 4):
+                    console.report(board, "train", step, 3, "steps", elapsed=step * 2.0,
+                                   figure=f"loss {1 / step:.4f}", start_done=0)
+
+            ray_2_cpus.get(worker.remote(board))
+    finally:
+        console._current = None
+    lines = err.getvalue().splitlines()
+    assert lines[-1] == "train: 3/3 steps (100%), 0.5 steps/s, elapsed 6s, ETA 0s; loss 0.3333"
+    assert all(line.startswith("train: ") for line in lines)
