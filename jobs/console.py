@@ -150,8 +150,10 @@ class Console:
         if to_log:
             logging.getLogger(PROGRESS_LOGGER).info("%s", text)
         with self.lock:
-            st = self.stages.setdefault(stage, _Stage())
-            if st.ended:
+            st = self.stages.get(stage)
+            if st is None or (st.ended and not finished):  # a new stage, or one that runs again (the demo's trainings)
+                st = self.stages[stage] = _Stage()
+            elif st.ended:  # the same last report again
                 return
             st.done, st.total, st.figure, st.ended = done, total, figure, finished
             if self.live:

@@ -47,6 +47,8 @@ def test_plain_lines_say_stage_rate_elapsed_eta_and_figure_at_a_sensible_rate():
     assert len(lines) == 2
     c.update("embed", 100, 100, "chunks", elapsed=13, to_log=False)  # a finished stage says nothing more
     assert len(err.getvalue().splitlines()) == 2
+    c.update("embed", 1, 50, "chunks", elapsed=1, to_log=False)  # the stage runs again (another job of the demo)
+    assert err.getvalue().splitlines()[-1].startswith("embed: 1/50 chunks (2%)")
 
 
 def test_rate_from_the_units_of_this_attempt():
