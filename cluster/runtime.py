@@ -47,7 +47,12 @@ def init_ray(cfg: ClusterConfig) -> str:
     A local Ray is always a new one (``address="local"``), never a ``ray start`` cluster found by accident.
     """
     import ray
+    import ray.data
 
+    # a map function's own error (a RagtuneError: corpus, model) reaches the driver as the cause of Ray's
+    # RayTaskError, where configs.errors.user_error finds it, not replaced by Ray Data's UserCodeException (which
+    # loses it: "UDF failed to process a data block", a traceback from inside Ray)
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     if ray.is_initialized():
         return "existing"
     address = cfg.address or os.environ.get("RAY_ADDRESS")

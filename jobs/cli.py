@@ -1,6 +1,6 @@
 """`ragtune`: one console script, one table of subcommands.
 
-    ragtune embed -c configs/embed/sample.yaml [section.field=value ...] [--address ADDR]
+    ragtune embed -c configs/embed/sample.yaml [section.field=value ...] [--address ADDR] [-v]
     ragtune validate configs/embed/sample.yaml [more files] [--job embed] [--schema-only]
     ragtune search -i INDEX "query text" [-k 10]
     ragtune eval-retrieval -i INDEX --queries queries.jsonl --qrels qrels.tsv

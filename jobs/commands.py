@@ -22,6 +22,7 @@ from cluster.runtime import Stopped, stop_on_sigterm
 from configs import CONFIG_DIR
 from configs.errors import RagtuneError, redact, user_error
 from configs.schema import JOB_SCHEMAS, load_config
+from jobs import console
 from sharding.freshness import COMPACT_MAX_DELTAS, COMPACT_THRESHOLD
 
 log = logging.getLogger("ragtune")
@@ -81,6 +82,9 @@ def add_job_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argum
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help=f"dotted overrides of config values, e.g. {job.example[1]}")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's and the libraries' output here too (also RAGTUNE_LOG_LEVEL=DEBUG|INFO), "
+                        "instead of only in the run's log file")
     for flag, (_, text) in job.flags.items():
         p.add_argument(flag, action="store_true", help=text)
     p.set_defaults(job=name)
@@ -171,24 +175,33 @@ def index_ops_parser() -> argparse.ArgumentParser:
 
 def print_summary(summary: Any) -> None:
     """A job's summary line, then its JSON (the last line: machine-readable)."""
-    print(redact(summary.line()))  # a summary names its paths and URIs, never their credentials
-    print(redact(json.dumps(dataclasses.asdict(summary))))
+    console.out(redact(summary.line()))  # a summary names its paths and URIs, never their credentials
+    console.out(redact(json.dumps(dataclasses.asdict(summary))))
+
+
+# a server's log is its output: `ragtune serve` keeps every line on the terminal
+NO_CONSOLE = ("serve",)
 
 
 def run_config_job(name: str, run: Callable[[Any], Any], args: argparse.Namespace) -> int:
-    """Load the job's config with the command line's overrides, run it, print its summary."""
+    """Load the job's config with the command line's overrides, run it in a console session (ragtune's lines and
+    progress on the terminal, the rest in the run's log file: ``jobs.console``), print its summary."""
     cfg = load_config(JOB_SCHEMAS[name], args.config, job_overrides(name, args))
-    summary = run(cfg)
-    if summary is not None:  # None: the job printed its own output (e.g. serve --print-serve-config)
-        print_summary(summary)
+    verbose = getattr(args, "verbose", False) or name in NO_CONSOLE
+    with console.session(name, console.output_of(cfg), verbose=verbose):
+        summary = run(cfg)
+        if summary is not None:  # None: the job printed its own output (e.g. serve --print-serve-config)
+            print_summary(summary)
     return 0
 
 
 def guarded(command: Callable[[], int]) -> int:
     """Run a command the way every ``ragtune`` command ends: a RagtuneError (also inside Ray's wrappers) is one
-    line on stderr and exit status 2, Ctrl-C is 130 and SIGTERM 143 (128 + the signal; ``ragtune serve`` returns
-    0 itself after draining), anything else a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    paragraph on stderr (with the last lines of the run's log and its path, ``console.failure``) and exit status
+    2, Ctrl-C is 130 and SIGTERM 143 (128 + the signal; ``ragtune serve`` returns 0 itself after draining),
+    anything else a traceback (after the log's path)."""
+    logging.basicConfig(level=console.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.last_log = None
     stop_on_sigterm()  # until a job's ray.init sets Ray's handler, which init_ray replaces with this one again
     try:
         return command()
@@ -199,8 +212,10 @@ def guarded(command: Callable[[], int]) -> int:
     except Exception as e:
         err = user_error(e)
         if err is None:
+            if console.last_log is not None:  # the traceback follows
+                print(f"the log of this run: {console.last_log}", file=sys.stderr)
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(console.failure(str(err)), file=sys.stderr)
         return 2
 
 

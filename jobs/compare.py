@@ -51,7 +51,7 @@ from configs.errors import RagtuneError
 from configs.schema import EmbedJobConfig, FinetuneJobConfig, IndexJobConfig, ServeJobConfig
 from configs.schema.compare import CompareJobConfig
 from configs.schema.finetune import TrainConfig
-from jobs import embed, finetune, freshness
+from jobs import console, embed, finetune, freshness
 from jobs import index as index_job
 from jobs.commands import job_main
 from jobs.compare_questions import QA, read_questions, sample, split_questions
@@ -72,6 +72,7 @@ from jobs.compare_results import (
 )
 from jobs.compare_scoring import Answer, examples, latency, score
 from jobs.jsonl import write_jsonl
+from jobs.progress import Rate
 from jobs.serve import wait_ready
 from models.generators import TinySpec, absolute_model_name, build_tiny
 from models.raft import ChatRecord, corpus_records, passage_fit, qa_records, raft_records, replay_records
@@ -301,9 +302,10 @@ def gold_and_retrieved(index_path: str, qas: Sequence[QA], cfg: CompareJobConfig
 def answer_systems(cfg: CompareJobConfig, client: RagtuneClient, qs: Questions) -> dict[str, Measured]:
     """Every system answers the seen and the held-out questions through the serving app."""
     out: dict[str, Measured] = {}
+    rate = Rate(len(cfg.systems) * (len(qs.seen_eval) + len(qs.held_eval)), "questions", stage="answer")
     for name in cfg.systems:
-        seen = ask_system(client, name, qs.seen_eval, cfg)
-        held = ask_system(client, name, qs.held_eval, cfg)
+        seen = ask_system(client, name, qs.seen_eval, cfg, rate)
+        held = ask_system(client, name, qs.held_eval, cfg, rate)
         k = cfg.retrieval.k if SYSTEM_MODELS[name][1] else None
         m = out[name] = Measured(seen=score(qs.seen_eval, seen, k), held_out=score(qs.held_eval, held, k),
                                  latency=latency([*seen, *held]), examples=examples(qs.held_eval, held))
@@ -311,16 +313,17 @@ def answer_systems(cfg: CompareJobConfig, client: RagtuneClient, qs: Questions) 
     return out
 
 
-def ask_system(client: RagtuneClient, system: str, qas: Sequence[QA], cfg: CompareJobConfig) -> list[Answer]:
+def ask_system(client: RagtuneClient, system: str, qas: Sequence[QA], cfg: CompareJobConfig,
+               rate: Rate | None = None) -> list[Answer]:
     model, retrieval = SYSTEM_MODELS[system]
-    return ask_all(client, model, retrieval, qas, cfg)
+    return ask_all(client, model, retrieval, qas, cfg, rate, system)
 
 
 def ask_all(client: RagtuneClient, model: str, retrieval: bool, qas: Sequence[QA],
-            cfg: CompareJobConfig) -> list[Answer]:
+            cfg: CompareJobConfig, rate: Rate | None = None, system: str = "") -> list[Answer]:
     """Ask the serving app every question as served ``model``, greedy, closed-book or with ``retrieval.k``
     passages in ``retrieval.mode``, ``answer.concurrency`` requests in flight; per answer its text, latency and
-    cited documents (a failed request is an empty answer with its error)."""
+    cited documents (a failed request is an empty answer with its error). Each answer counts in ``rate``."""
     r, a = cfg.retrieval, cfg.answer
 
     def one(q: QA) -> Answer:
@@ -333,8 +336,15 @@ def ask_all(client: RagtuneClient, model: str, retrieval: bool, qas: Sequence[QA
             return Answer(q.id, "", time.perf_counter() - t0, error=str(e))
         return Answer(q.id, reply.text, time.perf_counter() - t0, [c["doc_id"] for c in reply.citations])
 
+    answers, last = [], 0.0
     with ThreadPoolExecutor(a.concurrency) as pool:
-        answers = list(pool.map(one, qas))
+        for answer in pool.map(one, qas):
+            answers.append(answer)
+            if rate is not None:
+                rate.add(1)
+                if time.perf_counter() - last > 1.0 or rate.done == rate.total:
+                    rate.log(log, f"{system or model}: ", figure=f"{system or model}, {len(answers)}/{len(qas)}")
+                    last = time.perf_counter()
     failed = [x for x in answers if x.error]
     if failed:
         log.warning("%d of %d requests to %s failed, e.g. %s", len(failed), len(answers), model, failed[0].error)
@@ -464,8 +474,8 @@ def write_report(cfg: CompareJobConfig, results: CompareResults) -> CompareSumma
     atomic_write_bytes(root.join("results.json"), results.to_json().encode())
     atomic_write_bytes(root.join("comparison.png"), chart)
     atomic_write_bytes(root.join("report.html"), render_html(results, chart).encode())
-    print(f"\n{render_terminal(results.systems)}\n\nthe whole table: {root.join('report.md').shown}\n"
-          f"as a page (opens in a browser, no server): {root.join('report.html').shown}")
+    console.out(f"\n{render_terminal(results.systems)}\n\nthe whole table: {root.join('report.md').shown}\n"
+                f"as a page (opens in a browser, no server): {root.join('report.html').shown}")
     summary = {name: {"seen_em": s.seen.em, "held_out_em": s.held_out.em,
                       "new_em": s.update.after.em if s.update else None,
                       "time_to_knowledge_s": s.update.time_to_knowledge_s if s.update else None}

@@ -42,7 +42,7 @@ from configs.schema import FinetuneJobConfig
 from configs.schema.compare import CompareJobConfig
 from configs.schema.demo import DemoJobConfig
 from configs.schema.serve import PromptConfig
-from jobs import compare, finetune
+from jobs import compare, console, finetune
 from jobs.commands import job_main
 from jobs.compare_report import Claim, render_html
 from jobs.compare_results import Split, SystemResult, read_results
@@ -199,7 +199,7 @@ def print_claims(claims: Sequence[Claim], width: int = 88) -> str:
         lines += textwrap.wrap(f"[{'yes' if c.holds else 'NO '}] {c.text}: {c.evidence}", width,
                                initial_indent="  ", subsequent_indent="        ")
     text = "\n".join(lines)
-    print(text)
+    console.out(text)
     return text
 
 

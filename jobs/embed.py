@@ -361,8 +361,8 @@ def embed_parts(plan: Plan, actors: EmbedActorPlan, pending: list[PartInput], pr
         return 0
     cfg = plan.cfg
     order = sorted(pending, key=lambda p: -p.bytes)
-    rate = Rate(sum(p.bytes for p in order) // 1024, "KiB of input")
-    written = 0
+    rate = Rate(sum(p.bytes for p in order) // 1024, "KiB of input", stage="embed")
+    written = chunks = 0
     items = [{"input": p.model_dump_json()} for p in order]
     results = (ray.data.from_items(items, override_num_blocks=len(items))
                .map_batches(PartEmbedder, batch_size=1, batch_format="pyarrow",
@@ -378,15 +378,17 @@ def embed_parts(plan: Plan, actors: EmbedActorPlan, pending: list[PartInput], pr
                                 "corpus_fs": plan.corpus.fs, "out_uri": cfg.output.path,
                                 "provenance": provenance}))
     by_part = {p.part: p for p in order}
+    rate.log(log, f"{len(order)} parts to embed; ")
     for batch in results.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"):
         for row in cast(pa.Table, batch).to_pylist():
             if row["clash"]:
                 raise RagtuneError(f"{part_name(row['part'])}: {row['clash']}", param="corpus.id_field")
             record = PartRecord.model_validate_json(row["record"])
-            written += 1
+            written, chunks = written + 1, chunks + record.rows
             rate.add(by_part[row["part"]].bytes // 1024)
             rate.log(log, f"{part_name(row['part'])} ({record.rows:,} chunks, {record.embedded:,} embedded, "
-                          f"{record.seconds:.1f}s) written; {written}/{len(order)} parts, ")
+                          f"{record.seconds:.1f}s) written; {written}/{len(order)} parts, ",
+                     figure=f"{chunks / rate.elapsed:,.1f} chunks/s")
     return written
 
 

@@ -50,7 +50,7 @@ from configs import CONFIG_DIR
 from configs.errors import RagtuneError
 from configs.schema import FinetuneJobConfig
 from configs.schema.finetune import QLORA_ZERO3
-from jobs import tracking
+from jobs import console, tracking
 from jobs.commands import job_main
 from jobs.plots import png, pyplot
 from jobs.progress import ensure_logging
@@ -760,10 +760,16 @@ def evaluate(s: TrainState, val_shard: Any) -> float:
     return loss_sum / max(n_tok, 1)
 
 
-def log_step(s: TrainState, row: dict[str, Any], stop_at: int, t_run: float, step_run: int) -> None:
-    """Rank 0 logs the first steps, every eval step and ~50 lines a run in between, with an ETA from the rate of
-    this attempt (started at ``t_run``, at step ``step_run``)."""
+def log_step(s: TrainState, row: dict[str, Any], stop_at: int, t_run: float, step_run: int,
+             board: Any = None) -> None:
+    """Rank 0 reports every step to the driver's display (``board``: ``jobs.console.board``), and logs the first
+    steps, every eval step and ~50 lines a run in between, with an ETA from the rate of this attempt (started at
+    ``t_run``, at step ``step_run``)."""
     t = s.cfg.train
+    if s.rank == 0:
+        console.report(board, "train", s.step, stop_at, "steps", time.perf_counter() - t_run,
+                       f"loss {row['loss']:.4f}" + (f" eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                       + f", {row['tokens_per_s']:,.0f} tokens/s", start_done=step_run)
     log_every = max(1, t.steps // 50)
     if s.rank != 0 or not (s.step <= 3 or s.step % log_every == 0 or "eval_loss" in row or s.step == stop_at):
         return
@@ -792,7 +798,7 @@ def save_checkpoint(s: TrainState, row: dict[str, Any]) -> None:
 
 
 def train(s: TrainState, train_shard: Any, val_shard: Any, stop_at: int,
-          tracker: tracking.Tracker | None = None) -> None:
+          tracker: tracking.Tracker | None = None, board: Any = None) -> None:
     """Train from ``s.step`` to ``stop_at``: a metrics row per step (to ``tracker`` too, on rank 0), validation
     every ``train.eval_every`` steps, and a checkpoint (validated) every ``train.checkpoint_every`` steps and at
     ``stop_at``."""
@@ -817,7 +823,7 @@ def train(s: TrainState, train_shard: Any, val_shard: Any, stop_at: int,
         if s.step % t.eval_every == 0 or checkpoint_now:
             row["eval_loss"] = evaluate(s, val_shard)
         s.metrics.append(row)
-        log_step(s, row, stop_at, t_run, step_run)
+        log_step(s, row, stop_at, t_run, step_run, board)
         if tracker is not None:
             tracker.log(row)
         if checkpoint_now:
@@ -867,6 +873,7 @@ class WorkerConfig:
     backend: str  # the process group's backend: gloo or nccl
     deepspeed: dict[str, Any] | None  # DeepSpeed's own config dict (deepspeed_config); None without DeepSpeed
     outputs: str  # where rank 0 writes the adapter (or model) and the metrics
+    board: Any = None  # rank 0 reports its steps to it: the driver's progress display (jobs.console.board)
 
 
 def train_loop(config: dict[str, WorkerConfig]) -> None:
@@ -882,7 +889,8 @@ def train_loop(config: dict[str, WorkerConfig]) -> None:
     tracker = (tracking.Tracker.open(cfg, resolve(w.outputs), resolve(cfg.run.storage_path).portable, s.step)
                if s.rank == 0 else None)
     try:
-        train(s, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"), stop_at, tracker)
+        train(s, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"), stop_at, tracker,
+              w.board)
     except BaseException:
         if tracker is not None:
             with contextlib.suppress(Exception):  # the tracker may be what failed: keep the first error
@@ -950,7 +958,7 @@ def run(cfg: FinetuneJobConfig, callbacks: Sequence[UserCallback] = ()) -> Finet
 def command(cfg: FinetuneJobConfig) -> FinetuneSummary | None:
     """``ragtune finetune``: ``run`` it, or with ``--plan`` (``run.plan_only``) print the memory plan and exit."""
     if cfg.run.plan_only:
-        preflight(cfg, say=print)
+        preflight(cfg, say=console.out)
         return None
     return run(cfg)
 
@@ -962,39 +970,42 @@ def fit(cfg: FinetuneJobConfig, plan: TrainPlan, base: str, train_ds: Any, val_d
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    worker = WorkerConfig(
-        cfg=cfg, base=base, precision=plan.precision, backend=plan.backend,
-        deepspeed=deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu, hidden_size(base))
-        if cfg.deepspeed.enabled else None,
-        outputs=outputs.portable)
-    # MLFLOW_*/WANDB_*: the trackers' credentials and modes, for rank 0 (a local Ray's workers may predate them)
-    env = {k: v for k, v in os.environ.items()
-           if k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") or k.startswith(("MLFLOW_", "WANDB_"))}
-    for ds in (train_ds, val_ds):  # the workers stream them every epoch and eval pass: a progress bar each is noise
-        ds.context.enable_progress_bars = False
-        ds.context.print_on_execution_start = False
-    # mypy sees ray.air's RunConfig, which `ray.train` replaces at import with Ray Train V2's (the default): that
-    # one takes worker_runtime_env and UserCallbacks
-    run_config = ray.train.RunConfig(  # type: ignore[call-arg]
-        name=cfg.run.name, storage_path=resolve(cfg.run.storage_path).portable,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
-                                                     checkpoint_score_attribute="eval_loss",
-                                                     checkpoint_score_order="min"),
-        worker_runtime_env={"env_vars": env} if env else None,
-        callbacks=list(callbacks))  # type: ignore[arg-type]
-    trainer = TorchTrainer(
-        train_loop, train_loop_config={"worker": worker},
-        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
-                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=run_config,
-        datasets={"train": train_ds, "validation": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    return result
+    with console.board() as board:  # rank 0's steps: the driver's progress display
+        worker = WorkerConfig(
+            cfg=cfg, base=base, precision=plan.precision, backend=plan.backend,
+            deepspeed=deepspeed_config(cfg, plan.num_workers, plan.precision, plan.use_gpu, hidden_size(base))
+            if cfg.deepspeed.enabled else None,
+            outputs=outputs.portable, board=board)
+        # MLFLOW_*/WANDB_*: the trackers' credentials and modes, for rank 0 (a local Ray's workers may predate
+        # them)
+        env = {k: v for k, v in os.environ.items()
+               if k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") or k.startswith(("MLFLOW_", "WANDB_"))}
+        # the workers stream them every epoch and eval pass: a progress bar each is noise
+        for ds in (train_ds, val_ds):
+            ds.context.enable_progress_bars = False
+            ds.context.print_on_execution_start = False
+        # mypy sees ray.air's RunConfig, which `ray.train` replaces at import with Ray Train V2's (the default):
+        # that one takes worker_runtime_env and UserCallbacks
+        run_config = ray.train.RunConfig(  # type: ignore[call-arg]
+            name=cfg.run.name, storage_path=resolve(cfg.run.storage_path).portable,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
+                                                         checkpoint_score_attribute="eval_loss",
+                                                         checkpoint_score_order="min"),
+            worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=list(callbacks))  # type: ignore[arg-type]
+        trainer = TorchTrainer(
+            train_loop, train_loop_config={"worker": worker},
+            scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                                   resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=run_config,
+            datasets={"train": train_ds, "validation": val_ds},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        return result
 
 
 def finish(cfg: FinetuneJobConfig, base: str, result: Result, outputs: Location, t0: float) -> FinetuneSummary:

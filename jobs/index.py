@@ -48,6 +48,7 @@ from cluster.placement import IndexTaskPlan, plan_index_tasks
 from cluster.runtime import alive_nodes, init_ray
 from configs.errors import RagtuneError
 from configs.schema import IndexJobConfig
+from jobs import console
 from jobs.commands import job_main
 from jobs.plots import png, pyplot
 from jobs.progress import Rate, ensure_logging
@@ -511,7 +512,7 @@ def _build_shards(layout: Layout, records: dict[str, PartRecord], prep: Prepared
 def _gather(pending: dict[Any, int], nb: int, n: int) -> list[BuiltShard]:
     import ray
 
-    rate = Rate(nb, "vectors")
+    rate = Rate(nb, "vectors", stage="index")
     results: dict[int, BuiltShard] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -520,7 +521,7 @@ def _gather(pending: dict[Any, int], nb: int, n: int) -> list[BuiltShard]:
         rec = results[i].record
         rate.add(rec.ntotal)
         rate.log(log, f"{rec.file} ({rec.ntotal:,} vectors, {rec.seconds:.1f}s) written; "
-                      f"{len(results)}/{n} shards, ")
+                      f"{len(results)}/{n} shards, ", figure=f"{len(results)}/{n} shards")
     return [results[i] for i in range(n)]
 
 
@@ -697,9 +698,8 @@ def _tune(cfg: IndexJobConfig, layout: Layout, results: list[BuiltShard], prep: 
     if not (len(qids) and k):
         return Tuned([], None, False, len(qids), queries_from)
     rows, chosen, reached = merge_tuning(results, prep.xq, qids, k, plan.embeddings.metric, ix.target_recall)
-    print(f"recall@{k} vs QPS on {len(qids)} queries from {queries_from} ({len(layout.shards)} shard(s), "
-          f"{layout.factory}):")
-    print(tuning_table(rows, chosen, k))
+    console.out(f"recall@{k} vs QPS on {len(qids)} queries from {queries_from} ({len(layout.shards)} shard(s), "
+                f"{layout.factory}):\n{tuning_table(rows, chosen, k)}")
     title = f"{layout.factory}, {plan.nb:,} vectors, {len(layout.shards)} shard(s)"
     atomic_write_bytes(vdir.join("tuning.png"), plot_tuning(rows, chosen, ix.target_recall, title))
     if not reached:
