@@ -82,6 +82,7 @@ from serving.schemas import (
     check_embeddings,
     check_search,
     json_depth,
+    lone_surrogate,
 )
 from serving.versions import VersionPointer, version_name
 from sharding.filters import Filter
@@ -356,6 +357,9 @@ class Ingress:
             raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        if (where := lone_surrogate(body, data)) is not None:
+            raise ApiError(400, f"{where}: holds a lone UTF-16 surrogate (an escape \\ud800-\\udfff without its "
+                                "pair), which is not text; send valid Unicode", param=where, code="invalid_request")
         try:
             return model.model_validate(data)
         except ValidationError as e:

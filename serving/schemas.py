@@ -43,6 +43,33 @@ def json_depth(body: bytes | bytearray) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate, paired or not
+
+
+def lone_surrogate(body: bytes | bytearray, data: Any) -> str | None:
+    """Where (a dotted path, ``messages.0.content``) the parsed JSON ``data`` holds a string or key with a lone
+    UTF-16 surrogate (``"\\ud800"`` without its pair: JSON allows the escape, but it is no text: tokenizers and
+    encoders fail on it); None when there is none. Only walked when ``body`` has such an escape at all."""
+    if not _ESCAPED_SURROGATE.search(body):
+        return None
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # the path may hold one too (a key): written as its escape, to be sendable
+                return where.encode("utf-8", "backslashreplace").decode() or None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                stack.append((path, key))
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}" if where else str(i), item) for i, item in enumerate(value))
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
@@ -128,7 +155,7 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's int64 (the sampler's generator takes no more)
     n: int = Field(1, ge=1)
     logprobs: bool | int | None = None
     response_format: ResponseFormat | None = None
