@@ -136,7 +136,8 @@ class StreamOptions(_Request):
 class ResponseFormat(_Request):
     """OpenAI's ``response_format``: only ``text`` is honoured; JSON modes are refused, not silently ignored."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema"] = Field(json_schema_extra={"enum": ["text"]})  # the JSON
+    # modes parse (so that their 400 says why) but are refused
 
     @model_validator(mode="after")
     def _text_only(self):
@@ -156,8 +157,9 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's int64 (the sampler's generator takes no more)
-    n: int = Field(1, ge=1)
-    logprobs: bool | int | None = None
+    # what the document says is what is honoured (n 1, no logprobs); other values get the validators' 400s
+    n: int = Field(1, ge=1, json_schema_extra={"maximum": 1})
+    logprobs: bool | int | None = Field(None, json_schema_extra={"enum": [False, 0, None]})
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
@@ -182,7 +184,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     retrieval: RetrievalOptions | None = None  # also true / false (see _retrieval_flag)
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})  # refused (no tool calling)
 
     @field_validator("retrieval", mode="before")
     @classmethod
@@ -208,7 +210,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    echo: bool = False
+    echo: bool = Field(False, json_schema_extra={"const": False})  # refused
 
     @model_validator(mode="after")
     def _completion(self):
