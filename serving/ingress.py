@@ -280,9 +280,10 @@ def _documented(ok: type[BaseModel] | None, *, body: type[BaseModel] | None = No
     if ok is not None:
         responses[200] = {"model": ok}
         if stream:
-            responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string", "description": (
-                "with stream: true, server-sent events `data: <chunk JSON>`, an error event in OpenAI's error "
-                "format if the stream fails, then `data: [DONE]`")}}}
+            responses[200]["content"] = {"text/event-stream": {"schema": {  # one event
+                "type": "object", "required": ["data"], "properties": {"data": {"type": "string", "description": (
+                    "with stream: true, each event's data is a chunk's JSON; an error in OpenAI's format if the "
+                    "stream fails; then [DONE]")}}}}}
     elif ok_media is not None:
         responses[200] = {"content": {ok_media: {"schema": {"type": "string"}}}, "description": "Successful Response"}
     for status in sorted({*errors, *((401,) if auth else ())}):

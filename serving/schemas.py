@@ -77,7 +77,7 @@ class _Request(BaseModel):
 # --- chat -----------------------------------------------------------------------------------------------------------
 
 class ContentPart(_Request):
-    type: str
+    type: str = Field(json_schema_extra={"const": "text"})  # other parts (images, audio) are refused
     text: str | None = None
 
 
@@ -209,7 +209,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"minLength": 1, "minItems": 1, "maxItems": 1})  # one
     echo: bool = Field(False, json_schema_extra={"const": False})  # refused
 
     @model_validator(mode="after")
@@ -228,7 +228,8 @@ class CompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(description="a text or a list of texts (token ids are not supported)")
+    input: str | list[str] = Field(description="a text or a list of texts (token ids are not supported)",
+                                   json_schema_extra={"minLength": 1, "minItems": 1})
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
 
