@@ -9,10 +9,13 @@
     GET  /healthz               200 once every shard of the current version is loaded, else 503 (no key needed)
     GET  /metrics               Prometheus text: requests, latencies (embed / search / generate; search by mode),
                                 batch sizes
+    GET  /openapi.json          the OpenAPI document of these routes (no key needed: it holds no secret)
+    GET  /docs                  Swagger UI over that document (behind the key, like the routes it shows)
 
 Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; bad input is a 4xx, never a
-500. Requests are parsed here (not by FastAPI's signature binding), so that malformed JSON, wrong types and
-limits all get the same 400 shape.
+500. Requests are parsed here (not by FastAPI's signature binding), so that auth, the body's size and nesting
+limits come before any parsing, and malformed JSON, wrong types and limits all get the same 400 shape. The routes
+still declare their bodies and answers (:func:`_documented`), so the OpenAPI document says what they take.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime, and Serve's
@@ -29,8 +32,12 @@ from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -82,6 +89,7 @@ from serving.schemas import (
     check_embeddings,
     check_search,
     json_depth,
+    lone_surrogate,
 )
 from serving.versions import VersionPointer, version_name
 from sharding.filters import Filter
@@ -89,7 +97,12 @@ from sharding.manifest import IndexManifest
 
 log = logging.getLogger("ragtune.serve")
 
-app = FastAPI(title="ragtune", docs_url=None, redoc_url=None, openapi_url=None)
+API_VERSION = "1"  # of the HTTP API the OpenAPI document describes (OpenAI's /v1 routes and the extensions)
+app = FastAPI(title="ragtune", version=API_VERSION, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+              description="OpenAI-compatible chat, completions and embeddings with retrieval; search, health, "
+                          "metrics. Every error is OpenAI's body {\"error\": {\"message\", \"type\", \"param\", "
+                          "\"code\"}}. Limits (max_tokens, k, body size, nesting...) are the server's "
+                          "`limits` config: a request over one gets a 400 (413 for the body) naming it.")
 
 # The HTTP status of each kind of error the answering path raises (configs.errors). Any other exception, a
 # RagtuneError of no kind included (a missing shard, a checksum mismatch), is a 500.
@@ -240,6 +253,89 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
                  e.status_code)
 
 
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    # FastAPI's own validation (parameters it binds), in OpenAI's shape rather than FastAPI's {"detail": [...]}
+    errors = e.errors()
+    err = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path", "header")) or None
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return _json(_error_body(f"{where + ': ' if where else ''}{err['msg']}{more}", "invalid_request_error", where,
+                             "invalid_request"), 400)
+
+
+# --- the OpenAPI document -------------------------------------------------------------------------------------------
+#
+# The routes read their bodies themselves (``Ingress._read``: auth, size and nesting limits before parsing), so
+# FastAPI cannot see the request models in their signatures: each route names them in ``_documented``, and
+# ``_openapi`` adds their JSON schemas to the document's components.
+
+REQUEST_MODELS: dict[str, type[BaseModel]] = {}  # component name -> request model, filled by _documented
+ERRORS = {  # status -> when; each answered with OpenAI's error body
+    400: "invalid request: not JSON, nested deeper than limits.max_json_depth, a wrong field, or over a limit",
+    401: "missing or invalid API key (`Authorization: Bearer <key>`)",
+    404: "the model named does not exist",
+    409: "the index version cannot be switched to (its shards do not match the shard groups)",
+    413: "the body is larger than limits.max_body_bytes",
+    429: "this replica answers limits.max_concurrent_requests already: retry after Retry-After seconds",
+    503: "not ready, or at capacity (the generation queue is full): retry after Retry-After seconds",
+    504: "the request took longer than limits.request_timeout_s",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def _documented(ok: type[BaseModel] | None, *, body: type[BaseModel] | None = None, errors: tuple[int, ...] = (),
+                stream: bool = False, auth: bool = True, ok_media: str | None = None) -> dict[str, Any]:
+    """The OpenAPI arguments of a route: its request ``body`` (read by ``_read``, not bound by FastAPI), its 200
+    answer (``ok``; ``stream``: or server-sent events; ``ok_media``: another media type), its error statuses (with
+    401 when ``auth``), each with OpenAI's error body."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    if ok is not None:
+        responses[200] = {"model": ok}
+        if stream:
+            responses[200]["content"] = {"text/event-stream": {"schema": {  # one event
+                "type": "object", "required": ["data"], "properties": {"data": {"type": "string", "description": (
+                    "with stream: true, each event's data is a chunk's JSON; an error in OpenAI's format if the "
+                    "stream fails; then [DONE]")}}}}}
+    elif ok_media is not None:
+        responses[200] = {"content": {ok_media: {"schema": {"type": "string"}}}, "description": "Successful Response"}
+    for status in sorted({*errors, *((401,) if auth else ())}):
+        responses[status] = {"model": ErrorBody, "description": ERRORS[status]}
+        if status in (429, 503):
+            responses[status]["headers"] = RETRY_AFTER
+    extra: dict[str, Any] = {}
+    if auth:
+        extra["security"] = [{"bearer": []}]
+    if body is not None:
+        REQUEST_MODELS[body.__name__] = body
+        extra["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+    return {"responses": responses, "openapi_extra": extra, "response_model": None}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document of the routes, plus the request models the routes name and the bearer scheme."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                          servers=app.servers or None)
+        components = doc.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS.values()],
+                                     ref_template="#/components/schemas/{model}")
+        for name, schema in defs.get("$defs", {}).items():
+            if name in schemas and schemas[name] != schema:  # a response model of the same name, another shape
+                raise ValueError(f"the OpenAPI component {name!r} is both a request and a response model")
+            schemas[name] = schema
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "description": (
+            "an API key of the server's auth.api_keys (or its environment variable); a server with none answers "
+            "only on 127.0.0.1, without a key")}}
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+
+
 def _sse(data: BaseModel | dict[str, object] | str) -> bytes:
     if isinstance(data, BaseModel):
         data = data.model_dump()
@@ -369,6 +465,9 @@ class Ingress:
             raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        if (where := lone_surrogate(body, data)) is not None:
+            raise ApiError(400, f"{where}: holds a lone UTF-16 surrogate (an escape \\ud800-\\udfff without its "
+                                "pair), which is not text; send valid Unicode", param=where, code="invalid_request")
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -470,7 +569,8 @@ class Ingress:
 
     # --- routes -------------------------------------------------------------------------------------------------------
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=None, responses={200: {"model": Health}, 503: {
+        "model": Health, "description": "not every shard of the version is loaded (or the retriever does not answer)"}})
     async def healthz(self) -> JSONResponse:
         try:
             await self._follow()
@@ -481,14 +581,21 @@ class Ingress:
             state = Health(ready=False, reason=f"retriever not answering ({type(e).__name__})")
         return _json(state, 200 if state.ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        """Swagger UI over /openapi.json, behind the key like the routes it calls (without keys: on 127.0.0.1)."""
+        self._auth(request)
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} API")
+
+    @app.get("/metrics", **_documented(None, ok_media="text/plain"))
     async def prometheus(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         self._auth(request)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **_documented(ModelList, errors=(503, 504)))
     async def list_models(self, request: Request) -> JSONResponse:
         self._auth(request)
         embedding_model = (await self._embedder_info()).model
@@ -497,7 +604,7 @@ class Ingress:
         data.append(ModelCard(id=embedding_model, created=self.created, kind="embedding"))
         return _json(ModelList(data=data))
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", **_documented(Reloaded, errors=(400, 404, 409, 503, 504)))
     async def reload(self, request: Request) -> JSONResponse:
         self._auth(request)
         await self._follow(wait=True)
@@ -505,7 +612,8 @@ class Ingress:
                                                self.pointer.reload(self._prepare))
         return _json(reloaded)
 
-    @app.post("/v1/search")
+    @app.post("/v1/search", **_documented(SearchResponse, body=SearchRequest,
+                                          errors=(400, 413, 429, 503, 504)))
     async def search(self, request: Request) -> JSONResponse:
         async def work() -> SearchResponse:
             req = await self._read(request, SearchRequest)
@@ -517,7 +625,8 @@ class Ingress:
         with self._admit("search"):
             return _json(await self._timed("search", work()))
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", **_documented(EmbeddingList, body=EmbeddingRequest,
+                                              errors=(400, 404, 413, 429, 503, 504)))
     async def embeddings(self, request: Request) -> JSONResponse:
         async def work() -> EmbeddingList:
             req = await self._read(request, EmbeddingRequest)
@@ -546,7 +655,8 @@ class Ingress:
         with self._admit("embeddings"):
             return _json(await self._timed("embeddings", work()))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **_documented(ChatCompletion, body=ChatCompletionRequest, stream=True,
+                                                    errors=(400, 404, 413, 429, 503, 504)))
     async def chat(self, request: Request) -> Response:
         async def start() -> tuple[ChatCompletionRequest, DeploymentHandle, ChatInput]:
             req = await self._read(request, ChatCompletionRequest)
@@ -567,7 +677,8 @@ class Ingress:
                 return await self._stream("chat", req, handle, payload, slot)
             return _json(await self._timed("chat", self._complete("chat", req, handle, payload)))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **_documented(TextCompletion, body=CompletionRequest, stream=True,
+                                               errors=(400, 404, 413, 429, 503, 504)))
     async def completions(self, request: Request) -> Response:
         async def start() -> tuple[CompletionRequest, DeploymentHandle, CompletionInput]:
             req = await self._read(request, CompletionRequest)

@@ -43,6 +43,33 @@ def json_depth(body: bytes | bytearray) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate, paired or not
+
+
+def lone_surrogate(body: bytes | bytearray, data: Any) -> str | None:
+    """Where (a dotted path, ``messages.0.content``) the parsed JSON ``data`` holds a string or key with a lone
+    UTF-16 surrogate (``"\\ud800"`` without its pair: JSON allows the escape, but it is no text: tokenizers and
+    encoders fail on it); None when there is none. Only walked when ``body`` has such an escape at all."""
+    if not _ESCAPED_SURROGATE.search(body):
+        return None
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # the path may hold one too (a key): written as its escape, to be sendable
+                return where.encode("utf-8", "backslashreplace").decode() or None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                stack.append((path, key))
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}" if where else str(i), item) for i, item in enumerate(value))
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
@@ -50,7 +77,7 @@ class _Request(BaseModel):
 # --- chat -----------------------------------------------------------------------------------------------------------
 
 class ContentPart(_Request):
-    type: str
+    type: str = Field(json_schema_extra={"const": "text"})  # other parts (images, audio) are refused
     text: str | None = None
 
 
@@ -109,7 +136,8 @@ class StreamOptions(_Request):
 class ResponseFormat(_Request):
     """OpenAI's ``response_format``: only ``text`` is honoured; JSON modes are refused, not silently ignored."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema"] = Field(json_schema_extra={"enum": ["text"]})  # the JSON
+    # modes parse (so that their 400 says why) but are refused
 
     @model_validator(mode="after")
     def _text_only(self):
@@ -128,9 +156,10 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1)
-    logprobs: bool | int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's int64 (the sampler's generator takes no more)
+    # what the document says is what is honoured (n 1, no logprobs); other values get the validators' 400s
+    n: int = Field(1, ge=1, json_schema_extra={"maximum": 1})
+    logprobs: bool | int | None = Field(None, json_schema_extra={"enum": [False, 0, None]})
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
@@ -155,7 +184,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     retrieval: RetrievalOptions | None = None  # also true / false (see _retrieval_flag)
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})  # refused (no tool calling)
 
     @field_validator("retrieval", mode="before")
     @classmethod
@@ -180,8 +209,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    echo: bool = False
+    prompt: str | list[str] = Field(json_schema_extra={"minLength": 1, "minItems": 1, "maxItems": 1})  # one
+    echo: bool = Field(False, json_schema_extra={"const": False})  # refused
 
     @model_validator(mode="after")
     def _completion(self):
@@ -199,7 +228,8 @@ class CompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(description="a text or a list of texts (token ids are not supported)")
+    input: str | list[str] = Field(description="a text or a list of texts (token ids are not supported)",
+                                   json_schema_extra={"minLength": 1, "minItems": 1})
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
 
