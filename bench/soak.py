@@ -29,8 +29,8 @@ the burst, the versions that answered, each replica's memory, and the targets wi
 - every search answer names a published version (the first, or one an update wrote) and every chunk it returns is
   live in that version; every chat citation is live in some published version;
 - each replica's anonymous memory at its last sample is within 1.1x of its value after warm-up (a restarted
-  replica: ``--warm-s`` after it was first seen) plus what the added documents account for (the resident bytes of
-  the newest version less those of the first, ``serving.app.fused_bytes``).
+  replica: ``--warm-s`` after Serve reported it running) plus what the added documents account for (the
+  resident bytes of the newest version less those of the first, ``serving.app.fused_bytes``).
 
 Exit status 1 when a target fails. Written: ``--out``.json (the windows, memory series, events, the non-200
 responses with their bodies, the targets) and ``--out``.png (p50/p99 and memory over time).
@@ -364,9 +364,12 @@ def memory_targets(soak: Soak, warm_at: float, warm_s: float, latest: str) -> li
         by.setdefault((s["replica"], s["pid"]), []).append(s)
     allowance = soak.allowance.get(latest, 0)
     out = []
+    ready = sorted(e["t"] + e["recovered_s"] for e in soak.events if e["event"] == "kill" and "recovered_s" in e)
     for (replica, pid), ss in by.items():
         first = ss[0]["t"]
-        start = warm_at if first <= warm_at else first + warm_s
+        # a replacement: warm once it has served warm_s since Serve reported it running (the kill's recovery)
+        running_at = next((t for t in ready if t >= first - soak.args.sample_every), first)
+        start = warm_at if first <= warm_at else running_at + warm_s
         warm = next((s for s in ss if s["t"] >= start), None)
         last = ss[-1]
         row = {"replica": replica, "deployment": ss[0]["deployment"], "pid": pid, "first_s": first,
@@ -380,6 +383,24 @@ def memory_targets(soak: Soak, warm_at: float, warm_s: float, latest: str) -> li
                     "ratio": last["anon"] / warm["anon"], "ok": last["anon"] <= bound}
         out.append(row)
     return out
+
+
+def memory_table(samples: list[dict], every: float = 60.0) -> list[str]:
+    """Each replica's anonymous memory (MiB) over time: a row per ``every`` seconds (the sample nearest after it),
+    a column per replica ("-": not alive then)."""
+    keys = sorted({(s["deployment"], s["replica"]) for s in samples}, key=lambda k: min(
+        s["t"] for s in samples if (s["deployment"], s["replica"]) == k))
+    end = max((s["t"] for s in samples), default=0.0)
+    lines = ["| s | " + " | ".join(f"{d} {r}" for d, r in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    t = 0.0
+    while t <= end + 1e-9:
+        cells = []
+        for k in keys:
+            after = [s for s in samples if (s["deployment"], s["replica"]) == k and t <= s["t"] < t + every]
+            cells.append(f"{after[0]['anon'] / 2**20:.0f}" if after else "-")
+        lines.append(f"| {t:.0f} | " + " | ".join(cells) + " |")
+        t += every
+    return lines
 
 
 def mib(b: float) -> str:
@@ -570,6 +591,9 @@ def finish(soak: Soak, args: argparse.Namespace, cap: dict, warm_at: float, plan
               f"{m['last_s']:5.0f}s anon: after warm-up {mib(m.get('warm_anon', 0)):>8s}, last "
               f"{mib(m['last_anon']):>8s}, peak {mib(m['peak_anon']):>8s}; rss last {mib(m['last_rss'])}"
               f"{'' if 'ok' in m else '; ' + m['verdict']}")
+    print("anonymous memory of each replica over time (MiB):")
+    for line in memory_table(soak.samples):
+        print("  " + line)
     for r in out_bad[:10]:
         print(f"  non-200 outside the burst: t {r.t:.1f}s {r.kind} -> {r.status} after {r.latency:.2f}s: {r.body}")
     failed = 0
