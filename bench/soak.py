@@ -289,7 +289,7 @@ class Soak:
     def kill(self, n: int) -> None:
         """SIGKILL one of the Ingress replicas (in turn), then wait until Serve runs two again."""
         ingress = sorted((name, pid) for name, (dep, pid) in app_replicas().items() if dep == "Ingress")
-        if not ingress:
+        if not ingress or self.now() >= self.args.duration - 1:  # none as the last requests are answered
             return
         name, pid = ingress[(n - 1) % len(ingress)]
         t = self.now()
@@ -369,7 +369,7 @@ def memory_targets(soak: Soak, warm_at: float, warm_s: float, latest: str) -> li
         first = ss[0]["t"]
         # a replacement: warm once it has served warm_s since Serve reported it running (the kill's recovery)
         running_at = next((t for t in ready if t >= first - soak.args.sample_every), first)
-        start = warm_at if first <= warm_at else running_at + warm_s
+        start = warm_at if first <= warm_at + 1.0 else running_at + warm_s  # the originals: sampled at warm_at
         warm = next((s for s in ss if s["t"] >= start), None)
         last = ss[-1]
         row = {"replica": replica, "deployment": ss[0]["deployment"], "pid": pid, "first_s": first,
