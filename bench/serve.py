@@ -66,7 +66,7 @@ from sharding.freshness import live_ids  # noqa: E402
 from sharding.manifest import read_index_manifest, resolve_index  # noqa: E402
 from sharding.search import open_docstore  # noqa: E402
 
-SQUAD = REPO.parent / "shared" / "data" / "squad" / "retrieval-v1.1"
+SQUAD = Path(os.environ.get("RAGTUNE_SHARED", REPO.parent / "shared")) / "data" / "squad" / "retrieval-v1.1"
 
 
 def corpus_and_queries(n: int, work: Path) -> tuple[Path, list[str]]:

@@ -292,6 +292,12 @@ def shard_groups(num_shards: int, groups: int | None = None) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(g)]
 
 
+def _floor3(x: float) -> float:
+    """``x`` rounded down to 3 decimals: shares that add up to no more than what they were cut from (rounded to
+    nearest, three replicas of 2/3 of a CPU each asked 0.667, 2.001 of 2 CPUs, and the third never started)."""
+    return math.floor(x * 1000 + 1e-9) / 1000
+
+
 def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | None = None,
                  searcher_replicas: int = 1, searcher_max_replicas: int | None = None,
                  embedder_replicas: int = 1, generator_replicas: int = 1,
@@ -360,7 +366,7 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
         raise RagtuneError(f"shards.device = 'gpu' but no GPU is left for the ShardSearchers ({total_gpus} GPU(s), "
                            f"{total_gpus - left} taken by the Generator). Fix: set shards.device "
                            "to auto or cpu, or add GPUs")
-    search_share = round(min(1.0, left / n_search), 3) if search_gpu else 0.0
+    search_share = _floor3(min(1.0, left / n_search)) if search_gpu else 0.0
     defaults = {"embedder": 1.0, "generator": 1.0, "searcher": 1.0 if fused else 0.5, "light": 0.1}
     counts = {"embedder": 0 if fused else embedder_replicas, "generator": generator_replicas, "searcher": n_search,
               "light": 0 if fused else light_replicas}
@@ -378,7 +384,7 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
 
     def cpus(role: str) -> float:
         given = num_cpus.get(role)
-        return given if given is not None else max(0.01, round(defaults[role] * scale, 3))
+        return given if given is not None else max(0.01, _floor3(defaults[role] * scale))
 
     def thr(role: str, default: int) -> int:
         return threads.get(role) or default

@@ -18,7 +18,10 @@ seed, and the generator is a tiny Llama built from a config with a tokenizer tra
    serving app answering every system over HTTP, then the update and each system's time-to-knowledge;
 4. the claims, checked against the measured numbers and printed with them.
 
-Deterministic with the seed (the world, the splits, the training order, greedy answers); the seconds are not.
+The seed fixes the world, the splits, the samples and the training order. The EMs can still move between runs:
+the answers are decoded in batches whose make-up depends on timing, and another machine's thread count or CPU
+vector instructions change the trained models in their last bits; each moves logits slightly and can flip a near
+tie (docs/benchmarks.md, "Demo determinism"). The seconds vary.
 A rerun into the same ``output.path`` reuses the trained reader (``runs/reader``; an interrupted one resumes
 from its last checkpoint) and rebuilds the rest.
 """

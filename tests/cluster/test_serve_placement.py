@@ -135,3 +135,19 @@ def test_fused_replicas_scale_and_spread_like_a_shard_group_and_fit_a_laptop():
     assert plan.searcher.device == "gpu" and plan.searcher.num_gpus == 0.5  # 2 GPUs left for 4 replicas
     assert plan.searcher_max_per_node == 2  # 4 replicas over 2 nodes
     assert plan.generator.num_gpus == 1 and plan.embedder.device == "gpu"
+
+
+@pytest.mark.parametrize("cpus, gpus, replicas", [(2, 0, 2), (2, 0, 5), (3, 0, 2), (4, 3, 3), (8, 3, 2), (16, 5, 6)])
+def test_scaled_reservations_never_add_up_to_more_than_the_cluster_has(cpus, gpus, replicas):
+    """Shares scaled to fit are rounded down: 2 fused replicas + the Generator on 2 CPUs asked 0.667 CPU each
+    (2.001 in all), and Serve never started the second replica."""
+    nodes = [NodeResources(cpus=cpus, gpus=gpus, memory=64 * GIB)]
+    fused = plan_serving(nodes, num_shards=2, searcher_replicas=replicas, index_bytes=GIB // 10,
+                         generator_device="cpu")
+    assert fused.layout == "fused"
+    assert replicas * fused.searcher.num_cpus + fused.generator.num_cpus <= cpus
+    assert replicas * fused.searcher.num_gpus <= gpus
+    split = plan_serving(nodes, num_shards=3, searcher_replicas=replicas, generator_device="cpu")
+    used = (split.embedder.num_cpus + split.generator.num_cpus + 3 * replicas * split.searcher.num_cpus
+            + 2 * split.light.num_cpus)
+    assert used <= cpus and 3 * replicas * split.searcher.num_gpus <= gpus
