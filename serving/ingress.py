@@ -487,12 +487,15 @@ class Ingress:
             self.metrics.rejected.inc()
             raise
 
-    async def _timed(self, route: str, work: Awaitable[T]) -> T:
-        """Run a route's work with the request timeout; count and time it; any failure in OpenAI's format."""
+    async def _timed(self, route: str, work: Awaitable[T], deadline: float | None = None) -> T:
+        """Run a route's work with the request timeout, or until the request's ``deadline`` (``perf_counter``
+        time: a request done in steps has one deadline for all of them); count and time it; any failure in
+        OpenAI's format."""
         t0 = time.perf_counter()
         status = 200
+        timeout = self.limits.request_timeout_s if deadline is None else max(0.0, deadline - t0)
         try:
-            return await asyncio.wait_for(work, self.limits.request_timeout_s)
+            return await asyncio.wait_for(work, timeout)
         except TimeoutError:
             status = 504
             raise ApiError(504, f"the request took longer than {self.limits.request_timeout_s:g}s "
@@ -672,10 +675,11 @@ class Ingress:
                                           params=self._params(req, req.max_new_tokens()))
 
         with self._admit("chat") as slot:  # a stream takes the slot over, to its last event
-            req, handle, payload = await self._timed("chat.prepare", start())
+            deadline = time.perf_counter() + self.limits.request_timeout_s  # one for retrieval and generation
+            req, handle, payload = await self._timed("chat.prepare", start(), deadline)
             if req.stream:
-                return await self._stream("chat", req, handle, payload, slot)
-            return _json(await self._timed("chat", self._complete("chat", req, handle, payload)))
+                return await self._stream("chat", req, handle, payload, slot, deadline)
+            return _json(await self._timed("chat", self._complete("chat", req, handle, payload), deadline))
 
     @app.post("/v1/completions", **_documented(TextCompletion, body=CompletionRequest, stream=True,
                                                errors=(400, 404, 413, 429, 503, 504)))
@@ -687,10 +691,11 @@ class Ingress:
             return req, handle, CompletionInput(prompt=req.text(), params=self._params(req, req.max_tokens))
 
         with self._admit("completions") as slot:
-            req, handle, payload = await self._timed("completions.prepare", start())
+            deadline = time.perf_counter() + self.limits.request_timeout_s  # one for retrieval and generation
+            req, handle, payload = await self._timed("completions.prepare", start(), deadline)
             if req.stream:
-                return await self._stream("completion", req, handle, payload, slot)
-            return _json(await self._timed("completions", self._complete("completion", req, handle, payload)))
+                return await self._stream("completion", req, handle, payload, slot, deadline)
+            return _json(await self._timed("completions", self._complete("completion", req, handle, payload), deadline))
 
     # --- generation ---------------------------------------------------------------------------------------------------
 
@@ -715,16 +720,16 @@ class Ingress:
                               choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)])
 
     async def _stream(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, handle: DeploymentHandle,
-                      payload: ChatInput | CompletionInput, slot: Slot) -> Response:
+                      payload: ChatInput | CompletionInput, slot: Slot, deadline: float) -> Response:
         """Server-sent events. The first event (the prompt) is awaited before answering 200, so that a prompt
         that does not fit is still a 400; later failures end the stream with an error event. The response holds
-        the request's admission ``slot`` until it has ended, however it ends."""
+        the request's admission ``slot`` until it has ended, however it ends, and ends by the request's
+        ``deadline`` (set when it was admitted: retrieval's time counts)."""
         t0 = time.perf_counter()
-        deadline = t0 + self.limits.request_timeout_s
         gen = handle.options(stream=True).stream.remote(payload)
         assert isinstance(gen, DeploymentResponseGenerator)
         try:
-            prompt: PromptInfo = await self._timed(f"{kind}.stream", gen.__anext__())
+            prompt: PromptInfo = await self._timed(f"{kind}.stream", gen.__anext__(), deadline)
         except BaseException:  # timed out or refused before its first event: nothing runs on for it
             gen.cancel()
             raise

@@ -267,6 +267,44 @@ def test_admission_refuses_past_its_limit_until_a_slot_is_released_and_overload_
         assert json.loads(response.body)["error"]["message"] == err.message
 
 
+def test_a_request_done_in_steps_has_one_deadline_for_all_of_them():
+    """Chat retrieves, then generates: each step used to get the whole limits.request_timeout_s, so a chat could
+    take twice it (and Serve's proxy answered 408 at limit + 5 s before the Ingress' 504). With the request's
+    deadline, two steps of 0.6 x the limit are a 504 in the second one, and it is counted under that route."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from configs.schema.serve import LimitsConfig
+    from serving.ingress import Ingress, Metrics
+
+    me = SimpleNamespace(limits=LimitsConfig(request_timeout_s=0.5), metrics=Metrics())
+    timed = Ingress.func_or_class._timed
+
+    async def step(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    async def request() -> tuple[str, float]:
+        deadline = time.perf_counter() + me.limits.request_timeout_s
+        t0 = time.perf_counter()
+        first = await timed(me, "chat.prepare", step(0.3), deadline)
+        try:
+            await timed(me, "chat", step(0.3), deadline)
+        except ApiError as e:
+            return f"{first}, then {e.status}", time.perf_counter() - t0
+        return f"{first}, then done", time.perf_counter() - t0
+
+    outcome, seconds = asyncio.run(request())
+    assert outcome == "done, then 504" and seconds < 0.5 + 0.1
+    assert me.metrics.requests.labels("chat", "504")._value.get() == 1
+    assert me.metrics.requests.labels("chat.prepare", "200")._value.get() == 1
+    assert asyncio.run(timed(me, "search", step(0.3))) == "done"  # one step: the whole limit, as before
+    with pytest.raises(ApiError) as e:  # a deadline already past: a 504 at once, the work never left waiting
+        asyncio.run(timed(me, "chat", step(0.01), time.perf_counter() - 1))
+    assert e.value.status == 504 and e.value.code == "timeout"
+
+
 def test_errors_survive_pickling_and_the_ingress_finds_their_status_behind_wrappers():
     e = NotFound("no such model", param="model", code="model_not_found")
     back = pickle.loads(pickle.dumps(e))
