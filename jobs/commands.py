@@ -133,6 +133,8 @@ def index_ops_parser() -> argparse.ArgumentParser:
     writes.add_argument("--gc-keep", type=int, metavar="N",
                         help="then garbage-collect all but the N newest versions (default: index.keep_versions)")
     a = sub.add_parser("add", parents=[common, writes], help="add new and changed documents (a new version)")
+    a.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's and the libraries' output here instead of in the log beside the index")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", nargs="+", metavar="PATH", help="new documents: JSONL, Parquet, text files, URIs")
     src.add_argument("--embeddings", metavar="DIR", help="or embedding parts by `ragtune embed` (same model, chunker)")

@@ -242,11 +242,12 @@ def session(job: str, output: str | None, verbose: bool = False) -> Iterator[Con
         return
     path = log_path(job, output)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ray_before = _ray_running()  # a Ray this process had already (a notebook's, a test's) is not ours to stop
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    out_stream = open(os.dup(saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
-    err_stream = open(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    out_stream, own_out = _terminal_stream(sys.stdout, 1, saved[0])
+    err_stream, own_err = _terminal_stream(sys.stderr, 2, saved[1])
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -261,7 +262,8 @@ def session(job: str, output: str | None, verbose: bool = False) -> Iterator[Con
         yield console
     finally:
         console.stop_display()
-        _shutdown_ray()  # Ray's last forwarded lines (at shutdown) go to the log too, not after the result
+        if not ray_before:
+            _shutdown_ray()  # Ray's last forwarded lines (at shutdown) go to the log too, not after the result
         progress.SINK = None
         _current = None
         logging.getLogger("ragtune").removeHandler(handler)
@@ -271,13 +273,32 @@ def session(job: str, output: str | None, verbose: bool = False) -> Iterator[Con
         os.dup2(saved[1], 2)
         for f in saved:
             os.close(f)
-        out_stream.close()
-        err_stream.close()
+        for stream, own in ((out_stream, own_out), (err_stream, own_err)):
+            if own:
+                stream.close()
         if path.stat().st_size == 0:  # nothing ran (e.g. a config refused at its check): no log to keep
             path.unlink()
             with contextlib.suppress(OSError):
                 path.parent.rmdir()
             last_log = None
+
+
+def _terminal_stream(stream: TextIO, fd: int, saved: int) -> tuple[TextIO, bool]:
+    """Where the session writes what was for ``stream`` (sys.stdout or sys.stderr, file descriptor ``fd``), and
+    whether the session opened it: a copy of the descriptor as it was (``saved``) when ``stream`` writes to
+    ``fd``; else ``stream`` itself, which a caller put there (pytest's capsys, a notebook) and reads."""
+    try:
+        writes_to_fd = stream.fileno() == fd
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError and a ValueError
+        writes_to_fd = False
+    if not writes_to_fd:
+        return stream, False
+    return open(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace"), True  # noqa: SIM115
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
 
 
 def _shutdown_ray() -> None:

@@ -33,9 +33,11 @@ is read).
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import gc as pygc
 import logging
+import os
 import shutil
 import sys
 import time
@@ -54,6 +56,7 @@ from configs.errors import RagtuneError, redact
 from configs.schema import EmbedJobConfig, IndexJobConfig
 from configs.schema.embed import CorpusConfig
 from configs.schema.index import IndexConfig
+from jobs import console
 from jobs.commands import ADD_RAY_ABOVE, guarded, index_ops_parser, print_summary
 from jobs.embed import run as embed_run
 from models.embedders import EmbedderSpec, QueryEncoder, load_tokenizer, resolve_embedder
@@ -844,23 +847,33 @@ def ops_main(argv: list[str]) -> int:
     # goes back with the process; atexit handlers and finalizers still run).
     atexit.unregister(pygc.freeze)
     atexit.register(pygc.freeze)
+    if args.op == "history":
+        print(history(args.index).line())
+        return 0
+    if args.op != "add":  # seconds of work in this process: its lines are the output
+        print_summary(_op(args))
+        return 0
+    # an add may embed on Ray: Ray's and the libraries' lines go to a log beside the index (when it is a local
+    # folder that exists; else runs/logs), as a job's do
+    root = resolve(args.index)
+    folder = args.index if root.is_local and os.path.isdir(root.path) else None
+    with console.session("index-add", folder, verbose=args.verbose):
+        print_summary(_op(args))
+    return 0
+
+
+def _op(args: argparse.Namespace) -> Any:
     if args.op == "add":
-        summary: Any = add(args.index, corpus=args.corpus, embeddings=args.embeddings, text_field=args.text_field,
+        return add(args.index, corpus=args.corpus, embeddings=args.embeddings, text_field=args.text_field,
                            id_field=args.id_field, title_field=args.title_field, ray_above=args.ray_above,
                            batch_size=args.batch_size, keep_versions=args.gc_keep, address=args.address,
                            segment_size=args.segment_size)
-    elif args.op == "delete":
-        summary = delete(args.index, args.doc_id, args.where, keep_versions=args.gc_keep)
-    elif args.op == "compact":
-        summary = compact(args.index, force=args.force, threshold=args.threshold, max_deltas=args.max_deltas,
-                          check_recall=args.check_recall, keep_versions=args.gc_keep)
-    elif args.op == "gc":
-        summary = gc(args.index, keep=args.keep, grace_s=args.grace, dry_run=args.dry_run)
-    else:
-        print(history(args.index).line())
-        return 0
-    print_summary(summary)
-    return 0
+    if args.op == "delete":
+        return delete(args.index, args.doc_id, args.where, keep_versions=args.gc_keep)
+    if args.op == "compact":
+        return compact(args.index, force=args.force, threshold=args.threshold, max_deltas=args.max_deltas,
+                       check_recall=args.check_recall, keep_versions=args.gc_keep)
+    return gc(args.index, keep=args.keep, grace_s=args.grace, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":  # python -m jobs.freshness add -i INDEX ... (what `ray job submit` calls)

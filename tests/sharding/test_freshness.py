@@ -734,7 +734,12 @@ def test_cli_commands_and_errors(flat, capsys, tmp_path):
                       (["index", "add", "-i", root, "--embeddings", str(tmp_path)], "no complete embeddings")]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
+        if argv[1] == "add":  # an add runs as a job does: the path of its log first (Ray's lines go there)
+            assert err[0].startswith(f"log: {root}/_logs/index-add-"), err
+            err = err[1:]
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0] and "Fix:" in err[0], err
+    assert not os.path.exists(f"{root}/_logs")  # nothing was written to it: an empty log is not kept
+    assert not (tmp_path / "none").exists()  # no folder made where no index is
 
 
 def test_ragtune_help_stays_light():
