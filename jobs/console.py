@@ -360,10 +360,18 @@ class Board:
 
 def report(board: Any, stage: str, done: int, total: int, unit: str, elapsed: float, figure: str = "",
            start_done: int = 0) -> None:
-    """From a worker: ``stage`` is at ``done`` of ``total`` (fire and forget; nothing without a board)."""
-    if board is not None:
-        board.put.remote(stage, {"done": done, "total": total, "unit": unit, "elapsed": elapsed,
-                                 "figure": figure, "start_done": start_done})
+    """From a worker: ``stage`` is at ``done`` of ``total`` (fire and forget; nothing without a board). The last
+    report (``done >= total``) is awaited: calls from different processes reach the actor in no set order, so
+    the driver's final poll, once the workers have ended, could otherwise miss it."""
+    if board is None:
+        return
+    ref = board.put.remote(stage, {"done": done, "total": total, "unit": unit, "elapsed": elapsed,
+                                   "figure": figure, "start_done": start_done})
+    if done >= total:
+        import ray
+
+        with contextlib.suppress(Exception):  # a board gone: the job goes on without its display
+            ray.get(ref, timeout=10)
 
 
 @contextlib.contextmanager
