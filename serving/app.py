@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from cluster.placement import NodeResources, ReplicaResources, ServePlan, plan_serving
 from cluster.runtime import alive_nodes
+from configs.errors import redact
 from configs.schema import load_config
 from configs.schema.serve import LOOPBACK, ServeJobConfig
 from serving.auth import api_key_hashes
@@ -211,7 +212,7 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     mode = check_retrieval(cfg)
     plan = plan_for(cfg)
     log.info("serving plan: %s; retrieval.mode %s (%s for %s)", plan.reason, cfg.retrieval.mode, mode,
-             cfg.index.path)
+             redact(cfg.index.path))
     for route, hops in route_hops(plan).items():
         log.info("%s: %s", route, hops)
     e, s, g = cfg.embedder, cfg.shards, cfg.generator

@@ -139,7 +139,7 @@ def test_embed_index_serve_and_add_through_s3_uris_with_the_endpoint_in_the_uri(
         assert r.json()["version"] == "v-00002" and r.json()["data"][0]["doc_id"] == "new1"
         body += r.text
     finally:
-        serve.delete("ragtune-s3")
+        serve.shutdown()  # not only the app: Serve's proxy on this test's port too (the next module starts its own)
     out = capsys.readouterr()
     said = out.out + out.err + caplog.text + body + json.dumps(s)
     assert SECRET not in said
