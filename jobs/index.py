@@ -214,6 +214,8 @@ class Layout:
     shards: list[list[Piece]]  # the embedding rows of each shard
     factory: str  # what faiss.index_factory builds
     needs_training: bool
+    doc_row_bytes: int  # a docstore row decoded, from the parts' sizes (sharding.choice.row_bytes): tasks' memory=
+    node_memory: float  # Ray memory of the smallest node (0: not known)
 
     @property
     def gpu(self) -> int | None:
@@ -266,7 +268,7 @@ def _layout(cfg: IndexJobConfig, plan: Plan) -> Layout:
     log.info("%d vectors of d=%d (%s) from %d parts -> %d shard(s); %s", plan.nb, plan.d, plan.embeddings.metric,
              len(plan.parts), len(shards), tasks.reason)
     log.info("memory of a shard task (Ray memory=): %s", memory_why)
-    return Layout(plan, tasks, shards, factory, needs_training)
+    return Layout(plan, tasks, shards, factory, needs_training, doc_row, node_memory)
 
 
 def _gpu_memory() -> int:
@@ -597,8 +599,7 @@ def _lexical_stats_tasks(cfg: IndexJobConfig, layout: Layout, records: dict[str,
     import ray
 
     plan = layout.plan
-    doc_row, _ = row_bytes(sum(r.bytes for r in plan.embeddings.parts.values()), plan.nb, plan.d)
-    node_memory = min((nd.memory for nd in alive_nodes() if nd.memory > 0), default=0)
+    doc_row, node_memory = layout.doc_row_bytes, layout.node_memory
     rows = max(sum(p.rows for p in pieces) for pieces in layout.shards)
     need, why = lexical_stats_task_bytes(rows, doc_row, LEXICAL_BATCH)
     log.info("memory of a BM25 statistics task (Ray memory=): %s", why)
@@ -618,8 +619,7 @@ def _build_lexical(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartR
     t_lex = time.perf_counter()
     lparams = lexical_params(cfg)
     plan = layout.plan
-    doc_row, _ = row_bytes(sum(r.bytes for r in plan.embeddings.parts.values()), plan.nb, plan.d)
-    node_memory = min((nd.memory for nd in alive_nodes() if nd.memory > 0), default=0)
+    doc_row, node_memory = layout.doc_row_bytes, layout.node_memory
     sizes: list[tuple[int, int]] = ray.get([ray.remote(lexical_sizes).options(num_cpus=0).remote(r)
                                            for r in stats_refs])
     stats_ref = ray.remote(merge_lexical_stats).options(num_cpus=1).remote(*stats_refs)
