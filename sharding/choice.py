@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from configs.errors import RagtuneError
 
@@ -99,7 +99,7 @@ def _train_size(nb: int, nlist: int, pq: bool, train_sample: int | None) -> int:
 
 
 def choose_index(nb: int, d: int, max_memory: int, *, use_gpu: bool = False, exact_below: int = 10_000,
-                 train_sample: int | None = None) -> IndexChoice:
+                 train_sample: int | None = None, max_nodes: int = 1) -> IndexChoice:
     """Pick Flat / HNSW / IVF-Flat / IVF-PQ (+ refinement) from size, dimension and a memory budget.
 
     Rules, in order (after autofaiss's ``get_optimal_index_keys_v2``, with an exact tier first):
@@ -114,10 +114,17 @@ def choose_index(nb: int, d: int, max_memory: int, *, use_gpu: bool = False, exa
        ``max_memory`` each (:func:`plan_nodes`; the choice's ``nodes`` and ``shards`` say how), the arithmetic in
        the reason; a RagtuneError only when even the most compact plan does not fit a node.
 
+    Rules 5 and 6 are lossy (PQ codes without refinement: recall may stay below the target). Before either, with
+    ``max_nodes`` > 1, a more exact plan across nodes wins when it needs at most ``max_nodes`` nodes
+    (:func:`plan_exact_nodes`): IVF-PQ with rule 4's code and SQ8 refinement, or IVF-Flat, whichever needs fewer
+    nodes (a tie: IVF-Flat), sharded as :func:`node_plan` does. With ``max_nodes`` = 1 the rules are 1 to 6 alone.
+
     Args:
         nb: vectors to index.
         d: their dimension.
-        max_memory: bytes the whole index may take in RAM on one node (rule 6: on each node).
+        max_memory: bytes the whole index may take in RAM on one node (multi-node plans: on each node).
+        max_nodes: nodes a plan may spread a more exact index over instead of a lossy one (index.max_nodes,
+            resolved by the job: ``auto`` = the Ray cluster's alive nodes); 1 = one node unless nothing fits it.
         use_gpu: the build runs on GPUs (HNSW is skipped: faiss has no GPU HNSW).
         exact_below: rule 1's threshold.
         train_sample: vectors available for training, when the user fixed it (limits the IVF lists).
@@ -157,42 +164,58 @@ def choose_index(nb: int, d: int, max_memory: int, *, use_gpu: bool = False, exa
                            f"{why_not_hnsw}; {why_not_flat}; IVF-PQ{m} with SQ8 refinement fits ({human_bytes(est)} "
                            f"<= {budget}): PQ scans fast, re-ranking on 8-bit codes restores recall", est,
                            _train_size(nb, nlist, True, train_sample))
-    for m in sizes:
-        est = estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=m)
-        if est <= max_memory:
-            return IndexChoice(f"{_ivf(nlist, use_gpu)},PQ{m}np", "ivf_pq",
-                               f"{why_not_hnsw}; {why_not_flat}; refinement codes do not fit; IVF-PQ{m} is the "
-                               f"largest code that fits ({human_bytes(est)} <= {budget}); recall may stay below "
-                               "the target", est, _train_size(nb, nlist, True, train_sample))
-    smallest = estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=sizes[-1])
-    why = (f"{nb:,} vectors of d = {d} fit no single node: the smallest index, {_ivf(nlist, use_gpu)},"
-           f"PQ{sizes[-1]}, needs {human_bytes(smallest)} > index.max_memory = {budget}")
-    return plan_nodes(nb, d, max_memory, nlist, refined[0], sizes, use_gpu, train_sample, why)
+    lossy = next(((c, e) for c in sizes if (e := estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=c)) <= max_memory),
+                 None)
+    if lossy is not None:
+        why = (f"{why_not_hnsw}; {why_not_flat}; refinement codes do not fit ({human_bytes(est)} > {budget}); "
+               f"IVF-PQ{lossy[0]} is the largest code that fits ({human_bytes(lossy[1])} <= {budget})")
+    else:
+        smallest = estimate_bytes("ivf_pq", nb, d, nlist=nlist, m=sizes[-1])
+        why = (f"{nb:,} vectors of d = {d} fit no single node: the smallest index, {_ivf(nlist, use_gpu)},"
+               f"PQ{sizes[-1]}, needs {human_bytes(smallest)} > index.max_memory = {budget}")
+    exact, short = plan_exact_nodes(nb, d, max_memory, max_nodes, nlist, m, use_gpu, train_sample, why)
+    if exact is not None:
+        return exact
+    if lossy is not None:
+        return IndexChoice(f"{_ivf(nlist, use_gpu)},PQ{lossy[0]}np", "ivf_pq",
+                           f"{why}; recall may stay below the target{short}", lossy[1],
+                           _train_size(nb, nlist, True, train_sample))
+    choice = plan_nodes(nb, d, max_memory, nlist, m, sizes, use_gpu, train_sample, why)
+    return replace(choice, reason=choice.reason + short)
 
 
 @dataclass(frozen=True)
 class NodePlan:
-    """IVF-PQ spread over nodes: the arithmetic behind a multi-node choice."""
+    """An IVF index spread over nodes: the arithmetic behind a multi-node choice."""
 
     nlist: int
-    m: int  # PQ sub-quantizers: code bytes per vector at PQ_NBITS = 8
+    m: int  # PQ sub-quantizers: code bytes per vector at PQ_NBITS = 8 (0: IVF-Flat)
     nbits: int
     shard_vectors: int  # vectors per shard (the last shard may hold fewer)
     shards: int
     shards_per_node: int
     nodes: int
-    bytes_per_vector: int  # code + id
-    bytes_per_shard_fixed: int  # the shard's copy of the coarse quantizer + PQ codebooks
+    bytes_per_vector: int  # code (+ refinement code) + id
+    bytes_per_shard_fixed: int  # the shard's copy of the coarse quantizer (+ PQ codebooks)
     bytes_per_node: int  # a full node: shards_per_node x (shard_vectors x bytes_per_vector + fixed)
     total_bytes: int  # every shard
+    kind: str = "ivf_pq"  # ivf_pq | ivf_flat
+    refine: bool = False  # IVF-PQ re-ranked on SQ8 codes (d bytes a vector, and IDMap2's id map)
 
     def arithmetic(self, nb: int, d: int, max_memory: int, use_gpu: bool = False) -> str:
         usable = int(max_memory * (1 - NODE_HEADROOM))
         q = quantizer_bytes(self.nlist, d, use_gpu)
         links = f" + {self.nlist:,} x 288 B HNSW links" if q > self.nlist * 4 * d else ""
-        return (f"per vector {self.m} B PQ{self.m}x{self.nbits} code + 8 B id = {self.bytes_per_vector} B; per shard "
-                f"a copy of the quantizer ({self.nlist:,} x {d} x 4 B{links} = {human_bytes(q)}) and of the PQ "
-                f"codebooks ({2 ** self.nbits} x {d} x 4 B = {human_bytes(2 ** self.nbits * 4 * d)}); per node "
+        if self.kind == "ivf_flat":
+            per = f"per vector {d} x 4 B float + 8 B id = {self.bytes_per_vector} B"
+            books = ""
+        else:
+            per = f"per vector {self.m} B PQ{self.m}x{self.nbits} code + 8 B id"
+            per += (f" + {d} B SQ8 refinement code + {IDMAP2_BYTES} B id map = {self.bytes_per_vector} B"
+                    if self.refine else f" = {self.bytes_per_vector} B")
+            books = f" and of the PQ codebooks ({2 ** self.nbits} x {d} x 4 B = {human_bytes(2 ** self.nbits * 4 * d)})"
+        return (f"{per}; per shard a copy of the quantizer ({self.nlist:,} x {d} x 4 B{links} = {human_bytes(q)})"
+                f"{books}; per node "
                 f"{human_bytes(max_memory)} - {NODE_HEADROOM:.0%} headroom = {human_bytes(usable)} >= "
                 f"{self.shards_per_node} shard(s) x ({self.shard_vectors:,} x {self.bytes_per_vector} B + "
                 f"{human_bytes(self.bytes_per_shard_fixed)}) = {human_bytes(self.bytes_per_node)}; nodes = "
@@ -201,18 +224,25 @@ class NodePlan:
 
 
 def node_plan(nb: int, d: int, max_memory: int, nlist: int, m: int, nbits: int = PQ_NBITS,
-              use_gpu: bool = False) -> NodePlan | None:
-    """Spread an IVF{nlist},PQ{m}x{nbits} index of ``nb`` vectors over the fewest nodes of ``max_memory`` each.
+              use_gpu: bool = False, *, kind: str = "ivf_pq", refine: bool = False) -> NodePlan | None:
+    """Spread an IVF{nlist},PQ{m}x{nbits} index (``refine``: + SQ8 refinement; ``kind`` ivf_flat: IVF{nlist},Flat,
+    ``m`` unused) of ``nb`` vectors over the fewest nodes of ``max_memory`` each.
 
-    A node keeps ``NODE_HEADROOM`` of its budget free; the rest holds ``s`` shards, each ``shard_vectors`` x (code +
-    8-byte id) plus its own copy of the coarse quantizer and PQ codebooks. Shards hold ``SHARD_VECTORS`` vectors
+    A node keeps ``NODE_HEADROOM`` of its budget free; the rest holds ``s`` shards, each ``shard_vectors`` x its
+    bytes per vector (PQ code + 8-byte id, + d bytes of SQ8 code and IDMap2's id map when refined; IVF-Flat: 4d
+    + 8) plus its own copy of the coarse quantizer (and PQ codebooks). Shards hold ``SHARD_VECTORS`` vectors
     (2M, as on one node) unless their quantizer copies would take more than ``QUANTIZER_SHARE`` of the node:
     then there are fewer, larger shards per node (at least one). None when one shard's fixed part does not fit a
     node, or the plan needs more than ``MAX_SHARDS`` shards.
     """
     usable = int(max_memory * (1 - NODE_HEADROOM))
-    per_vector = m * nbits // 8 + 8
-    fixed = quantizer_bytes(nlist, d, use_gpu) + 2**nbits * 4 * d
+    if kind == "ivf_flat":
+        m, refine = 0, False
+        per_vector = 4 * d + 8
+        fixed = quantizer_bytes(nlist, d, use_gpu)
+    else:
+        per_vector = m * nbits // 8 + 8 + (d + IDMAP2_BYTES if refine else 0)
+        fixed = quantizer_bytes(nlist, d, use_gpu) + 2**nbits * 4 * d
     if usable - fixed < per_vector:
         return None
     fit_one = (usable - fixed) // per_vector  # vectors a node holds as one shard
@@ -227,7 +257,38 @@ def node_plan(nb: int, d: int, max_memory: int, nlist: int, m: int, nbits: int =
         return None
     nodes = math.ceil(shards / s)
     return NodePlan(nlist, m, nbits, shard_vectors, shards, s, nodes, per_vector, fixed,
-                    s * (shard_vectors * per_vector + fixed), nb * per_vector + shards * fixed)
+                    s * (shard_vectors * per_vector + fixed), nb * per_vector + shards * fixed, kind, refine)
+
+
+def plan_exact_nodes(nb: int, d: int, max_memory: int, max_nodes: int, nlist: int, m: int, use_gpu: bool,
+                     train_sample: int | None, why: str) -> tuple[IndexChoice | None, str]:
+    """Before a lossy choice (rules 5 and 6: PQ without refinement): a more exact index spread over at most
+    ``max_nodes`` nodes of ``max_memory`` each (:func:`node_plan`), IVF-PQ{m} with SQ8 refinement or IVF-Flat,
+    whichever needs fewer nodes (a tie: IVF-Flat, exact distances). Each node beyond one is a cost: the plan
+    takes the fewest that bring the recall near the target.
+
+    Returns (the choice, "") when one fits ``max_nodes``, else (None, a clause for the lossy choice's reason
+    saying how many nodes the more exact plan would need, "" when none can be planned).
+    """
+    ivf = _ivf(nlist, use_gpu)
+    candidates = [(f"{ivf},Flat", "ivf_flat", f"IVF{nlist}-Flat",
+                   node_plan(nb, d, max_memory, nlist, 0, use_gpu=use_gpu, kind="ivf_flat")),
+                  (f"{ivf},PQ{m}np,Refine(SQ8)", "ivf_pq", f"IVF-PQ{m} with SQ8 refinement",
+                   node_plan(nb, d, max_memory, nlist, m, use_gpu=use_gpu, refine=True))]
+    able = sorted([(f, k, n, p) for f, k, n, p in candidates if p is not None], key=lambda c: c[3].nodes)
+    if not able:
+        return None, ""
+    factory, kind, name, plan = able[0]
+    if plan.nodes > max_nodes:
+        return None, (f"; across nodes {name} would need {plan.nodes} nodes of {human_bytes(max_memory)} > "
+                      f"index.max_nodes = {max_nodes} (allow {plan.nodes} for recall near the target)")
+    others = "; ".join(f"{n} would need {p.nodes}" for _, _, n, p in able[1:])
+    reason = (f"{why}; recall may stay below the target on one node, so the index is planned across at most "
+              f"index.max_nodes = {max_nodes} nodes: {name} ({factory}), {plan.shards_per_node} shard(s) per node, "
+              f"{plan.nodes} node(s) of index.max_memory = {human_bytes(max_memory)} to serve it"
+              f"{f' ({others})' if others else ''} ({plan.arithmetic(nb, d, max_memory, use_gpu)})")
+    return IndexChoice(factory, kind, reason, plan.total_bytes, _train_size(nb, nlist, kind == "ivf_pq", train_sample),
+                       nodes=plan.nodes, shards=plan.shards), ""
 
 
 def plan_nodes(nb: int, d: int, max_memory: int, nlist: int, m: int, sizes: list[int], use_gpu: bool,
