@@ -19,6 +19,8 @@ The flow, top to bottom:
 1. check before any work: the embeddings are complete, the index kind (``auto``: chosen from the number of
    vectors, their dimension and ``index.max_memory``, with the reason printed) and the output folder;
 2. join or start Ray, plan the tasks from the cluster (one GPU per task when there are GPUs, else the cores);
+   ``auto`` is chosen again when the cluster changes it (GPUs found; ``index.max_nodes: auto``: the alive nodes
+   a more exact index may be spread over);
 3. one task samples training vectors and held-out query vectors, and trains the index once (GPU k-means when
    present); the trained, empty index goes to every shard task through the object store;
 4. one task per shard reads its embedding rows, adds them with their chunk ids as FAISS ids, writes the shard
@@ -161,10 +163,21 @@ class Plan:
     d: int
     choice: IndexChoice
     root: Location
+    max_nodes: int  # index.max_nodes as the choice used it (auto: the alive nodes; 1 before Ray is up)
 
 
-def check(cfg: IndexJobConfig, use_gpu: bool | None = None) -> Plan:
-    """Everything that can fail before work starts, without Ray, torch or faiss. Raises RagtuneError."""
+def max_nodes_for(setting: int | str, alive: int | None) -> int:
+    """``index.max_nodes`` as a number: ``auto`` is the Ray cluster's ``alive`` nodes (1 before Ray is up, or
+    when none is known), a number is itself."""
+    if setting == "auto":
+        return max(1, alive or 1)
+    return int(setting)
+
+
+def check(cfg: IndexJobConfig, use_gpu: bool | None = None, cluster_nodes: int | None = None) -> Plan:
+    """Everything that can fail before work starts, without Ray, torch or faiss. Raises RagtuneError.
+
+    ``cluster_nodes``: the Ray cluster's alive nodes, once it is up (``index.max_nodes: auto`` plans for them)."""
     emb = resolve(cfg.embeddings.path)
     m = read_manifest(emb)
     if m is None:
@@ -181,9 +194,10 @@ def check(cfg: IndexJobConfig, use_gpu: bool | None = None) -> Plan:
         raise RagtuneError(f"embeddings at {emb.uri} hold no vectors. Fix: embed a corpus with text")
     ix = cfg.index
     gpu = ix.device == "gpu" if use_gpu is None else use_gpu
+    max_nodes = max_nodes_for(ix.max_nodes, cluster_nodes)
     if ix.kind.lower() == "auto":
         choice = choose_index(nb, m.dim, ix.max_memory_bytes, use_gpu=gpu, exact_below=ix.exact_below,
-                              train_sample=ix.train_sample)
+                              train_sample=ix.train_sample, max_nodes=max_nodes)
     else:
         choice = explicit_choice(ix.kind, nb, m.dim, ix.train_sample)
     if ix.tune_queries_path and not Path(ix.tune_queries_path).is_file():
@@ -195,7 +209,7 @@ def check(cfg: IndexJobConfig, use_gpu: bool | None = None) -> Plan:
     if exists(root.join(MANIFEST)):
         raise RagtuneError(f"index.path = {ix.path!r} is an index version folder, not an index root. Fix: set "
                            "index.path to the folder that holds LATEST and the v-NNNNN folders")
-    return Plan(cfg, emb, m, parts, nb, m.dim, choice, root)
+    return Plan(cfg, emb, m, parts, nb, m.dim, choice, root, max_nodes)
 
 
 def lexical_params(cfg: IndexJobConfig) -> LexicalParams:
@@ -236,9 +250,11 @@ def _layout(cfg: IndexJobConfig, plan: Plan) -> Layout:
     gpu_memory = None
     if use_gpu:
         gpu_memory = ix.max_gpu_memory_bytes or int(0.8 * ray.get(ray.remote(num_gpus=1)(_gpu_memory).remote()))
-    if use_gpu != (ix.device == "gpu"):
-        plan = check(cfg, use_gpu=use_gpu)  # the choice depends on where it is built
+    if use_gpu != (ix.device == "gpu") or max_nodes_for(ix.max_nodes, len(nodes)) != plan.max_nodes:
+        plan = check(cfg, use_gpu=use_gpu, cluster_nodes=len(nodes))  # the choice depends on where it is built
     choice = plan.choice
+    if ix.max_nodes == "auto" and ix.kind.lower() == "auto":
+        log.info("index.max_nodes auto: the cluster has %d node(s) to spread the index over", plan.max_nodes)
     num_shards = ix.shards or choice.shards or default_num_shards(plan.nb, choice.est_bytes, gpu_memory)
     doc_row, part_row = row_bytes(sum(r.bytes for r in plan.embeddings.parts.values()), plan.nb, plan.d)
     node_memory = min((nd.memory for nd in nodes if nd.memory > 0), default=0)
@@ -703,8 +719,9 @@ def _tune(cfg: IndexJobConfig, layout: Layout, results: list[BuiltShard], prep: 
     title = f"{layout.factory}, {plan.nb:,} vectors, {len(layout.shards)} shard(s)"
     atomic_write_bytes(vdir.join("tuning.png"), plot_tuning(rows, chosen, ix.target_recall, title))
     if not reached:
-        log.warning("no setting reached recall@%d >= %s (best %.3f at %s). Fix: raise index.max_memory or set "
-                    "index.kind to a more exact kind", k, ix.target_recall, chosen.recall, chosen.label())
+        log.warning("no setting reached recall@%d >= %s (best %.3f at %s). Fix: raise index.max_memory, let auto "
+                    "spread a more exact index over more nodes (index.max_nodes; the reason above says how many), "
+                    "or set index.kind to a more exact kind", k, ix.target_recall, chosen.recall, chosen.label())
     return Tuned(rows, chosen, reached, len(qids), queries_from)
 
 

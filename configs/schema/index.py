@@ -12,6 +12,7 @@ from configs.schema.cluster import ClusterConfig
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MAX_NODES = 4096  # index.max_nodes at most: each node holds one shard at least, and index.shards is at most 4096
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -62,6 +63,11 @@ class IndexConfig(Section):
         "4GiB", description="RAM one node may spend on the index (e.g. 4GiB); auto picks what fits, planning IVF-PQ "
         "across nodes when no index fits one"
     )
+    max_nodes: int | Literal["auto"] = Field(
+        "auto", description="nodes auto may spread a more exact index over when one node would hold only lossy PQ "
+        "codes (recall below the target): auto = the Ray cluster's alive nodes when the job runs, or a number; 1 = "
+        "one node unless nothing fits it"
+    )
     max_gpu_memory: str | int | None = Field(
         None, description="memory per GPU for one shard when building on GPU; null = 80% of the device's memory"
     )
@@ -98,6 +104,18 @@ class IndexConfig(Section):
         if not v:
             raise ValueError("empty index kind. Fix: write auto, or a FAISS factory string such as HNSW32 or "
                              "IVF1024,Flat")
+        return v
+
+    @field_validator("max_nodes", mode="before")
+    @classmethod
+    def _max_nodes(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, str) and v.strip().isdigit():  # "4" from JSON or an environment
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_NODES:
+            raise ValueError(f"{v!r} is not a node count. Fix: write auto (the Ray cluster's alive nodes when the job "
+                             f"runs) or a whole number from 1 to {MAX_NODES} (1 = plan for one node)")
         return v
 
     @field_validator("max_memory", "max_gpu_memory")
