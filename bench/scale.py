@@ -12,7 +12,7 @@ chunk has a short synthetic text (words of the MiniLM vocabulary, topical per cl
 built. The parts are shared between sizes (a smaller size is a prefix of the larger, by symlinks). Then the index
 job runs as a user runs it (``python -m jobs.index --config <yaml>``, embedded local Ray, lexical on) with the
 same factory string at every size (what ``sharding.choice.choose_index`` picks for the largest size under
-``--max-memory``, or ``--kind``) and shards of ``--shard-size`` vectors (shards proportional to N).
+``--max-memory`` on one node, or ``--kind``) and shards of ``--shard-size`` vectors (shards proportional to N).
 
 Measured per size, each measured side in its own process so that its memory is its own: the job's wall time and
 build seconds per million chunks (the build window: from the first Ray worker to the job's exit, imports and Ray's

@@ -64,6 +64,43 @@ def test_validate_checks_the_embeddings_without_importing_faiss_ray_or_torch(tmp
     assert "holds no _manifest.json" in out.stdout
 
 
+def test_auto_plans_over_the_clusters_alive_nodes(tmp_path, monkeypatch, caplog):
+    """index.max_nodes auto: preflight (no Ray) plans for one node; the job, once Ray is up, for the alive nodes."""
+    from cluster.placement import NodeResources
+    from sharding.embeddings import PartRecord
+
+    emb = resolve(str(tmp_path / "emb"))  # 10M x 384 listed in the manifest (no part files: nothing is read)
+    parts = {f"{i:05d}": PartRecord(file=f"part-{i:05d}.parquet", rows=100_000, embedded=100_000, sha256="0" * 64,
+                                    bytes=100_000 * 1836) for i in range(100)}
+    makedirs(emb)
+    write_manifest(emb, EmbeddingManifest(model={"name": "m"}, dim=384, normalize=True, metric="inner_product",
+                                          chunker={}, corpus={}, num_parts=100, state="done", parts=parts))
+    node = NodeResources(cpus=2, memory=16 * 2**30)
+    cfg = config(tmp_path / "emb", tmp_path / "index", max_memory="4GiB")
+    plan = check(cfg)
+    assert (plan.choice.factory, plan.max_nodes) == ("IVF8192,PQ96np", 1)
+    assert "would need 2 nodes of 4.0 GiB > index.max_nodes = 1" in plan.choice.reason
+
+    monkeypatch.setattr(jobs.index, "alive_nodes", lambda: [node] * 3)
+    with caplog.at_level("INFO", logger="ragtune.index"):
+        layout = jobs.index._layout(cfg, plan)
+    c = layout.plan.choice
+    assert (c.factory, c.nodes, c.shards, layout.plan.max_nodes) == ("IVF8192,PQ48np,Refine(SQ8)", 2, 6, 3)
+    assert layout.factory.endswith("Refine(SQ8)") and layout.needs_training
+    assert len(layout.shards) >= c.shards  # the plan's shards (more only if a task would not fit half a node)
+    assert "index.max_nodes auto: the cluster has 3 node(s)" in caplog.text
+    assert "index.max_nodes = 3 nodes: IVF-PQ48 with SQ8 refinement" in caplog.text  # the reason, in the log
+    assert "serving this index needs" not in caplog.text  # 2 nodes <= the 3 the cluster has
+
+    monkeypatch.setattr(jobs.index, "alive_nodes", lambda: [node])  # one machine: today's choice
+    assert jobs.index._layout(cfg, plan).plan.choice.factory == "IVF8192,PQ96np"
+    monkeypatch.setattr(jobs.index, "alive_nodes", lambda: [node] * 3)
+    pinned = config(tmp_path / "emb", tmp_path / "index", max_memory="4GiB", max_nodes=1)
+    assert jobs.index._layout(pinned, check(pinned)).plan.choice.factory == "IVF8192,PQ96np"
+    wide = config(tmp_path / "emb", tmp_path / "index", max_memory="4GiB", max_nodes=2)
+    assert check(wide).choice.nodes == 2  # a number is used as given, before Ray is up
+
+
 # --- real runs --------------------------------------------------------------------------------------------------
 
 @pytest.mark.integration
