@@ -358,8 +358,9 @@ def fit_problems(run: JobRun, cfg: Any, start: list[NodeShape], largest: list[No
             known = [n.memory for n in start if n.memory is not None and (n.cpus >= 1 or n.gpus >= 1)]
             if known and max(known) < ix.max_memory_bytes:
                 problems.append(f"{run.line()}: index.max_memory = {ix.max_memory} but the largest worker has "
-                                f"{max(known) / 2**30:g} GiB: the whole index must fit one node. Fix: lower "
-                                "index.max_memory or raise the pods' memory")
+                                f"{max(known) / 2**30:g} GiB: a node holds up to index.max_memory of the index "
+                                "(all of it, or its part of a multi-node plan). Fix: lower index.max_memory or raise "
+                                "the pods' memory")
             return problems
         if run.job == "serve":
             return _serve_fits(run, cfg, start, largest)
