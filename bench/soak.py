@@ -6,8 +6,9 @@ burst, on 127.0.0.1; it stops by itself.
 
 Setup (as ``bench/serve.py``, whose helpers it uses): ``--paragraphs`` SQuAD paragraphs embedded and indexed (Flat, 2
 shards) by the real jobs, a tiny generator, and the app deployed with Serve on a local Ray in the layout the serving
-plan chooses for a small index: fused (the index in each Ingress replica), ``shards.replicas`` 2, so that one replica
-can be lost while the other answers. Then:
+plan chooses for a small index: fused (the index in each Ingress replica; ``--layout split`` puts it behind the
+Ingress, in ShardSearcher replicas), ``shards.replicas`` 2, so that one replica can be lost while the other answers.
+Then:
 
 1. capacity: a short closed loop on ``/v1/search`` and on RAG chat (``/v1/chat/completions``, ``--max-tokens``) at
    fixed concurrency; the mix's closed-loop rate (``--chat-share`` of the requests are chats) is
@@ -20,7 +21,8 @@ can be lost while the other answers. Then:
    request count, printed first), with ``--burst-x`` x capacity for ``--burst-len`` seconds from ``--burst-at``;
    every ``--update-every`` s ``jobs.freshness.add`` of new paragraphs and ``jobs.freshness.delete`` of the ones the
    previous update added (in this process, a thread), then ``POST /admin/reload``; every ``--kill-every`` s one of
-   the two Ingress replicas (in turn) is killed with SIGKILL (a crash: its requests in flight are lost with it) and
+   the two replicas that hold shards (in turn: fused, an Ingress replica, and its requests in flight are lost with
+   it; split, a ShardSearcher replica, whose calls the Retriever retries on the other) is killed with SIGKILL and
    Serve replaces it; every ``--sample-every`` s the RSS and anonymous memory (/proc/PID/status ``RssAnon``) of each
    replica of the app.
 
@@ -145,6 +147,7 @@ class Soak:
         self.published: dict[str, set[int]] = {}  # version name -> its live chunk ids
         self.allowance: dict[str, int] = {}  # version name -> resident bytes beyond the first version's
         self.mode = "auto"
+        self.layout = "fused"  # the serving plan's layout (main sets it)
         self.t0 = 0.0
         self.stop = threading.Event()
         self.base_bytes = 0
@@ -292,25 +295,27 @@ class Soak:
               f"{self.now() - t_written:.1f}s", flush=True)
 
     def kill(self, n: int) -> None:
-        """SIGKILL one of the Ingress replicas (in turn), then wait until Serve runs two again."""
-        ingress = sorted((name, pid) for name, (dep, pid) in app_replicas().items() if dep == "Ingress")
-        if not ingress or self.now() >= self.args.duration - 1:  # none as the last requests are answered
+        """SIGKILL one of the replicas that hold shards (in turn): the Ingress replicas in the fused layout, the
+        ShardSearcher groups' in the split one; then wait until Serve runs two of its deployment again."""
+        holders = sorted((name, pid, dep) for name, (dep, pid) in app_replicas().items()
+                         if dep == "Ingress" and self.layout == "fused" or dep.startswith("ShardSearcher"))
+        if not holders or self.now() >= self.args.duration - 1:  # none as the last requests are answered
             return
-        name, pid = ingress[(n - 1) % len(ingress)]
+        name, pid, dep = holders[(n - 1) % len(holders)]
         t = self.now()
         os.kill(pid, signal.SIGKILL)
-        print(f"[{t:6.1f}s] killed Ingress replica {name.split('#')[-1]} (pid {pid})", flush=True)
-        ev = {"t": t, "event": "kill", "replica": name.split("#")[-1], "pid": pid}
+        print(f"[{t:6.1f}s] killed {dep} replica {name.split('#')[-1]} (pid {pid})", flush=True)
+        ev = {"t": t, "event": "kill", "replica": name.split("#")[-1], "pid": pid, "deployment": dep}
         self.events.append(ev)
         deadline = time.monotonic() + 180
         seen_down = False
         while time.monotonic() < deadline and not self.stop.is_set():
-            alive = [x for x, (dep, _) in app_replicas().items() if dep == "Ingress" and x != name]
-            up = running("Ingress")
+            alive = [x for x, (d, _) in app_replicas().items() if d == dep and x != name]
+            up = running(dep)
             seen_down = seen_down or up < 2
             if len(alive) >= 2 and up >= 2 and seen_down:
                 ev["recovered_s"] = self.now() - t
-                print(f"[{self.now():6.1f}s] Serve runs 2 Ingress replicas again ({ev['recovered_s']:.1f}s after "
+                print(f"[{self.now():6.1f}s] Serve runs 2 {dep} replicas again ({ev['recovered_s']:.1f}s after "
                       "the kill)", flush=True)
                 return
             time.sleep(0.5)
@@ -453,6 +458,8 @@ def main() -> int:
     ap.add_argument("--chat-share", type=float, default=0.2, help="share of the requests that are RAG chats")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per chat answer (greedy)")
     ap.add_argument("--paragraphs", type=int, default=400, help="SQuAD paragraphs in the index")
+    ap.add_argument("--layout", choices=("auto", "fused", "split"), default="auto",
+                    help="shards.layout (auto: the plan's choice, fused for this index)")
     ap.add_argument("--cap-requests", type=int, default=300, help="search requests of the closed-loop capacity")
     ap.add_argument("--ramp-step-s", type=float, default=20, help="seconds of each step of the open-loop ramp")
     ap.add_argument("--request-timeout", type=float, default=10, help="limits.request_timeout_s")
@@ -473,6 +480,7 @@ def main() -> int:
     from ray import serve
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-soak-"))
+    work.mkdir(parents=True, exist_ok=True)
     base = work / f"base-{args.paragraphs}"  # built once per --work folder; each run updates a copy of its index
     corpus, queries = corpus_and_queries(args.paragraphs, work)
     with open(SQUAD / "corpus.jsonl") as f:  # the paragraphs the updates add: those after the index's
@@ -504,7 +512,7 @@ def main() -> int:
     def config(max_concurrent: int) -> ServeJobConfig:
         return ServeJobConfig.model_validate({
             "index": {"path": str(root), "poll_interval_s": None},
-            "shards": {"replicas": 2, "health_check_period_s": 1},
+            "shards": {"replicas": 2, "health_check_period_s": 1, "layout": args.layout},
             "generator": {"model": str(model), "name": "tiny", "defaults": {"max_tokens": args.max_tokens}},
             "http": {"port": port, "app_name": APP}, "auth": {"api_keys_env": None},
             "limits": {"request_timeout_s": limit, "max_concurrent_requests": max_concurrent},
@@ -531,6 +539,7 @@ def main() -> int:
     rate, burst = args.load * mix, args.burst_x * mix
     times = schedule(args.duration, rate, args.burst_at, args.burst_len, burst)
     soak = Soak(args, url, root, cfg, queries, new_docs, run_dir)
+    soak.layout = plan.layout
     soak.publish(first)
     print(f"soak: {len(times)} requests over {args.duration:g}s at {rate:.1f} req/s ({args.load:g}x), "
           f"{burst:.1f} req/s ({args.burst_x:g}x) for {args.burst_len:g}s from {args.burst_at:g}s; update every "

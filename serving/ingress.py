@@ -220,8 +220,9 @@ class RouteLimit:
     at most ``n x target / time taken``, ``n`` the requests in flight when it was admitted (Little's law: at
     saturation, time in the replica grows with the requests in it, so that many finish within the target; the
     queued requests that finish after it, admitted beside it, lower the limit no further); each request done
-    within the target admits one more, up to ``ceiling``. A request that is slow by itself (a long generation
-    with nothing queued: its fastest peers are slow too) lowers nothing, so a light load is never refused.
+    within the target admits one more, up to ``ceiling``. A request slow by itself (a long generation: its
+    fastest peers are slow too) or admitted alone (nothing of its route ahead of it: the time went elsewhere)
+    lowers nothing, so a light load is never refused.
     """
 
     def __init__(self, ceiling: int, target: float):
@@ -236,7 +237,7 @@ class RouteLimit:
         self.recent.append(seconds)
         if seconds <= self.target:
             self.limit = min(self.ceiling, self.limit + 1)
-        elif seconds > QUEUED * min(self.recent):
+        elif admitted_with > 1 and seconds > QUEUED * min(self.recent):
             self.limit = max(1, min(self.limit, int(admitted_with * self.target / seconds)))
             self.slow = seconds
 

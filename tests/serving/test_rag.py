@@ -279,7 +279,9 @@ def test_a_request_slow_by_itself_lowers_no_limit_so_a_light_load_is_never_refus
     for _ in range(300):
         r.done(0.01, admitted_with=1)
     assert r.limit == 256
-    r.done(60.0, admitted_with=1)  # the limit never falls below 1
+    r.done(60.0, admitted_with=1)  # admitted alone: nothing of its route queued ahead of it
+    assert r.limit == 256
+    r.done(60.0, admitted_with=2)  # the limit never falls below 1
     assert r.limit == 1
 
 
