@@ -6,17 +6,23 @@ burst, on 127.0.0.1; it stops by itself.
 
 Setup (as ``bench/serve.py``, whose helpers it uses): ``--paragraphs`` SQuAD paragraphs embedded and indexed (Flat, 2
 shards) by the real jobs, a tiny generator, and the app deployed with Serve on a local Ray in the layout the serving
-plan chooses for a small index: fused (the index in each Ingress replica), ``shards.replicas`` 2, so that one replica
-can be lost while the other answers. Then:
+plan chooses for a small index: fused (the index in each Ingress replica; ``--layout split`` puts it behind the
+Ingress, in ShardSearcher replicas), ``shards.replicas`` 2, so that one replica can be lost while the other answers.
+Then:
 
 1. capacity: a short closed loop on ``/v1/search`` and on RAG chat (``/v1/chat/completions``, ``--max-tokens``) at
-   fixed concurrency; the mix's capacity (``--chat-share`` of the requests are chats) is
-   1 / ((1 - share) / search req/s + share / chat req/s). What is measured after this is "after warm-up".
+   fixed concurrency; the mix's closed-loop rate (``--chat-share`` of the requests are chats) is
+   1 / ((1 - share) / search req/s + share / chat req/s). That overestimates what the app sustains (about 2x on
+   2 cores, where the load generator shares the cores), so then an open-loop ramp of the mix, ``--ramp-step-s``
+   seconds at each of ``RAMP`` x the closed-loop rate, stops at the first step that is not answered in full (a
+   non-200, or a p99 over half the request timeout): the last step answered in full is the capacity. What is
+   measured after this is "after warm-up".
 2. the soak: ``--duration`` seconds of an open loop at ``--load`` x that capacity (a fixed schedule, so a fixed
    request count, printed first), with ``--burst-x`` x capacity for ``--burst-len`` seconds from ``--burst-at``;
    every ``--update-every`` s ``jobs.freshness.add`` of new paragraphs and ``jobs.freshness.delete`` of the ones the
    previous update added (in this process, a thread), then ``POST /admin/reload``; every ``--kill-every`` s one of
-   the two Ingress replicas (in turn) is killed with SIGKILL (a crash: its requests in flight are lost with it) and
+   the two replicas that hold shards (in turn: fused, an Ingress replica, and its requests in flight are lost with
+   it; split, a ShardSearcher replica, whose calls the Retriever retries on the other) is killed with SIGKILL and
    Serve replaces it; every ``--sample-every`` s the RSS and anonymous memory (/proc/PID/status ``RssAnon``) of each
    replica of the app.
 
@@ -70,6 +76,7 @@ from sharding.manifest import read_index_manifest, resolve_index  # noqa: E402
 
 APP = "soak"
 WINDOW_S = 10.0
+RAMP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the open-loop ramp's rates, x the closed-loop capacity
 
 
 @dataclass
@@ -140,6 +147,7 @@ class Soak:
         self.published: dict[str, set[int]] = {}  # version name -> its live chunk ids
         self.allowance: dict[str, int] = {}  # version name -> resident bytes beyond the first version's
         self.mode = "auto"
+        self.layout = "fused"  # the serving plan's layout (main sets it)
         self.t0 = 0.0
         self.stop = threading.Event()
         self.base_bytes = 0
@@ -287,25 +295,27 @@ class Soak:
               f"{self.now() - t_written:.1f}s", flush=True)
 
     def kill(self, n: int) -> None:
-        """SIGKILL one of the Ingress replicas (in turn), then wait until Serve runs two again."""
-        ingress = sorted((name, pid) for name, (dep, pid) in app_replicas().items() if dep == "Ingress")
-        if not ingress or self.now() >= self.args.duration - 1:  # none as the last requests are answered
+        """SIGKILL one of the replicas that hold shards (in turn): the Ingress replicas in the fused layout, the
+        ShardSearcher groups' in the split one; then wait until Serve runs two of its deployment again."""
+        holders = sorted((name, pid, dep) for name, (dep, pid) in app_replicas().items()
+                         if dep == "Ingress" and self.layout == "fused" or dep.startswith("ShardSearcher"))
+        if not holders or self.now() >= self.args.duration - 1:  # none as the last requests are answered
             return
-        name, pid = ingress[(n - 1) % len(ingress)]
+        name, pid, dep = holders[(n - 1) % len(holders)]
         t = self.now()
         os.kill(pid, signal.SIGKILL)
-        print(f"[{t:6.1f}s] killed Ingress replica {name.split('#')[-1]} (pid {pid})", flush=True)
-        ev = {"t": t, "event": "kill", "replica": name.split("#")[-1], "pid": pid}
+        print(f"[{t:6.1f}s] killed {dep} replica {name.split('#')[-1]} (pid {pid})", flush=True)
+        ev = {"t": t, "event": "kill", "replica": name.split("#")[-1], "pid": pid, "deployment": dep}
         self.events.append(ev)
         deadline = time.monotonic() + 180
         seen_down = False
         while time.monotonic() < deadline and not self.stop.is_set():
-            alive = [x for x, (dep, _) in app_replicas().items() if dep == "Ingress" and x != name]
-            up = running("Ingress")
+            alive = [x for x, (d, _) in app_replicas().items() if d == dep and x != name]
+            up = running(dep)
             seen_down = seen_down or up < 2
             if len(alive) >= 2 and up >= 2 and seen_down:
                 ev["recovered_s"] = self.now() - t
-                print(f"[{self.now():6.1f}s] Serve runs 2 Ingress replicas again ({ev['recovered_s']:.1f}s after "
+                print(f"[{self.now():6.1f}s] Serve runs 2 {dep} replicas again ({ev['recovered_s']:.1f}s after "
                       "the kill)", flush=True)
                 return
             time.sleep(0.5)
@@ -354,6 +364,32 @@ def capacity(url: str, queries: list[str], args: argparse.Namespace) -> dict:
     mix = 1 / ((1 - share) / search + share / chat)
     return {"search_rps": search, "chat_rps": chat, "mix_rps": mix, "failed": fail_s + fail_c,
             "search_p99": pct(lat_s, .99), "chat_p99": pct(lat_c, .99)}
+
+
+def sustained(new_soak, args: argparse.Namespace, closed: float) -> dict:
+    """The highest rate of the mix (open loop, ``new_soak()`` sends it) the app answers in full: ``RAMP`` x the
+    closed-loop rate ``closed``, ``--ramp-step-s`` each, up to the first step with a non-200 or a p99 over half
+    the request timeout."""
+    steps, best = [], 0.0
+    for f in RAMP:
+        rate = f * closed
+        soak = new_soak()
+        soak.t0 = time.perf_counter()
+        asyncio.run(soak.drive(schedule(args.ramp_step_s, rate, 0, 0, rate)))
+        ok = [r.latency for r in soak.reqs if r.status == 200]
+        p99 = pct(ok, .99) if ok else math.inf
+        full = len(ok) == len(soak.reqs) and p99 <= args.request_timeout / 2
+        others = {str(r.status) for r in soak.reqs if r.status != 200}
+        steps.append({"x_closed": f, "rate": rate, "sent": len(soak.reqs), "ok": len(ok), "p99": p99,
+                      "others": sorted(others), "full": full})
+        print(f"  ramp {rate:5.1f} req/s ({f:.1f}x the closed loop): {len(ok)}/{len(soak.reqs)} answered 200, p99 "
+              f"{p99 * 1e3:.0f} ms{'' if full else ' (others ' + ', '.join(sorted(others)) + ')' if others else ''}"
+              f" -> {'in full' if full else 'not in full: the ramp stops'}", flush=True)
+        if not full:
+            time.sleep(args.request_timeout + 2)  # its queue drains before what follows
+            break
+        best = rate
+    return {"rate": best or RAMP[0] * closed, "steps": steps, "closed": closed}
 
 
 def memory_targets(soak: Soak, warm_at: float, warm_s: float, latest: str) -> list[dict]:
@@ -422,10 +458,13 @@ def main() -> int:
     ap.add_argument("--chat-share", type=float, default=0.2, help="share of the requests that are RAG chats")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per chat answer (greedy)")
     ap.add_argument("--paragraphs", type=int, default=400, help="SQuAD paragraphs in the index")
-    ap.add_argument("--cap-requests", type=int, default=300, help="search requests of the capacity phase")
+    ap.add_argument("--layout", choices=("auto", "fused", "split"), default="auto",
+                    help="shards.layout (auto: the plan's choice, fused for this index)")
+    ap.add_argument("--cap-requests", type=int, default=300, help="search requests of the closed-loop capacity")
+    ap.add_argument("--ramp-step-s", type=float, default=20, help="seconds of each step of the open-loop ramp")
     ap.add_argument("--request-timeout", type=float, default=10, help="limits.request_timeout_s")
-    ap.add_argument("--max-concurrent", type=int, default=0, help="limits.max_concurrent_requests per replica; "
-                    "0 = from the measured capacity: what a replica answers in half the request timeout")
+    ap.add_argument("--max-concurrent", type=int, default=256, help="limits.max_concurrent_requests per replica "
+                    "(below it, limits.latency_target_share adapts each route's limit)")
     ap.add_argument("--work", help="working folder, kept: the base index and model are built once in it and "
                     "reused by later runs (default: a new temporary folder)")
     ap.add_argument("--out", default="bench-soak", help="output prefix: OUT.json, OUT.png")
@@ -441,6 +480,7 @@ def main() -> int:
     from ray import serve
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-soak-"))
+    work.mkdir(parents=True, exist_ok=True)
     base = work / f"base-{args.paragraphs}"  # built once per --work folder; each run updates a copy of its index
     corpus, queries = corpus_and_queries(args.paragraphs, work)
     with open(SQUAD / "corpus.jsonl") as f:  # the paragraphs the updates add: those after the index's
@@ -472,38 +512,34 @@ def main() -> int:
     def config(max_concurrent: int) -> ServeJobConfig:
         return ServeJobConfig.model_validate({
             "index": {"path": str(root), "poll_interval_s": None},
-            "shards": {"replicas": 2, "health_check_period_s": 1},
+            "shards": {"replicas": 2, "health_check_period_s": 1, "layout": args.layout},
             "generator": {"model": str(model), "name": "tiny", "defaults": {"max_tokens": args.max_tokens}},
             "http": {"port": port, "app_name": APP}, "auth": {"api_keys_env": None},
             "limits": {"request_timeout_s": limit, "max_concurrent_requests": max_concurrent},
             "serve": {"access_log": False}})
 
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": limit + 5})
-    cfg = config(args.max_concurrent or 256)
+    cfg = config(args.max_concurrent)
     plan = plan_for(cfg)
     print(f"serving plan: {plan.reason}", flush=True)
     serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name=APP, route_prefix="/")
     wait_ready(url, 300)
     cap = capacity(url, queries, args)
-    mix = cap["mix_rps"]
     print(f"capacity (closed loop): search {cap['search_rps']:.1f} req/s (c16, p99 {cap['search_p99'] * 1e3:.0f} ms), "
           f"chat {cap['chat_rps']:.1f} req/s (c8, p99 {cap['chat_p99'] * 1e3:.0f} ms); the mix with "
-          f"{args.chat_share:.0%} chats {mix:.1f} req/s; failed {cap['failed']}", flush=True)
-    if not args.max_concurrent:  # an operator's setting from the measured capacity
-        args.max_concurrent = max(8, math.ceil(mix / 2 * limit / 2))
-        cfg = config(args.max_concurrent)
-        serve.run(build_app(ServeAppArgs(config=cfg.model_dump(mode="json"))), name=APP, route_prefix="/")
-        wait_ready(url, 300)  # new replicas: warmed up as the first ones were
-        asyncio.run(load(url + "/v1/search", [{"query": queries[i % len(queries)], "k": 5} for i in range(128)], 16))
-        asyncio.run(load(url + "/v1/chat/completions", [
-            {"model": "tiny", "max_tokens": args.max_tokens, "temperature": 0,
-             "messages": [{"role": "user", "content": q}]} for q in queries[:16]], 8))
-    print(f"limits: request_timeout_s {limit:g}, max_concurrent_requests {args.max_concurrent} per replica",
+          f"{args.chat_share:.0%} chats {cap['mix_rps']:.1f} req/s; failed {cap['failed']}; then the open-loop ramp:",
           flush=True)
+    cap["sustained"] = sustained(lambda: Soak(args, url, root, cfg, queries, new_docs, run_dir), args,
+                                 cap["mix_rps"])
+    mix = cap["sustained"]["rate"]
+    print(f"capacity (open loop, answered in full): {mix:.1f} req/s ({mix / cap['mix_rps']:.2f}x the closed loop); "
+          f"limits: request_timeout_s {limit:g}, latency_target_share {cfg.limits.latency_target_share:g}, "
+          f"max_concurrent_requests {args.max_concurrent} per replica", flush=True)
 
     rate, burst = args.load * mix, args.burst_x * mix
     times = schedule(args.duration, rate, args.burst_at, args.burst_len, burst)
     soak = Soak(args, url, root, cfg, queries, new_docs, run_dir)
+    soak.layout = plan.layout
     soak.publish(first)
     print(f"soak: {len(times)} requests over {args.duration:g}s at {rate:.1f} req/s ({args.load:g}x), "
           f"{burst:.1f} req/s ({args.burst_x:g}x) for {args.burst_len:g}s from {args.burst_at:g}s; update every "
@@ -594,6 +630,13 @@ def finish(soak: Soak, args: argparse.Namespace, cap: dict, warm_at: float, plan
     print("anonymous memory of each replica over time (MiB):")
     for line in memory_table(soak.samples):
         print("  " + line)
+    def near_kill(r: Req) -> bool:  # in flight at a kill, or sent before its replacement ran + the timeout
+        end = r.t + (r.latency if r.latency == r.latency else 0.0)
+        return any(e["t"] <= end and r.t < e["t"] + e.get("recovered_s", limit) + limit for e in kills)
+
+    at_kill = [r for r in out_bad if near_kill(r)]
+    print(f"non-200 outside the burst: {len(out_bad)}; in flight at a kill or sent before its replacement ran + "
+          f"{limit:g}s: {by_status(at_kill)}; the rest: {by_status([r for r in out_bad if not near_kill(r)])}")
     for r in out_bad[:10]:
         print(f"  non-200 outside the burst: t {r.t:.1f}s {r.kind} -> {r.status} after {r.latency:.2f}s: {r.body}")
     failed = 0
@@ -605,7 +648,7 @@ def finish(soak: Soak, args: argparse.Namespace, cap: dict, warm_at: float, plan
               "status_outside": by_status(outside), "status_burst": by_status(in_burst), "windows": windows,
               "versions": versions, "published": sorted(soak.published), "events": soak.events,
               "memory": mem, "samples": soak.samples, "non_200": [asdict(r) for r in soak.reqs if r.status != 200],
-              "bad_version": bad_version[:50], "stale": stale[:50],
+              "non_200_near_kill": by_status(at_kill), "bad_version": bad_version[:50], "stale": stale[:50],
               "targets": {k: {"pass": ok, "figures": f} for k, (ok, f) in targets.items()}}
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str))
     plot(soak, windows, args, f"{args.out}.png")

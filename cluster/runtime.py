@@ -28,8 +28,22 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+received: int | None = None  # the last stop signal this process got (a KeyboardInterrupt may not say which)
+
+
 def _stop(signum: int, frame: FrameType | None) -> None:
+    global received
+    received = signum
     raise Stopped(signum)
+
+
+def stop_signal(e: KeyboardInterrupt) -> int:
+    """The signal that stopped the process: a :class:`Stopped`'s own; else the SIGTERM it got, when a
+    ``ray.get`` turned the Stopped raised while it waited into a plain KeyboardInterrupt (Ray's core worker
+    checks signals as an interruption, whatever the handler raised); else SIGINT (Ctrl-C)."""
+    if isinstance(e, Stopped):
+        return e.signum
+    return received if received is not None else signal.SIGINT
 
 
 def stop_on_sigterm() -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.runtime import Stopped, stop_on_sigterm
+from cluster.runtime import stop_on_sigterm, stop_signal
 from configs import CONFIG_DIR
 from configs.errors import RagtuneError, redact, user_error
 from configs.schema import JOB_SCHEMAS, load_config
@@ -208,7 +208,7 @@ def guarded(command: Callable[[], int]) -> int:
     try:
         return command()
     except KeyboardInterrupt as e:  # Ctrl-C, or cluster.runtime.Stopped (SIGTERM)
-        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        signum = stop_signal(e)
         print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except Exception as e:

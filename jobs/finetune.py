@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -45,7 +46,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cluster.placement import NodeResources, TrainPlan, plan_training
-from cluster.runtime import alive_nodes, init_ray
+from cluster.runtime import Stopped, alive_nodes, init_ray
 from configs import CONFIG_DIR
 from configs.errors import RagtuneError
 from configs.schema import FinetuneJobConfig
@@ -1002,7 +1003,13 @@ def fit(cfg: FinetuneJobConfig, plan: TrainPlan, base: str, train_ds: Any, val_d
             datasets={"train": train_ds, "validation": val_ds},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit as e:
+            # Ray Train's own Ctrl-C handler (set inside fit) aborts the run, then calls sys.exit from the signal
+            # handler: the job is interrupted (130 and the message, as elsewhere), not a silent exit status 1;
+            # what the run saved (its checkpoints) is kept, and a rerun resumes from the last one
+            raise Stopped(signal.SIGINT) from e
         if result.error:
             raise result.error
         return result

@@ -276,12 +276,13 @@ class VersionBoard:
 
     async def follow(self, replica: str, have: str) -> str:
         """``replica`` serves ``have``; the version to serve, as soon as it is not ``have`` (else after
-        ``FOLLOW_S``)."""
+        ``FOLLOW_S``). A replica's first call is answered at once: a new replica answers no search before it."""
         if self.version is None:
             self.version = have
+        known = replica in self.serving
         self.serving[replica] = (have, time.monotonic())
         self.heard = _pulse(self.heard)  # a publish may be waiting for this replica
-        if self.version == have:
+        if self.version == have and known:
             await _wait(self.new_version, FOLLOW_S)
         return self.version
 

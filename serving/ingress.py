@@ -25,9 +25,11 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
@@ -206,37 +208,93 @@ class _HeldStream(StreamingResponse):
             self.slot.release()
 
 
+QUEUED = 2.0  # a request this many times slower than its route's fastest recent one spent the difference queued
+RECENT = 64  # the completions a route's fastest recent time is taken over
+
+
+class RouteLimit:
+    """How many requests of one route an Ingress replica admits at a time, adapted to how long they take.
+
+    A request that takes longer than ``target`` seconds (``limits.latency_target_share`` of the request timeout)
+    and over ``QUEUED`` times the route's fastest of its last ``RECENT`` waited in a queue: the route then admits
+    at most ``n x target / time taken``, ``n`` the requests in flight when it was admitted (Little's law: at
+    saturation, time in the replica grows with the requests in it, so that many finish within the target; the
+    queued requests that finish after it, admitted beside it, lower the limit no further); each request done
+    within the target admits one more, up to ``ceiling``. A request slow by itself (a long generation: its
+    fastest peers are slow too) or admitted alone (nothing of its route ahead of it: the time went elsewhere)
+    lowers nothing, so a light load is never refused.
+    """
+
+    def __init__(self, ceiling: int, target: float):
+        self.ceiling, self.target = ceiling, target
+        self.limit, self.in_flight = ceiling, 0
+        self.recent: deque[float] = deque(maxlen=RECENT)
+        self.slow = 0.0  # seconds the last request that lowered the limit took
+
+    def done(self, seconds: float, admitted_with: int) -> None:
+        """A request of this route, admitted with ``admitted_with`` in flight (itself included), finished after
+        ``seconds``."""
+        self.recent.append(seconds)
+        if seconds <= self.target:
+            self.limit = min(self.ceiling, self.limit + 1)
+        elif admitted_with > 1 and seconds > QUEUED * min(self.recent):
+            self.limit = max(1, min(self.limit, int(admitted_with * self.target / seconds)))
+            self.slow = seconds
+
+
 class Admission:
-    """Requests in flight in this Ingress replica, at most ``limit``: one more is refused at once with a 429
-    (OpenAI's ``rate_limit_exceeded``, Retry-After) instead of waiting in a queue without bound. A request holds
-    its slot until its response ends (a stream until its last event)."""
+    """Requests in flight in this Ingress replica: at most ``limit`` in all (``limits.max_concurrent_requests``),
+    and per route at most what its :class:`RouteLimit` admits now (``target``: seconds a request should take,
+    ``limits.latency_target_share`` x the request timeout; 0 = no per-route limit). One more is refused at once
+    with a 429 (OpenAI's ``rate_limit_exceeded``, Retry-After) instead of waiting in a queue without bound, or
+    until its deadline. A request holds its slot until its response ends (a stream until its last event)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.in_flight = limit, 0
+    def __init__(self, limit: int, target: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.limit, self.target, self.in_flight, self.clock = limit, target, 0, clock
+        self.routes: dict[str, RouteLimit] = {}
 
-    def take(self) -> "Slot":
+    def route(self, name: str) -> RouteLimit:
+        if name not in self.routes:
+            self.routes[name] = RouteLimit(self.limit, self.target or math.inf)
+        return self.routes[name]
+
+    def take(self, route: str = "") -> "Slot":
         if self.in_flight >= self.limit:
             raise ApiError(429, f"this server is answering {self.in_flight} requests, its limit "
                                 f"(limits.max_concurrent_requests); retry shortly", code="rate_limit_exceeded")
+        r = self.route(route)
+        if r.in_flight >= r.limit:
+            raise ApiError(429, f"{route} requests wait in a queue here (the last slow one took "
+                                f"{r.slow:.1f}s, over {r.target:g}s: limits.latency_target_share of "
+                                f"limits.request_timeout_s), so this server answers {r.limit} at a time until they "
+                                "speed up; retry shortly", code="rate_limit_exceeded")
         self.in_flight += 1
-        return Slot(self)
+        r.in_flight += 1
+        return Slot(self, r)  # counts itself in admitted_with
 
 
 class Slot:
-    """One admitted request's place; ``release()`` once (more calls do nothing). Also a context manager."""
+    """One admitted request's place; ``release()`` once (more calls do nothing), which tells its route how long
+    the request took from admission to its response's end. Also a context manager."""
 
-    def __init__(self, admission: Admission):
+    def __init__(self, admission: Admission, route: RouteLimit):
         self.admission: Admission | None = admission
+        self.route, self.since, self.admitted_with = route, admission.clock(), route.in_flight
 
     def release(self) -> None:
         if self.admission is not None:
+            if self.admission.target:
+                self.route.done(self.admission.clock() - self.since, self.admitted_with)
             self.admission.in_flight -= 1
+            self.route.in_flight -= 1
             self.admission = None
 
     def hand_over(self) -> "Slot":
         """The same place, held by a new owner (a stream's response); this one releases nothing any more."""
         new = Slot.__new__(Slot)
-        new.admission, self.admission = self.admission, None
+        new.admission, new.route, new.since, new.admitted_with = self.admission, self.route, self.since, \
+            self.admitted_with
+        self.admission = None
         return new
 
     def __enter__(self) -> "Slot":
@@ -415,7 +473,8 @@ class Ingress:
         self.models = [generation.name, *generation.adapters]
         self.embedder_info: EmbedderInfo | None = None  # model name and dimension: fixed for the deployment
         self.metrics = Metrics()
-        self.admission = Admission(limits.max_concurrent_requests)
+        self.admission = Admission(limits.max_concurrent_requests,
+                                   limits.latency_target_share * limits.request_timeout_s)
         self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.created = int(time.time())
 
@@ -481,7 +540,7 @@ class Ingress:
         """A place for one request on ``route``, or a 429 at once (counted in the metrics) when the replica has
         ``limits.max_concurrent_requests`` in flight."""
         try:
-            return self.admission.take()
+            return self.admission.take(route)
         except ApiError:
             self.metrics.requests.labels(route, "429").inc()
             self.metrics.rejected.inc()

@@ -281,6 +281,11 @@ class LimitsConfig(Section):
     max_concurrent_requests: int = Field(256, ge=1, le=100_000, description=(
         "requests one Ingress replica answers at once (a stream until its end); one more is a 429 with "
         "Retry-After at once, never an unbounded wait"))
+    latency_target_share: float = Field(0.5, ge=0, le=1, description=(
+        "a route's requests should finish within this share of request_timeout_s: when one takes longer because "
+        "it waited in a queue, its Ingress replica admits fewer of that route at a time (one more is a 429 with "
+        "Retry-After at once, not a 504 later) and more again as they speed up; 0 keeps only "
+        "max_concurrent_requests"))
     max_queued_generations: int = Field(64, ge=0, description=(
         "requests waiting for a Generator replica beyond those it is decoding (Serve's max_queued_requests); "
         "one more is a 503 with Retry-After"))

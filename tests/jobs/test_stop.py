@@ -30,15 +30,16 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 @contextlib.contextmanager
-def command(args: list[str], log: Path) -> Iterator[Callable[[Callable[[], bool]], tuple[int, str]]]:
-    """Start ``python args`` (output to ``log``); yields ``stop(ready)``: wait until ``ready()``, send SIGTERM, wait
+def command(args: list[str], log: Path) -> Iterator[Callable[..., tuple[int, str]]]:
+    """Start ``python args`` (output to ``log``); yields ``stop(ready, sig)``: wait until ``ready()``, send ``sig``
+    (SIGTERM), wait
     for the exit, check that every process the command had started is gone, return (status, output). Whatever is
     still running at the end is killed."""
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-    def stop(ready: Callable[[], bool]) -> tuple[int, str]:
+    def stop(ready: Callable[[], bool], sig: int = signal.SIGTERM) -> tuple[int, str]:
         deadline = time.monotonic() + 300
         while not ready():
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -46,7 +47,7 @@ def command(args: list[str], log: Path) -> Iterator[Callable[[Callable[[], bool]
             time.sleep(0.5)
         ray_procs = descendants(proc.pid)  # gcs_server, raylet, its agents and workers (Serve's actors too)
         assert len(ray_procs) >= 3, [p.name() for p in ray_procs]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rc = proc.wait(120)
         _, alive = psutil.wait_procs(ray_procs, timeout=30)
         assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
@@ -106,3 +107,38 @@ def test_sigterm_stops_a_job_with_143_and_the_rerun_resumes_from_its_finished_pa
     ids = np.concatenate([pq.read_table(f, columns=["chunk_id"])["chunk_id"].to_numpy()  # every chunk once
                           for f in sorted(out.glob("part-*.parquet"))])
     assert len(ids) == len(set(ids.tolist())) == 2257
+
+
+@pytest.mark.timeout(300)
+def test_a_sigterm_while_the_driver_waits_in_ray_get_is_named_and_ends_with_143(tmp_path):
+    """A driver blocked in ``ray.get`` (fine-tuning waits so for Ray Train's controller) gets its SIGTERM through
+    Ray's core worker, which raises a plain KeyboardInterrupt in place of the handler's Stopped: the command must
+    still say SIGTERM and end with 143, not 130."""
+    script = tmp_path / "wait.py"
+    script.write_text(
+        "import time\nimport ray\n"
+        "from cluster.runtime import init_ray\nfrom configs.schema.cluster import ClusterConfig\n"
+        "from jobs.commands import guarded\n\n\n"
+        "@ray.remote(num_cpus=0)\ndef sleep():\n    time.sleep(600)\n\n\n"
+        "def main():\n    init_ray(ClusterConfig(num_cpus=1))\n    print('waiting', flush=True)\n"
+        "    ray.get(sleep.remote())\n    return 0\n\n\nraise SystemExit(guarded(main))\n")
+    log = tmp_path / "wait.log"
+    with command([str(script)], log) as stop:
+        rc, text = stop(lambda: "waiting" in log.read_text())
+    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    assert "interrupted (SIGTERM)" in text and "SIGINT" not in text, text[-3000:]
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_during_training_ends_with_130_and_keeps_the_checkpoints(tmp_path):
+    """Ray Train's own Ctrl-C handler aborts the run and calls sys.exit from the handler: the job must still say
+    it was interrupted and end with 130 (it ended with a silent 1), its checkpoints kept for the rerun."""
+    runs = tmp_path / "runs"
+    args = ["-m", "jobs.finetune", "--config", str(REPO / "configs/finetune/tiny.yaml"), f"run.storage_path={runs}",
+            f"data.train={REPO / 'configs/finetune/data/capitals.jsonl'}", "train.steps=2000", "cluster.num_cpus=2"]
+    log = tmp_path / "finetune.log"
+    with command(args, log) as stop:  # stopped after its first checkpoint
+        rc, text = stop(lambda: bool(list(runs.glob("tiny-capitals/checkpoint_*"))), signal.SIGINT)
+    assert rc == 128 + signal.SIGINT, text[-3000:]
+    assert "interrupted (SIGINT)" in text and "Traceback" not in text, text[-3000:]
+    assert list(runs.glob("tiny-capitals/checkpoint_*/trainer_state.json")), sorted(runs.rglob("*"))[:20]

@@ -225,3 +225,26 @@ def test_the_board_keeps_the_fused_replicas_on_one_version(tmp_path, monkeypatch
     assert versions["c"].endswith("v-00001") and loaded["c"] == []                       # reload answered
     assert 1.4 < waited < 5  # it waited PUBLISH_WAIT_S for c, which cannot load it, then answered anyway
     assert not again.changed and waited_again < 0.5  # c is gone: nobody is behind
+
+
+def test_a_new_replica_hears_the_boards_version_at_once_and_then_long_polls(monkeypatch):
+    """A replica (a replacement after a crash) answers no search before the board has answered it once: that
+    first answer must not wait the long poll's FOLLOW_S (requests sent to a fresh replica timed out behind it)."""
+    from serving import fused
+    from serving.fused import Local, VersionBoard
+
+    monkeypatch.setattr(fused, "FOLLOW_S", 2.0)
+    board = Local(VersionBoard.func_or_class())
+
+    async def scenario():
+        t0 = time.monotonic()
+        first = await board.follow.remote("a", "v-1")  # the board's first replica: its version becomes the board's
+        second = await board.follow.remote("b", "v-1")  # a new replica at the same version
+        quick = time.monotonic() - t0
+        t1 = time.monotonic()
+        again = await board.follow.remote("b", "v-1")  # known: a long poll, answered after FOLLOW_S
+        return first, second, quick, again, time.monotonic() - t1
+
+    first, second, quick, again, polled = asyncio.run(scenario())
+    assert first == second == again == "v-1"
+    assert quick < 0.5 and 1.8 < polled < 4

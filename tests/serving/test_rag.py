@@ -231,6 +231,73 @@ def test_limits_are_400s_that_name_the_limit():
         CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]})
 
 
+def test_a_route_whose_requests_queue_past_the_latency_target_admits_fewer_and_more_again_as_they_speed_up():
+    from serving.ingress import Admission
+
+    now = [0.0]
+    adm = Admission(100, target=5.0, clock=lambda: now[0])  # request_timeout_s 10 x latency_target_share 0.5
+    slots = [adm.take("search") for _ in range(40)]  # at once; the replica answers 4 a second, in order
+    search = adm.routes["search"]
+    for i in range(1, 21):  # the first 20 wait 5 s at most: within the target
+        now[0] = 0.25 * i
+        slots[i - 1].release()
+    assert search.limit == 100 and adm.in_flight == 20
+    now[0] = 0.25 * 21  # the 21st took 5.25 s, 21x its fastest peer: it waited in a queue
+    slots[20].release()
+    assert search.limit == int(21 * 5.0 / 5.25) == 20  # what finishes within 5 s at 4 a second
+    late = adm.take("search")
+    with pytest.raises(ApiError) as e:  # 20 in flight: refused at once, not answered with a 504 later
+        adm.take("search")
+    assert e.value.status == 429 and e.value.code == "rate_limit_exceeded"
+    assert "search requests wait in a queue" in e.value.message and "limits.latency_target_share" in e.value.message
+    with adm.take("chat"):  # another route has its own limit
+        pass
+    for i in range(22, 41):  # the rest of the queue finishes as late, admitted beside the 21st
+        now[0] = 0.25 * i
+        slots[i - 1].release()
+    assert search.limit == 20  # and lowers the limit no further
+    now[0] += 0.1
+    late.release()  # admitted after the queue had formed: within the target again
+    start = now[0]
+    for _ in range(10):  # each request done within the target admits one more, up to max_concurrent_requests
+        with adm.take("search"):
+            now[0] += 0.1
+    assert now[0] - start == pytest.approx(1.0) and search.limit == 20 + 11 and adm.in_flight == 0
+
+
+def test_a_request_slow_by_itself_lowers_no_limit_so_a_light_load_is_never_refused():
+    from serving.ingress import RouteLimit
+
+    r = RouteLimit(256, target=5.0)
+    for _ in range(20):  # long generations, one at a time: as slow as their fastest peer, nothing queued
+        r.done(7.0, admitted_with=1)
+    assert r.limit == 256
+    r.done(15.0, admitted_with=30)  # over twice the fastest: queued behind the others
+    assert r.limit == 10
+    r.done(0.01, admitted_with=1)
+    assert r.limit == 11
+    for _ in range(300):
+        r.done(0.01, admitted_with=1)
+    assert r.limit == 256
+    r.done(60.0, admitted_with=1)  # admitted alone: nothing of its route queued ahead of it
+    assert r.limit == 256
+    r.done(60.0, admitted_with=2)  # the limit never falls below 1
+    assert r.limit == 1
+
+
+def test_no_latency_target_keeps_only_the_replica_limit():
+    from serving.ingress import Admission
+
+    now = [0.0]
+    adm = Admission(3, target=0.0, clock=lambda: now[0])
+    slots = [adm.take("search") for _ in range(3)]
+    now[0] = 100.0
+    for s in slots:
+        s.release()
+    assert adm.routes["search"].limit == 3 and len(adm.routes["search"].recent) == 0
+    assert [adm.take("search") for _ in range(3)]
+
+
 def test_admission_refuses_past_its_limit_until_a_slot_is_released_and_overload_is_a_503_to_retry():
     import asyncio
 
