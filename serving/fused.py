@@ -8,12 +8,13 @@ BM25) and the docstore (an :class:`IndexReplica` object in each Ingress replica'
 The serving plan (``cluster.placement.plan_serving``, ``shards.layout``) chooses it when the whole index fits
 one replica's memory budget: a search then crosses no deployment at all (proxy -> Ingress), where the split
 layout makes five calls (Retriever, Embedder, the shard groups, back); the Ingress replicas scale like a shard
-group (``shards.replicas``, ``shards.autoscaling``). Concurrent queries are batched twice: their texts go through
-one forward pass of the encoder (``BatchedEncoder``, shared with ``/v1/embeddings``), then their vectors through
-one FAISS search and their texts through one BM25 search per (mode, depth) (``serving.rag.search_many``); the
-docstore is read in a thread of its own, never on the event loop. Results are those of the split layout and of
-``sharding.search.search`` over all shards: the same functions (``resolve_mode``, ``search_k``, ``widen_k``,
-``group_rankings``, ``combine``, ``passages_from``) with the whole index as one group.
+group (``shards.replicas``, ``shards.autoscaling``). Concurrent queries are batched three times: their texts go
+through one forward pass of the encoder (``BatchedEncoder``, shared with ``/v1/embeddings``), then their vectors
+through one FAISS search and their texts through one BM25 search per (mode, depth) (``serving.rag.search_many``),
+then their passages through one docstore read, in a thread of its own, never on the event loop. Each batch is
+taken when the last one has finished (``serving.batching.Batcher``). Results are those of the split layout and
+of ``sharding.search.search`` over all shards: the same functions (``resolve_mode``, ``search_k``, ``widen_k``,
+``group_rankings``, ``combine``, ``passages_from``'s ``passages_of``) with the whole index as one group.
 
 Versions: each Ingress replica holds a version pointer (``serving.versions.VersionPointer``) and names the
 version of each of its searches; its IndexReplica holds the newest two versions (``LoadedVersions``), loaded on
@@ -151,7 +152,6 @@ class IndexReplica:
         self.docstores = Docstores("IndexReplica")
         self.docstore_pool.submit(self.docstores.get, first, manifest).result()
         self.encoder = BatchedEncoder(manifest, embedder, self.compute)
-        self.batching = embedder.batching
         # batches taken when the last one has finished (serving.batching): the searches and docstore reads of the
         # queries that arrived meanwhile, together; no batch waits for more once the replica is busy
         batch = embedder.max_batch_size if embedder.batching else 1
