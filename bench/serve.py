@@ -2,8 +2,9 @@
 
 Builds a small index (SQuAD v1.1 paragraphs from ../shared/data, or ragtune's own docs/ without it) with the real
 embed and index jobs and a tiny generator, deploys the Serve app on a local Ray bound to 127.0.0.1, and sends a
-fixed number of requests at a fixed concurrency to each route, first with batching on (Embedder and Generator
-``@serve.batch``), then with it off, then on again, and so on (``--repeats``); the load generator stops by itself.
+fixed number of requests at a fixed concurrency to each route, first with batching on (the encoder's
+``serving.batching.Batcher``, the Generator's engine), then with it off, then on again, and so on
+(``--repeats``); the load generator stops by itself.
 
     python bench/serve.py                                     # ~6 minutes on 2 cores
     python bench/serve.py --requests 1000 --concurrency 64 --repeats 2

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, cast
+from typing import Any
 
 import numpy as np
 import ray
@@ -35,6 +35,7 @@ from configs.errors import Conflict, NotFound, Unavailable
 from configs.schema.serve import EmbedderConfig, GeneratorConfig, IndexSource, PromptConfig, RetrievalConfig, SearchMode
 from models.embedders import QueryEncoder
 from models.prompt import completion_prompt
+from serving.batching import Batcher
 from serving.engine import EngineInfo, load_engine
 from serving.generation import GenRequest
 from serving.rag import (
@@ -99,41 +100,22 @@ async def call_retrying(handle: DeploymentHandle, method: str, deadline: float,
             delay = min(1.0, delay * 2)
 
 
-class _Batching(Protocol):
-    """The setters ``@serve.batch`` adds to the method it wraps (its type hints leave them out)."""
-
-    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
-
-    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
-
-
-def _configure_batching(method: object, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-    """Size a ``@serve.batch`` method's batches from the config (the decorator's arguments are only defaults)."""
-    batching = cast(_Batching, method)
-    batching.set_max_batch_size(max_batch_size)
-    batching.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-
 class BatchedEncoder:
-    """The index's query encoder behind ``@serve.batch``: concurrent texts are embedded together in one forward
-    pass, on ``pool`` (one thread: the replica's event loop keeps collecting the next batch meanwhile). With
-    batching off (``embedder.batching``), every text is its own forward pass. The Embedder and the fused
-    IndexReplica each hold one."""
+    """The index's query encoder behind a :class:`serving.batching.Batcher`: concurrent texts are embedded together
+    in one forward pass on ``pool`` (one thread: the replica's event loop keeps taking requests meanwhile), the
+    next batch taken when the last one has finished. With batching off (``embedder.batching``), every text is its
+    own forward pass. The Embedder and the fused IndexReplica each hold one."""
 
     def __init__(self, manifest: IndexManifest, cfg: EmbedderConfig, pool: ThreadPoolExecutor):
         self.encoder = QueryEncoder(manifest, batch_size=cfg.max_batch_size)
         self.name: str = manifest.model.name
         self.batching, self.pool = cfg.batching, pool
-        _configure_batching(self._batched, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        self._batched = Batcher(self._encode, pool, cfg.max_batch_size, cfg.batch_wait_timeout_s)
 
     def _encode(self, texts: list[str]) -> list[Embedding]:
         xq = self.encoder.encode(texts)
         tokens = self.encoder.count_tokens(texts)
         return [Embedding(x, t, len(texts)) for x, t in zip(xq, tokens, strict=True)]
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, texts: list[str]) -> list[Embedding]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, texts)
 
     async def embed(self, text: str) -> Embedding:
         if self.batching:

@@ -8,12 +8,13 @@ BM25) and the docstore (an :class:`IndexReplica` object in each Ingress replica'
 The serving plan (``cluster.placement.plan_serving``, ``shards.layout``) chooses it when the whole index fits
 one replica's memory budget: a search then crosses no deployment at all (proxy -> Ingress), where the split
 layout makes five calls (Retriever, Embedder, the shard groups, back); the Ingress replicas scale like a shard
-group (``shards.replicas``, ``shards.autoscaling``). Concurrent queries are batched twice: their texts go through
-one forward pass of the encoder (``BatchedEncoder``, shared with ``/v1/embeddings``), then their vectors through
-one FAISS search and their texts through one BM25 search per (mode, depth) (``serving.rag.search_many``); the
-docstore is read in a thread of its own, never on the event loop. Results are those of the split layout and of
-``sharding.search.search`` over all shards: the same functions (``resolve_mode``, ``search_k``, ``widen_k``,
-``group_rankings``, ``combine``, ``passages_from``) with the whole index as one group.
+group (``shards.replicas``, ``shards.autoscaling``). Concurrent queries are batched three times: their texts go
+through one forward pass of the encoder (``BatchedEncoder``, shared with ``/v1/embeddings``), then their vectors
+through one FAISS search and their texts through one BM25 search per (mode, depth) (``serving.rag.search_many``),
+then their passages through one docstore read, in a thread of its own, never on the event loop. Each batch is
+taken when the last one has finished (``serving.batching.Batcher``). Results are those of the split layout and
+of ``sharding.search.search`` over all shards: the same functions (``resolve_mode``, ``search_k``, ``widen_k``,
+``group_rankings``, ``combine``, ``passages_from``'s ``passages_of``) with the whole index as one group.
 
 Versions: each Ingress replica holds a version pointer (``serving.versions.VersionPointer``) and names the
 version of each of its searches; its IndexReplica holds the newest two versions (``LoadedVersions``), loaded on
@@ -40,12 +41,14 @@ from ray import serve
 
 from cluster.placement import ReplicaResources
 from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
-from serving.deployments import BatchedEncoder, _configure_batching
+from serving.batching import Batcher
+from serving.deployments import BatchedEncoder
 from serving.rag import (
+    PASSAGE_FIELDS,
     FusionOverrides,
     Query,
     make_fusion,
-    passages_from,
+    passages_of,
     resolve_mode,
     search_k,
     search_many,
@@ -91,6 +94,27 @@ def search_jobs(jobs: list[_Job]) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One query's docstore read: its version, its merged (D, I) row, ``k`` and its filter."""
+
+    version: str
+    manifest: IndexManifest
+    d: np.ndarray
+    i: np.ndarray
+    k: int
+    filter: Filter | None
+
+
+def read_passages(docstores: Docstores, reads: list[_Read]) -> list[list[Passage]]:
+    """The passages of each read: one docstore lookup per version among them (the ids of all their rows)."""
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for version, manifest in {r.version: r.manifest for r in reads}.items():
+        ids = np.concatenate([np.asarray(r.i).ravel() for r in reads if r.version == version])
+        rows[version] = docstores.get(version, manifest).lookup(ids[ids >= 0], columns=list(PASSAGE_FIELDS))
+    return [passages_of(r.d, r.i, rows[r.version], r.k, r.filter) for r in reads]
+
+
 log = logging.getLogger("ragtune.serve")
 
 
@@ -128,24 +152,19 @@ class IndexReplica:
         self.docstores = Docstores("IndexReplica")
         self.docstore_pool.submit(self.docstores.get, first, manifest).result()
         self.encoder = BatchedEncoder(manifest, embedder, self.compute)
-        self.batching = embedder.batching
-        _configure_batching(self._search_batched, embedder.max_batch_size, embedder.batch_wait_timeout_s)
+        # batches taken when the last one has finished (serving.batching): the searches and docstore reads of the
+        # queries that arrived meanwhile, together; no batch waits for more once the replica is busy
+        batch = embedder.max_batch_size if embedder.batching else 1
+        self._search_batched = Batcher(self._search_jobs, self.compute, batch, embedder.batch_wait_timeout_s)
+        self._read_batched = Batcher(self._read_passages, self.docstore_pool, batch, 0.0)
 
     # --- search ---------------------------------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _search_batched(self, jobs: list[_Job]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return await asyncio.get_running_loop().run_in_executor(self.compute, search_jobs, jobs)
+    def _search_jobs(self, jobs: list[_Job]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return search_jobs(jobs)
 
-    async def _search(self, job: _Job) -> tuple[np.ndarray, np.ndarray]:
-        if self.batching:
-            return await self._search_batched(job)
-        [hit] = await asyncio.get_running_loop().run_in_executor(self.compute, search_jobs, [job])
-        return hit
-
-    def _passages(self, version: str, manifest: IndexManifest, d: np.ndarray, i: np.ndarray, k: int,
-                  filter: Filter | None) -> list[Passage]:
-        return passages_from(d, i, self.docstores.get(version, manifest), k, filter)
+    def _read_passages(self, reads: list[_Read]) -> list[list[Passage]]:
+        return read_passages(self.docstores, reads)
 
     async def search(self, version: str, query: str, k: int, filter: Filter | None = None, mode: str | None = None,
                      fusion: FusionOverrides | None = None, param: str = "mode") -> SearchResult:
@@ -162,13 +181,11 @@ class IndexReplica:
             embedding = await self.encoder.embed(query)
             xq, batch = embedding.vector, embedding.batch
         t1 = time.perf_counter()
-        loop = asyncio.get_running_loop()
         kk: int | None = search_k(k, filter, manifest.ntotal, self.retrieval.filter_overfetch)
         passages: list[Passage] = []
         while kk is not None:  # with a filter: more candidates until k pass (widen_k)
-            d, i = await self._search(_Job(index, Query(query, mode, kk, fused), xq))
-            passages = await loop.run_in_executor(self.docstore_pool, self._passages, version, manifest, d, i, k,
-                                                  filter)
+            d, i = await self._search_batched(_Job(index, Query(query, mode, kk, fused), xq))
+            passages = await self._read_batched(_Read(version, manifest, d, i, k, filter))
             kk = widen_k(kk, k, len(passages), filter, manifest.ntotal, self.retrieval.filter_max_candidates)
         return SearchResult(passages=passages, version=version, mode=mode, embed_batch=batch,
                             timings=SearchTimings(embed_s=t1 - t0, search_s=time.perf_counter() - t1))

@@ -61,7 +61,14 @@ def passages_from(d: np.ndarray, i: np.ndarray, docstore: Docstore, k: int,
                   filter: Filter | None = None) -> list[Passage]:
     """The top ``k`` passages of one query's merged results (a row of D and I); with a filter, only rows that pass
     it, re-ranked 1..k."""
-    rows = docstore.lookup(np.asarray(i)[np.asarray(i) >= 0], columns=list(PASSAGE_FIELDS))
+    return passages_of(d, i, docstore.lookup(np.asarray(i)[np.asarray(i) >= 0], columns=list(PASSAGE_FIELDS)), k,
+                       filter)
+
+
+def passages_of(d: np.ndarray, i: np.ndarray, rows: dict[int, dict[str, Any]], k: int,
+                filter: Filter | None = None) -> list[Passage]:
+    """:func:`passages_from` with the docstore's ``rows`` read already (a superset of the row's ids will do: one
+    read for a batch of queries)."""
     hits = ranked_hits(d, i, rows, PASSAGE_FIELDS)
     if filter:
         hits = [h for h in hits if matches(h, filter)]

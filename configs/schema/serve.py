@@ -31,9 +31,11 @@ class IndexSource(Section):
 class EmbedderConfig(Section):
     """The index's embedding model as a deployment (queries and /v1/embeddings)."""
 
-    batching: bool = Field(True, description="dynamic batching of concurrent requests (@serve.batch)")
+    batching: bool = Field(True, description="dynamic batching of concurrent requests (serving.batching: the next "
+                                             "batch is what queued while the last one ran)")
     max_batch_size: int = Field(32, ge=1, le=1024, description="queries embedded in one forward pass at most")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="how long an idle encoder waits for a batch "
+                                                                       "to fill")
     replicas: int = Field(1, ge=1, description="replicas of the Embedder")
     num_cpus: float | None = Field(None, gt=0, description="Ray CPUs per replica; null = cluster.placement's choice")
     threads: int | None = Field(None, ge=1, description="torch threads per replica; null = the CPUs it reserves")

@@ -45,8 +45,6 @@ class _StandIn(_Encoder):
 @pytest.fixture
 def replica(texts_index, monkeypatch):  # noqa: F811
     """An IndexReplica over the synthetic index (hybrid by default), batches of up to 16 queries."""
-    from ray.serve.batching import _BatchQueue
-
     import serving.deployments as dep
     from cluster.placement import ReplicaResources
     from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
@@ -54,8 +52,6 @@ def replica(texts_index, monkeypatch):  # noqa: F811
 
     _StandIn.queries, _StandIn.xq = texts_index["queries"], texts_index["xq"]
     monkeypatch.setattr(dep, "QueryEncoder", _StandIn)
-    # @serve.batch outside a replica: its check of the deployment's max_ongoing_requests has no replica to ask
-    monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
     return IndexReplica(IndexSource(path=texts_index["path"], poll_interval_s=None),
                                       EmbedderConfig(max_batch_size=16, batch_wait_timeout_s=0.05),
                                       RetrievalConfig(mode="auto", filter_overfetch=3),
@@ -63,20 +59,21 @@ def replica(texts_index, monkeypatch):  # noqa: F811
 
 
 def test_concurrent_searches_are_batched_and_equal_one_search_each(replica, texts_index):  # noqa: F811
-    """Every mode at once, in one event loop (``@serve.batch`` keeps one queue per method, made on the loop of
-    its first call: one replica per process, as in Serve)."""
+    """Every mode at once, in one event loop (a batcher serves one loop at a time: one replica per process, as in
+    Serve)."""
     import serving.fused as fused
     from serving.rag import make_fusion
     from sharding.search import ShardedIndex, search
 
     version = next(iter(replica.held.versions))
     queries = texts_index["queries"]
-    threads, calls = [], []
-    real_passages, real_jobs = fused.passages_from, fused.search_jobs
+    threads, calls, reads = [], [], []
+    real_passages, real_jobs = fused.read_passages, fused.search_jobs
 
-    def spy_passages(*args, **kw):
+    def spy_passages(docstores, batch):
         threads.append(threading.current_thread().name)
-        return real_passages(*args, **kw)
+        reads.append(len(batch))
+        return real_passages(docstores, batch)
 
     def spy_jobs(jobs):
         calls.append(len(jobs))
@@ -90,11 +87,11 @@ def test_concurrent_searches_are_batched_and_equal_one_search_each(replica, text
     async def every_mode():
         return [await ask(mode, overrides) for mode, overrides in MODE_CASES], threading.current_thread().name
 
-    fused.passages_from, fused.search_jobs = spy_passages, spy_jobs
+    fused.read_passages, fused.search_jobs = spy_passages, spy_jobs
     try:
         answers, loop_thread = asyncio.run(every_mode())
     finally:
-        fused.passages_from, fused.search_jobs = real_passages, real_jobs
+        fused.read_passages, fused.search_jobs = real_passages, real_jobs
     full = ShardedIndex.open(texts_index["path"])
     for (mode, overrides), results in zip(MODE_CASES, answers, strict=True):
         fusion = make_fusion(None, overrides)
@@ -111,6 +108,7 @@ def test_concurrent_searches_are_batched_and_equal_one_search_each(replica, text
         else:
             assert all(r.embed_batch == 0 for r in results)  # lexical embeds nothing
     assert max(calls) > 1 and sum(calls) >= sum(len(r) for r in answers)  # many queries per search call
+    assert max(reads) > 1 and sum(reads) >= sum(len(r) for r in answers)  # many queries per docstore read
     assert threads and all(t.startswith("docstore") and t != loop_thread for t in threads)
 
 
