@@ -94,6 +94,36 @@ async def _load(engine: HFEngine, requests: list[GenRequest], concurrency: int) 
             "wall_s": wall, "tokens": sum(tokens), "texts": texts}
 
 
+def _count_steps(decoder: Decoder) -> dict[str, float]:
+    """Count (in the returned dict, as they happen) the decoder's forward passes: prefills and decode steps, the
+    rows each decode step carries and how many of them were already done (padding a static batch), and the
+    seconds spent in each; the instance's methods are wrapped until the caller deletes them."""
+    steps: dict[str, float] = {"prefills": 0, "prefill_s": 0.0, "decodes": 0, "decode_s": 0.0, "decode_rows": 0,
+                               "done_rows": 0}
+    prefill, decode = decoder.prefill, decoder.decode
+
+    def counted_prefill(rows: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return prefill(rows)
+        finally:
+            steps["prefills"] += 1
+            steps["prefill_s"] += time.perf_counter() - t0
+
+    def counted_decode(batch: Any) -> Any:
+        steps["decode_rows"] += len(batch.rows)
+        steps["done_rows"] += sum(r.done for r in batch.rows)
+        t0 = time.perf_counter()
+        try:
+            return decode(batch)
+        finally:
+            steps["decodes"] += 1
+            steps["decode_s"] += time.perf_counter() - t0
+
+    decoder.prefill, decoder.decode = counted_prefill, counted_decode  # type: ignore[method-assign]
+    return steps
+
+
 def _pct(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[min(len(sorted_xs) - 1, int(round(q / 100 * (len(sorted_xs) - 1))))]
 
@@ -110,6 +140,8 @@ def compare_decoding(model: str, *, requests: int = 256, concurrency: int = 16, 
     reqs = mixed_requests(decoder, requests, min_tokens, max_tokens, seed)
 
     def run(mode: Literal["continuous", "static"], batch: list[GenRequest]) -> dict[str, Any]:
+        steps = _count_steps(decoder)
+
         async def go() -> dict[str, Any]:
             engine = HFEngine(decoder, mode=mode, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
             try:
@@ -117,7 +149,11 @@ def compare_decoding(model: str, *, requests: int = 256, concurrency: int = 16, 
             finally:
                 await engine.close()
 
-        return asyncio.run(go())
+        try:
+            out = asyncio.run(go())
+        finally:
+            del decoder.prefill, decoder.decode  # the class's methods again
+        return {**out, **steps}
 
     run("continuous", reqs[:concurrency])  # warm-up (allocator, kernels)
     runs: list[dict[str, Any]] = []
@@ -135,7 +171,8 @@ def compare_decoding(model: str, *, requests: int = 256, concurrency: int = 16, 
     def med(mode: str, key: str) -> float:
         return statistics.median(x[key] for x in runs if x["mode"] == mode)
 
-    keys = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s")
+    keys = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "prefills", "decodes", "decode_rows", "done_rows",
+            "prefill_s", "decode_s", "wall_s", "tokens")
     out: dict[str, Any] = {m: {k: med(m, k) for k in keys} for m in ("continuous", "static")}
     out["ratio"] = {"tokens_per_s": out["continuous"]["tokens_per_s"] / out["static"]["tokens_per_s"],
                     "ttft_p99_s": out["continuous"]["ttft_p99_s"] / out["static"]["ttft_p99_s"]}
@@ -175,6 +212,16 @@ def main() -> None:
     for mode in ("continuous", "static"):
         m = res[mode]
         print(f"{mode:<12}{m['tokens_per_s']:>10.1f}{m['ttft_p50_s'] * 1e3:>13.1f}{m['ttft_p99_s'] * 1e3:>13.1f}")
+    print("where the time goes (medians): forward passes, the rows a decode step carries, the share of them already "
+          "done (padding), seconds in prefill / decode / the rest of the loop (merging, dropping, sampling)")
+    for mode in ("continuous", "static"):
+        m = res[mode]
+        rows = m["decode_rows"] / max(m["decodes"], 1)
+        per_forward = m["tokens"] / max(m["prefills"] + m["decodes"], 1)
+        print(f"{mode:<12}{m['prefills']:>6.0f} prefills + {m['decodes']:>6.0f} decode steps ({per_forward:.1f} "
+              f"tokens per forward), {rows:.1f} rows a step, {m['done_rows'] / max(m['decode_rows'], 1):.0%} done; "
+              f"prefill {m['prefill_s']:.1f}s, decode {m['decode_s']:.1f}s, rest "
+              f"{m['wall_s'] - m['prefill_s'] - m['decode_s']:.1f}s of {m['wall_s']:.1f}s")
     r = res["ratio"]
     print(f"continuous / static: tokens/s {r['tokens_per_s']:.2f}x (target >= 1.5x), TTFT p99 "
           f"{r['ttft_p99_s']:.2f}x (target <= 0.5x); greedy outputs identical: {res['identical']}")
