@@ -210,6 +210,9 @@ class _HeldStream(StreamingResponse):
 
 QUEUED = 2.0  # a request this many times slower than its route's fastest recent one spent the difference queued
 RECENT = 64  # the completions a route's fastest recent time is taken over
+RATE_S = 1.0  # the time constant over which a route's busy time and completions are counted (decaying)
+SATURATED = 0.9  # a route busy this share of its recent time is saturated: its completion rate is its capacity
+MIN_DONE = 3.0  # completions (decayed) a rate is trusted from
 
 
 class RouteLimit:
@@ -223,17 +226,41 @@ class RouteLimit:
     within the target admits one more, up to ``ceiling``. A request slow by itself (a long generation: its
     fastest peers are slow too) or admitted alone (nothing of its route ahead of it: the time went elsewhere)
     lowers nothing, so a light load is never refused.
+
+    That reacts once a queued request has finished late; a sudden surge would fill the queue before. So, ahead of
+    it: while the route is saturated (busy ``SATURATED`` of its last ``RATE_S`` seconds or so, decaying), its
+    completions per busy second are what it can do, and a request is refused when the ones in flight would keep it
+    waiting longer than ``target`` (in flight / rate; Little's law again). Below saturation that rate is the
+    arrival rate, not a capacity, and nothing is refused on it.
     """
 
-    def __init__(self, ceiling: int, target: float):
+    def __init__(self, ceiling: int, target: float, now: float = 0.0):
         self.ceiling, self.target = ceiling, target
         self.limit, self.in_flight = ceiling, 0
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.slow = 0.0  # seconds the last request that lowered the limit took
+        self.t, self.busy, self.finished = now, 0.0, 0.0  # decaying: busy seconds, completions (RATE_S)
 
-    def done(self, seconds: float, admitted_with: int) -> None:
+    def tick(self, now: float) -> None:
+        """Age the busy time and completions to ``now`` (before ``in_flight`` changes)."""
+        if now > self.t:
+            decay = math.exp(-(now - self.t) / RATE_S)
+            self.finished *= decay
+            self.busy = self.busy * decay + (RATE_S * (1 - decay) if self.in_flight else 0.0)
+            self.t = now
+
+    def wait(self) -> float | None:
+        """Seconds a request admitted now would wait behind those in flight, when the route is saturated (its
+        rate is then its capacity); None below saturation or before enough completions."""
+        if self.busy < SATURATED * RATE_S or self.finished < MIN_DONE:
+            return None
+        return self.in_flight * self.busy / self.finished
+
+    def done(self, seconds: float, admitted_with: int, now: float) -> None:
         """A request of this route, admitted with ``admitted_with`` in flight (itself included), finished after
-        ``seconds``."""
+        ``seconds`` (at ``now``; ``in_flight`` still counts it)."""
+        self.tick(now)
+        self.finished += 1
         self.recent.append(seconds)
         if seconds <= self.target:
             self.limit = min(self.ceiling, self.limit + 1)
@@ -255,7 +282,7 @@ class Admission:
 
     def route(self, name: str) -> RouteLimit:
         if name not in self.routes:
-            self.routes[name] = RouteLimit(self.limit, self.target or math.inf)
+            self.routes[name] = RouteLimit(self.limit, self.target or math.inf, self.clock())
         return self.routes[name]
 
     def take(self, route: str = "") -> "Slot":
@@ -268,6 +295,12 @@ class Admission:
                                 f"{r.slow:.1f}s, over {r.target:g}s: limits.latency_target_share of "
                                 f"limits.request_timeout_s), so this server answers {r.limit} at a time until they "
                                 "speed up; retry shortly", code="rate_limit_exceeded")
+        if self.target:
+            r.tick(self.clock())
+            if (wait := r.wait()) is not None and wait > r.target:
+                raise ApiError(429, f"{route} requests queue here: {r.in_flight} in flight would keep a new one "
+                                    f"waiting {wait:.1f}s, over {r.target:g}s (limits.latency_target_share of "
+                                    "limits.request_timeout_s); retry shortly", code="rate_limit_exceeded")
         self.in_flight += 1
         r.in_flight += 1
         return Slot(self, r)  # counts itself in admitted_with
@@ -284,7 +317,8 @@ class Slot:
     def release(self) -> None:
         if self.admission is not None:
             if self.admission.target:
-                self.route.done(self.admission.clock() - self.since, self.admitted_with)
+                now = self.admission.clock()
+                self.route.done(now - self.since, self.admitted_with, now)
             self.admission.in_flight -= 1
             self.route.in_flight -= 1
             self.admission = None

@@ -265,23 +265,56 @@ def test_a_route_whose_requests_queue_past_the_latency_target_admits_fewer_and_m
     assert now[0] - start == pytest.approx(1.0) and search.limit == 20 + 11 and adm.in_flight == 0
 
 
+def test_a_surge_is_refused_ahead_once_the_queue_would_wait_past_the_target_and_a_light_load_never_is():
+    from collections import deque
+
+    from serving.ingress import Admission
+
+    now = [0.0]
+    adm = Admission(10_000, target=5.0, clock=lambda: now[0])
+    search = adm.route("search")
+    for _ in range(100):  # light: one request every 0.2 s, each done in 0.05 s (busy a quarter of the time)
+        with adm.take("search"):
+            now[0] += 0.05
+        now[0] += 0.15
+    assert search.wait() is None and search.limit == 10_000
+    queue: deque = deque()  # a surge: 60 requests/s arrive, the replica finishes 20/s, in order
+    waited, refused, first_refusal = [], 0, None
+    for step in range(400):  # 20 s in steps of 0.05 s
+        now[0] += 0.05
+        if queue:
+            slot, since = queue.popleft()
+            slot.release()
+            waited.append(now[0] - since)
+        if step < 200:  # the surge lasts 10 s
+            for _ in range(3):
+                try:
+                    queue.append((adm.take("search"), now[0]))
+                except ApiError as e:
+                    assert e.status == 429 and "would keep a new one waiting" in e.message
+                    refused += 1
+                    first_refusal = first_refusal or now[0]
+    assert first_refusal is not None and 2.0 < first_refusal - 20.0 < 4.0  # once the queue holds ~5 s of work
+    assert refused > 200 and max(waited) <= 5.0 + 0.2  # nobody admitted waited much past the target (not 10 s)
+
+
 def test_a_request_slow_by_itself_lowers_no_limit_so_a_light_load_is_never_refused():
     from serving.ingress import RouteLimit
 
     r = RouteLimit(256, target=5.0)
     for _ in range(20):  # long generations, one at a time: as slow as their fastest peer, nothing queued
-        r.done(7.0, admitted_with=1)
+        r.done(7.0, admitted_with=1, now=0.0)
     assert r.limit == 256
-    r.done(15.0, admitted_with=30)  # over twice the fastest: queued behind the others
+    r.done(15.0, admitted_with=30, now=0.0)  # over twice the fastest: queued behind the others
     assert r.limit == 10
-    r.done(0.01, admitted_with=1)
+    r.done(0.01, admitted_with=1, now=0.0)
     assert r.limit == 11
     for _ in range(300):
-        r.done(0.01, admitted_with=1)
+        r.done(0.01, admitted_with=1, now=0.0)
     assert r.limit == 256
-    r.done(60.0, admitted_with=1)  # admitted alone: nothing of its route queued ahead of it
+    r.done(60.0, admitted_with=1, now=0.0)  # admitted alone: nothing of its route queued ahead of it
     assert r.limit == 256
-    r.done(60.0, admitted_with=2)  # the limit never falls below 1
+    r.done(60.0, admitted_with=2, now=0.0)  # the limit never falls below 1
     assert r.limit == 1
 
 
