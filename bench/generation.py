@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,25 +101,23 @@ def _count_steps(decoder: Decoder) -> dict[str, float]:
     seconds spent in each; the instance's methods are wrapped until the caller deletes them."""
     steps: dict[str, float] = {"prefills": 0, "prefill_s": 0.0, "decodes": 0, "decode_s": 0.0, "decode_rows": 0,
                                "done_rows": 0}
-    prefill, decode = decoder.prefill, decoder.decode
+    def counted(fn: Callable[[Any], Any], calls: str, seconds: str) -> Callable[[Any], Any]:
+        def wrapper(arg: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(arg)
+            finally:
+                steps[calls] += 1
+                steps[seconds] += time.perf_counter() - t0
+        return wrapper
 
-    def counted_prefill(rows: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return prefill(rows)
-        finally:
-            steps["prefills"] += 1
-            steps["prefill_s"] += time.perf_counter() - t0
+    counted_prefill = counted(decoder.prefill, "prefills", "prefill_s")
+    timed_decode = counted(decoder.decode, "decodes", "decode_s")
 
     def counted_decode(batch: Any) -> Any:
         steps["decode_rows"] += len(batch.rows)
         steps["done_rows"] += sum(r.done for r in batch.rows)
-        t0 = time.perf_counter()
-        try:
-            return decode(batch)
-        finally:
-            steps["decodes"] += 1
-            steps["decode_s"] += time.perf_counter() - t0
+        return timed_decode(batch)
 
     decoder.prefill, decoder.decode = counted_prefill, counted_decode  # type: ignore[method-assign]
     return steps
