@@ -60,6 +60,11 @@ class Conflict(RagtuneError):
     (HTTP 409)."""
 
 
+class Overloaded(RagtuneError):
+    """More requests than the service answers within its latency target; the same request may succeed after the
+    Retry-After delay (HTTP 429)."""
+
+
 class Unavailable(RagtuneError):
     """A part of the service did not answer in time; the same request may succeed later (HTTP 503)."""
 

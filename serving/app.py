@@ -222,7 +222,7 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     generator = _deployment(Generator).options(  # vllm with tensor parallelism: a placement group per replica
         num_replicas=g.replicas, **_common(cfg), **generator_deployment_options(g, plan.generator),
         max_ongoing_requests=max(32, 2 * g.max_batch_size), max_queued_requests=cfg.limits.max_queued_generations,
-    ).bind(g, cfg.prompt, plan.generator)
+    ).bind(g, cfg.prompt, plan.generator, cfg.limits.latency_target_share * cfg.limits.request_timeout_s or None)
     keys = sorted(api_key_hashes(cfg.auth.api_keys, cfg.auth.api_keys_env))  # only hashes travel to the replicas
     ingress: dict[str, Any] = {"generation": g, "retrieval": cfg.retrieval, "limits": cfg.limits,
                                "key_hashes": keys, "api_keys_env": cfg.auth.api_keys_env}

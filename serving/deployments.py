@@ -343,8 +343,9 @@ class Generator:
     ``.threads`` are what it started from).
     """
 
-    def __init__(self, cfg: GeneratorConfig, prompt: PromptConfig, resources: ReplicaResources):
-        self.engine = load_engine(cfg, resources)
+    def __init__(self, cfg: GeneratorConfig, prompt: PromptConfig, resources: ReplicaResources,
+                 max_wait_s: float | None = None):
+        self.engine = load_engine(cfg, resources, max_wait_s)
         self.name, self.adapter_paths = cfg.name, dict(cfg.adapters)
         self.prompt = prompt
         self.in_use: dict[str, int] = {}  # adapter -> requests of this replica using it

@@ -70,8 +70,9 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
 
-def load_engine(cfg: GeneratorConfig, resources: ReplicaResources) -> Engine:
-    """The engine ``generator.engine`` names, loaded with the replica's resources (device, threads).
+def load_engine(cfg: GeneratorConfig, resources: ReplicaResources, max_wait_s: float | None = None) -> Engine:
+    """The engine ``generator.engine`` names, loaded with the replica's resources (device, threads). ``max_wait_s``
+    bounds the hf engine's queue in seconds (vLLM's scheduler keeps its own queue).
 
     Raises:
         RagtuneError: ``vllm`` where vLLM (or ``serving.vllm_engine``) cannot be imported.
@@ -86,4 +87,4 @@ def load_engine(cfg: GeneratorConfig, resources: ReplicaResources) -> Engine:
                                "Generator on a GPU node with the vllm extra installed (pip install 'ragtune[vllm]', "
                                "or the GPU image), or use generator.engine: hf", param="generator.engine",
                                code="engine_unavailable") from None
-    return HFEngine.load(cfg, resources)
+    return HFEngine.load(cfg, resources, max_wait_s)

@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable
+from configs.errors import Conflict, InvalidRequest, NotFound, Overloaded, RagtuneError, Unavailable
 from models.generators import load_model, load_tokenizer, local_model_dir
 from models.hardware import resolve_device
 
@@ -429,16 +430,23 @@ class HFEngine:
     ``mode`` continuous or static (the module's docstring); at most ``max_batch_size`` rows decode together, the
     other requests wait (first come, first served). When the loop is idle, a new batch waits up to
     ``batch_wait_s`` for more requests to prefill with it.
+
+    ``max_wait_s`` bounds the queue in seconds, not requests: a request that would wait longer than that for a
+    slot is refused at once (``Overloaded``, a 429). Its wait is the requests ahead of it that must finish first,
+    each taking ``max_batch_size``-th of a request's decode time: the recent seconds per step (wall time, so a
+    step slowed by other work on the machine counts at once) x the recent tokens per request.
     """
 
     def __init__(self, decoder: Decoder, *, name: str = "", mode: Literal["continuous", "static"] = "continuous",
-                 max_batch_size: int = 8, batch_wait_s: float = 0.0):
+                 max_batch_size: int = 8, batch_wait_s: float = 0.0, max_wait_s: float | None = None):
         if mode == "continuous" and not decoder.mergeable():
             raise RagtuneError("generator.decoding = continuous: this model's KV cache has layers other than full "
                                "attention (e.g. sliding-window ones), whose rows the hf engine cannot merge. Fix: "
                                "generator.decoding: static", param="generator.decoding")
         self.decoder, self.name, self.mode = decoder, name, mode
-        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        self.max_batch_size, self.batch_wait_s, self.max_wait_s = max_batch_size, batch_wait_s, max_wait_s
+        self.step_s: float | None = None  # moving averages: wall seconds per step, tokens per finished request
+        self.tokens: float | None = None
         self.cond = threading.Condition()
         self.requests: dict[str, _Request] = {}  # waiting or running
         self.waiting: deque[_Request] = deque()
@@ -450,10 +458,10 @@ class HFEngine:
         self.thread.start()
 
     @classmethod
-    def load(cls, cfg: GeneratorConfig, resources: ReplicaResources) -> HFEngine:
+    def load(cls, cfg: GeneratorConfig, resources: ReplicaResources, max_wait_s: float | None = None) -> HFEngine:
         decoder = Decoder.load(cfg.model, resources.device, cfg.dtype, cfg.context, resources.threads)
-        return cls(decoder, name=cfg.model, mode=cfg.decoding,
-                   max_batch_size=cfg.max_batch_size if cfg.batching else 1, batch_wait_s=cfg.batch_wait_timeout_s)
+        return cls(decoder, name=cfg.model, mode=cfg.decoding, max_batch_size=cfg.max_batch_size if cfg.batching
+                   else 1, batch_wait_s=cfg.batch_wait_timeout_s, max_wait_s=max_wait_s)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -465,8 +473,10 @@ class HFEngine:
 
     # --- requests -------------------------------------------------------------------------------------------------
 
-    async def generate(self, request: GenRequest, request_id: str) -> AsyncGenerator[Delta, None]:
-        """The request's deltas as they are decoded; closing this generator cancels the request."""
+    def generate(self, request: GenRequest, request_id: str) -> AsyncGenerator[Delta, None]:
+        """The request's deltas as they are decoded; closing this generator cancels the request. The request is
+        checked and queued now: one that cannot run, or would wait past ``max_wait_s``, raises here, before the
+        caller has sent anything."""
         self.decoder.check(request)
         req = _Request(self.decoder.row(request, request_id), asyncio.get_running_loop(), asyncio.Queue())
         with self.cond:
@@ -474,9 +484,28 @@ class HFEngine:
                 raise Unavailable("the generation engine is closed; retry on another replica", code="engine_closed")
             if request_id in self.requests:
                 raise Conflict(f"request id {request_id!r} is already running", code="duplicate_request_id")
+            wait = self._wait_s()
+            if self.max_wait_s is not None and wait > self.max_wait_s:
+                raise Overloaded(f"the generation queue would keep this request waiting about {wait:.1f}s for a "
+                                 f"slot ({len(self.waiting)} waiting, {self.max_batch_size} decoding), over the "
+                                 f"{self.max_wait_s:g}s target (limits.latency_target_share x "
+                                 "limits.request_timeout_s); retry after Retry-After seconds",
+                                 code="rate_limit_exceeded")
             self.requests[request_id] = req
             self.waiting.append(req)
             self.cond.notify()
+        return self._deltas(req, request_id)
+
+    def _wait_s(self) -> float:
+        """Under the lock: the seconds a request queued now would wait for a slot (0 while one is free, or before
+        a step and a request were measured)."""
+        running = sum(not r.done for r in self.batch.rows) if self.batch is not None else 0
+        ahead = len(self.waiting) + running - self.max_batch_size + 1  # requests that must finish before it starts
+        if ahead <= 0 or self.step_s is None or self.tokens is None:
+            return 0.0
+        return ahead * self.tokens * self.step_s / self.max_batch_size
+
+    async def _deltas(self, req: _Request, request_id: str) -> AsyncGenerator[Delta, None]:
         finished = False
         try:
             while True:
@@ -549,7 +578,11 @@ class HFEngine:
                                        self.batch_wait_s)
                 admit = self._admit()
             try:
+                t0 = time.perf_counter()
                 self._step(admit)
+                step_s = time.perf_counter() - t0
+                with self.cond:
+                    self.step_s = step_s if self.step_s is None else 0.8 * self.step_s + 0.2 * step_s
             except Exception as e:  # e.g. out of memory: every request of the step fails, the engine goes on
                 log.exception("decode step failed")
                 rows = [*(self.batch.rows if self.batch is not None else []), *admit]
@@ -617,6 +650,8 @@ class HFEngine:
                 req.put(ev)
                 if ev.finish_reason:
                     del self.requests[row.rid]
+                    n = ev.completion_tokens
+                    self.tokens = n if self.tokens is None else 0.9 * self.tokens + 0.1 * n
             self._unload_unused()
 
     def _unload_unused(self) -> None:

@@ -44,7 +44,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from configs.errors import Conflict, InvalidRequest, NotFound, RagtuneError, Unavailable, user_error
+from configs.errors import Conflict, InvalidRequest, NotFound, Overloaded, RagtuneError, Unavailable, user_error
 from configs.schema.serve import GeneratorConfig, IndexSource, LimitsConfig, RetrievalConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
 from serving.deployments import replica_name
@@ -108,7 +108,8 @@ app = FastAPI(title="ragtune", version=API_VERSION, docs_url=None, redoc_url=Non
 
 # The HTTP status of each kind of error the answering path raises (configs.errors). Any other exception, a
 # RagtuneError of no kind included (a missing shard, a checksum mismatch), is a 500.
-STATUS: dict[type[RagtuneError], int] = {InvalidRequest: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
+STATUS: dict[type[RagtuneError], int] = {InvalidRequest: 400, NotFound: 404, Conflict: 409, Overloaded: 429,
+                                         Unavailable: 503}
 
 T = TypeVar("T")
 Req = TypeVar("Req", bound=BaseModel)

@@ -286,7 +286,8 @@ class LimitsConfig(Section):
     latency_target_share: float = Field(0.5, ge=0, le=1, description=(
         "a route's requests should finish within this share of request_timeout_s: when one takes longer because "
         "it waited in a queue, its Ingress replica admits fewer of that route at a time (one more is a 429 with "
-        "Retry-After at once, not a 504 later) and more again as they speed up; 0 keeps only "
+        "Retry-After at once, not a 504 later) and more again as they speed up; the hf engine also refuses a "
+        "request its queue would keep waiting longer than this share for a slot; 0 keeps only "
         "max_concurrent_requests"))
     max_queued_generations: int = Field(64, ge=0, description=(
         "requests waiting for a Generator replica beyond those it is decoding (Serve's max_queued_requests); "

@@ -1,20 +1,23 @@
 """The hf engine (``serving.generation.HFEngine``): continuous decoding gives what static decoding gives, a request
-that arrives mid-decode starts at the next step, a cancelled request frees its slot, adapters and errors.
+that arrives mid-decode starts at the next step, a cancelled request frees its slot, a queue bounded in seconds,
+adapters and errors.
 
 The model is the tiny preset trained for a few steps on the facts its tokenizer was made from, so that its top
 tokens do not tie (greedy outputs of two batch layouts can only be compared on a model with clear winners)."""
 
 import asyncio
+import pickle
 import time
 
 import pytest
 import torch
 
 from cluster.placement import ReplicaResources
-from configs.errors import InvalidRequest, NotFound, RagtuneError
+from configs.errors import InvalidRequest, NotFound, Overloaded, RagtuneError
 from configs.schema.serve import GeneratorConfig
 from serving.engine import Engine, load_engine
 from serving.generation import Delta, GenRequest, HFEngine, SamplingParams
+from serving.ingress import api_error
 from tests.serving.test_generation import decoder_with, ids, save_lora
 
 FACTS = [f"What is the capital of Zal{i}? Ophir{i % 7}. Where was Ana born? In Ophir." for i in range(300)]
@@ -95,6 +98,37 @@ def test_continuous_and_static_decoding_give_the_same_outputs_with_and_without_a
         [(a.finish_reason, a.completion_tokens) for a in alone]
     assert continuous[-1][1].finish_reason == "stop" and continuous[-1][0] == full[:full.index(stop)]
     assert alone[1].text != decoder.generate([GenRequest(reqs[1].prompt_ids, reqs[1].params)])[0].text  # lora
+
+
+def test_the_queue_is_bounded_in_seconds_and_a_refusal_is_a_429_that_crosses_ray(decoder):
+    tok = decoder.tokenizer
+    endless, short = GenRequest(ids(tok, PROMPTS[1]), SamplingParams(400)), GenRequest(ids(tok, PROMPTS[0]),
+                                                                                       SamplingParams(5))
+
+    async def run():
+        engine = HFEngine(decoder, max_batch_size=1, max_wait_s=0.001)
+        try:
+            first = engine.generate(short, "a")  # nothing measured yet: queued whatever the bound
+            await collect(engine, short, "b")  # now the engine knows its seconds per step and tokens per request
+            [d async for d in first]
+            stream = engine.generate(endless, "c")
+            await anext(stream)  # holds the only slot
+            with pytest.raises(Overloaded, match=r"waiting about \d") as refused:
+                engine.generate(short, "d")  # one request ahead of it: ~5 steps of ~ms, over 1 ms
+            assert "d" not in engine.requests and engine.info().waiting == 0
+            engine.max_wait_s = 60.0
+            queued = asyncio.create_task(collect(engine, short, "e"))
+            await asyncio.sleep(0.05)
+            waiting = engine.info().waiting
+            await stream.aclose()
+            return refused.value, waiting, await asyncio.wait_for(queued, 30)
+        finally:
+            await engine.close()
+
+    refused, waiting, (_, last) = asyncio.run(run())
+    assert waiting == 1 and last.finish_reason == "length"
+    back = pickle.loads(pickle.dumps(refused))  # as it crosses from the Generator's replica to the Ingress
+    assert isinstance(back, Overloaded) and api_error(back).status == 429 and back.code == "rate_limit_exceeded"
 
 
 @pytest.mark.parametrize("mode", ["continuous", "static"])
