@@ -83,6 +83,7 @@ from sharding.embeddings import (
 )
 from sharding.faiss_index import (
     ShardBuilder,
+    coarse_training,
     deserialize,
     effective_factory,
     index_layers,
@@ -310,7 +311,7 @@ class Prepared:
 def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str, np.ndarray, np.ndarray]],
             factory: str, d: int, metric: str, threads: int, gpu: int | None,
             tune_texts: list[str] | None = None, model: EmbedderRecord | None = None,
-            normalize: bool = True) -> Prepared:
+            normalize: bool = True, coarse: str = "auto") -> Prepared:
     """Read the sampled rows, train the index once; returns the trained empty index and the tuning queries:
     held-out database vectors (with their ids, to be dropped from their own results), or ``tune_texts``
     embedded with the embeddings' model (ids -1)."""
@@ -340,8 +341,10 @@ def prepare(emb_uri: str, records: dict[str, PartRecord], sample: list[tuple[str
     if not index.is_trained:
         xt_all = np.concatenate(xt) if xt else np.zeros((0, d), np.float32)
         nt = len(xt_all)
-        log.info("training %s on %d vectors%s", factory, nt, f" on GPU {gpu}" if gpu is not None else "")
-        train_index(index, xt_all, gpu)
+        way = coarse_training(coarse, index, gpu)
+        log.info("training %s on %d vectors%s%s", factory, nt, f" on GPU {gpu}" if gpu is not None else "",
+                 " (two-level k-means for the coarse quantizer: index.coarse_training)" if way == "two_level" else "")
+        train_index(index, xt_all, gpu, way)
     return Prepared(serialize(index), np.concatenate(xq) if xq else np.zeros((0, d), np.float32),
                     np.concatenate(qids) if qids else np.zeros(0, np.int64), nt, time.perf_counter() - t0)
 
@@ -365,7 +368,7 @@ def _train(cfg: IndexJobConfig, layout: Layout, records: dict[str, PartRecord], 
                                                num_gpus=tasks.num_gpus, memory=memory)
     prep = ray.get(prepare_task.remote(plan.emb.uri, records, sample, layout.factory, plan.d,
                                        plan.embeddings.metric, tasks.train_threads, layout.gpu, tune_texts,
-                                       plan.embeddings.model, plan.embeddings.normalize))
+                                       plan.embeddings.model, plan.embeddings.normalize, ix.coarse_training))
     if layout.needs_training:
         log.info("trained on %d vectors in %.1fs", prep.train_rows, prep.seconds)
     return prep

@@ -77,6 +77,11 @@ class IndexConfig(Section):
     train_sample: int | None = Field(
         None, ge=1000, description="vectors to train IVF/PQ on; null = 50 per IVF list (>= 10,000 for PQ), at most nb"
     )
+    coarse_training: Literal["auto", "kmeans", "two_level"] = Field(
+        "auto", description="how an IVF's coarse quantizer is trained: kmeans (faiss's own, over every list), "
+        "two_level (sqrt(nlist) clusters, each split: about sqrt(nlist)/5 times less work), auto = "
+        "two_level from 4096 lists up on CPUs, kmeans otherwise (and on GPUs)"
+    )
     target_recall: float = Field(
         0.95, gt=0, le=1, description="recall@10 vs exact search that the tuned nprobe/efSearch must reach"
     )

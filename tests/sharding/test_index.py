@@ -25,7 +25,15 @@ from sharding.choice import (
     train_task_bytes,
 )
 from sharding.docstore import write_docstore
-from sharding.faiss_index import ShardBuilder, effective_factory, new_index, serialize, train_index, write_index_file
+from sharding.faiss_index import (
+    ShardBuilder,
+    coarse_training,
+    effective_factory,
+    new_index,
+    serialize,
+    train_index,
+    write_index_file,
+)
 from sharding.layout import LATEST, docstore_name, plan_shards, sample_rows, shard_name, version_name
 from sharding.manifest import (
     IndexManifest,
@@ -423,6 +431,40 @@ def test_the_sample_covers_every_part_in_proportion_and_reads_only_their_first_r
     for (_, rows), (_, t, q) in zip(parts, sample, strict=True):
         assert abs(len(t) - 20_000 * rows / total) < 0.25 * 20_000 * rows / total
         assert max(t.max(), q.max(initial=0)) < 2 * 21_000 * rows / total + 1  # within the part's first rows
+
+
+def test_two_level_coarse_training_keeps_kmeans_recall_and_auto_picks_it_for_large_ivfs_on_cpus():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((400, 32)).astype(np.float32)
+
+    def points(n, seed):
+        r = np.random.default_rng(seed)
+        return normalized(centres[r.integers(0, 400, n)] + 0.4 * r.standard_normal((n, 32)).astype(np.float32))
+
+    xt, xb, xq = points(256 * 40, 1), points(20_000, 2), points(300, 3)
+    _, gt = exact_knn(xq, xb, 10, "inner_product")
+    recall = {}
+    for way in ("kmeans", "two_level"):
+        index = train_index(new_index("IVF256,Flat", 32, "inner_product"), xt, coarse=way)
+        ivf = faiss.extract_index_ivf(index)
+        assert index.is_trained and ivf.quantizer.ntotal == 256
+        index.add(xb)
+        ivf.nprobe = 8
+        recall[way] = recall_at_k(index.search(xq, 10)[1], gt)
+    assert recall["two_level"] > 0.8 and recall["two_level"] >= recall["kmeans"] - 0.03, recall
+    refined = train_index(new_index("IVF256,PQ8np,Refine(SQ8)", 32, "inner_product"), xt, coarse="two_level")
+    assert refined.is_trained and faiss.extract_index_ivf(refined).quantizer.ntotal == 256
+
+    def way(factory, gpu=None):
+        return coarse_training("auto", new_index(factory, 32, "inner_product"), gpu)
+
+    assert way("IVF4096,Flat") == way("IVF8192,PQ8np,Refine(SQ8)") == "two_level"
+    assert way("IVF4096,Flat", gpu=0) == way("IVF256,Flat") == way("PCA16,IVF4096,Flat") == "kmeans"
+    assert way(effective_factory("HNSW32", 32, "inner_product")) == "kmeans"
+    with pytest.raises(RagtuneError, match="sees the vectors as given"):
+        train_index(new_index("PCA16,IVF64,Flat", 32, "inner_product"), xt, coarse="two_level")
+    with pytest.raises(RagtuneError, match="10,240 training vectors for 16,384 IVF lists"):
+        train_index(new_index("IVF16384,Flat", 32, "inner_product"), xt, coarse="two_level")
 
 
 # --- files, manifests, versions ----------------------------------------------------------------------------------
