@@ -281,8 +281,9 @@ class VersionBoard:
     Every Ingress replica calls :meth:`follow` in a loop (a long poll: it says which version the replica serves
     and answers when the board's differs, or after ``FOLLOW_S``); a replica that switched calls :meth:`publish`,
     which answers once every replica heard from in the last ``LIVE_S`` serves the new version (or after
-    ``PUBLISH_WAIT_S``, naming the ones behind). One replica of no CPU: it only holds a name per replica. A board
-    that restarted knows no version: it takes the first one a replica reports.
+    ``PUBLISH_WAIT_S``, naming the ones behind). A replica behind whose actor is gone (killed: Ray releases its
+    name at once, :func:`actor_alive`) is not waited for. One replica of no CPU: it only holds a name per
+    replica. A board that restarted knows no version: it takes the first one a replica reports.
     """
 
     def __init__(self) -> None:
@@ -316,8 +317,29 @@ class VersionBoard:
             self.new_version = _pulse(self.new_version)
         deadline = time.monotonic() + PUBLISH_WAIT_S
         while self.behind(version) and (left := deadline - time.monotonic()) > 0:
-            await _wait(self.heard, min(left, 1.0))  # again each second: a silent replica stops being live
+            for gone in [r for r in self.behind(version) if not actor_alive(r)]:  # killed while it was behind
+                log.info("index version %s: replica %s is gone; not waiting for it", version_name(version), gone)
+                del self.serving[gone]
+            if self.behind(version):
+                await _wait(self.heard, min(left, 1.0))  # again each second: a silent replica stops being live
         return self.behind(version)
+
+
+def actor_alive(name: str) -> bool:
+    """Whether the Ray actor named ``name`` (a replica, in this process's namespace) is alive as far as Ray's
+    named actors tell: a killed one's name is released within about 0.1 s. Outside Ray, or on any other error,
+    it counts as alive (then only ``LIVE_S`` retires it)."""
+    import ray
+
+    if not ray.is_initialized():
+        return True
+    try:
+        ray.get_actor(name, namespace=ray.get_runtime_context().namespace)
+    except ValueError:  # no live actor of that name
+        return False
+    except Exception:  # noqa: BLE001 - the GCS unreachable for a moment: not a reason to forget a replica
+        return True
+    return True
 
 
 async def follow_board(board: Any, pointer: VersionPointer, replica: str,

@@ -173,6 +173,7 @@ def test_the_board_keeps_the_fused_replicas_on_one_version(tmp_path, monkeypatch
 
     monkeypatch.setattr(fused, "FOLLOW_S", 0.2)
     monkeypatch.setattr(fused, "LIVE_S", 3.0)  # longer than c's backoff (1 s, 2 s) between failed loads
+    monkeypatch.setattr(fused, "actor_alive", lambda name: True)  # "a", "b", "c" name no actor of the test's Ray
     monkeypatch.setattr(fused, "PUBLISH_WAIT_S", 1.5)
     root = tmp_path / "index"
     built, _, _ = build_texts_version(tmp_path / "one", ["alpha", "beta", "gamma"], 1, lexical=False)
@@ -223,6 +224,64 @@ def test_the_board_keeps_the_fused_replicas_on_one_version(tmp_path, monkeypatch
     assert versions["c"].endswith("v-00001") and loaded["c"] == []                       # reload answered
     assert 1.4 < waited < 5  # it waited PUBLISH_WAIT_S for c, which cannot load it, then answered anyway
     assert not again.changed and waited_again < 0.5  # c is gone: nobody is behind
+
+
+def test_a_reload_does_not_wait_for_a_replica_killed_while_it_was_behind(monkeypatch):
+    """A replica killed as a reload starts (the soak's kill and update at the same second) was heard from lately,
+    so it counted as live for LIVE_S and the reload waited PUBLISH_WAIT_S for it, past the request timeout (three
+    504s): a replica whose actor is gone is not waited for; one alive but behind still is."""
+    from serving import fused
+    from serving.fused import Local, VersionBoard
+
+    monkeypatch.setattr(fused, "FOLLOW_S", 0.2)
+    monkeypatch.setattr(fused, "PUBLISH_WAIT_S", 1.0)  # LIVE_S stays 60 s: c was heard from a moment ago
+    dead: set[str] = set()
+    monkeypatch.setattr(fused, "actor_alive", lambda name: name not in dead)
+
+    async def follower(board, name):
+        have = "v-1"
+        while True:  # switches to whatever the board names, at once
+            have = await board.follow.remote(name, have)
+
+    async def scenario(killed):
+        board = Local(VersionBoard.func_or_class())
+        loops = [asyncio.create_task(follower(board, n)) for n in "ab"]
+        await board.follow.remote("c", "v-1")  # c is heard from once, then stops (killed, or hung)
+        await asyncio.sleep(0.05)
+        dead.clear()
+        dead.update({"c"} if killed else set())
+        t0 = time.monotonic()
+        behind = await board.publish.remote("v-2")
+        for task in loops:
+            task.cancel()
+        return behind, time.monotonic() - t0
+
+    behind, took = asyncio.run(scenario(killed=True))
+    assert behind == [] and took < 0.5
+    behind, took = asyncio.run(scenario(killed=False))  # alive but not following: waited for, then named
+    assert behind == ["c"] and 0.9 < took < 3
+
+
+@pytest.mark.integration
+def test_actor_alive_tells_a_killed_replica_from_a_live_one(ray_2_cpus):
+    import os
+    import signal
+
+    from serving.fused import actor_alive
+
+    @ray_2_cpus.remote(num_cpus=0)
+    class Replica:
+        def pid(self):
+            return os.getpid()
+
+    actor = Replica.options(name="SERVE_REPLICA::test#Ingress#x1", lifetime="detached").remote()
+    pid = ray_2_cpus.get(actor.pid.remote())
+    assert actor_alive("SERVE_REPLICA::test#Ingress#x1") and not actor_alive("SERVE_REPLICA::test#Ingress#none")
+    os.kill(pid, signal.SIGKILL)  # as the soak kills a replica
+    deadline = time.monotonic() + 10
+    while actor_alive("SERVE_REPLICA::test#Ingress#x1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not actor_alive("SERVE_REPLICA::test#Ingress#x1")
 
 
 def test_a_new_replica_hears_the_boards_version_at_once_and_then_long_polls(monkeypatch):
