@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,7 +37,7 @@ from models.embedders import QueryEncoder
 from models.prompt import completion_prompt
 from serving.batching import Batcher
 from serving.engine import EngineInfo, load_engine
-from serving.generation import GenRequest
+from serving.generation import Delta, GenRequest
 from serving.rag import (
     RANKINGS,
     FusionOverrides,
@@ -378,15 +378,17 @@ class Generator:
         if adapter:
             self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
         request_id = uuid.uuid4().hex
-        deltas = self.engine.generate(request, request_id)
+        deltas: AsyncGenerator[Delta, None] | None = None
         try:
+            deltas = self.engine.generate(request, request_id)  # the hf engine refuses here (e.g. its queue full)
             yield prompt
             async for delta in deltas:
                 yield Step(text=delta.text, finish_reason=delta.finish_reason,
                            completion_tokens=delta.completion_tokens, batch=delta.batch)
         finally:
-            await self.engine.cancel(request_id)  # nothing when it finished
-            await deltas.aclose()
+            if deltas is not None:
+                await self.engine.cancel(request_id)  # nothing when it finished
+                await deltas.aclose()
             if adapter:
                 self.in_use[adapter] -= 1
                 if not self.in_use[adapter] and adapter in self.unloading:

@@ -140,9 +140,9 @@ def train_index(index: Any, xt: np.ndarray, gpu: int | None = None, coarse: str 
     (``faiss.contrib.clustering.two_level_clustering``: sqrt(nlist) clusters, then each split in proportion to
     its size), as faiss's billion-scale benchmarks train large coarse quantizers: each point is compared with
     about 2 x sqrt(nlist) centroids over 25 iterations instead of nlist over faiss's 10, about sqrt(nlist) / 5
-    times less work (7.5x faster measured at 4,096 lists, docs/scale.md). The training's fixed cost dominated
-    builds of nlist 8192 on CPUs (bench/scale.py). The rest (PQ, SQ, refinement) trains as faiss trains it, on
-    the same vectors."""
+    times less work (7.5x faster measured at 4,096 lists, 5.8x at 8,192 with PQ96, docs/scale.md): the
+    fixed cost of a build at any N. The rest (PQ, SQ, refinement) trains as faiss trains it, on the same
+    vectors."""
     import faiss
 
     if index.is_trained:

@@ -266,3 +266,30 @@ def test_the_generator_cancels_the_engine_request_when_its_stream_is_closed(read
     got, running, marked, after = asyncio.run(run())
     assert isinstance(got[0], PromptInfo) and all(isinstance(s, Step) and s.batch == 1 for s in got[1:])
     assert running == 1 and marked and (after.running, after.waiting) == (0, 0) and not engine.requests
+
+
+def test_a_request_the_engine_refuses_leaves_its_adapter_free_to_unload(reader_dir, lora_dir):
+    """The hf engine refuses at the call (a prompt too long here; a queue past its bound alike), before the
+    Generator has sent anything: the adapter the request counted as in use must count it no more."""
+    from configs.schema.serve import PromptConfig
+    from serving.deployments import Generator
+    from serving.schemas import PromptInfo
+
+    cpu = ReplicaResources(num_cpus=1, num_gpus=0, threads=1, device="cpu")
+    generator = Generator.func_or_class(GeneratorConfig(model=reader_dir, adapters={"qa": lora_dir}), PromptConfig(),
+                                        cpu)
+
+    async def run():
+        await generator._load_adapter("qa")
+        too_long = GenRequest(list(range(5, 5 + generator.engine.context)), SamplingParams(4), "qa")
+        events = generator._events(too_long, PromptInfo(prompt_tokens=len(too_long.prompt_ids), citations=[]))
+        with pytest.raises(InvalidRequest, match="does not fit the context"):
+            await anext(events)  # refused before the prompt's info is sent
+        in_use = dict(generator.in_use)
+        await generator.unload_adapter("qa")
+        loaded = generator.engine.info().adapters
+        await generator.engine.close()
+        return in_use, loaded
+
+    in_use, loaded = asyncio.run(run())
+    assert in_use == {"qa": 0} and loaded == []
