@@ -68,6 +68,7 @@ from sharding.manifest import read_index_manifest, resolve_index  # noqa: E402
 from sharding.search import open_docstore  # noqa: E402
 
 SQUAD = Path(os.environ.get("RAGTUNE_SHARED", REPO.parent / "shared")) / "data" / "squad" / "retrieval-v1.1"
+IN_INGRESS = {"auto": None, "true": True, "false": False}  # --fused-in-ingress -> shards.fused_in_ingress
 
 
 def corpus_and_queries(n: int, work: Path) -> tuple[Path, list[str]]:
@@ -307,7 +308,8 @@ def compare_with_peer(args: argparse.Namespace, index_path: str, queries: list[s
     from ray import serve
 
     cfg = ServeJobConfig.model_validate({
-        "index": {"path": index_path, "poll_interval_s": None}, "shards": {"layout": args.layout},
+        "index": {"path": index_path, "poll_interval_s": None},
+        "shards": {"layout": args.layout, "fused_in_ingress": IN_INGRESS[args.fused_in_ingress]},
         "embedder": {"max_batch_size": 32}, "generator": {"model": str(args.model), "name": "tiny"},
         "http": {"port": port}, "auth": {"api_keys_env": None}, "limits": {"request_timeout_s": 300},
         "serve": {"access_log": access_log}})
@@ -378,6 +380,9 @@ def main() -> None:
     ap.add_argument("--plot", default="bench-serve.png")
     ap.add_argument("--peer-rounds", type=int, default=3, help="rounds of ragtune vs the peer (0: none)")
     ap.add_argument("--layout", default="auto", choices=("auto", "fused", "split"), help="shards.layout")
+    ap.add_argument("--fused-in-ingress", choices=("auto", "true", "false"), default="auto",
+                    help="shards.fused_in_ingress (auto: false with 2 or more replicas; false = IndexReplica replicas "
+                    "behind one Ingress, which retries a replica lost mid-call on another, at one more hop)")
     ap.add_argument("--peer", metavar="INDEX", help=argparse.SUPPRESS)  # the peer's own process
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -439,7 +444,8 @@ def main() -> None:
             on = mode == "on"
             cfg = ServeJobConfig.model_validate({
                 "index": {"path": str(work / "index"), "poll_interval_s": None},
-                "embedder": {"batching": on, "max_batch_size": 32}, "shards": {"layout": args.layout},
+                "embedder": {"batching": on, "max_batch_size": 32},
+                "shards": {"layout": args.layout, "fused_in_ingress": IN_INGRESS[args.fused_in_ingress]},
                 "generator": {"model": str(model), "name": "tiny", "batching": on, "max_batch_size": 8,
                               "defaults": {"max_tokens": args.max_tokens}},
                 "http": {"port": port}, "auth": {"api_keys_env": None},

@@ -6,8 +6,10 @@ burst, on 127.0.0.1; it stops by itself.
 
 Setup (as ``bench/serve.py``, whose helpers it uses): ``--paragraphs`` SQuAD paragraphs embedded and indexed (Flat, 2
 shards) by the real jobs, a tiny generator, and the app deployed with Serve on a local Ray in the layout the serving
-plan chooses for a small index: fused (the index in each Ingress replica; ``--layout split`` puts it behind the
-Ingress, in ShardSearcher replicas), ``shards.replicas`` 2, so that one replica can be lost while the other answers.
+plan chooses for a small index: fused, with its 2 replicas IndexReplica replicas behind one Ingress
+(``shards.fused_in_ingress`` auto; ``--fused-in-ingress true`` puts the index in each Ingress replica; ``--layout
+split`` behind the Ingress, in ShardSearcher replicas), ``shards.replicas`` 2, so that one replica can be lost while
+the other answers.
 Then:
 
 1. capacity: a short closed loop on ``/v1/search`` and on RAG chat (``/v1/chat/completions``, ``--max-tokens``) at
@@ -16,14 +18,16 @@ Then:
    2 cores, where the load generator shares the cores), so then an open-loop ramp of the mix, ``--ramp-step-s``
    seconds at each of ``RAMP`` x the closed-loop rate, stops at the first step that is not answered in full (a
    non-200, or a p99 of searches or of chats over half the request timeout, ``limits.latency_target_share``'s
-   default): the last step answered in full is the capacity. What is
+   default): the last step answered in full is the capacity (or ``--capacity`` gives it, to compare two
+   versions of the code at the same rates: the ramp's answer varies by a step from run to run). What is
    measured after this is "after warm-up".
 2. the soak: ``--duration`` seconds of an open loop at ``--load`` x that capacity (a fixed schedule, so a fixed
    request count, printed first), with ``--burst-x`` x capacity for ``--burst-len`` seconds from ``--burst-at``;
    every ``--update-every`` s ``jobs.freshness.add`` of new paragraphs and ``jobs.freshness.delete`` of the ones the
    previous update added (in this process, a thread), then ``POST /admin/reload``; every ``--kill-every`` s one of
-   the two replicas that hold shards (in turn: fused, an Ingress replica, and its requests in flight are lost with
-   it; split, a ShardSearcher replica, whose calls the Retriever retries on the other) is killed with SIGKILL and
+   the two replicas that hold shards (in turn: fused, an IndexReplica replica, whose calls the Ingress retries on the
+   other, or with ``--fused-in-ingress true`` an Ingress replica, and its requests in flight are lost with it;
+   split, a ShardSearcher replica, whose calls the Retriever retries on the other) is killed with SIGKILL and
    Serve replaces it; every ``--sample-every`` s the RSS and anonymous memory (/proc/PID/status ``RssAnon``) of each
    replica of the app.
 
@@ -63,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.freshness import load_average, write_jsonl  # noqa: E402
-from bench.serve import SQUAD, corpus_and_queries, free_port, load, pct  # noqa: E402
+from bench.serve import IN_INGRESS, SQUAD, corpus_and_queries, free_port, load, pct  # noqa: E402
 from configs.schema import EmbedJobConfig, IndexJobConfig, ServeJobConfig  # noqa: E402
 from jobs.embed import run as embed  # noqa: E402
 from jobs.index import run as index  # noqa: E402
@@ -296,10 +300,12 @@ class Soak:
               f"{self.now() - t_written:.1f}s", flush=True)
 
     def kill(self, n: int) -> None:
-        """SIGKILL one of the replicas that hold shards (in turn): the Ingress replicas in the fused layout, the
-        ShardSearcher groups' in the split one; then wait until Serve runs two of its deployment again."""
+        """SIGKILL one of the replicas that hold shards (in turn): the IndexReplica replicas in the fused layout (the
+        Ingress replicas when they hold the index), the ShardSearcher groups' in the split one; then wait until
+        Serve runs two of its deployment again."""
         holders = sorted((name, pid, dep) for name, (dep, pid) in app_replicas().items()
-                         if dep == "Ingress" and self.layout == "fused" or dep.startswith("ShardSearcher"))
+                         if dep == "Ingress" and self.layout == "fused" or dep == "IndexReplica"
+                         or dep.startswith("ShardSearcher"))
         if not holders or self.now() >= self.args.duration - 1:  # none as the last requests are answered
             return
         name, pid, dep = holders[(n - 1) % len(holders)]
@@ -463,7 +469,12 @@ def main() -> int:
     ap.add_argument("--paragraphs", type=int, default=400, help="SQuAD paragraphs in the index")
     ap.add_argument("--layout", choices=("auto", "fused", "split"), default="auto",
                     help="shards.layout (auto: the plan's choice, fused for this index)")
+    ap.add_argument("--fused-in-ingress", choices=("auto", "true", "false"), default="auto",
+                    help="shards.fused_in_ingress (auto: false with 2 or more replicas; false = IndexReplica replicas "
+                    "behind one Ingress, which retries a replica lost mid-call on another, at one more hop)")
     ap.add_argument("--cap-requests", type=int, default=300, help="search requests of the closed-loop capacity")
+    ap.add_argument("--capacity", type=float, help="the open-loop capacity (req/s) instead of the ramp's: the soak "
+                    "and burst rates of an earlier run, to compare two versions of the code at the same load")
     ap.add_argument("--ramp-step-s", type=float, default=20, help="seconds of each step of the open-loop ramp")
     ap.add_argument("--request-timeout", type=float, default=10, help="limits.request_timeout_s")
     ap.add_argument("--max-concurrent", type=int, default=256, help="limits.max_concurrent_requests per replica "
@@ -515,7 +526,8 @@ def main() -> int:
     def config(max_concurrent: int) -> ServeJobConfig:
         return ServeJobConfig.model_validate({
             "index": {"path": str(root), "poll_interval_s": None},
-            "shards": {"replicas": 2, "health_check_period_s": 1, "layout": args.layout},
+            "shards": {"replicas": 2, "health_check_period_s": 1, "layout": args.layout,
+                       "fused_in_ingress": IN_INGRESS[args.fused_in_ingress]},
             "generator": {"model": str(model), "name": "tiny", "defaults": {"max_tokens": args.max_tokens}},
             "http": {"port": port, "app_name": APP}, "auth": {"api_keys_env": None},
             "limits": {"request_timeout_s": limit, "max_concurrent_requests": max_concurrent},
@@ -532,17 +544,21 @@ def main() -> int:
           f"chat {cap['chat_rps']:.1f} req/s (c8, p99 {cap['chat_p99'] * 1e3:.0f} ms); the mix with "
           f"{args.chat_share:.0%} chats {cap['mix_rps']:.1f} req/s; failed {cap['failed']}; then the open-loop ramp:",
           flush=True)
-    cap["sustained"] = sustained(lambda: Soak(args, url, root, cfg, queries, new_docs, run_dir), args,
-                                 cap["mix_rps"])
+    if args.capacity:  # given: the same rates as an earlier run's, for an A/B of two versions of the code
+        cap["sustained"] = {"rate": args.capacity, "steps": [], "closed": cap["mix_rps"], "given": True}
+    else:
+        cap["sustained"] = sustained(lambda: Soak(args, url, root, cfg, queries, new_docs, run_dir), args,
+                                     cap["mix_rps"])
     mix = cap["sustained"]["rate"]
-    print(f"capacity (open loop, answered in full): {mix:.1f} req/s ({mix / cap['mix_rps']:.2f}x the closed loop); "
+    print(f"capacity (open loop, {'given by --capacity' if args.capacity else 'answered in full'}): {mix:.1f} req/s "
+          f"({mix / cap['mix_rps']:.2f}x the closed loop); "
           f"limits: request_timeout_s {limit:g}, latency_target_share {cfg.limits.latency_target_share:g}, "
           f"max_concurrent_requests {args.max_concurrent} per replica", flush=True)
 
     rate, burst = args.load * mix, args.burst_x * mix
     times = schedule(args.duration, rate, args.burst_at, args.burst_len, burst)
     soak = Soak(args, url, root, cfg, queries, new_docs, run_dir)
-    soak.layout = plan.layout
+    soak.layout = plan.layout if plan.fused_in_ingress else "fused, index apart"
     soak.publish(first)
     print(f"soak: {len(times)} requests over {args.duration:g}s at {rate:.1f} req/s ({args.load:g}x), "
           f"{burst:.1f} req/s ({args.burst_x:g}x) for {args.burst_len:g}s from {args.burst_at:g}s; update every "

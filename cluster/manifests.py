@@ -382,15 +382,17 @@ def _serve_fits(run: JobRun, cfg: Any, start: list[NodeShape], largest: list[Nod
                         num_cpus={"embedder": e.num_cpus, "searcher": s.num_cpus, "generator": g.num_cpus},
                         threads={"embedder": e.threads, "searcher": s.threads, "generator": g.threads},
                         generator_gpus=g.gpus_per_replica,  # vllm: a replica's tensor-parallel GPUs, on one node
-                        layout=s.layout)  # auto: split here (the index size is not read), the larger app
-    fused = plan.layout == "fused"  # no Embedder, no Retriever: the Ingress replicas hold the index, scaled like a
-    #                                 shard group
+                        layout=s.layout,  # auto: split here (the index size is not read), the larger app
+                        fused_in_ingress=s.fused_in_ingress if s.fused_in_ingress is not None else high < 2)
+    fused = plan.layout == "fused"  # no Embedder, no Retriever: the Ingress replicas (or IndexReplica replicas
+    #                                 behind one Ingress) hold the index, scaled like a shard group
+    light = (0 if plan.fused_in_ingress else 1) if fused else LIGHT_REPLICAS
 
     def replicas(searchers: int) -> list[tuple[float, float]]:
         return ([(plan.embedder.num_cpus, plan.embedder.num_gpus)] * (0 if fused else e.replicas)
                 + [(plan.generator.num_cpus, plan.generator.num_gpus)] * g.replicas
                 + [(plan.searcher.num_cpus, plan.searcher.num_gpus)] * (len(plan.groups) * searchers)
-                + [(plan.light.num_cpus, plan.light.num_gpus)] * (0 if fused else LIGHT_REPLICAS))
+                + [(plan.light.num_cpus, plan.light.num_gpus)] * light)
 
     problems = _fits(f"{run.line()}: the replicas when the app is built", replicas(max(1, low)), start, False)
     if high > low:

@@ -217,9 +217,11 @@ class ServePlan:
     """Resources of every deployment of the serving app, its layout, and which index shards each ShardSearcher
     holds.
 
-    ``layout`` fused: the Ingress replicas hold the query encoder, every shard and the docstore themselves;
+    ``layout`` fused: the Ingress replicas hold the query encoder, every shard and the docstore themselves
+    (``fused_in_ingress``; else IndexReplica replicas do, behind one Ingress of ``light`` resources);
     ``searcher`` is their resources (``embedder`` too: they embed), ``groups`` one group of every shard, and
-    ``light`` is unused. Split: an Embedder, one ShardSearcher deployment per group, a Retriever and the Ingress.
+    ``light`` is unused when the Ingress holds the index. Split: an Embedder, one ShardSearcher deployment per
+    group, a Retriever and the Ingress.
     """
 
     embedder: ReplicaResources
@@ -231,6 +233,7 @@ class ServePlan:
     searcher_max_per_node: int | None = None  # replicas of one group on one node at most (Serve's
     # max_replicas_per_node), so that losing a node leaves each group a replica elsewhere; None = no limit
     layout: Layout = "split"
+    fused_in_ingress: bool = True  # fused: the Ingress replicas hold the index (else an IndexReplica deployment)
 
 
 def _gib(n: float) -> str:
@@ -306,7 +309,7 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
                  num_cpus: dict[str, float | None] | None = None,
                  threads: dict[str, int | None] | None = None, generator_gpus: int = 1,
                  layout: Literal["auto", "fused", "split"] = "auto", index_bytes: int | None = None,
-                 memory_share: float = 0.25) -> ServePlan:
+                 memory_share: float = 0.25, fused_in_ingress: bool | None = None) -> ServePlan:
     """Decide the resources of the serving app's deployments from the cluster's shape.
 
     GPUs: each Generator replica takes a whole GPU (device auto or gpu); ShardSearchers share the GPUs left over
@@ -338,12 +341,20 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
         layout: shards.layout (auto, fused, split).
         index_bytes: what one replica holding the whole index would hold in memory (None: unknown).
         memory_share: shards.fused_memory_share.
+        fused_in_ingress: shards.fused_in_ingress (fused: false = one light Ingress in front of the index
+            replicas; None = false when a replica can be lost with another left to retry on: 2 or more of them).
     """
     if not nodes:
         raise RagtuneError("the Ray cluster has no alive node with CPUs or GPUs; check `ray status`")
     num_cpus, threads = num_cpus or {}, threads or {}
     kind, why = choose_layout(nodes, layout, index_bytes, memory_share)
     fused = kind == "fused"
+    most = max(searcher_replicas, searcher_max_replicas or 0)
+    if fused_in_ingress is None:  # apart where another replica is there to retry a lost one's requests on
+        fused_in_ingress, apart_why = most < 2, f"shards.fused_in_ingress auto: {most} replica(s)"
+    else:
+        apart_why = f"shards.fused_in_ingress = {str(fused_in_ingress).lower()}"
+    apart = fused and not fused_in_ingress  # the index replicas are a deployment of their own, behind one Ingress
     grouped = shard_groups(num_shards, 1 if fused else groups)
     total_gpus = int(sum(n.gpus for n in nodes))
     cpu_nodes = [n for n in nodes if n.cpus >= 1]
@@ -369,7 +380,7 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
     search_share = _floor3(min(1.0, left / n_search)) if search_gpu else 0.0
     defaults = {"embedder": 1.0, "generator": 1.0, "searcher": 1.0 if fused else 0.5, "light": 0.1}
     counts = {"embedder": 0 if fused else embedder_replicas, "generator": generator_replicas, "searcher": n_search,
-              "light": 0 if fused else light_replicas}
+              "light": (1 if apart else 0) if fused else light_replicas}
     total_cpus = sum(n.cpus for n in nodes)
     fixed = sum((num_cpus.get(r) or 0) * counts[r] for r in counts)
     if fixed > total_cpus:
@@ -403,7 +414,8 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
         light=ReplicaResources(cpus("light"), 0.0, 1, "cpu"),
         groups=grouped,
         reason=(f"{kind} layout ({why}); "
-                + (f"Ingress replicas holding all {num_shards} shard(s)" if fused else
+                + (f"IndexReplica replicas holding all {num_shards} shard(s), behind one Ingress ({apart_why})"
+                   if apart else f"Ingress replicas holding all {num_shards} shard(s) ({apart_why})" if fused else
                    f"{len(grouped)} shard group(s) of {num_shards} shard(s)")
                 + f"; generator on {'GPU' if gen_gpu else 'CPU'}, {'index replicas' if fused else 'searchers'} on "
                 f"{f'GPU ({search_share:g} of one each)' if search_gpu else 'CPU'}"
@@ -411,4 +423,5 @@ def plan_serving(nodes: list[NodeResources], *, num_shards: int, groups: int | N
                 + (f"; at most {spread} replica(s) of a shard group per node" if spread else "")),
         searcher_max_per_node=spread,
         layout=kind,
+        fused_in_ingress=not apart,
     )

@@ -130,7 +130,7 @@ def plan_for(cfg: ServeJobConfig, nodes: list[NodeResources] | None = None) -> S
     replicas = s.autoscaling.min_replicas if s.autoscaling else s.replicas
     return plan_serving(nodes if nodes is not None else cluster_nodes(), num_shards=len(manifest.shards),
                         layout=s.layout, index_bytes=index_bytes,
-                        memory_share=s.fused_memory_share,
+                        memory_share=s.fused_memory_share, fused_in_ingress=s.fused_in_ingress,
                         groups=s.groups, searcher_replicas=max(1, replicas),
                         searcher_max_replicas=s.autoscaling.max_replicas if s.autoscaling else s.replicas,
                         embedder_replicas=cfg.embedder.replicas,
@@ -169,6 +169,11 @@ def _deployment(cls: type) -> Deployment:
 def route_hops(plan: ServePlan) -> dict[str, str]:
     """Each route's path through the deployments under this plan (logged at start, printed by bench/serve.py)."""
     n = len(plan.groups[0]) if plan.layout == "fused" else sum(len(g) for g in plan.groups)
+    if plan.layout == "fused" and not plan.fused_in_ingress:
+        index = f"IndexReplica (embed + {n} shard(s) + docstore)"
+        return {"/v1/search": f"proxy -> Ingress -> {index} -> Ingress",
+                "/v1/embeddings": "proxy -> Ingress -> IndexReplica (embed) -> Ingress",
+                "/v1/chat/completions": f"proxy -> Ingress -> {index} -> Ingress -> Generator"}
     if plan.layout == "fused":
         index = f"Ingress (embed + {n} shard(s) + docstore, in process)"
         return {"/v1/search": f"proxy -> {index}",
@@ -202,8 +207,10 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     """
     # imported here: they import Ray at their top, and importing this module (jobs.serve does, for
     # `ragtune --help`) must not
+    from ray import serve
+
     from serving.deployments import Embedder, Generator, Retriever, ShardSearcher
-    from serving.fused import FusedIndex, VersionBoard
+    from serving.fused import FusedIndex, IndexReplica, VersionBoard
     from serving.ingress import Ingress
 
     if not isinstance(args, ServeAppArgs):
@@ -228,6 +235,19 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
                                "key_hashes": keys, "api_keys_env": cfg.auth.api_keys_env}
     # above limits.max_concurrent_requests: the requests over it reach the Ingress, which answers them a 429
     max_ongoing = max(512, cfg.limits.max_concurrent_requests + 64)
+
+    if plan.layout == "fused" and not plan.fused_in_ingress:  # IndexReplica replicas, scaled like a shard group,
+        # behind one light Ingress that holds the version pointer and retries a replica that died on another; the
+        # replicas follow the board, so that a new version is loaded in each before the Ingress switches to it
+        board = _deployment(VersionBoard).options(**_common(cfg)).bind()
+        replica = serve.deployment(name="IndexReplica")(IndexReplica).options(
+            **_common(cfg), ray_actor_options=_actor_options(plan.searcher), **health, **_scaling(cfg, plan),
+            max_ongoing_requests=256,  # Serve's default (5) would keep its batches (encoder, search, docstore) small
+        ).bind(cfg.index, e, cfg.retrieval, plan.searcher, board)
+        return _deployment(Ingress).options(
+            num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light),
+            max_ongoing_requests=max_ongoing,
+        ).bind(replica, replica, generator, **ingress, index=cfg.index, board=board)
 
     if plan.layout == "fused":  # the Ingress replicas hold the index: scaled like a shard group, in step by the board
         board = _deployment(VersionBoard).options(**_common(cfg)).bind()

@@ -31,7 +31,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.placement import ReplicaResources
-from configs.errors import Conflict, NotFound, Unavailable
+from configs.errors import Conflict, NotFound, RagtuneError, Unavailable
 from configs.schema.serve import EmbedderConfig, GeneratorConfig, IndexSource, PromptConfig, RetrievalConfig, SearchMode
 from models.embedders import QueryEncoder
 from models.prompt import completion_prompt
@@ -62,6 +62,7 @@ from serving.schemas import (
     Health,
     Passage,
     PromptInfo,
+    Refused,
     Reloaded,
     RetrieverInfo,
     SearchResult,
@@ -86,16 +87,23 @@ def replica_errors() -> tuple[type[BaseException], ...]:
 
 async def call_retrying(handle: DeploymentHandle, method: str, deadline: float,
                         retry_errors: tuple[type[BaseException], ...], *args: Any) -> Any:
-    """Call a deployment that searches (a shard group, a fused replica); while its replica is being replaced (died,
-    unavailable: ``retry_errors``), retry until ``deadline`` (``time.monotonic``), then a 503."""
+    """Call a deployment that searches (a shard group, the fused layout's IndexReplica); while its replica is being
+    replaced (died, unavailable: ``retry_errors``), retry until ``deadline`` (``time.monotonic``), then a 503.
+    Given up by its caller (a timeout, a client gone), the call is cancelled there too."""
     delay = 0.05
     while True:
+        response = getattr(handle, method).remote(*args)
         try:
-            return await getattr(handle, method).remote(*args)
+            return await response
+        except asyncio.CancelledError:
+            cancel = getattr(response, "cancel", None)  # a DeploymentResponse: Ray's own await does not cancel it
+            if callable(cancel):
+                cancel()
+            raise
         except retry_errors as e:
             if time.monotonic() + delay > deadline:
-                raise Unavailable(f"a shard group did not answer in time ({type(e).__name__}); retry later",
-                                  code="shard_unavailable") from None
+                raise Unavailable(f"no replica that holds the index answered in time ({type(e).__name__}); "
+                                  "retry later", code="shard_unavailable") from None
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
@@ -370,8 +378,9 @@ class Generator:
         else:
             await self.engine.remove_adapter(name)
 
-    async def _events(self, request: GenRequest, prompt: PromptInfo) -> AsyncIterator[PromptInfo | Step]:
-        """The prompt, then one Step per decode step. The adapter counts as in use from before the prompt is
+    async def _events(self, request: GenRequest, prompt: PromptInfo) -> AsyncIterator[PromptInfo | Step | Refused]:
+        """The prompt, then one Step per decode step (or ``Refused`` alone: the engine's refusal, e.g. its queue
+        full or the request's deadline too near). The adapter counts as in use from before the prompt is
         handed out, so that an eviction meanwhile does not unload it. Closed early (the client went away), the
         request is cancelled in the engine, which frees its slot at the next step."""
         adapter = request.adapter
@@ -380,7 +389,11 @@ class Generator:
         request_id = uuid.uuid4().hex
         deltas: AsyncGenerator[Delta, None] | None = None
         try:
-            deltas = self.engine.generate(request, request_id)  # the hf engine refuses here (e.g. its queue full)
+            try:
+                deltas = self.engine.generate(request, request_id)  # the hf engine refuses here (its queue full)
+            except RagtuneError as e:  # the client's 4xx or a 429: a value for the Ingress, no traceback logged
+                yield Refused(e)
+                return
             yield prompt
             async for delta in deltas:
                 yield Step(text=delta.text, finish_reason=delta.finish_reason,
@@ -411,19 +424,29 @@ class Generator:
         else:
             ids = completion_prompt(self.engine.tokenizer, request.prompt, self.engine.context, params.max_tokens)
             info = PromptInfo(prompt_tokens=len(ids), citations=[])
-        return GenRequest(ids, params, adapter), info
+        return GenRequest(ids, params, adapter, request.deadline), info
 
-    async def stream(self, request: ChatInput | CompletionInput) -> AsyncIterator[PromptInfo | Step]:
-        """Streamed generation: first the PromptInfo, then one Step per decode step."""
-        gen_request, prompt = await self._prepare(request)
+    async def stream(self, request: ChatInput | CompletionInput) -> AsyncIterator[PromptInfo | Step | Refused]:
+        """Streamed generation: first the PromptInfo (or ``Refused``, and nothing after it), then one Step per
+        decode step."""
+        try:
+            gen_request, prompt = await self._prepare(request)
+        except RagtuneError as e:
+            yield Refused(e)
+            return
         async for event in self._events(gen_request, prompt):
             yield event
 
-    async def complete(self, request: ChatInput | CompletionInput) -> Generated:
-        """The whole answer at once."""
-        gen_request, prompt = await self._prepare(request)
+    async def complete(self, request: ChatInput | CompletionInput) -> Generated | Refused:
+        """The whole answer at once (or ``Refused``)."""
+        try:
+            gen_request, prompt = await self._prepare(request)
+        except RagtuneError as e:
+            return Refused(e)
         text, finish_reason, completion_tokens, batch = "", None, 0, 0
         async for event in self._events(gen_request, prompt):
+            if isinstance(event, Refused):
+                return event
             if isinstance(event, Step):
                 text += event.text
                 finish_reason = event.finish_reason or finish_reason

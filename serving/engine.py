@@ -22,7 +22,9 @@ Contract, shared by every engine (tests hold each engine to it):
   since the last delta (never a partial UTF-8 character, never the start of a stop sequence that may still
   complete), ``completion_tokens`` so far; the last delta has ``finish_reason`` "stop" or "length" and nothing
   follows it. An adapter that is not loaded, or a prompt that leaves no room in the context, raises
-  ``configs.errors.RagtuneError`` before the first delta.
+  ``configs.errors.RagtuneError`` before the first delta. An engine that queues may refuse a request it cannot
+  finish by ``request.deadline`` with ``configs.errors.Overloaded`` (a 429), also before the first delta (hf
+  does; vLLM's scheduler does not look at it).
 - ``cancel(request_id)`` (or closing the async generator, e.g. when the client went away) ends the request at the
   next step boundary and frees its slot; the stream of a request cancelled by id ends without a last delta;
   cancelling an unknown or finished id does nothing.

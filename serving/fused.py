@@ -5,6 +5,13 @@ BM25) and the docstore (an :class:`IndexReplica` object in each Ingress replica'
                  \\----> Generator                                 chat, completions
     VersionBoard: the index version every Ingress replica answers from
 
+With ``shards.fused_in_ingress`` false (the default with 2 or more replicas) the IndexReplica is a Serve deployment
+of its own behind one Ingress, which holds the version pointer and calls it once per search, retrying on another
+replica a call whose replica died (``serving.deployments.call_retrying``): one more hop, no request lost with a
+replica.
+
+    proxy --> Ingress (HTTP, version pointer) --> IndexReplica (embed + every shard + docstore)
+
 The serving plan (``cluster.placement.plan_serving``, ``shards.layout``) chooses it when the whole index fits
 one replica's memory budget: a search then crosses no deployment at all (proxy -> Ingress), where the split
 layout makes five calls (Retriever, Embedder, the shard groups, back); the Ingress replicas scale like a shard
@@ -42,7 +49,7 @@ from ray import serve
 from cluster.placement import ReplicaResources
 from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
 from serving.batching import Batcher
-from serving.deployments import BatchedEncoder
+from serving.deployments import BatchedEncoder, replica_name
 from serving.rag import (
     PASSAGE_FIELDS,
     FusionOverrides,
@@ -128,8 +135,9 @@ class FusedIndex:
 
 
 class IndexReplica:
-    """The whole index in one process (an Ingress replica's): encoder, shards, BM25 shards (unless
-    ``retrieval.mode`` is dense) and docstore, for every version asked for (the newest two kept).
+    """The whole index in one process (an Ingress replica's, or its own Serve replica's when the index is apart):
+    encoder, shards, BM25 shards (unless ``retrieval.mode`` is dense) and docstore, for every version asked for (the
+    newest two kept).
 
     ``embedder`` sizes the batches (``max_batch_size``, ``batch_wait_timeout_s``; ``batching: false`` = every
     query alone), ``retrieval`` gives the mode, fusion and filter candidate counts, ``resources`` the device of
@@ -137,7 +145,7 @@ class IndexReplica:
     """
 
     def __init__(self, index: IndexSource, embedder: EmbedderConfig, retrieval: RetrievalConfig,
-                 resources: ReplicaResources):
+                 resources: ReplicaResources, board: Any = None):
         import faiss
         import torch
 
@@ -148,6 +156,9 @@ class IndexReplica:
         self.docstore_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docstore")
         self.held = LoadedVersions(index, None, resources.device, retrieval.mode != "dense", "IndexReplica")
         first = self.held.load_current()  # not ready (nor healthy) before its shards and docstore are
+        # apart (a deployment of its own): the board names the versions to load before the Ingress switches
+        self.board, self.first = board, first
+        self.follower: asyncio.Task[None] | None = None
         manifest = self.held.versions[first].manifest
         self.docstores = Docstores("IndexReplica")
         self.docstore_pool.submit(self.docstores.get, first, manifest).result()
@@ -160,6 +171,12 @@ class IndexReplica:
 
     # --- search ---------------------------------------------------------------------------------------------------
 
+    def _follow(self) -> None:
+        """Apart: start following the board once, from the first call (a replica's event loop runs by then)."""
+        if self.board is not None and self.follower is None:
+            self.follower = asyncio.get_running_loop().create_task(
+                follow_versions(self.board, replica_name(), self.first, self.prepare))
+
     def _search_jobs(self, jobs: list[_Job]) -> list[tuple[np.ndarray, np.ndarray]]:
         return search_jobs(jobs)
 
@@ -170,6 +187,7 @@ class IndexReplica:
                      fusion: FusionOverrides | None = None, param: str = "mode") -> SearchResult:
         """The top ``k`` passages of ``query`` in ``version`` (the Ingress's current one); ``mode``, ``fusion`` and
         ``param`` as ``Retriever.search`` takes them. Lexical searches embed nothing."""
+        self._follow()
         index = await self.held.get(version)
         manifest = index.manifest
         # a 400 before any work
@@ -192,6 +210,7 @@ class IndexReplica:
 
     async def prepare(self, version: str) -> None:
         """Load ``version`` (shards and docstore) now, before the Ingress switches to it."""
+        self._follow()
         index = await self.held.get(version)
         await asyncio.get_running_loop().run_in_executor(self.docstore_pool, self.docstores.get, version,
                                                          index.manifest)
@@ -199,6 +218,7 @@ class IndexReplica:
     async def ready(self, version: str) -> Health:
         """Whether this replica has loaded ``version`` (it loads it now if not: a replica that started after a
         switch)."""
+        self._follow()
         n = len((await self.held.get(version)).manifest.shards)
         return Health(ready=True, version=version_name(version), shards=n, loaded=list(range(n)))
 
@@ -211,6 +231,7 @@ class IndexReplica:
     # --- embeddings -----------------------------------------------------------------------------------------------
 
     async def embed_many(self, texts: list[str]) -> list[Embedding]:
+        self._follow()
         return await self.encoder.embed_many(texts)
 
     def info(self) -> EmbedderInfo:
@@ -276,7 +297,8 @@ def _pulse(event: asyncio.Event) -> asyncio.Event:
 @serve.deployment(name="VersionBoard", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
                   graceful_shutdown_timeout_s=1)
 class VersionBoard:
-    """The index version the fused app answers from, and which of its Ingress replicas have switched to it.
+    """The index version the fused app answers from, and which of its Ingress replicas have switched to it (with
+    the index apart: which IndexReplica replicas have loaded it; the one Ingress publishes, the replicas follow).
 
     Every Ingress replica calls :meth:`follow` in a loop (a long poll: it says which version the replica serves
     and answers when the board's differs, or after ``FOLLOW_S``); a replica that switched calls :meth:`publish`,
@@ -342,23 +364,50 @@ def actor_alive(name: str) -> bool:
     return True
 
 
+async def _keep_following(replica: str, step: Callable[[], Awaitable[None]],
+                          answered: asyncio.Event | None = None) -> None:
+    """Run ``step`` (one long poll of the board and what follows it) again and again, for as long as the replica
+    runs; a failed step (the board restarting, a version this replica cannot load) is tried again after a backoff.
+    ``answered`` is set after the first step, however it ended."""
+    delay = 1.0
+    while True:
+        try:
+            await step()
+            delay = 1.0
+        except Exception as e:
+            log.warning("%s following the index version (%s: %s); again in %.0fs", replica, type(e).__name__, e,
+                        delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 30.0)
+        finally:
+            if answered is not None:
+                answered.set()
+
+
+async def follow_versions(board: Any, replica: str, have: str, load: Callable[[str], Awaitable[None]]) -> None:
+    """An IndexReplica's part when the index is apart (``shards.fused_in_ingress`` false), for as long as it runs:
+    tell the board the version it loaded last (``have``), load the one the board names (``load``), again. The
+    Ingress loads a new version in one replica, publishes it, and switches once every live replica has loaded it:
+    no search of the new version waits for a replica to load it."""
+    async def step() -> None:
+        nonlocal have
+        version = await board.follow.remote(replica, have)
+        if version != have:
+            await load(version)
+            have = version
+
+    await _keep_following(replica, step)
+
+
 async def follow_board(board: Any, pointer: VersionPointer, replica: str,
                        prepare: Callable[[str, IndexManifest], Awaitable[None]],
                        first: asyncio.Event) -> None:
     """An Ingress replica's part in keeping the fused replicas on one version, for as long as it runs: tell the
     board which version ``pointer`` serves, switch to the version the board names (``prepare`` loads it first),
     again. ``first`` is set once the board has answered (a replica answers no search before it has)."""
-    delay = 1.0
-    while True:
-        try:
-            version = await board.follow.remote(replica, pointer.version)
-            if version != pointer.version:
-                await pointer.switch_to(version, prepare)
-            delay = 1.0
-        except Exception as e:  # the board restarting, or a version this replica cannot load: try again
-            log.warning("%s following the index version (%s: %s); again in %.0fs", replica, type(e).__name__, e,
-                        delay)
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 30.0)
-        finally:
-            first.set()
+    async def step() -> None:
+        version = await board.follow.remote(replica, pointer.version)
+        if version != pointer.version:
+            await pointer.switch_to(version, prepare)
+
+    await _keep_following(replica, step, first)

@@ -67,11 +67,15 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenRequest:
-    """One sequence to continue: prompt token ids, sampling, and the adapter (None = the base model)."""
+    """One sequence to continue: prompt token ids, sampling, and the adapter (None = the base model).
+    ``deadline``: when the caller stops waiting for it (``time.time()`` seconds, a wall clock, so that the time it
+    spent in queues before the engine counts, on another node too); an engine may refuse at once a request it
+    cannot finish by then (None = no deadline)."""
 
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None = None
+    deadline: float | None = None
 
 
 @dataclass
@@ -434,7 +438,9 @@ class HFEngine:
     ``max_wait_s`` bounds the queue in seconds, not requests: a request that would wait longer than that for a
     slot is refused at once (``Overloaded``, a 429). Its wait is the requests ahead of it that must finish first,
     each taking ``max_batch_size``-th of a request's decode time: the recent seconds per step (wall time, so a
-    step slowed by other work on the machine counts at once) x the recent tokens per request.
+    step slowed by other work on the machine counts at once) x the recent tokens per request. So is a request
+    whose wait and own decode time would pass its ``deadline`` (the caller's: what retrieval and the queues
+    before the engine spent counts), which would otherwise decode for nothing and time out.
     """
 
     def __init__(self, decoder: Decoder, *, name: str = "", mode: Literal["continuous", "static"] = "continuous",
@@ -491,6 +497,13 @@ class HFEngine:
                                  f"{self.max_wait_s:g}s target (limits.latency_target_share x "
                                  "limits.request_timeout_s); retry after Retry-After seconds",
                                  code="rate_limit_exceeded")
+            if request.deadline is not None:
+                left, own = request.deadline - time.time(), self._decode_s(request.params.max_tokens)
+                if wait + own > left:
+                    raise Overloaded(f"this request would not finish before its deadline: about {wait:.1f}s "
+                                     f"waiting for a slot and {own:.1f}s decoding, with {max(left, 0.0):.1f}s left "
+                                     "of limits.request_timeout_s (retrieval and the queues before this engine "
+                                     "took the rest); retry after Retry-After seconds", code="rate_limit_exceeded")
             self.requests[request_id] = req
             self.waiting.append(req)
             self.cond.notify()
@@ -504,6 +517,13 @@ class HFEngine:
         if ahead <= 0 or self.step_s is None or self.tokens is None:
             return 0.0
         return ahead * self.tokens * self.step_s / self.max_batch_size
+
+    def _decode_s(self, max_tokens: int) -> float:
+        """The seconds a request decodes once it has a slot: its expected tokens (the recent mean, at most its
+        ``max_tokens``) x the recent seconds per step; 0 before both were measured."""
+        if self.step_s is None or self.tokens is None:
+            return 0.0
+        return min(self.tokens, max_tokens) * self.step_s
 
     async def _deltas(self, req: _Request, request_id: str) -> AsyncGenerator[Delta, None]:
         finished = False

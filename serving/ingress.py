@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
@@ -47,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from configs.errors import Conflict, InvalidRequest, NotFound, Overloaded, RagtuneError, Unavailable, user_error
 from configs.schema.serve import GeneratorConfig, IndexSource, LimitsConfig, RetrievalConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
-from serving.deployments import replica_name
+from serving.deployments import call_retrying, replica_errors, replica_name
 from serving.fused import PUBLISH_WAIT_S, FusedIndex, IndexReplica, Local, follow_board
 from serving.generation import SamplingParams
 from serving.rag import sampling_params
@@ -79,6 +80,7 @@ from serving.schemas import (
     ModelList,
     Passage,
     PromptInfo,
+    Refused,
     Reloaded,
     SearchRequest,
     SearchResponse,
@@ -478,7 +480,10 @@ class Ingress:
     Fused layout (``fused`` given): this replica holds the whole index itself (``serving.fused.IndexReplica``,
     called through ``Local``, so a search crosses no process) and a version pointer
     (``serving.versions.VersionPointer``: polling ``index.poll_interval_s``, ``/admin/reload``), kept in step with
-    the other replicas' through the ``board`` (``serving.fused.VersionBoard``).
+    the other replicas' through the ``board`` (``serving.fused.VersionBoard``). Fused with the index apart
+    (``shards.fused_in_ingress: false``: ``index`` given, not ``fused``): ``embedder`` and ``retriever`` are both
+    the IndexReplica deployment, called with retries (a replica that died mid-call is retried on another), and
+    this one Ingress holds the version pointer.
     """
 
     def __init__(self, embedder: DeploymentHandle | None, retriever: DeploymentHandle | None,
@@ -496,7 +501,9 @@ class Ingress:
                 raise ValueError("the fused layout needs the index")
             self.index_replica = IndexReplica(index, fused.embedder, retrieval, fused.resources)
             embedder = retriever = cast(DeploymentHandle, Local(self.index_replica))  # called the same way
-            self.pointer = VersionPointer(index, retrieval.mode, on_switch=self._publish if board else None)
+        if index is not None:  # fused: the version pointer is here (the index in this replica, or behind it)
+            in_here = fused is not None and board is not None  # replicas that switch, in step by the board
+            self.pointer = VersionPointer(index, retrieval.mode, on_switch=self._publish if in_here else None)
         if embedder is None or retriever is None:
             raise ValueError("the split layout needs the Embedder's and the Retriever's handles")
         self.embedder, self.retriever = embedder, retriever
@@ -512,6 +519,13 @@ class Ingress:
                                    limits.latency_target_share * limits.request_timeout_s)
         self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.created = int(time.time())
+        self.retry_errors = replica_errors()
+
+    def _index_call(self, handle: DeploymentHandle, method: str, *args: Any, retry_s: float | None = None) -> Any:
+        """A call of the deployment that embeds or searches, retried on another replica while one is replaced, for
+        ``retry_s`` (default ``retrieval.retries_s``; the request's own timeout bounds it anyway)."""
+        deadline = time.monotonic() + (self.retrieval.retries_s if retry_s is None else retry_s)
+        return call_retrying(handle, method, deadline, self.retry_errors, *args)
 
     def check_health(self) -> None:
         """Serve's health check: in the fused layout, whether this replica's index is loaded."""
@@ -619,7 +633,7 @@ class Ingress:
 
     async def _embedder_info(self) -> EmbedderInfo:
         if self.embedder_info is None:
-            self.embedder_info = await self.embedder.info.remote()
+            self.embedder_info = await self._index_call(self.embedder, "info")
         return self.embedder_info
 
     async def _retrieve(self, query: str, k: int, filter: Filter | None, mode: str | None,
@@ -630,7 +644,8 @@ class Ingress:
                 self.retriever.search.remote(query, k, filter, mode, overrides, param))
         else:  # fused: this replica's own index, the version it serves (in step with the other replicas)
             await self._follow(wait=True)
-            out = await self.retriever.search.remote(self.pointer.version, query, k, filter, mode, overrides, param)
+            out = await self._index_call(self.retriever, "search", self.pointer.version, query, k, filter, mode,
+                                         overrides, param)
         if out.mode != "lexical":  # lexical searches embed nothing
             self.metrics.stage.labels("embed").observe(out.timings.embed_s)
             self.metrics.batch.labels("embedder").observe(out.embed_batch)
@@ -641,8 +656,14 @@ class Ingress:
         return out
 
     async def _prepare(self, version: str, manifest: IndexManifest) -> None:
-        """Fused: load a new version (shards and docstore) in this replica before switching to it."""
-        await self.retriever.prepare.remote(version)
+        """Fused: load a new version (shards and docstore) in this replica before switching to it; apart, in one
+        IndexReplica, then in every other one (they follow the board) before switching."""
+        await self._index_call(self.retriever, "prepare", version, retry_s=max(self.retrieval.retries_s, 60))
+        if self.index_replica is None and self.board is not None:
+            behind = await self.board.publish.remote(version)
+            if behind:
+                log.warning("index version %s: IndexReplica replicas %s have not loaded it after %.0fs; they load "
+                            "it at their first search of it", version, ", ".join(behind), PUBLISH_WAIT_S)
 
     async def _follow(self, wait: bool = False) -> None:
         """Fused: start following the board (and polling LATEST) once, from the first request that needs the
@@ -651,6 +672,8 @@ class Ingress:
         if self.pointer is None:
             return
         self.pointer.poll(self._prepare)
+        if self.index_replica is None:  # apart: the IndexReplica replicas follow the board, not this Ingress
+            return
         if self.follower is None and self.board is not None:
             self.follower = asyncio.get_running_loop().create_task(
                 follow_board(self.board, self.pointer, replica_name(), self._prepare, self.synced))
@@ -736,7 +759,7 @@ class Ingress:
                 raise ApiError(400, f"dimensions = {req.dimensions}: {info.model} gives {info.dim} only",
                                param="dimensions")
             t0 = time.perf_counter()
-            out: list[Embedding] = await self.embedder.embed_many.remote(req.texts())
+            out: list[Embedding] = await self._index_call(self.embedder, "embed_many", req.texts())
             self.metrics.stage.labels("embed").observe(time.perf_counter() - t0)
             data = []
             for i, e in enumerate(out):
@@ -771,6 +794,7 @@ class Ingress:
         with self._admit("chat") as slot:  # a stream takes the slot over, to its last event
             deadline = time.perf_counter() + self.limits.request_timeout_s  # one for retrieval and generation
             req, handle, payload = await self._timed("chat.prepare", start(), deadline)
+            payload = replace(payload, deadline=time.time() + deadline - time.perf_counter())  # the engine's too
             if req.stream:
                 return await self._stream("chat", req, handle, payload, slot, deadline)
             return _json(await self._timed("chat", self._complete("chat", req, handle, payload), deadline))
@@ -787,6 +811,7 @@ class Ingress:
         with self._admit("completions") as slot:
             deadline = time.perf_counter() + self.limits.request_timeout_s  # one for retrieval and generation
             req, handle, payload = await self._timed("completions.prepare", start(), deadline)
+            payload = replace(payload, deadline=time.time() + deadline - time.perf_counter())  # the engine's too
             if req.stream:
                 return await self._stream("completion", req, handle, payload, slot, deadline)
             return _json(await self._timed("completions", self._complete("completion", req, handle, payload), deadline))
@@ -802,7 +827,9 @@ class Ingress:
     async def _complete(self, kind: Kind, req: ChatCompletionRequest | CompletionRequest, handle: DeploymentHandle,
                         payload: ChatInput | CompletionInput) -> ChatCompletion | TextCompletion:
         t0 = time.perf_counter()
-        out: Generated = await abandoned_cancels(handle.complete.remote(payload))
+        out: Generated | Refused = await abandoned_cancels(handle.complete.remote(payload))
+        if isinstance(out, Refused):
+            raise out.error
         self._record(out.prompt.prompt_tokens, out.completion_tokens, out.batch, time.perf_counter() - t0)
         usage = Usage.of(out.prompt.prompt_tokens, out.completion_tokens)
         if kind == "chat":
@@ -822,8 +849,14 @@ class Ingress:
         t0 = time.perf_counter()
         gen = handle.options(stream=True).stream.remote(payload)
         assert isinstance(gen, DeploymentResponseGenerator)
+        async def first() -> PromptInfo:
+            event: PromptInfo | Refused = await gen.__anext__()
+            if isinstance(event, Refused):
+                raise event.error
+            return event
+
         try:
-            prompt: PromptInfo = await self._timed(f"{kind}.stream", gen.__anext__(), deadline)
+            prompt = await self._timed(f"{kind}.stream", first(), deadline)
         except BaseException:  # timed out or refused before its first event: nothing runs on for it
             gen.cancel()
             raise

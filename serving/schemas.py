@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from configs.errors import InvalidRequest
+from configs.errors import InvalidRequest, RagtuneError
 from configs.schema.serve import LimitsConfig
 from serving.generation import SamplingParams
 from sharding.filters import Scalar
@@ -528,6 +528,7 @@ class ChatInput:
     messages: list[dict[str, str]]
     passages: list[Passage]
     params: SamplingParams
+    deadline: float | None = None  # when the Ingress stops waiting (time.time()): the engine refuses what cannot
 
 
 @dataclass(frozen=True)
@@ -536,6 +537,7 @@ class CompletionInput:
 
     prompt: str
     params: SamplingParams
+    deadline: float | None = None  # as ChatInput's
 
 
 @dataclass(frozen=True)
@@ -568,6 +570,16 @@ class Generated:
     finish_reason: str | None
     completion_tokens: int
     batch: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request the Generator refused before any token (its engine's queue or the request's deadline, a prompt
+    that does not fit, an adapter not served): returned (``complete``) or yielded first (``stream``) instead of
+    raised, so that Serve does not log a traceback for what is the client's 4xx or a 429 under load; the Ingress
+    raises ``error`` for it."""
+
+    error: RagtuneError
 
 
 @dataclass(frozen=True)

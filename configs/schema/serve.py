@@ -64,6 +64,12 @@ class ShardsConfig(Section):
                             "docstore (the Ingress calls it once per search); split = Embedder -> Retriever -> one "
                             "ShardSearcher per group; auto = fused when the whole index fits fused_memory_share of "
                             "the smallest node's memory (cluster.placement.plan_serving), else split")
+    fused_in_ingress: bool | None = Field(
+        None, description="fused: true = the Ingress replicas hold the index (a search crosses no deployment; a "
+                          "replica lost mid-request takes its requests in flight with it, 500s from Serve's proxy); "
+                          "false = IndexReplica replicas behind one light Ingress, called once per search and "
+                          "retried on another replica when one dies, at one more hop; null = false when there are "
+                          "2 or more replicas (replicas, or autoscaling's max_replicas), else true")
     fused_memory_share: float = Field(0.25, gt=0, le=1, description="auto: the share of the smallest node's memory "
                                                                     "one fused replica may hold (index, BM25, "
                                                                     "docstore and embedding model)")

@@ -122,6 +122,34 @@ def test_layout_given_is_kept_and_an_unknown_index_size_is_split():
     assert "shards.layout = fused" in plan_serving(nodes, num_shards=2, layout="fused").reason
 
 
+def test_fused_with_the_index_apart_adds_one_light_ingress_and_still_fits_a_laptop():
+    from dataclasses import replace
+
+    from serving.app import route_hops
+
+    nodes = [NodeResources(cpus=2, memory=8 * GIB)]
+    apart = plan_serving(nodes, num_shards=2, index_bytes=GIB // 10, searcher_replicas=2, fused_in_ingress=False)
+    assert apart.layout == "fused" and not apart.fused_in_ingress and apart.groups == [[0, 1]]
+    assert "IndexReplica replicas holding all 2 shard(s), behind one Ingress" in apart.reason
+    assert apart.light.num_cpus > 0
+    assert 2 * apart.searcher.num_cpus + apart.generator.num_cpus + apart.light.num_cpus <= 2
+    assert "shards.fused_in_ingress = false" in apart.reason
+    inside = plan_serving(nodes, num_shards=2, index_bytes=GIB // 10, searcher_replicas=2, fused_in_ingress=True)
+    assert inside.fused_in_ingress and "Ingress replicas holding all 2 shard(s)" in inside.reason
+    assert 2 * inside.searcher.num_cpus + inside.generator.num_cpus <= 2
+    # auto: apart where another replica is left to retry on (2 or more, or autoscaling up to 2 or more)
+    for replicas, most, want in [(1, None, True), (2, None, False), (1, 3, False)]:
+        auto = plan_serving(nodes, num_shards=2, index_bytes=GIB // 10, searcher_replicas=replicas,
+                            searcher_max_replicas=most)
+        assert auto.fused_in_ingress is want and f"shards.fused_in_ingress auto: {most or replicas} replica(s)" \
+            in auto.reason, auto.reason
+    assert plan_serving(nodes, num_shards=2, layout="split", fused_in_ingress=False).layout == "split"
+    assert route_hops(apart)["/v1/search"] == ("proxy -> Ingress -> IndexReplica (embed + 2 shard(s) + docstore) "
+                                               "-> Ingress")
+    assert route_hops(replace(apart, fused_in_ingress=True))["/v1/search"] == \
+        "proxy -> Ingress (embed + 2 shard(s) + docstore, in process)"
+
+
 def test_fused_replicas_scale_and_spread_like_a_shard_group_and_fit_a_laptop():
     laptop = plan_serving([NodeResources(cpus=2, memory=8 * GIB)], num_shards=2, index_bytes=GIB // 10)
     assert laptop.layout == "fused" and laptop.groups == [[0, 1]]

@@ -2,10 +2,11 @@
 the tiny generator with a LoRA adapter, the `openai` client against the HTTP API.
 
 One app for the whole module (Serve starts in ~15 s and stops in ~8 s), in the split layout, and the same config in
-the fused layout beside it (the `fused` fixture, at /fused), which must answer alike. The tests that disturb them
-(a replica killed, an index version swapped, documents added and deleted) come last. Answers of the tiny model are
-gibberish: the tests check the API contract (shapes, streaming, citations, errors, auth) and that retrieval
-returns exactly what `ragtune search` returns, under load and through failures.
+the fused layout beside it (the `fused` fixture, at /fused), which must answer alike, and for one test the fused
+layout with the index apart (the `apart` fixture, at /apart: IndexReplica replicas behind one Ingress). The tests
+that disturb them (a replica killed, an index version swapped, documents added and deleted) come last. Answers of
+the tiny model are gibberish: the tests check the API contract (shapes, streaming, citations, errors, auth) and that
+retrieval returns exactly what `ragtune search` returns, under load and through failures.
 """
 
 import json
@@ -110,12 +111,35 @@ def fused(served):
     from serving.app import ServeAppArgs, build_app
 
     url, cfg, *_ = served
-    fused_cfg = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "fused", "replicas": 2}),
+    fused_cfg = cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"layout": "fused", "replicas": 2,
+                                                                                "fused_in_ingress": True}),
+                                       "generator": cfg.generator.model_copy(update={"num_cpus": 0.1}),
                                        "limits": cfg.limits.model_copy(update={"max_concurrent_requests": 4})})
     serve.run(build_app(ServeAppArgs(config=fused_cfg.model_dump(mode="json"))), name="ragtune-fused",
               route_prefix="/fused")
     yield f"{url}/fused"
     serve.delete("ragtune-fused")
+
+
+@pytest.fixture
+def apart(served):
+    """The same config fused with the index apart (``shards.fused_in_ingress: false``), a fourth app (/apart): two
+    IndexReplica replicas behind one Ingress, reserving little enough CPU to fit beside the others. (base URL,
+    plan)."""
+    from ray import serve
+
+    from serving.app import ServeAppArgs, build_app, plan_for
+
+    url, cfg, *_ = served
+    apart_cfg = cfg.model_copy(update={
+        "shards": cfg.shards.model_copy(update={"layout": "fused", "fused_in_ingress": False, "replicas": 2,
+                                                "num_cpus": 0.02}),
+        "generator": cfg.generator.model_copy(update={"num_cpus": 0.02})})
+    plan = plan_for(apart_cfg)
+    serve.run(build_app(ServeAppArgs(config=apart_cfg.model_dump(mode="json"))), name="ragtune-apart",
+              route_prefix="/apart")
+    yield f"{url}/apart", plan
+    serve.delete("ragtune-apart")
 
 
 STRICT_TIMEOUT_S = 2  # the `strict` app's limits.request_timeout_s
@@ -824,6 +848,47 @@ def test_a_shard_searcher_replica_killed_under_traffic(served, reference):
         f.result()
     pool.shutdown()
     assert replacement and replacement != victim, "Serve did not replace the killed replica"
+    assert not errors, errors[:5]
+    after = [r for r in results if r[3] > t_kill]
+    assert before > 0 and len(after) > 10, (before, len(after))
+    wrong = [(q, ids) for q, ids, v, _ in results if ids != reference[v][q]]
+    assert not wrong, wrong[:3]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_an_index_replica_killed_under_traffic_fails_no_request_when_the_fused_index_is_apart(apart, reference):
+    """Fused with the index apart: the Ingress retries a search whose IndexReplica died mid-call on the other one,
+    where an Ingress replica that holds the index takes its requests in flight with it (500s from Serve's proxy)."""
+    import ray
+
+    url, plan = apart
+    assert plan.layout == "fused" and not plan.fused_in_ingress and "behind one Ingress" in plan.reason
+
+    def replicas():
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if "ragtune-apart#IndexReplica#" in a["name"])
+
+    for q in QUERIES[:3]:
+        ids, version = search_ids(url, q)
+        assert ids == reference[version][q]
+    victims = replicas()
+    assert len(victims) == 2, victims
+    stop, results, errors = threading.Event(), [], []
+    pool, futures = load(url, QUERIES, stop, results, errors)
+    try:
+        time.sleep(2)
+        before = len(results)
+        ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
+        t_kill = time.monotonic()
+        deadline = t_kill + 120
+        while time.monotonic() < deadline and (victims[0] in replicas() or len(replicas()) < 2):
+            time.sleep(0.5)
+        replaced = victims[0] not in replicas() and len(replicas()) == 2
+        time.sleep(3)  # traffic through the new replica
+    finally:
+        stop_load(stop, pool, futures)
+    assert replaced, "Serve did not replace the killed IndexReplica"
     assert not errors, errors[:5]
     after = [r for r in results if r[3] > t_kill]
     assert before > 0 and len(after) > 10, (before, len(after))

@@ -131,6 +131,40 @@ def test_the_queue_is_bounded_in_seconds_and_a_refusal_is_a_429_that_crosses_ray
     assert isinstance(back, Overloaded) and api_error(back).status == 429 and back.code == "rate_limit_exceeded"
 
 
+def test_a_request_that_cannot_finish_by_its_deadline_is_refused_at_once_and_one_that_can_runs(decoder):
+    tok = decoder.tokenizer
+    prompt = ids(tok, PROMPTS[0])
+
+    def short(deadline):
+        return GenRequest(prompt, SamplingParams(5), deadline=deadline)
+
+    async def run():
+        engine = HFEngine(decoder, max_batch_size=1)  # no bound on the wait itself: only the deadline refuses
+        try:
+            with pytest.raises(Overloaded, match=r"with 0\.0s left"):
+                engine.generate(short(time.time() - 1), "a")  # its caller has stopped waiting
+            first = await collect(engine, short(time.time() + 5), "b")  # nothing measured: nothing to refuse on
+            with pytest.raises(Overloaded, match=r"would not finish before its deadline: about 0\.0s waiting") as late:
+                engine.generate(short(time.time() + 1e-4), "c")  # a free slot, but ~5 steps of decoding left
+            stream = engine.generate(GenRequest(ids(tok, PROMPTS[1]), SamplingParams(400)), "d")
+            await anext(stream)  # holds the only slot: a request now waits ~5 steps for it, then decodes ~5
+            step = engine._decode_s(1)  # one token's decode; the wait is ~5 of them (a request of ~5 tokens ahead)
+            with pytest.raises(Overloaded, match=r"about \d+\.\ds waiting for a slot"):
+                engine.generate(GenRequest(prompt, SamplingParams(1), deadline=time.time() + 3 * step), "e")
+            assert not {"a", "c", "e"} & set(engine.requests) and engine.info().waiting == 0
+            queued = asyncio.create_task(collect(engine, short(time.time() + 60), "f"))
+            await asyncio.sleep(0.05)
+            waiting = engine.info().waiting
+            await stream.aclose()
+            return first, late.value, waiting, await asyncio.wait_for(queued, 30)
+        finally:
+            await engine.close()
+
+    (_, first), late, waiting, (_, last) = asyncio.run(run())
+    assert first.finish_reason == "length" and waiting == 1 and last.finish_reason == "length"
+    assert api_error(late).status == 429
+
+
 @pytest.mark.parametrize("mode", ["continuous", "static"])
 def test_a_request_arriving_mid_decode_starts_before_the_running_batch_ends_only_when_continuous(decoder, mode):
     tok = decoder.tokenizer
@@ -270,10 +304,11 @@ def test_the_generator_cancels_the_engine_request_when_its_stream_is_closed(read
 
 def test_a_request_the_engine_refuses_leaves_its_adapter_free_to_unload(reader_dir, lora_dir):
     """The hf engine refuses at the call (a prompt too long here; a queue past its bound alike), before the
-    Generator has sent anything: the adapter the request counted as in use must count it no more."""
+    Generator has sent anything: the Generator yields the refusal as a value (Serve logs a traceback for what a
+    replica raises), and the adapter the request counted as in use must count it no more."""
     from configs.schema.serve import PromptConfig
     from serving.deployments import Generator
-    from serving.schemas import PromptInfo
+    from serving.schemas import PromptInfo, Refused
 
     cpu = ReplicaResources(num_cpus=1, num_gpus=0, threads=1, device="cpu")
     generator = Generator.func_or_class(GeneratorConfig(model=reader_dir, adapters={"qa": lora_dir}), PromptConfig(),
@@ -283,8 +318,11 @@ def test_a_request_the_engine_refuses_leaves_its_adapter_free_to_unload(reader_d
         await generator._load_adapter("qa")
         too_long = GenRequest(list(range(5, 5 + generator.engine.context)), SamplingParams(4), "qa")
         events = generator._events(too_long, PromptInfo(prompt_tokens=len(too_long.prompt_ids), citations=[]))
-        with pytest.raises(InvalidRequest, match="does not fit the context"):
-            await anext(events)  # refused before the prompt's info is sent
+        refused = await anext(events)  # refused before the prompt's info is sent: a value, not a raise
+        assert isinstance(refused, Refused) and isinstance(refused.error, InvalidRequest)
+        assert "does not fit the context" in refused.error.message
+        with pytest.raises(StopAsyncIteration):
+            await anext(events)  # nothing after it
         in_use = dict(generator.in_use)
         await generator.unload_adapter("qa")
         loaded = generator.engine.info().adapters
@@ -293,3 +331,28 @@ def test_a_request_the_engine_refuses_leaves_its_adapter_free_to_unload(reader_d
 
     in_use, loaded = asyncio.run(run())
     assert in_use == {"qa": 0} and loaded == []
+
+
+def test_the_generator_hands_its_callers_deadline_to_the_engine(reader_dir):
+    """The Ingress sets a chat's or completion's deadline (time.time() by when it stops waiting) on the input; the
+    Generator's request carries it, so a request whose time went to retrieval and the queues is refused at once
+    (returned as ``Refused``, which the Ingress raises as a 429)."""
+    from configs.schema.serve import PromptConfig
+    from serving.deployments import Generator
+    from serving.schemas import CompletionInput, Refused
+
+    cpu = ReplicaResources(num_cpus=1, num_gpus=0, threads=1, device="cpu")
+    generator = Generator.func_or_class(GeneratorConfig(model=reader_dir), PromptConfig(), cpu)
+
+    async def run():
+        try:
+            ok = await generator.complete(CompletionInput(PROMPTS[0], SamplingParams(3), deadline=time.time() + 60))
+            late = await generator.complete(CompletionInput(PROMPTS[0], SamplingParams(3), deadline=time.time() - 1))
+            return ok, late, generator.engine.info()
+        finally:
+            await generator.engine.close()
+
+    ok, late, info = asyncio.run(run())
+    assert ok.completion_tokens == 3 and (info.running, info.waiting) == (0, 0)
+    assert isinstance(late, Refused) and isinstance(late.error, Overloaded)
+    assert "would not finish before its deadline" in late.error.message and api_error(late.error).status == 429

@@ -226,6 +226,47 @@ def test_the_board_keeps_the_fused_replicas_on_one_version(tmp_path, monkeypatch
     assert not again.changed and waited_again < 0.5  # c is gone: nobody is behind
 
 
+def test_with_the_index_apart_a_published_version_is_loaded_by_every_index_replica_before_publish_answers(
+        monkeypatch):
+    """The index apart: the IndexReplica replicas follow the board (``follow_versions``); the Ingress publishes a
+    version after one replica loaded it, and the publish answers once every replica has loaded it too, so that
+    no search of the new version waits for a replica to load it. A replica that cannot load it is named after
+    PUBLISH_WAIT_S and keeps trying."""
+    from serving import fused
+    from serving.fused import Local, VersionBoard, follow_versions
+
+    monkeypatch.setattr(fused, "FOLLOW_S", 0.2)
+    monkeypatch.setattr(fused, "actor_alive", lambda name: True)  # "a", "b", "c" name no actor of the test's Ray
+    monkeypatch.setattr(fused, "PUBLISH_WAIT_S", 1.0)
+    board = Local(VersionBoard.func_or_class())
+    loaded: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+
+    def load_for(name):
+        async def load(version):
+            await asyncio.sleep(0.1)  # loading takes a while
+            if name == "c" and version == "v-3":
+                raise RuntimeError("no room")
+            loaded[name].append(version)
+        return load
+
+    async def scenario():
+        loops = [asyncio.create_task(follow_versions(board, n, "v-1", load_for(n))) for n in "abc"]
+        await asyncio.sleep(0.1)  # each has told the board what it holds
+        t0 = time.monotonic()
+        behind = await board.publish.remote("v-2")
+        took, at_answer = time.monotonic() - t0, {n: list(v) for n, v in loaded.items()}
+        t1 = time.monotonic()
+        behind3 = await board.publish.remote("v-3")
+        took3 = time.monotonic() - t1
+        for task in loops:
+            task.cancel()
+        return behind, took, at_answer, behind3, took3
+
+    behind, took, at_answer, behind3, took3 = asyncio.run(scenario())
+    assert behind == [] and at_answer == {"a": ["v-2"], "b": ["v-2"], "c": ["v-2"]} and 0.1 <= took < 1.0
+    assert behind3 == ["c"] and 1.0 <= took3 < 3  # c cannot load it: named once PUBLISH_WAIT_S is over
+
+
 def test_a_reload_does_not_wait_for_a_replica_killed_while_it_was_behind(monkeypatch):
     """A replica killed as a reload starts (the soak's kill and update at the same second) was heard from lately,
     so it counted as live for LIVE_S and the reload waited PUBLISH_WAIT_S for it, past the request timeout (three
