@@ -476,6 +476,8 @@ def main() -> int:
     ap.add_argument("--capacity", type=float, help="the open-loop capacity (req/s) instead of the ramp's: the soak "
                     "and burst rates of an earlier run, to compare two versions of the code at the same load")
     ap.add_argument("--ramp-step-s", type=float, default=20, help="seconds of each step of the open-loop ramp")
+    ap.add_argument("--threads", type=int, help="torch and FAISS threads of every replica (shards, embedder and "
+                    "generator .threads; default: the serving plan's)")
     ap.add_argument("--request-timeout", type=float, default=10, help="limits.request_timeout_s")
     ap.add_argument("--max-concurrent", type=int, default=256, help="limits.max_concurrent_requests per replica "
                     "(below it, limits.latency_target_share adapts each route's limit)")
@@ -527,8 +529,10 @@ def main() -> int:
         return ServeJobConfig.model_validate({
             "index": {"path": str(root), "poll_interval_s": None},
             "shards": {"replicas": 2, "health_check_period_s": 1, "layout": args.layout,
-                       "fused_in_ingress": IN_INGRESS[args.fused_in_ingress]},
-            "generator": {"model": str(model), "name": "tiny", "defaults": {"max_tokens": args.max_tokens}},
+                       "fused_in_ingress": IN_INGRESS[args.fused_in_ingress], "threads": args.threads},
+            "embedder": {"threads": args.threads},
+            "generator": {"model": str(model), "name": "tiny", "defaults": {"max_tokens": args.max_tokens},
+                          "threads": args.threads},
             "http": {"port": port, "app_name": APP}, "auth": {"api_keys_env": None},
             "limits": {"request_timeout_s": limit, "max_concurrent_requests": max_concurrent},
             "serve": {"access_log": False}})

@@ -151,8 +151,23 @@ def check_retrieval(cfg: ServeJobConfig) -> str:
     return resolve_mode(cfg.retrieval.mode, read_index_manifest(version), version.uri, "retrieval.mode")
 
 
-def _actor_options(r: ReplicaResources) -> dict[str, float]:
-    return {"num_cpus": r.num_cpus, **({"num_gpus": r.num_gpus} if r.num_gpus else {})}
+def replica_env() -> dict[str, str]:
+    """The environment variables every replica starts with: ``OMP_WAIT_POLICY`` PASSIVE unless this process sets
+    it. The OpenMP threads of torch and FAISS otherwise spin after each parallel region, waiting for the next; when
+    a node's replicas together run more threads than it has cores (a laptop: the index replicas and the Generator,
+    2 threads each, on 2 cores), the spinning threads take the cores from the ones with work, every request takes
+    more CPU, and the app can stay in that state: in the soak (docs/benchmarks.md) p50 went from 50 ms to 0.9 s for
+    30-50 s after an index update, at the same load. Passive threads sleep instead."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"}
+
+
+def _with_env(options: dict[str, Any]) -> dict[str, Any]:
+    """Serve ``ray_actor_options`` with :func:`replica_env` (Ray merges them into the application's env_vars)."""
+    return {**options, "runtime_env": {"env_vars": replica_env()}}
+
+
+def _actor_options(r: ReplicaResources) -> dict[str, Any]:
+    return _with_env({"num_cpus": r.num_cpus, **({"num_gpus": r.num_gpus} if r.num_gpus else {})})
 
 
 def _common(cfg: ServeJobConfig) -> dict[str, Any]:
@@ -226,8 +241,10 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     health: dict[str, Any] = {"health_check_period_s": s.health_check_period_s,
                               "health_check_timeout_s": max(10.0, s.health_check_period_s)}
 
-    generator = _deployment(Generator).options(  # vllm with tensor parallelism: a placement group per replica
-        num_replicas=g.replicas, **_common(cfg), **generator_deployment_options(g, plan.generator),
+    placed = generator_deployment_options(g, plan.generator)  # vllm with tensor parallelism: a placement group
+    placed["ray_actor_options"] = _with_env(placed["ray_actor_options"])  # per replica
+    generator = _deployment(Generator).options(
+        num_replicas=g.replicas, **_common(cfg), **placed,
         max_ongoing_requests=max(32, 2 * g.max_batch_size), max_queued_requests=cfg.limits.max_queued_generations,
     ).bind(g, cfg.prompt, plan.generator, cfg.limits.latency_target_share * cfg.limits.request_timeout_s or None)
     keys = sorted(api_key_hashes(cfg.auth.api_keys, cfg.auth.api_keys_env))  # only hashes travel to the replicas

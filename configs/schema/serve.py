@@ -38,7 +38,8 @@ class EmbedderConfig(Section):
                                                                        "to fill")
     replicas: int = Field(1, ge=1, description="replicas of the Embedder")
     num_cpus: float | None = Field(None, gt=0, description="Ray CPUs per replica; null = cluster.placement's choice")
-    threads: int | None = Field(None, ge=1, description="torch threads per replica; null = the CPUs it reserves")
+    threads: int | None = Field(None, ge=1, description="torch threads per replica; null = the node's CPUs, at "
+                                                        "most 4 (cluster.placement)")
 
 
 class AutoscalingConfig(Section):
@@ -82,7 +83,9 @@ class ShardsConfig(Section):
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto = shards onto a GPU when the replica "
                                                                       "has one and the index kind allows")
     num_cpus: float | None = Field(None, gt=0, description="Ray CPUs per replica; null = cluster.placement's choice")
-    threads: int | None = Field(None, ge=1, description="FAISS threads per replica; null = the CPUs it reserves")
+    threads: int | None = Field(None, ge=1, description=(
+        "FAISS threads per ShardSearcher replica (the fused layout's replicas: torch's too); null = 1 for a "
+        "ShardSearcher, the node's CPUs (at most 4) for a fused replica (cluster.placement)"))
     health_check_period_s: float = Field(2.0, gt=0, description="how often Serve checks a replica (a dead one is "
                                                                 "replaced after the next failed check)")
 
@@ -162,7 +165,8 @@ class GeneratorConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = bf16 on GPU, "
                                                                                          "fp32 on CPU")
     num_cpus: float | None = Field(None, gt=0, description="Ray CPUs per replica; null = cluster.placement's choice")
-    threads: int | None = Field(None, ge=1, description="torch threads per replica; null = the CPUs it reserves")
+    threads: int | None = Field(None, ge=1, description="torch threads per replica; null = the node's CPUs, at "
+                                                        "most 4 (cluster.placement)")
 
     @field_validator("name")
     @classmethod

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -894,6 +895,36 @@ def test_an_index_replica_killed_under_traffic_fails_no_request_when_the_fused_i
     assert before > 0 and len(after) > 10, (before, len(after))
     wrong = [(q, ids) for q, ids, v, _ in results if ids != reference[v][q]]
     assert not wrong, wrong[:3]
+    # every replica that computes, the replacement too, runs its OpenMP threads passive (serving.app.replica_env)
+    deadline = time.monotonic() + 30  # the GCS's actor table may list the replacement a moment after Serve
+    while True:
+        computing = {n: pid for n, (dep, pid) in app_replicas("ragtune-apart").items() if dep != "VersionBoard"}
+        if any(n not in victims for n in computing if "IndexReplica" in n) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert {n.split("#")[1] for n in computing} == {"IndexReplica", "Generator", "Ingress"}, computing
+    assert any(n not in victims for n in computing if "IndexReplica" in n), (computing, victims)
+    for name, pid in computing.items():
+        env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        assert env.get("OMP_WAIT_POLICY") == "PASSIVE", (name, env.get("OMP_WAIT_POLICY"))
+
+
+def app_replicas(app: str) -> dict[str, tuple[str, int]]:
+    """The alive replicas of Serve application ``app``: actor name -> (deployment, pid)."""
+    import ray._private.state as state
+
+    return {a["Name"]: (a["Name"].split("#")[1], int(a["Pid"])) for a in state.actors().values()
+            if (a.get("Name") or "").startswith(f"SERVE_REPLICA::{app}#") and a["State"] == "ALIVE" and a.get("Pid")}
+
+
+def test_replicas_run_openmp_passive_unless_the_environment_says_otherwise(monkeypatch):
+    from serving.app import replica_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert replica_env() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own choice is kept
+    assert replica_env() == {"OMP_WAIT_POLICY": "ACTIVE"}
+
 
 
 @pytest.mark.slow
