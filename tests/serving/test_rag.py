@@ -3,6 +3,10 @@ request schemas and limits of the HTTP API."""
 
 import json
 import pickle
+import platform
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,6 +320,43 @@ def test_a_request_slow_by_itself_lowers_no_limit_so_a_light_load_is_never_refus
     assert r.limit == 256
     r.done(60.0, admitted_with=2, now=0.0)  # the limit never falls below 1
     assert r.limit == 1
+
+
+def test_a_burst_that_is_over_gives_its_freed_memory_back_once():
+    from serving.ingress import BURST, Admission
+
+    calls = []
+    adm = Admission(1000, after_burst=lambda: calls.append(adm.in_flight))
+    light = [adm.take("search") for _ in range(BURST - 1)]  # below a burst: never
+    for s in light:
+        s.release()
+    assert calls == []
+    slots = [adm.take("search") for _ in range(2 * BURST)]  # 128 at once, then down to an eighth of them
+    for s in slots[:-17]:
+        s.release()
+    assert calls == [] and adm.in_flight == 17
+    slots[-17].release()
+    assert calls == [16]
+    for s in slots[-16:]:
+        s.release()
+    assert calls == [16] and adm.in_flight == 0  # once per burst
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's, and the resident memory is read from /proc")
+def test_freed_heap_pages_go_back_to_the_system():
+    from serving.ingress import give_back_freed_memory
+
+    def anon() -> int:
+        return int(re.search(r"RssAnon:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    blocks = [bytes(8192) for _ in range(20_000)]  # 160 MiB from malloc's heap (under its mmap threshold)
+    kept = blocks[::64]  # live objects between the freed ones: the heap's top cannot shrink
+    del blocks
+    held = anon()
+    assert give_back_freed_memory()
+    assert held - anon() > 100 * 2**20, (held, anon())
+    assert len(kept) == 313
 
 
 def test_no_latency_target_keeps_only_the_replica_limit():
