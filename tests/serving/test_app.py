@@ -926,7 +926,6 @@ def test_replicas_run_openmp_passive_unless_the_environment_says_otherwise(monke
     assert replica_env() == {"OMP_WAIT_POLICY": "ACTIVE"}
 
 
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_index_version_swap_under_traffic_fails_no_request(served, reference):
