@@ -481,6 +481,8 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=10, help="limits.request_timeout_s")
     ap.add_argument("--max-concurrent", type=int, default=256, help="limits.max_concurrent_requests per replica "
                     "(below it, limits.latency_target_share adapts each route's limit)")
+    ap.add_argument("--compute-nice", type=int, help="limits.compute_nice (default: the config's; 0 = the computing "
+                    "replicas at Ray's priority, as before it existed)")
     ap.add_argument("--work", help="working folder, kept: the base index and model are built once in it and "
                     "reused by later runs (default: a new temporary folder)")
     ap.add_argument("--out", default="bench-soak", help="output prefix: OUT.json, OUT.png")
@@ -534,7 +536,8 @@ def main() -> int:
             "generator": {"model": str(model), "name": "tiny", "defaults": {"max_tokens": args.max_tokens},
                           "threads": args.threads},
             "http": {"port": port, "app_name": APP}, "auth": {"api_keys_env": None},
-            "limits": {"request_timeout_s": limit, "max_concurrent_requests": max_concurrent},
+            "limits": {"request_timeout_s": limit, "max_concurrent_requests": max_concurrent,
+                       **({} if args.compute_nice is None else {"compute_nice": args.compute_nice})},
             "serve": {"access_log": False}})
 
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": limit + 5})
@@ -557,7 +560,8 @@ def main() -> int:
     print(f"capacity (open loop, {'given by --capacity' if args.capacity else 'answered in full'}): {mix:.1f} req/s "
           f"({mix / cap['mix_rps']:.2f}x the closed loop); "
           f"limits: request_timeout_s {limit:g}, latency_target_share {cfg.limits.latency_target_share:g}, "
-          f"max_concurrent_requests {args.max_concurrent} per replica", flush=True)
+          f"max_concurrent_requests {args.max_concurrent} per replica, compute_nice {cfg.limits.compute_nice}",
+          flush=True)
 
     rate, burst = args.load * mix, args.burst_x * mix
     times = schedule(args.duration, rate, args.burst_at, args.burst_len, burst)

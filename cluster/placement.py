@@ -207,6 +207,7 @@ class ReplicaResources:
     num_gpus: float  # Ray GPUs reserved (fractions share a device)
     threads: int  # torch or FAISS threads
     device: Literal["cpu", "gpu"]
+    nice: int = 0  # CPU priority of its threads (limits.compute_nice for the replicas that compute; 0 = as Ray's)
 
 
 Layout = Literal["fused", "split"]

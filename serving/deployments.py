@@ -77,6 +77,33 @@ from sharding.manifest import IndexManifest, read_index_manifest, resolve_index
 log = logging.getLogger("ragtune.serve")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
+
+def lower_cpu_priority(nice: int) -> int:
+    """Run this process's threads, and those it starts later, at ``nice`` (``limits.compute_nice``; 0 = leave
+    them): the replicas that compute (embedder, index, generator) then yield the cores to the proxy and the
+    Ingress, which decide what is admitted; so under overload a request over the limits is refused at once instead
+    of after the work it would wait behind. Raising one's own nice needs no privilege. On Linux nice is a thread's:
+    every thread of the process is set (threads inherit it from the one that starts them). Returns the nice now."""
+    import os
+
+    if nice <= 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the process's priority is the process's
+        tids = [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:  # a thread that has ended meanwhile
+            pass
+        except OSError as e:  # a platform that refuses: the replica runs, at the priority it has
+            log.warning("limits.compute_nice %d not set (%s): this replica runs at the priority it has", nice, e)
+            break
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def replica_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "that replica is gone", not "the request is wrong": worth a retry. Looked up by name:
     not every Ray version defines all of them."""
@@ -149,6 +176,7 @@ class Embedder:
         torch.set_num_threads(resources.threads)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.encoder = BatchedEncoder(read_index_manifest(resolve_index(index.path)), cfg, pool)
+        lower_cpu_priority(resources.nice)
 
     async def embed(self, text: str) -> Embedding:
         return await self.encoder.embed(text)
@@ -178,6 +206,7 @@ class ShardSearcher:
         self.held.load_current()
         self._open = self.held._open
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="search")
+        lower_cpu_priority(resources.nice)
 
     async def search(self, version: str, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (D, I) of this group's shards of ``version`` for queries ``xq`` (nq, d)."""
@@ -354,6 +383,7 @@ class Generator:
     def __init__(self, cfg: GeneratorConfig, prompt: PromptConfig, resources: ReplicaResources,
                  max_wait_s: float | None = None):
         self.engine = load_engine(cfg, resources, max_wait_s)
+        lower_cpu_priority(resources.nice)
         self.name, self.adapter_paths = cfg.name, dict(cfg.adapters)
         self.prompt = prompt
         self.in_use: dict[str, int] = {}  # adapter -> requests of this replica using it

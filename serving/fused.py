@@ -49,7 +49,7 @@ from ray import serve
 from cluster.placement import ReplicaResources
 from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
 from serving.batching import Batcher
-from serving.deployments import BatchedEncoder, replica_name
+from serving.deployments import BatchedEncoder, lower_cpu_priority, replica_name
 from serving.rag import (
     PASSAGE_FIELDS,
     FusionOverrides,
@@ -168,6 +168,7 @@ class IndexReplica:
         batch = embedder.max_batch_size if embedder.batching else 1
         self._search_batched = Batcher(self._search_jobs, self.compute, batch, embedder.batch_wait_timeout_s)
         self._read_batched = Batcher(self._read_passages, self.docstore_pool, batch, 0.0)
+        lower_cpu_priority(resources.nice)  # apart: a replica of its own (in the Ingress: 0, the Ingress's)
 
     # --- search ---------------------------------------------------------------------------------------------------
 

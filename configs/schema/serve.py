@@ -299,6 +299,11 @@ class LimitsConfig(Section):
         "Retry-After at once, not a 504 later) and more again as they speed up; the hf engine also refuses a "
         "request its queue would keep waiting longer than this share for a slot; 0 keeps only "
         "max_concurrent_requests"))
+    compute_nice: int = Field(10, ge=0, le=19, description=(
+        "CPU priority (Unix nice) of the replicas that compute: the Embedder, the index replicas and the "
+        "Generator. On a node they share with Serve's proxy and the Ingress, those then answer first, so that "
+        "under overload a request over the limits is refused at once instead of after the work it would wait "
+        "behind; on a node of their own it changes nothing. 0 = the priority Ray gives them"))
     max_queued_generations: int = Field(64, ge=0, description=(
         "requests waiting for a Generator replica beyond those it is decoding (Serve's max_queued_requests); "
         "one more is a 503 with Retry-After"))

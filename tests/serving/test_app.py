@@ -12,6 +12,9 @@ retrieval returns exactly what `ragtune search` returns, under load and through 
 import json
 import re
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -907,6 +910,48 @@ def test_an_index_replica_killed_under_traffic_fails_no_request_when_the_fused_i
     for name, pid in computing.items():
         env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
         assert env.get("OMP_WAIT_POLICY") == "PASSIVE", (name, env.get("OMP_WAIT_POLICY"))
+    # once running (its constructor over), every thread of a replica that computes runs at limits.compute_nice
+    # (10); the Ingress's run at Ray's priority
+    from ray import serve
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and serve.status().applications["ragtune-apart"].deployments[
+            "IndexReplica"].replica_states != {"RUNNING": 2}:
+        time.sleep(1)
+    for name, pid in computing.items():
+        nice = {int(Path(t, "stat").read_text().rsplit(")", 1)[1].split()[16])
+                for t in Path(f"/proc/{pid}/task").iterdir()}
+        if "#Ingress#" in name:
+            assert min(nice) == 0, (name, nice)
+        else:
+            assert min(nice) >= 10, (name, nice)
+
+
+def test_lower_cpu_priority_sets_every_thread_and_those_started_after():
+    """In a process of its own (nice cannot be lowered back without privileges): the threads started before the
+    call and those a niced thread starts after it run at the nice given; 0 changes nothing."""
+    code = textwrap.dedent("""
+        import os, threading
+        from serving.deployments import lower_cpu_priority
+
+        def nice(tid):
+            return int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
+
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        stop = threading.Event()
+        before = threading.Thread(target=stop.wait); before.start()
+        assert lower_cpu_priority(0) == base and nice(before.native_id) == base
+        assert lower_cpu_priority(base + 7) == base + 7
+        after = threading.Thread(target=stop.wait); after.start()
+        everyone = {nice(t) for t in os.listdir("/proc/self/task")}
+        assert nice(before.native_id) == nice(after.native_id) == base + 7 and min(everyone) >= base + 7, everyone
+        assert lower_cpu_priority(base + 5) == base + 7  # never back up (that needs privileges)
+        stop.set()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def app_replicas(app: str) -> dict[str, tuple[str, int]]:
