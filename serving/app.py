@@ -128,7 +128,7 @@ def plan_for(cfg: ServeJobConfig, nodes: list[NodeResources] | None = None) -> S
         mode = resolve_mode(cfg.retrieval.mode, manifest, loc.uri, "retrieval.mode")
         index_bytes = fused_bytes(loc, manifest, cfg, mode)
     replicas = s.autoscaling.min_replicas if s.autoscaling else s.replicas
-    return plan_serving(nodes if nodes is not None else cluster_nodes(), num_shards=len(manifest.shards),
+    plan = plan_serving(nodes if nodes is not None else cluster_nodes(), num_shards=len(manifest.shards),
                         layout=s.layout, index_bytes=index_bytes,
                         memory_share=s.fused_memory_share, fused_in_ingress=s.fused_in_ingress,
                         groups=s.groups, searcher_replicas=max(1, replicas),
@@ -141,6 +141,12 @@ def plan_for(cfg: ServeJobConfig, nodes: list[NodeResources] | None = None) -> S
                                   "generator": cfg.generator.num_cpus},
                         threads={"embedder": cfg.embedder.threads, "searcher": s.threads,
                                  "generator": cfg.generator.threads})
+    # the replicas that compute yield the cores to the proxy and the Ingress (limits.compute_nice); an Ingress
+    # that holds the index is the Ingress, at Ray's priority
+    nice = cfg.limits.compute_nice
+    index_nice = 0 if plan.layout == "fused" and plan.fused_in_ingress else nice
+    return replace(plan, embedder=replace(plan.embedder, nice=index_nice), searcher=replace(plan.searcher,
+                   nice=index_nice), generator=replace(plan.generator, nice=nice))
 
 
 def check_retrieval(cfg: ServeJobConfig) -> str:
@@ -241,18 +247,12 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     health: dict[str, Any] = {"health_check_period_s": s.health_check_period_s,
                               "health_check_timeout_s": max(10.0, s.health_check_period_s)}
 
-    nice = cfg.limits.compute_nice  # the replicas that compute yield the cores to the proxy and the Ingress
-
-    def computing(r: ReplicaResources) -> ReplicaResources:
-        return replace(r, nice=nice)
-
     placed = generator_deployment_options(g, plan.generator)  # vllm with tensor parallelism: a placement group
     placed["ray_actor_options"] = _with_env(placed["ray_actor_options"])  # per replica
     generator = _deployment(Generator).options(
         num_replicas=g.replicas, **_common(cfg), **placed,
         max_ongoing_requests=max(32, 2 * g.max_batch_size), max_queued_requests=cfg.limits.max_queued_generations,
-    ).bind(g, cfg.prompt, computing(plan.generator),
-            cfg.limits.latency_target_share * cfg.limits.request_timeout_s or None)
+    ).bind(g, cfg.prompt, plan.generator, cfg.limits.latency_target_share * cfg.limits.request_timeout_s or None)
     keys = sorted(api_key_hashes(cfg.auth.api_keys, cfg.auth.api_keys_env))  # only hashes travel to the replicas
     ingress: dict[str, Any] = {"generation": g, "retrieval": cfg.retrieval, "limits": cfg.limits,
                                "key_hashes": keys, "api_keys_env": cfg.auth.api_keys_env}
@@ -266,7 +266,7 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
         replica = serve.deployment(name="IndexReplica")(IndexReplica).options(
             **_common(cfg), ray_actor_options=_actor_options(plan.searcher), **health, **_scaling(cfg, plan),
             max_ongoing_requests=256,  # Serve's default (5) would keep its batches (encoder, search, docstore) small
-        ).bind(cfg.index, e, cfg.retrieval, computing(plan.searcher), board)
+        ).bind(cfg.index, e, cfg.retrieval, plan.searcher, board)
         return _deployment(Ingress).options(
             num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light),
             max_ongoing_requests=max_ongoing,
@@ -283,12 +283,12 @@ def build_app(args: ServeAppArgs | dict[str, Any]) -> Application:
     embedder = _deployment(Embedder).options(
         num_replicas=e.replicas, **_common(cfg), ray_actor_options=_actor_options(plan.embedder),
         max_ongoing_requests=max(64, 2 * e.max_batch_size),  # Serve's default (5) would keep batches from filling
-    ).bind(cfg.index, e, computing(plan.embedder))
+    ).bind(cfg.index, e, plan.embedder)
     searchers = [
         _deployment(ShardSearcher).options(
             name=f"ShardSearcher{n}", **_common(cfg), ray_actor_options=_actor_options(plan.searcher),
             max_ongoing_requests=64, **health, **_scaling(cfg, plan),
-        ).bind(cfg.index, shards, computing(plan.searcher), cfg.retrieval.mode)
+        ).bind(cfg.index, shards, plan.searcher, cfg.retrieval.mode)
         for n, shards in enumerate(plan.groups)]
     retriever = _deployment(Retriever).options(
         num_replicas=1, **_common(cfg), ray_actor_options=_actor_options(plan.light), max_ongoing_requests=256,

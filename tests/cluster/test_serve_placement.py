@@ -179,3 +179,27 @@ def test_scaled_reservations_never_add_up_to_more_than_the_cluster_has(cpus, gpu
     used = (split.embedder.num_cpus + split.generator.num_cpus + 3 * replicas * split.searcher.num_cpus
             + 2 * split.light.num_cpus)
     assert used <= cpus and 3 * replicas * split.searcher.num_gpus <= gpus
+
+
+@pytest.mark.parametrize("shards, want", [
+    ({"layout": "split"}, {"embedder": 10, "searcher": 10, "generator": 10, "light": 0}),
+    ({"layout": "fused", "fused_in_ingress": False}, {"embedder": 10, "searcher": 10, "generator": 10, "light": 0}),
+    ({"layout": "fused", "fused_in_ingress": True}, {"embedder": 0, "searcher": 0, "generator": 10, "light": 0}),
+])
+def test_the_replicas_that_compute_are_planned_at_limits_compute_nice_and_the_ingress_never(monkeypatch, shards, want):
+    """serving.app.plan_for: limits.compute_nice for the embedder, the index replicas and the generator; the light
+    deployments (Ingress, Retriever) and an Ingress that holds the index itself keep Ray's priority; 0 = none."""
+    import serving.app
+    from configs.schema import ServeJobConfig
+
+    fake = type("M", (), {"shards": [object()] * 2})()
+    monkeypatch.setattr(serving.app, "resolve_index", lambda path: path)
+    monkeypatch.setattr(serving.app, "read_index_manifest", lambda version: fake)
+    laptop = [NodeResources(cpus=2, memory=16 * 2**30)]
+    cfg = ServeJobConfig.model_validate({"index": {"path": "/nowhere"}, "generator": {"model": "tiny"},
+                                         "shards": shards})
+    plan = serving.app.plan_for(cfg, laptop)
+    assert {role: getattr(plan, role).nice for role in want} == want, plan.reason
+    off = serving.app.plan_for(cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"compute_nice": 0})}),
+                               laptop)
+    assert {role: getattr(off, role).nice for role in want} == dict.fromkeys(want, 0)
