@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -102,6 +102,60 @@ def lower_cpu_priority(nice: int) -> int:
             log.warning("limits.compute_nice %d not set (%s): this replica runs at the priority it has", nice, e)
             break
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+BURST = 64  # requests in flight at once in one replica that make a burst
+
+
+def give_back_freed_memory() -> bool:
+    """Return the heap pages that glibc's malloc keeps after the objects in them were freed (``malloc_trim(0)``,
+    every arena): after a burst of requests a replica's memory otherwise stays at the burst's peak (short soaks,
+    a burst at 141 req/s: the Ingress kept +73 MiB without it, +38 with it; an IndexReplica +71-73 MiB without,
+    +27-45 with; docs/benchmarks.md). 20-70 ms there, in the calling thread. False where there is no glibc (macOS,
+    musl) or nothing was returned."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    t0 = time.perf_counter()
+    returned = bool(trim(0))
+    log.info("a burst of requests is over: freed heap pages given back to the system in %.0f ms",
+             1e3 * (time.perf_counter() - t0))
+    return returned
+
+
+def give_back_after_burst() -> None:
+    """A burst of requests is over: give the memory it freed back to the system, off the event loop (at once where
+    there is no running loop: a test)."""
+    try:
+        asyncio.get_running_loop().run_in_executor(None, give_back_freed_memory)
+    except RuntimeError:
+        give_back_freed_memory()
+
+
+class Bursts:
+    """The requests in flight in one replica (``enter`` / ``leave``, on its event loop) and their peak since the
+    last call of ``over``: once that peak was a burst (``BURST`` or more at once) and the requests in flight have
+    come down to an eighth of it, ``over`` is called (in the soak's 20-second burst, 1-3 times a replica)."""
+
+    def __init__(self, over: Callable[[], None] | None = None):
+        self.in_flight = self.peak = 0
+        self.over = over
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.peak >= BURST and self.in_flight * 8 <= self.peak:
+            self.peak = self.in_flight
+            if self.over is not None:
+                self.over()
 
 
 def replica_errors() -> tuple[type[BaseException], ...]:

@@ -49,7 +49,7 @@ from ray import serve
 from cluster.placement import ReplicaResources
 from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
 from serving.batching import Batcher
-from serving.deployments import BatchedEncoder, lower_cpu_priority, replica_name
+from serving.deployments import BatchedEncoder, Bursts, give_back_after_burst, lower_cpu_priority, replica_name
 from serving.rag import (
     PASSAGE_FIELDS,
     FusionOverrides,
@@ -142,10 +142,12 @@ class IndexReplica:
     ``embedder`` sizes the batches (``max_batch_size``, ``batch_wait_timeout_s``; ``batching: false`` = every
     query alone), ``retrieval`` gives the mode, fusion and filter candidate counts, ``resources`` the device of
     the shards and the threads of torch and FAISS (one forward pass or search at a time, on one thread).
+    ``trim_after_bursts``: give the memory a burst of searches freed back to the system once it is over (apart; in
+    an Ingress replica, its admission does it for the process).
     """
 
     def __init__(self, index: IndexSource, embedder: EmbedderConfig, retrieval: RetrievalConfig,
-                 resources: ReplicaResources, board: Any = None):
+                 resources: ReplicaResources, board: Any = None, trim_after_bursts: bool = True):
         import faiss
         import torch
 
@@ -168,6 +170,8 @@ class IndexReplica:
         batch = embedder.max_batch_size if embedder.batching else 1
         self._search_batched = Batcher(self._search_jobs, self.compute, batch, embedder.batch_wait_timeout_s)
         self._read_batched = Batcher(self._read_passages, self.docstore_pool, batch, 0.0)
+        # apart, no Ingress's admission trims this process after a burst of searches: this replica does
+        self.bursts = Bursts(give_back_after_burst if trim_after_bursts else None)
         lower_cpu_priority(resources.nice)  # apart: a replica of its own (in the Ingress: 0, the Ingress's)
 
     # --- search ---------------------------------------------------------------------------------------------------
@@ -188,6 +192,14 @@ class IndexReplica:
                      fusion: FusionOverrides | None = None, param: str = "mode") -> SearchResult:
         """The top ``k`` passages of ``query`` in ``version`` (the Ingress's current one); ``mode``, ``fusion`` and
         ``param`` as ``Retriever.search`` takes them. Lexical searches embed nothing."""
+        self.bursts.enter()
+        try:
+            return await self._search(version, query, k, filter, mode, fusion, param)
+        finally:
+            self.bursts.leave()
+
+    async def _search(self, version: str, query: str, k: int, filter: Filter | None, mode: str | None,
+                      fusion: FusionOverrides | None, param: str) -> SearchResult:
         self._follow()
         index = await self.held.get(version)
         manifest = index.manifest
@@ -233,7 +245,11 @@ class IndexReplica:
 
     async def embed_many(self, texts: list[str]) -> list[Embedding]:
         self._follow()
-        return await self.encoder.embed_many(texts)
+        self.bursts.enter()
+        try:
+            return await self.encoder.embed_many(texts)
+        finally:
+            self.bursts.leave()
 
     def info(self) -> EmbedderInfo:
         return self.encoder.info()

@@ -48,7 +48,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from configs.errors import Conflict, InvalidRequest, NotFound, Overloaded, RagtuneError, Unavailable, user_error
 from configs.schema.serve import GeneratorConfig, IndexSource, LimitsConfig, RetrievalConfig, is_loopback
 from serving.auth import api_key_hashes, key_matches
-from serving.deployments import call_retrying, replica_errors, replica_name
+from serving.deployments import (
+    Bursts,
+    call_retrying,
+    give_back_after_burst,
+    replica_errors,
+    replica_name,
+)
 from serving.fused import PUBLISH_WAIT_S, FusedIndex, IndexReplica, Local, follow_board
 from serving.generation import SamplingParams
 from serving.rag import sampling_params
@@ -216,23 +222,6 @@ RECENT = 64  # the completions a route's fastest recent time is taken over
 RATE_S = 1.0  # the time constant over which a route's busy time and completions are counted (decaying)
 SATURATED = 0.9  # a route busy this share of its recent time is saturated: its completion rate is its capacity
 MIN_DONE = 3.0  # completions (decayed) a rate is trusted from
-BURST = 64  # requests in flight at once that make a burst; once down to 1/8 of its peak, freed memory goes back
-
-
-def give_back_freed_memory() -> bool:
-    """Return the heap pages that glibc's malloc keeps after the objects in them were freed (``malloc_trim(0)``,
-    every arena): after a burst of requests the replica's memory otherwise stays at the burst's peak (the soak:
-    +73 MiB after a burst at 141 req/s, of which this gave back 40; docs/benchmarks.md). False where there is no
-    glibc (macOS, musl) or nothing was returned."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
 
 
 class RouteLimit:
@@ -298,9 +287,13 @@ class Admission:
 
     def __init__(self, limit: int, target: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  after_burst: Callable[[], None] | None = None):
-        self.limit, self.target, self.in_flight, self.clock = limit, target, 0, clock
+        self.limit, self.target, self.clock = limit, target, clock
         self.routes: dict[str, RouteLimit] = {}
-        self.peak, self.after_burst = 0, after_burst  # called once a burst (BURST in flight or more) is over
+        self.bursts = Bursts(after_burst)  # the requests in flight; after_burst: once a burst of them is over
+
+    @property
+    def in_flight(self) -> int:
+        return self.bursts.in_flight
 
     def route(self, name: str) -> RouteLimit:
         if name not in self.routes:
@@ -323,18 +316,13 @@ class Admission:
                 raise ApiError(429, f"{route} requests queue here: {r.in_flight} in flight would keep a new one "
                                     f"waiting {wait:.1f}s, over {r.target:g}s (limits.latency_target_share of "
                                     "limits.request_timeout_s); retry shortly", code="rate_limit_exceeded")
-        self.in_flight += 1
+        self.bursts.enter()
         r.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
         return Slot(self, r)  # counts itself in admitted_with
 
     def released(self) -> None:
-        """One request fewer in flight: a burst that has come down to an eighth of its peak is over."""
-        self.in_flight -= 1
-        if self.peak >= BURST and self.in_flight * 8 <= self.peak:
-            self.peak = self.in_flight
-            if self.after_burst is not None:
-                self.after_burst()
+        """One request fewer in flight."""
+        self.bursts.leave()
 
 
 class Slot:
@@ -527,7 +515,8 @@ class Ingress:
         if fused is not None:
             if index is None:
                 raise ValueError("the fused layout needs the index")
-            self.index_replica = IndexReplica(index, fused.embedder, retrieval, fused.resources)
+            self.index_replica = IndexReplica(index, fused.embedder, retrieval, fused.resources,
+                                              trim_after_bursts=False)
             embedder = retriever = cast(DeploymentHandle, Local(self.index_replica))  # called the same way
         if index is not None:  # fused: the version pointer is here (the index in this replica, or behind it)
             in_here = fused is not None and board is not None  # replicas that switch, in step by the board
@@ -545,17 +534,10 @@ class Ingress:
         self.metrics = Metrics()
         self.admission = Admission(limits.max_concurrent_requests,
                                    limits.latency_target_share * limits.request_timeout_s,
-                                   after_burst=self._after_burst)
+                                   after_burst=give_back_after_burst)
         self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.created = int(time.time())
         self.retry_errors = replica_errors()
-
-    def _after_burst(self) -> None:
-        """A burst of requests is over: give the memory it freed back to the system, off the event loop."""
-        try:
-            asyncio.get_running_loop().run_in_executor(None, give_back_freed_memory)
-        except RuntimeError:  # no loop here (a test): at once
-            give_back_freed_memory()
 
     def _index_call(self, handle: DeploymentHandle, method: str, *args: Any, retry_s: float | None = None) -> Any:
         """A call of the deployment that embeds or searches, retried on another replica while one is replaced, for

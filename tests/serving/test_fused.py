@@ -112,6 +112,25 @@ def test_concurrent_searches_are_batched_and_equal_one_search_each(replica, text
     assert threads and all(t.startswith("docstore") and t != loop_thread for t in threads)
 
 
+def test_a_burst_of_searches_gives_its_freed_memory_back_once_it_is_over(replica, texts_index):  # noqa: F811
+    """Apart (no Ingress's admission in its process), the replica trims its own heap after a burst of searches."""
+    from serving.deployments import BURST, give_back_after_burst
+
+    assert replica.bursts.over is give_back_after_burst
+    calls = []
+    replica.bursts.over = lambda: calls.append(replica.bursts.in_flight)
+    version, queries = next(iter(replica.held.versions)), texts_index["queries"]
+
+    async def searches(n):
+        return await asyncio.gather(*[replica.search(version, queries[i % len(queries)], 4) for i in range(n)])
+
+    asyncio.run(searches(BURST - 1))  # below a burst: never
+    assert calls == []
+    answers = asyncio.run(searches(2 * BURST))  # 128 at once: called once, when 16 are left
+    assert calls == [16] and replica.bursts.in_flight == 0
+    assert all(a.passages for a in answers)
+
+
 def test_a_reload_loads_the_new_version_then_the_pointer_switches(replica, texts_index, tmp_path):  # noqa: F811
     """The fused layout's reload: the Ingress's VersionPointer has a replica prepare the new version (shards and
     docstore), then switches; a version the mode cannot serve is a 409 and the old one keeps serving."""

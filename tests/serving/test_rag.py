@@ -323,7 +323,8 @@ def test_a_request_slow_by_itself_lowers_no_limit_so_a_light_load_is_never_refus
 
 
 def test_a_burst_that_is_over_gives_its_freed_memory_back_once():
-    from serving.ingress import BURST, Admission
+    from serving.deployments import BURST
+    from serving.ingress import Admission
 
     calls = []
     adm = Admission(1000, after_burst=lambda: calls.append(adm.in_flight))
@@ -345,7 +346,7 @@ def test_a_burst_that_is_over_gives_its_freed_memory_back_once():
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="malloc_trim is glibc's, and the resident memory is read from /proc")
 def test_freed_heap_pages_go_back_to_the_system():
-    from serving.ingress import give_back_freed_memory
+    from serving.deployments import give_back_freed_memory
 
     def anon() -> int:
         return int(re.search(r"RssAnon:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
