@@ -22,14 +22,14 @@ Then:
    versions of the code at the same rates: the ramp's answer varies by a step from run to run). What is
    measured after this is "after warm-up".
 2. the soak: ``--duration`` seconds of an open loop at ``--load`` x that capacity (a fixed schedule, so a fixed
-   request count, printed first), with ``--burst-x`` x capacity for ``--burst-len`` seconds from ``--burst-at``;
-   every ``--update-every`` s ``jobs.freshness.add`` of new paragraphs and ``jobs.freshness.delete`` of the ones the
-   previous update added (in this process, a thread), then ``POST /admin/reload``; every ``--kill-every`` s one of
-   the two replicas that hold shards (in turn: fused, an IndexReplica replica, whose calls the Ingress retries on the
-   other, or with ``--fused-in-ingress true`` an Ingress replica, and its requests in flight are lost with it;
-   split, a ShardSearcher replica, whose calls the Retriever retries on the other) is killed with SIGKILL and
-   Serve replaces it; every ``--sample-every`` s the RSS and anonymous memory (/proc/PID/status ``RssAnon``) of each
-   replica of the app.
+   request count, printed first), with ``--burst-x`` x capacity for ``--burst-len`` seconds from ``--burst-at`` (one
+   or more start times: a burst at each); every ``--update-every`` s ``jobs.freshness.add`` of new paragraphs and
+   ``jobs.freshness.delete`` of the ones the previous update added (in this process, a thread), then ``POST
+   /admin/reload``; every ``--kill-every`` s one of the two replicas that hold shards (in turn: fused, an
+   IndexReplica replica, whose calls the Ingress retries on the other, or with ``--fused-in-ingress true`` an
+   Ingress replica, and its requests in flight are lost with it; split, a ShardSearcher replica, whose calls the
+   Retriever retries on the other) is killed with SIGKILL and Serve replaces it; every ``--sample-every`` s the RSS
+   and anonymous memory (/proc/PID/status ``RssAnon``) of each replica of the app.
 
 Printed: every 10 s window (requests by status, p50/p99 of the 200s, req/s), then requests by status in and out of
 the burst, the versions that answered, each replica's memory, and the targets with PASS/FAIL and their figures:
@@ -132,12 +132,17 @@ def running(deployment: str) -> int:
     return d.replica_states.get("RUNNING", 0) if d else 0
 
 
-def schedule(duration: float, rate: float, burst_at: float, burst_len: float, burst_rate: float) -> list[float]:
-    """Send times (s) of the open loop: ``rate`` per second, ``burst_rate`` in [burst_at, burst_at + burst_len)."""
+def spans(burst_at: list[float]) -> str:
+    return ", ".join(f"{a:g}s" for a in burst_at)
+
+
+def schedule(duration: float, rate: float, burst_at: list[float], burst_len: float, burst_rate: float) -> list[float]:
+    """Send times (s) of the open loop: ``rate`` per second, ``burst_rate`` in each [a, a + burst_len) of
+    ``burst_at``."""
     out, t = [], 0.0
     while t < duration:
         out.append(t)
-        t += 1.0 / (burst_rate if burst_at <= t < burst_at + burst_len else rate)
+        t += 1.0 / (burst_rate if any(a <= t < a + burst_len for a in burst_at) else rate)
     return out
 
 
@@ -382,7 +387,7 @@ def sustained(new_soak, args: argparse.Namespace, closed: float) -> dict:
         rate = f * closed
         soak = new_soak()
         soak.t0 = time.perf_counter()
-        asyncio.run(soak.drive(schedule(args.ramp_step_s, rate, 0, 0, rate)))
+        asyncio.run(soak.drive(schedule(args.ramp_step_s, rate, [], 0, rate)))
         ok = [r for r in soak.reqs if r.status == 200]
         p99 = {kind: pct([r.latency for r in ok if r.kind == kind], .99) if any(r.kind == kind for r in ok)
                else math.inf for kind in sorted({r.kind for r in soak.reqs})}
@@ -456,7 +461,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=600, help="seconds of the soak's load")
     ap.add_argument("--load", type=float, default=0.8, help="the open loop's rate, x the measured capacity")
-    ap.add_argument("--burst-at", type=float, default=270, help="when the burst starts (s into the soak)")
+    ap.add_argument("--burst-at", type=float, nargs="+", default=[270],
+                    help="when the burst starts (s into the soak); more than one value: a burst at each")
     ap.add_argument("--burst-len", type=float, default=30)
     ap.add_argument("--burst-x", type=float, default=3.0, help="the burst's rate, x the measured capacity")
     ap.add_argument("--kill-every", type=float, default=120, help="seconds between replica kills (0: none)")
@@ -569,7 +575,7 @@ def main() -> int:
     soak.layout = plan.layout if plan.fused_in_ingress else "fused, index apart"
     soak.publish(first)
     print(f"soak: {len(times)} requests over {args.duration:g}s at {rate:.1f} req/s ({args.load:g}x), "
-          f"{burst:.1f} req/s ({args.burst_x:g}x) for {args.burst_len:g}s from {args.burst_at:g}s; update every "
+          f"{burst:.1f} req/s ({args.burst_x:g}x) for {args.burst_len:g}s from {spans(args.burst_at)}; update every "
           f"{args.update_every:g}s, kill every {args.kill_every:g}s; load average {load_average()}", flush=True)
     soak.t0 = time.perf_counter()
     soak.sample()
@@ -592,9 +598,9 @@ def main() -> int:
 
 def finish(soak: Soak, args: argparse.Namespace, cap: dict, warm_at: float, plan: str, n: int) -> int:
     limit = soak.cfg.limits.request_timeout_s
-    b0, b1 = args.burst_at, args.burst_at + args.burst_len + limit
-    in_burst = [r for r in soak.reqs if b0 <= r.t < b1]
-    outside = [r for r in soak.reqs if not b0 <= r.t < b1]
+    windows_burst = [(a, a + args.burst_len + limit) for a in args.burst_at]  # each burst and its queue's drain
+    in_burst = [r for r in soak.reqs if any(b0 <= r.t < b1 for b0, b1 in windows_burst)]
+    outside = [r for r in soak.reqs if not any(b0 <= r.t < b1 for b0, b1 in windows_burst)]
 
     def by_status(rs: list[Req]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -641,7 +647,7 @@ def finish(soak: Soak, args: argparse.Namespace, cap: dict, warm_at: float, plan
     windows = [soak.window(w) for w in range(math.ceil(args.duration / WINDOW_S))]
     print(f"\nsoak over: {n} requests; plan {plan}")
     print(f"requests by status: all {by_status(soak.reqs)}; outside the burst {by_status(outside)}; burst window "
-          f"[{b0:g}, {b1:g})s {by_status(in_burst)}")
+          f"{' '.join(f'[{b0:g}, {b1:g})s' for b0, b1 in windows_burst)} {by_status(in_burst)}")
     for kind in ("search", "chat"):
         ok = [r.latency for r in outside if r.kind == kind and r.status == 200]
         print(f"  {kind}: outside the burst p50 {pct(ok, .5) * 1e3:.0f} ms, p99 {pct(ok, .99) * 1e3:.0f} ms")
@@ -668,9 +674,9 @@ def finish(soak: Soak, args: argparse.Namespace, cap: dict, warm_at: float, plan
         print(f"  non-200 outside the burst: t {r.t:.1f}s {r.kind} -> {r.status} after {r.latency:.2f}s: {r.body}")
     failed = 0
     print("\ntargets:")
-    for name, (ok, figures) in targets.items():
-        failed += not ok
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {figures}")
+    for name, (passed, figures) in targets.items():
+        failed += not passed
+        print(f"  {'PASS' if passed else 'FAIL'}  {name}: {figures}")
     result = {"args": vars(args), "plan": plan, "capacity": cap, "requests": n, "status": by_status(soak.reqs),
               "status_outside": by_status(outside), "status_burst": by_status(in_burst), "windows": windows,
               "versions": versions, "published": sorted(soak.published), "events": soak.events,
@@ -701,7 +707,8 @@ def plot(soak: Soak, windows: list[dict], args: argparse.Namespace, path: str) -
     axes[2].set_ylabel("anonymous memory (MiB)")
     axes[2].set_xlabel("seconds into the soak")
     for ax in axes:
-        ax.axvspan(args.burst_at, args.burst_at + args.burst_len, color="orange", alpha=0.2)
+        for a in args.burst_at:
+            ax.axvspan(a, a + args.burst_len, color="orange", alpha=0.2)
         for e in soak.events:
             if e["event"] == "kill":
                 ax.axvline(e["t"], color="red", ls="--", lw=0.8)

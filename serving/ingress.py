@@ -289,7 +289,8 @@ class Admission:
                  after_burst: Callable[[], None] | None = None):
         self.limit, self.target, self.clock = limit, target, clock
         self.routes: dict[str, RouteLimit] = {}
-        self.bursts = Bursts(after_burst)  # the requests in flight; after_burst: once a burst of them is over
+        # the requests in flight; after_burst: once a burst of them is over, or every TRIM_EVERY_S of requests
+        self.bursts = Bursts(after_burst, clock=clock)
 
     @property
     def in_flight(self) -> int:

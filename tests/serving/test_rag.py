@@ -343,6 +343,27 @@ def test_a_burst_that_is_over_gives_its_freed_memory_back_once():
     assert calls == [16] and adm.in_flight == 0  # once per burst
 
 
+def test_a_replica_that_keeps_answering_without_a_burst_gives_freed_memory_back_every_30_seconds():
+    from serving.deployments import TRIM_EVERY_S, Bursts
+
+    now, calls = [0.0], []
+    bursts = Bursts(lambda: calls.append(now[0]), clock=lambda: now[0])
+    for _ in range(200):  # 20 s of requests, 8 at once at most: no burst, not yet a trim
+        for _ in range(8):
+            bursts.enter()
+        for _ in range(8):
+            bursts.leave()
+        now[0] += 0.1
+    assert calls == []
+    while now[0] < 95.0:
+        bursts.enter()
+        bursts.leave()
+        now[0] += 0.1
+    assert calls == pytest.approx([30.0, 60.0, 90.0], abs=0.11)  # every TRIM_EVERY_S of requests
+    now[0] += 1000.0  # idle: nothing to give back, no call (no request ends)
+    assert len(calls) == 3 and TRIM_EVERY_S == 30.0
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="malloc_trim is glibc's, and the resident memory is read from /proc")
 def test_freed_heap_pages_go_back_to_the_system():
