@@ -124,14 +124,13 @@ def give_back_freed_memory() -> bool:
         return False
     t0 = time.perf_counter()
     returned = bool(trim(0))
-    log.info("a burst of requests is over: freed heap pages given back to the system in %.0f ms",
-             1e3 * (time.perf_counter() - t0))
+    log.info("freed heap pages given back to the system in %.0f ms", 1e3 * (time.perf_counter() - t0))
     return returned
 
 
-def give_back_after_burst() -> None:
-    """A burst of requests is over: give the memory it freed back to the system, off the event loop (at once where
-    there is no running loop: a test)."""
+def give_back_in_background() -> None:
+    """:func:`give_back_freed_memory` off the event loop (at once where there is no running loop: a test); what a
+    replica's :class:`Bursts` calls."""
     try:
         asyncio.get_running_loop().run_in_executor(None, give_back_freed_memory)
     except RuntimeError:

@@ -49,7 +49,7 @@ from ray import serve
 from cluster.placement import ReplicaResources
 from configs.schema.serve import EmbedderConfig, IndexSource, RetrievalConfig
 from serving.batching import Batcher
-from serving.deployments import BatchedEncoder, Bursts, give_back_after_burst, lower_cpu_priority, replica_name
+from serving.deployments import BatchedEncoder, Bursts, give_back_in_background, lower_cpu_priority, replica_name
 from serving.rag import (
     PASSAGE_FIELDS,
     FusionOverrides,
@@ -142,8 +142,8 @@ class IndexReplica:
     ``embedder`` sizes the batches (``max_batch_size``, ``batch_wait_timeout_s``; ``batching: false`` = every
     query alone), ``retrieval`` gives the mode, fusion and filter candidate counts, ``resources`` the device of
     the shards and the threads of torch and FAISS (one forward pass or search at a time, on one thread).
-    ``trim_after_bursts``: give the memory a burst of searches freed back to the system once it is over (apart; in
-    an Ingress replica, its admission does it for the process).
+    ``trim_after_bursts``: give the memory freed back to the system after a burst of searches, and every 30 s of
+    them (:class:`serving.deployments.Bursts`; apart: in an Ingress replica, its admission does it for the process).
     """
 
     def __init__(self, index: IndexSource, embedder: EmbedderConfig, retrieval: RetrievalConfig,
@@ -171,7 +171,7 @@ class IndexReplica:
         self._search_batched = Batcher(self._search_jobs, self.compute, batch, embedder.batch_wait_timeout_s)
         self._read_batched = Batcher(self._read_passages, self.docstore_pool, batch, 0.0)
         # apart, no Ingress's admission trims this process after a burst of searches: this replica does
-        self.bursts = Bursts(give_back_after_burst if trim_after_bursts else None)
+        self.bursts = Bursts(give_back_in_background if trim_after_bursts else None)
         lower_cpu_priority(resources.nice)  # apart: a replica of its own (in the Ingress: 0, the Ingress's)
 
     # --- search ---------------------------------------------------------------------------------------------------

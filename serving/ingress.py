@@ -51,7 +51,7 @@ from serving.auth import api_key_hashes, key_matches
 from serving.deployments import (
     Bursts,
     call_retrying,
-    give_back_after_burst,
+    give_back_in_background,
     replica_errors,
     replica_name,
 )
@@ -535,7 +535,7 @@ class Ingress:
         self.metrics = Metrics()
         self.admission = Admission(limits.max_concurrent_requests,
                                    limits.latency_target_share * limits.request_timeout_s,
-                                   after_burst=give_back_after_burst)
+                                   after_burst=give_back_in_background)
         self.metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self.created = int(time.time())
         self.retry_errors = replica_errors()

@@ -114,9 +114,9 @@ def test_concurrent_searches_are_batched_and_equal_one_search_each(replica, text
 
 def test_a_burst_of_searches_gives_its_freed_memory_back_once_it_is_over(replica, texts_index):  # noqa: F811
     """Apart (no Ingress's admission in its process), the replica trims its own heap after a burst of searches."""
-    from serving.deployments import BURST, give_back_after_burst
+    from serving.deployments import BURST, give_back_in_background
 
-    assert replica.bursts.over is give_back_after_burst
+    assert replica.bursts.over is give_back_in_background
     calls = []
     replica.bursts.over = lambda: calls.append(replica.bursts.in_flight)
     version, queries = next(iter(replica.held.versions)), texts_index["queries"]
